@@ -1,0 +1,44 @@
+# The two commands of the README: `make demo` and `make test`. Each bootstraps .venv with uv
+# when it is missing or older than the dependency files; nothing else is needed.
+PY          ?= python3
+VENV        := .venv
+STAMP       := $(VENV)/.installed
+FIND_LINKS  := $(shell $(PY) -m pip config get global.find-links 2>/dev/null)
+UV          := $(PY) -m uv
+UV_FLAGS    := --compile-bytecode --python $(VENV)/bin/python $(if $(FIND_LINKS),--find-links "$(FIND_LINKS)")
+
+.PHONY: demo test test-all quality format schemas bench clean
+
+$(STAMP): pyproject.toml requirements-ci.txt
+	@$(PY) -m uv --version >/dev/null 2>&1 || $(PY) -m pip install -q uv
+	@test -x $(VENV)/bin/python || $(UV) venv -q $(VENV)
+	$(UV) pip install -q $(UV_FLAGS) -c requirements-ci.txt "torch==2.13.0+cpu" -e ".[dev]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/python -m pipeline demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+test-all: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not gpu"
+
+quality: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+schemas: $(STAMP)
+	$(VENV)/bin/python -m pipeline schemas
+
+bench: $(STAMP)
+	$(VENV)/bin/python bench/select.py
+	$(VENV)/bin/python bench/generate.py
+	$(VENV)/bin/python bench/pipeline.py
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache

@@ -1,0 +1,1 @@
+"""ResPrune Pipeline: batch VLM answering on Ray Data with visual-token pruning."""

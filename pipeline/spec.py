@@ -1,0 +1,238 @@
+"""The job spec: one pydantic tree parsed at the CLI edge (`extra="forbid"` everywhere).
+
+Nothing downstream reads raw YAML. Loading renders ``{run_date}`` in URIs, applies
+``--set a.b=value`` overrides and reports every validation error at once with its path.
+Credentials never live here: S3 keys come from the environment or the node's identity.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SECRET_NAME = re.compile(r"(SECRET|PASSWORD|TOKEN|CREDENTIAL|ACCESS_KEY|PRIVATE)", re.IGNORECASE)
+
+
+class SpecError(ValueError):
+    """A job spec that cannot run; the message lists every problem with its key path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageSpec(_Strict):
+    endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (else AWS_ENDPOINT_URL from the environment)."
+    )
+    region: str | None = Field(None, description="S3 region (else AWS_REGION / AWS_DEFAULT_REGION).")
+
+
+class InputSpec(_Strict):
+    uri: str = Field(description="Folder/prefix of Parquet files, or a glob; may hold {run_date}.")
+    id_column: str = Field("id", description="Unique string id of each row.")
+    image_column: str | None = Field("image", description="Column of encoded image bytes.")
+    image_uri_column: str | None = Field(
+        None, description="Column of image paths (s3:// or local), used instead of image_column."
+    )
+    question_column: str | None = Field(
+        "question", description="Question per row; null/empty/absent means model.default_question."
+    )
+    passthrough_columns: list[str] = Field(
+        default_factory=list, description="Input columns copied unchanged to the output."
+    )
+
+    @model_validator(mode="after")
+    def _one_image_source(self) -> InputSpec:
+        if self.image_uri_column and self.image_column == "image":
+            self.__dict__["image_column"] = None  # the default yields to an explicit URI column
+        if bool(self.image_column) == bool(self.image_uri_column):
+            raise ValueError("set exactly one of image_column and image_uri_column")
+        return self
+
+
+class ModelSpec(_Strict):
+    path: str = Field(description="Local folder, s3:// prefix, or hub id of the checkpoint.")
+    family: Literal["auto", "llava", "llava_next", "qwen2_5_vl"] = Field(
+        "auto", description="Model family; auto reads config.json's model_type."
+    )
+    revision: str | None = Field(None, description="Hub revision (pin a 40-hex commit in production).")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Weights dtype on GPU (CPU actors always use float32)."
+    )
+    max_new_tokens: int = Field(64, ge=1, le=4096, description="Generation budget per item.")
+    default_question: str = Field(
+        "Describe this image in one sentence.", min_length=1, description="Prompt when none is given."
+    )
+    max_question_tokens: int = Field(
+        256, ge=1, description="Longer questions are truncated (and flagged) before templating."
+    )
+    trust_remote_code: bool = Field(False, description="Run code shipped with the checkpoint (off).")
+
+
+class PruningSpec(_Strict):
+    method: Literal["resprune", "none", "random", "uniform", "pool", "divprune"] = Field(
+        "resprune", description="Token selector; the others are baselines."
+    )
+    keep: Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0, le=1)] = Field(
+        64, description="Visual tokens kept per image (int) or fraction of them (float in (0, 1])."
+    )
+    alpha: float = Field(1.0, description="Relevance exponent in g(r) = r^alpha; 0 ignores the text.")
+    position_policy: Literal["original", "contiguous"] = Field(
+        "original", description="Kept tokens keep their original positions, or are renumbered."
+    )
+    anyres: Literal["per_crop", "global"] = Field(
+        "per_crop", description="LLaVA-NeXT: budget split across crops, or one selection."
+    )
+    seed: int = Field(0, description="Seed of the random baseline.")
+
+    @field_validator("keep", mode="before")
+    @classmethod
+    def _keep_type(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("keep must be an int or a float, not a bool")
+        return v
+
+
+class ExecutionSpec(_Strict):
+    batch_size: int = Field(16, ge=1, description="Items per model batch (upper bound).")
+    max_batch_tokens: int | None = Field(
+        None, ge=1, description="Pack model batches up to this many LLM tokens (prompt + new)."
+    )
+    actors: int | tuple[int, int] = Field(1, description="Model actors: a fixed count or [min, max].")
+    gpus_per_actor: float = Field(1, ge=0, description="GPUs per model actor; 0 runs on CPU.")
+    cpus_per_actor: float = Field(1, ge=0, description="CPUs reserved per model actor.")
+    preprocess_batch_size: int = Field(8, ge=1, description="Rows per CPU preprocess batch.")
+    preprocess_concurrency: int | tuple[int, int] | None = Field(
+        None, description="CPU preprocess tasks (None: autoscale)."
+    )
+    max_image_bytes: int = Field(50_000_000, ge=1, description="Encoded images above this are errors.")
+    max_image_pixels: int = Field(
+        40_000_000, ge=1, description="Decoded pixels above this are refused (bomb guard)."
+    )
+    max_aspect_ratio: float = Field(50.0, gt=1, description="Thinner images are refused.")
+    max_task_retries: int = Field(2, ge=0, description="Retries of a model batch whose actor died.")
+    max_error_fraction: float = Field(
+        1.0, ge=0, le=1, description="Fail the run when more items than this fraction are errors."
+    )
+
+    @field_validator("actors")
+    @classmethod
+    def _actors(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        lo, hi = (v, v) if isinstance(v, int) else v
+        if lo < 1 or hi < lo:
+            raise ValueError(f"actors must be >= 1 or [min, max] with 1 <= min <= max, got {v}")
+        return v
+
+
+class OutputSpec(_Strict):
+    uri: str = Field(description="Output folder/prefix (local or s3://); may hold {run_date}.")
+    rows_per_file: int = Field(10_000, ge=1, description="Upper bound of rows per result file.")
+
+
+class CostSpec(_Strict):
+    gpu_type: str = Field("H100", description="GPU model the run is billed for.")
+    usd_per_gpu_hour: float | None = Field(
+        None, ge=0, description="Price per GPU hour; unset means unknown (never guessed)."
+    )
+    shadow_fraction: float = Field(
+        0.01, ge=0, le=1, description="Seeded share of items also answered unpruned."
+    )
+    shadow_seed: int = Field(0, description="Seed of the shadow sample.")
+
+
+class RuntimeEnvSpec(_Strict):
+    """The subset of Ray's runtime_env we pass through; unknown keys are errors here."""
+
+    working_dir: str | None = None
+    py_modules: list[str] | None = None
+    pip: list[str] | str | dict[str, Any] | None = None
+    uv: list[str] | str | dict[str, Any] | None = None
+    conda: str | dict[str, Any] | None = None
+    env_vars: dict[str, str] = Field(default_factory=dict)
+    excludes: list[str] = Field(default_factory=list)
+    config: dict[str, Any] | None = None
+
+    @field_validator("env_vars")
+    @classmethod
+    def _no_secrets(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = sorted(k for k in v if SECRET_NAME.search(k))
+        if bad:
+            raise ValueError(
+                f"{bad} look like credentials; Ray stores env_vars in plaintext. "
+                "Give them to the cluster from a Kubernetes Secret or node identity instead."
+            )
+        return v
+
+
+class JobSpec(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="Run and submission name.")
+    input: InputSpec
+    model: ModelSpec
+    pruning: PruningSpec = Field(default_factory=PruningSpec)
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
+    output: OutputSpec
+    cost: CostSpec = Field(default_factory=CostSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    runtime_env: RuntimeEnvSpec = Field(default_factory=RuntimeEnvSpec)
+
+
+def load_spec(
+    path: str | Path, *, run_date: str | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> tuple[JobSpec, str]:
+    """Parse a job YAML, apply ``key.path=value`` overrides and render ``{run_date}``.
+
+    Returns the spec and the run date used (default: today, UTC).
+    """
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise SpecError(f"{path}: cannot read job spec: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a job spec is a mapping, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    date = _run_date(run_date)
+    spec = parse_spec(raw, source=str(path))
+    spec.input.uri = spec.input.uri.replace("{run_date}", date)
+    spec.output.uri = spec.output.uri.replace("{run_date}", date)
+    return spec, date
+
+
+def parse_spec(raw: dict[str, Any], *, source: str = "spec") -> JobSpec:
+    """Validate a raw mapping; all errors are reported in one SpecError."""
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        lines = [f"{source}: {exc.error_count()} problem(s) in the job spec:"]
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            lines.append(f"  - {where}: {err['msg']}")
+        raise SpecError("\n".join(lines)) from None
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise SpecError(f"--set expects key.path=value, got {item!r}")
+    node = raw
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SpecError(f"--set {key}: {part!r} is not a mapping")
+    node[leaf] = yaml.safe_load(value)
+
+
+def _run_date(value: str | None) -> str:
+    if value is None:
+        return dt.datetime.now(dt.UTC).date().isoformat()
+    try:
+        return dt.date.fromisoformat(value).isoformat()
+    except ValueError:
+        raise SpecError(f"--run-date must be YYYY-MM-DD, got {value!r}") from None

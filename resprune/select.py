@@ -1,0 +1,129 @@
+"""ResPrune's token selector: greedy subspace expansion by text-modulated residual energy.
+
+With S the kept set and P_S the projector onto span{v_j : j in S}, each step adds the token
+with the largest ``g(r_i) * ||v_i - P_S v_i||^2`` where ``g(r) = (max(r, 0) + eps) ** alpha``.
+Scaling each token by ``sqrt(g(r_i))`` turns this into greedy column-pivoted QR, computed here
+as incremental Gram-Schmidt in float32: after picking the unit residual q, every token's
+energy drops by ``<q, y>^2``. One loop over the k steps, batched over images, O(B N k D).
+
+This module knows nothing about models, questions or text: relevance arrives as numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+RELEVANCE_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Kept token indices (ascending) and the share of token energy their span retains."""
+
+    indices: torch.Tensor  # long [k] or [B, k]
+    retained_energy: torch.Tensor  # float32 [] or [B]
+
+
+def relevance_weights(relevance: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``g(r) = (clamp(r, 0) + eps) ** alpha``; alpha = 0 gives all ones."""
+    if alpha == 0:
+        return torch.ones_like(relevance, dtype=torch.float32)
+    return (relevance.float().clamp_min(0) + RELEVANCE_EPS).pow(alpha)
+
+
+def select_tokens(
+    tokens: torch.Tensor,
+    k: int,
+    *,
+    relevance: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> Selection:
+    """Select ``k`` tokens per image by greedy residual-energy subspace expansion.
+
+    Args:
+        tokens: float [N, D] or [B, N, D], any float dtype (computed in float32).
+        k: tokens to keep per image, 1 <= k <= valid tokens of every image.
+        relevance: None (r = 1) or [N] / [B, N] text relevance r_i.
+        alpha: exponent of the relevance modulation; 0 ignores relevance.
+        mask: None or bool [B, N] (or [N]), True for valid tokens; padding is never kept.
+    """
+    single = tokens.dim() == 2
+    x, r, m = _validate(tokens, k, relevance, mask)
+    y = x if r is None else x * relevance_weights(r, alpha).sqrt().unsqueeze(-1)
+    chosen, basis = _greedy_pivots(y, m, k)
+    indices = chosen.sort(dim=-1).values
+    retained = _retained_energy(x, m, basis)
+    if single:
+        return Selection(indices[0], retained[0])
+    return Selection(indices, retained)
+
+
+def _validate(
+    tokens: torch.Tensor, k: int, relevance: torch.Tensor | None, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    if not isinstance(tokens, torch.Tensor) or not tokens.is_floating_point():
+        raise ValueError(f"tokens must be a float tensor, got {type(tokens).__name__}")
+    if tokens.dim() not in (2, 3):
+        raise ValueError(f"tokens must be [N, D] or [B, N, D], got shape {tuple(tokens.shape)}")
+    x = (tokens if tokens.dim() == 3 else tokens.unsqueeze(0)).float()
+    b, n, _ = x.shape
+    m = _batched(mask, "mask", (b, n), tokens.dim())
+    m = torch.ones(b, n, dtype=torch.bool, device=x.device) if m is None else m.bool()
+    if not torch.isfinite(x[m]).all():
+        raise ValueError("tokens contains NaN or inf among the valid tokens")
+    valid = int(m.sum(-1).min()) if b else 0
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k > valid:
+        raise ValueError(f"k must be an int in [1, {valid}] (valid tokens per image), got {k!r}")
+    r = _batched(relevance, "relevance", (b, n), tokens.dim())
+    if r is not None and not torch.isfinite(r.float()[m]).all():
+        raise ValueError("relevance contains NaN or inf")
+    return x, (None if r is None else r.to(x.device)), m.to(x.device)
+
+
+def _batched(
+    value: torch.Tensor | None, name: str, shape: tuple[int, int], token_dims: int
+) -> torch.Tensor | None:
+    if value is None:
+        return None
+    v = value.unsqueeze(0) if (token_dims == 2 and value.dim() == 1) else value
+    if tuple(v.shape) != shape:
+        want = shape[1:] if token_dims == 2 else shape
+        raise ValueError(f"{name} must have shape {want}, got {tuple(value.shape)}")
+    return v
+
+
+def _greedy_pivots(
+    y: torch.Tensor, mask: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy pivoted Gram-Schmidt: returns pick order [B, k] and orthonormal basis [B, k, D]."""
+    b, _, d = y.shape
+    rows = torch.arange(b, device=y.device)
+    energy = (y * y).sum(-1).masked_fill(~mask, -1.0)
+    chosen = torch.empty(b, k, dtype=torch.long, device=y.device)
+    basis = torch.zeros(b, k, d, dtype=y.dtype, device=y.device)
+    for step in range(k):
+        pick = energy.argmax(dim=-1)  # first maximum: ties break to the lowest index
+        chosen[:, step] = pick
+        v = y[rows, pick]
+        if step:
+            prev = basis[:, :step]
+            v = v - torch.einsum("bsd,bs->bd", prev, torch.einsum("bsd,bd->bs", prev, v))
+        norm = v.norm(dim=-1, keepdim=True)
+        q = torch.where(norm > 1e-12, v / norm.clamp_min(1e-30), torch.zeros_like(v))
+        basis[:, step] = q
+        proj = torch.einsum("bnd,bd->bn", y, q)
+        energy = (energy - proj * proj).clamp_min(0.0)
+        energy[rows, pick] = -1.0
+        energy = energy.masked_fill(~mask, -1.0)
+    return chosen, basis
+
+
+def _retained_energy(x: torch.Tensor, mask: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``1 - sum_i E_S(x_i) / sum_i ||x_i||^2`` over valid tokens (x unscaled)."""
+    xm = x * mask.unsqueeze(-1)
+    total = (xm * xm).sum(dim=(1, 2))
+    captured = torch.einsum("bnd,bkd->bnk", xm, basis).pow(2).sum(dim=(1, 2))
+    return torch.where(total > 0, captured / total.clamp_min(1e-30), torch.ones_like(total))
