@@ -1,0 +1,39 @@
+"""`python -m pipeline <command>`: the public entry points of the job.
+
+Each command lives in its own module exposing ``add_arguments(parser)`` and
+``main(args) -> int``; modules are imported lazily so `validate` never imports Ray or torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "run": ("pipeline.cli_run", "Run a job spec on the current Ray cluster (or a local one)."),
+    "validate": ("pipeline.cli_validate", "Check a job spec without running it."),
+    "submit": ("pipeline.submit", "Submit a job spec to a Ray cluster through the Jobs SDK."),
+    "report": ("pipeline.report.cli", "Write the cost report of a run's output."),
+    "render-k8s": ("pipeline.k8s", "Render KubeRay manifests for a job spec into infra/."),
+    "demo": ("pipeline.demo", "Run the whole job on the bundled sample (local Ray, tiny model)."),
+    "schemas": ("pipeline.schemas", "Regenerate the JSON/Arrow schemas in schemas/."),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and dispatch to the command's module."""
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if a in COMMANDS), None)
+    for name, (module, help_text) in COMMANDS.items():
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            importlib.import_module(module).add_arguments(cmd)
+    args = parser.parse_args(argv)
+    return int(importlib.import_module(COMMANDS[args.command][0]).main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
