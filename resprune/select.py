@@ -112,7 +112,9 @@ def _greedy_pivots(
             prev = basis[:, :step]
             v = v - torch.einsum("bsd,bs->bd", prev, torch.einsum("bsd,bd->bs", prev, v))
         norm = v.norm(dim=-1, keepdim=True)
-        q = torch.where(norm > 1e-12, v / norm.clamp_min(1e-30), torch.zeros_like(v))
+        # a residual at float32 round-off of its token adds no direction (rank exhausted)
+        alive = norm > 1e-4 * y[rows, pick].norm(dim=-1, keepdim=True)
+        q = torch.where(alive, v / norm.clamp_min(1e-30), torch.zeros_like(v))
         basis[:, step] = q
         proj = torch.einsum("bnd,bd->bn", y, q)
         energy = (energy - proj * proj).clamp_min(0.0)

@@ -1,0 +1,239 @@
+"""Token pruners behind one interface: ResPrune and the baselines it is compared with.
+
+A pruner sees the projector outputs of one image (or one anyres crop) as a `TokenSet` and
+returns the kept indices, ascending, so kept tokens keep their order and positions. The
+`pool` baseline replaces tokens by window averages and reports each window's centre as its
+position. Pruners know nothing about models or prompts; adapters build the TokenSets.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from resprune.relevance import token_relevance
+from resprune.select import select_tokens
+
+
+@dataclass
+class TokenSet:
+    """Visual tokens of one image or crop, with their grid and the question's word embeddings."""
+
+    tokens: torch.Tensor  # [N, D]
+    grid: tuple[int, int] | None = None  # (rows, cols), row-major, rows * cols == N
+    text: torch.Tensor | None = None  # [T, D] LLM input embeddings of content-word tokens
+
+
+@dataclass
+class Pruned:
+    """A pruner's choice for one TokenSet."""
+
+    indices: torch.Tensor  # long [k], ascending
+    retained_energy: float
+    tokens: torch.Tensor | None = None  # replacement features [k, D]; None: tokens[indices]
+    relevance: torch.Tensor | None = None  # [N] r_i when the pruner used the text
+
+
+class Pruner(Protocol):
+    """Selects k tokens per set; ``prune`` is batched over sets."""
+
+    name: str
+
+    def prune(self, sets: list[TokenSet], ks: list[int]) -> list[Pruned]: ...
+
+
+def resolve_keep(keep: int | float, n: int) -> int:
+    """Tokens to keep of ``n``: an int is capped at n, a float in (0, 1] is a fraction."""
+    if isinstance(keep, bool) or not isinstance(keep, int | float):
+        raise ValueError(f"keep must be an int or a float, got {keep!r}")
+    if isinstance(keep, int):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        return min(keep, n)
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep as a fraction must be in (0, 1], got {keep}")
+    return max(1, min(n, round(keep * n)))
+
+
+def span_energy(tokens: torch.Tensor, basis_tokens: torch.Tensor) -> float:
+    """Share of ``tokens``' energy inside span(``basis_tokens``) (float32)."""
+    x = tokens.float()
+    total = float((x * x).sum())
+    if total == 0:
+        return 1.0
+    q, _ = torch.linalg.qr(basis_tokens.float().T)  # [D, k]
+    return float(((x @ q) ** 2).sum()) / total
+
+
+def _check(sets: list[TokenSet], ks: list[int]) -> None:
+    if len(sets) != len(ks):
+        raise ValueError(f"got {len(sets)} token sets but {len(ks)} budgets")
+    for i, (s, k) in enumerate(zip(sets, ks, strict=True)):
+        if not 1 <= k <= s.tokens.shape[0]:
+            raise ValueError(f"set {i}: k must be in [1, {s.tokens.shape[0]}], got {k}")
+
+
+class ResPrune:
+    """Greedy residual-energy subspace expansion modulated by text relevance (batched)."""
+
+    name = "resprune"
+
+    def __init__(self, alpha: float = 1.0):
+        self.alpha = alpha
+
+    def prune(self, sets: list[TokenSet], ks: list[int]) -> list[Pruned]:
+        _check(sets, ks)
+        out: list[Pruned | None] = [None] * len(sets)
+        for k in sorted(set(ks)):  # one batched call per distinct budget
+            members = [i for i, kk in enumerate(ks) if kk == k]
+            for i, pruned in zip(members, self._prune_same_k([sets[i] for i in members], k)):
+                out[i] = pruned
+        return out  # type: ignore[return-value]
+
+    def _prune_same_k(self, sets: list[TokenSet], k: int) -> list[Pruned]:
+        n_max = max(s.tokens.shape[0] for s in sets)
+        dev = sets[0].tokens.device
+        x = torch.zeros(len(sets), n_max, sets[0].tokens.shape[1], device=dev)
+        mask = torch.zeros(len(sets), n_max, dtype=torch.bool, device=dev)
+        rel = torch.ones(len(sets), n_max, device=dev)
+        with_text = self.alpha != 0
+        for b, s in enumerate(sets):
+            n = s.tokens.shape[0]
+            x[b, :n], mask[b, :n] = s.tokens.float(), True
+            if with_text and s.text is not None:
+                rel[b, :n] = token_relevance(s.tokens, s.text)
+        sel = select_tokens(x, k, relevance=rel, alpha=self.alpha, mask=mask)
+        return [
+            Pruned(
+                indices=sel.indices[b],
+                retained_energy=float(sel.retained_energy[b]),
+                relevance=rel[b, : s.tokens.shape[0]] if with_text and s.text is not None else None,
+            )
+            for b, s in enumerate(sets)
+        ]
+
+
+class KeepAll:
+    """No pruning: every token is kept (the unpruned reference)."""
+
+    name = "none"
+
+    def prune(self, sets: list[TokenSet], ks: list[int]) -> list[Pruned]:
+        _check(sets, ks)
+        return [Pruned(torch.arange(s.tokens.shape[0], device=s.tokens.device), 1.0) for s in sets]
+
+
+class RandomPrune:
+    """k tokens uniformly at random, seeded per (seed, N, k) so reruns are reproducible."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        self.seed = seed
+
+    def prune(self, sets: list[TokenSet], ks: list[int]) -> list[Pruned]:
+        _check(sets, ks)
+        out = []
+        for s, k in zip(sets, ks, strict=True):
+            n = s.tokens.shape[0]
+            gen = torch.Generator().manual_seed(hash((self.seed, n, k)) & 0x7FFFFFFF)
+            idx = torch.randperm(n, generator=gen)[:k].sort().values.to(s.tokens.device)
+            out.append(Pruned(idx, span_energy(s.tokens, s.tokens[idx])))
+        return out
+
+
+def _grid(s: TokenSet) -> tuple[int, int]:
+    return s.grid if s.grid is not None else (1, s.tokens.shape[0])
+
+
+def uniform_indices(rows: int, cols: int, k: int) -> torch.Tensor:
+    """k grid positions at an even 2-D stride (row-major, ascending)."""
+    gr = max(1, min(rows, round(math.sqrt(k * rows / cols))))
+    gc = min(cols, math.ceil(k / gr))
+    while gr * gc < k:  # thin grids: grow the other side
+        gr = min(rows, gr + 1)
+        gc = min(cols, math.ceil(k / gr))
+    r = ((torch.arange(gr) + 0.5) * rows / gr).long()
+    c = ((torch.arange(gc) + 0.5) * cols / gc).long()
+    cand = (r[:, None] * cols + c[None, :]).flatten()
+    pick = ((torch.arange(k) + 0.5) * cand.numel() / k).long()
+    return cand[pick].unique(sorted=True)
+
+
+class UniformPrune:
+    """Even spatial stride over the token grid."""
+
+    name = "uniform"
+
+    def prune(self, sets: list[TokenSet], ks: list[int]) -> list[Pruned]:
+        _check(sets, ks)
+        out = []
+        for s, k in zip(sets, ks, strict=True):
+            idx = uniform_indices(*_grid(s), k).to(s.tokens.device)
+            out.append(Pruned(idx, span_energy(s.tokens, s.tokens[idx])))
+        return out
+
+
+class PoolPrune:
+    """2-D average pooling of the grid to at most k tokens ("just downsample")."""
+
+    name = "pool"
+
+    def prune(self, sets: list[TokenSet], ks: list[int]) -> list[Pruned]:
+        _check(sets, ks)
+        out = []
+        for s, k in zip(sets, ks, strict=True):
+            rows, cols = _grid(s)
+            gr = max(1, min(rows, math.floor(math.sqrt(k * rows / cols))))
+            gc = max(1, min(cols, k // gr))
+            img = s.tokens.float().T.reshape(1, -1, rows, cols)
+            pooled = torch.nn.functional.adaptive_avg_pool2d(img, (gr, gc))[0].flatten(1).T
+            r = ((torch.arange(gr) + 0.5) * rows / gr).long()
+            c = ((torch.arange(gc) + 0.5) * cols / gc).long()
+            idx = (r[:, None] * cols + c[None, :]).flatten().to(s.tokens.device)
+            tokens = pooled.to(s.tokens.dtype)
+            out.append(Pruned(idx, span_energy(s.tokens, pooled), tokens=tokens))
+        return out
+
+
+class DivPrune:
+    """Greedy max-min cosine diversity: repeatedly add the token farthest from the kept set."""
+
+    name = "divprune"
+
+    def prune(self, sets: list[TokenSet], ks: list[int]) -> list[Pruned]:
+        _check(sets, ks)
+        out = []
+        for s, k in zip(sets, ks, strict=True):
+            v = torch.nn.functional.normalize(s.tokens.float(), dim=-1)
+            dist = 1 - v @ v.T  # cosine distance [N, N]
+            first = int(dist.sum(dim=1).argmax())  # the most isolated token on average
+            chosen = [first]
+            nearest = dist[first].clone()
+            nearest[first] = -1.0
+            for _ in range(k - 1):
+                nxt = int(nearest.argmax())
+                chosen.append(nxt)
+                nearest = torch.minimum(nearest, dist[nxt])
+                nearest[chosen] = -1.0
+            idx = torch.tensor(sorted(chosen), device=s.tokens.device)
+            out.append(Pruned(idx, span_energy(s.tokens, s.tokens[idx])))
+        return out
+
+
+PRUNERS = ("resprune", "none", "random", "uniform", "pool", "divprune")
+
+
+def build_pruner(method: str, *, alpha: float = 1.0, seed: int = 0) -> Pruner:
+    """The pruner registered under ``method`` (see PRUNERS)."""
+    if method == "resprune":
+        return ResPrune(alpha)
+    if method == "random":
+        return RandomPrune(seed)
+    simple = {"none": KeepAll, "uniform": UniformPrune, "pool": PoolPrune, "divprune": DivPrune}
+    if method not in simple:
+        raise ValueError(f"unknown pruning method {method!r}; choose one of {', '.join(PRUNERS)}")
+    return simple[method]()
