@@ -4,7 +4,9 @@ With S the kept set and P_S the projector onto span{v_j : j in S}, each step add
 with the largest ``g(r_i) * ||v_i - P_S v_i||^2`` where ``g(r) = (max(r, 0) + eps) ** alpha``.
 Scaling each token by ``sqrt(g(r_i))`` turns this into greedy column-pivoted QR, computed here
 as incremental Gram-Schmidt in float32: after picking the unit residual q, every token's
-energy drops by ``<q, y>^2``. One loop over the k steps, batched over images, O(B N k D).
+energy drops by ``<q, y>^2``. The projections ``<q, y>`` come from the Gram matrix (one
+batched GEMM, O(B N^2 D)), so the loop over the k steps costs O(B N k) per step instead of
+another memory-bound pass over all tokens; batched over images, no loop over images.
 
 This module knows nothing about models, questions or text: relevance arrives as numbers.
 """
@@ -52,10 +54,11 @@ def select_tokens(
     """
     single = tokens.dim() == 2
     x, r, m = _validate(tokens, k, relevance, mask)
-    y = x if r is None else x * relevance_weights(r, alpha).sqrt().unsqueeze(-1)
-    chosen, basis = _greedy_pivots(y, m, k)
+    w = None if r is None or alpha == 0 else relevance_weights(r, alpha)
+    y = x if w is None else x * w.sqrt().unsqueeze(-1)
+    chosen, coef = _greedy_pivots(y, m, k)
     indices = chosen.sort(dim=-1).values
-    retained = _retained_energy(x, m, basis)
+    retained = _retained_energy(x, m, coef, w)
     if single:
         return Selection(indices[0], retained[0])
     return Selection(indices, retained)
@@ -98,34 +101,47 @@ def _batched(
 def _greedy_pivots(
     y: torch.Tensor, mask: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy pivoted Gram-Schmidt: returns pick order [B, k] and orthonormal basis [B, k, D]."""
-    b, _, d = y.shape
+    """Greedy pivoted Gram-Schmidt on the Gram matrix (pivoted Cholesky).
+
+    Returns the pick order [B, k] and the coefficients ``c[b, i, s] = <q_s, y_i>`` [B, N, k]
+    of every token on the orthonormal basis built so far. One batched GEMM builds the Gram
+    matrix; each step then costs O(N k) instead of another O(N D) pass over the tokens.
+    """
+    b, n, _ = y.shape
     rows = torch.arange(b, device=y.device)
-    energy = (y * y).sum(-1).masked_fill(~mask, -1.0)
+    gram = torch.bmm(y, y.transpose(1, 2))  # [B, N, N]
+    blocked = ~mask  # padding, then every picked token
+    energy = torch.diagonal(gram, dim1=1, dim2=2).clone().masked_fill(blocked, -1.0)
     chosen = torch.empty(b, k, dtype=torch.long, device=y.device)
-    basis = torch.zeros(b, k, d, dtype=y.dtype, device=y.device)
+    coef = torch.zeros(b, n, k, dtype=y.dtype, device=y.device)
     for step in range(k):
         pick = energy.argmax(dim=-1)  # first maximum: ties break to the lowest index
         chosen[:, step] = pick
-        v = y[rows, pick]
-        if step:
-            prev = basis[:, :step]
-            v = v - torch.einsum("bsd,bs->bd", prev, torch.einsum("bsd,bd->bs", prev, v))
-        norm = v.norm(dim=-1, keepdim=True)
+        resid = energy[rows, pick].clamp_min(0.0)
+        col = (
+            gram[rows, :, pick]
+            - torch.bmm(coef[:, :, :step], coef[rows, pick, :step, None])[..., 0]
+        )
         # a residual at float32 round-off of its token adds no direction (rank exhausted)
-        alive = norm > 1e-4 * y[rows, pick].norm(dim=-1, keepdim=True)
-        q = torch.where(alive, v / norm.clamp_min(1e-30), torch.zeros_like(v))
-        basis[:, step] = q
-        proj = torch.einsum("bnd,bd->bn", y, q)
-        energy = (energy - proj * proj).clamp_min(0.0)
-        energy[rows, pick] = -1.0
-        energy = energy.masked_fill(~mask, -1.0)
-    return chosen, basis
+        alive = resid > 1e-8 * gram[rows, pick, pick]
+        col = torch.where(alive[:, None], col / resid.clamp_min(1e-30).sqrt()[:, None], 0.0)
+        coef[:, :, step] = col
+        blocked[rows, pick] = True
+        energy = (energy - col * col).clamp_min(0.0).masked_fill(blocked, -1.0)
+    return chosen, coef
 
 
-def _retained_energy(x: torch.Tensor, mask: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """``1 - sum_i E_S(x_i) / sum_i ||x_i||^2`` over valid tokens (x unscaled)."""
-    xm = x * mask.unsqueeze(-1)
-    total = (xm * xm).sum(dim=(1, 2))
-    captured = torch.einsum("bnd,bkd->bnk", xm, basis).pow(2).sum(dim=(1, 2))
+def _retained_energy(
+    x: torch.Tensor, mask: torch.Tensor, coef: torch.Tensor, weights: torch.Tensor | None
+) -> torch.Tensor:
+    """``1 - sum_i E_S(x_i) / sum_i ||x_i||^2`` over valid tokens (x unscaled).
+
+    The span of the kept scaled tokens equals the span of the kept tokens, so the energy of
+    x_i inside it is the captured energy of y_i divided by its weight.
+    """
+    captured = coef.pow(2).sum(-1)  # [B, N] = ||P_S y_i||^2
+    if weights is not None:
+        captured = captured / weights
+    captured = (captured * mask).sum(-1)
+    total = ((x * x).sum(-1) * mask).sum(-1)
     return torch.where(total > 0, captured / total.clamp_min(1e-30), torch.ones_like(total))

@@ -20,7 +20,7 @@ def test_every_pruner_returns_sorted_unique_in_range(method):
     out = build_pruner(method).prune(sets, [64, 20])
     for s, k, p in zip(sets, [64, 20], out):
         idx = p.indices.tolist()
-        assert idx == sorted(set(idx)) and 0 <= idx[0] and idx[-1] < len(s.tokens)
+        assert idx == sorted(set(idx)) and idx[0] >= 0 and idx[-1] < len(s.tokens)
         assert len(idx) == (len(s.tokens) if method == "none" else k) or method == "pool"
         assert 0.0 <= p.retained_energy <= 1.0 + 1e-5
 
@@ -75,7 +75,11 @@ def test_pool_averages_windows():
     p = build_pruner("pool").prune([s], [64])[0]
     grid = s.tokens.reshape(24, 24, -1)
     want = torch.stack(
-        [grid[r : r + 3, c : c + 3].reshape(9, -1).mean(0) for r in range(0, 24, 3) for c in range(0, 24, 3)]
+        [
+            grid[r : r + 3, c : c + 3].reshape(9, -1).mean(0)
+            for r in range(0, 24, 3)
+            for c in range(0, 24, 3)
+        ]
     )
     assert p.tokens.shape == (64, 96) and torch.allclose(p.tokens, want, atol=1e-5)
     assert p.indices.tolist() == [r * 24 + c for r in range(1, 24, 3) for c in range(1, 24, 3)]

@@ -44,7 +44,9 @@ def test_matches_scipy_pivoted_qr(kind, alpha):
     x = _inputs(kind, rng)
     rel = rng.uniform(-0.3, 1.0, len(x))
     k = 5 if kind == "low_rank" else 12
-    sel = select_tokens(torch.tensor(x, dtype=torch.float32), k, relevance=torch.tensor(rel), alpha=alpha)
+    sel = select_tokens(
+        torch.tensor(x, dtype=torch.float32), k, relevance=torch.tensor(rel), alpha=alpha
+    )
     assert sel.indices.tolist() == _reference_indices(x, k, rel, alpha)
     assert sel.retained_energy.item() == pytest.approx(_reference_energy(x, sel.indices), abs=1e-4)
 
@@ -67,7 +69,9 @@ def test_batched_masked_equals_single_calls():
     for b, n in enumerate(lengths):
         single = select_tokens(x[b, :n], 9, relevance=rel[b, :n], alpha=1.0)
         assert batched.indices[b].tolist() == single.indices.tolist()
-        assert batched.retained_energy[b].item() == pytest.approx(single.retained_energy.item(), abs=1e-5)
+        assert batched.retained_energy[b].item() == pytest.approx(
+            single.retained_energy.item(), abs=1e-5
+        )
         assert batched.indices[b].max().item() < n  # padding is never selected
 
 
