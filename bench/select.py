@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from functools import partial
 
 import torch
 
@@ -39,6 +40,10 @@ def textbook_select(tokens: torch.Tensor, k: int) -> torch.Tensor:
     return torch.tensor(sorted(picks))
 
 
+def _loop(fn, x: torch.Tensor, k: int) -> list:
+    return [fn(t, k) for t in x]
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -60,9 +65,9 @@ def run(ns: list[int], ks: list[int], batch: int, dim: int, device: str, repeat:
     for n in ns:
         x = torch.randn(batch, n, dim, device=device)
         for k in ks:
-            batched = _time(lambda: select_tokens(x, k), device, repeat)
-            per_image = _time(lambda: [select_tokens(t, k) for t in x], device, repeat)
-            textbook = _time(lambda: [textbook_select(t, k) for t in x], device, 1)
+            batched = _time(partial(select_tokens, x, k), device, repeat)
+            per_image = _time(partial(_loop, select_tokens, x, k), device, repeat)
+            textbook = _time(partial(_loop, textbook_select, x, k), device, 1)
             same = all(
                 torch.equal(textbook_select(x[b], k).to(device), select_tokens(x[b], k).indices)
                 for b in range(min(2, batch))
@@ -87,9 +92,12 @@ def run(ns: list[int], ks: list[int], batch: int, dim: int, device: str, repeat:
 
 def _format(r: dict) -> str:
     return (
-        f"{r['device']:>4} N={r['n']:<5} k={r['k']:<4} batched {r['batched_ms_per_image']:8.2f} ms/img"
-        f" | per-image loop {r['per_image_ms_per_image']:8.2f} | textbook {r['textbook_ms_per_image']:8.2f}"
-        f" | x{r['speedup_vs_textbook']:.1f} vs textbook | same picks: {r['same_indices_as_textbook']}"
+        f"{r['device']:>4} N={r['n']:<5} k={r['k']:<4}"
+        f" batched {r['batched_ms_per_image']:8.2f} ms/img"
+        f" | per-image loop {r['per_image_ms_per_image']:8.2f}"
+        f" | textbook {r['textbook_ms_per_image']:8.2f}"
+        f" | x{r['speedup_vs_textbook']:.1f} vs textbook"
+        f" | same picks: {r['same_indices_as_textbook']}"
     )
 
 

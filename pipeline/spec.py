@@ -30,7 +30,9 @@ class StorageSpec(_Strict):
     endpoint_url: str | None = Field(
         None, description="S3-compatible endpoint (else AWS_ENDPOINT_URL from the environment)."
     )
-    region: str | None = Field(None, description="S3 region (else AWS_REGION / AWS_DEFAULT_REGION).")
+    region: str | None = Field(
+        None, description="S3 region (else AWS_REGION / AWS_DEFAULT_REGION)."
+    )
 
 
 class InputSpec(_Strict):
@@ -61,18 +63,24 @@ class ModelSpec(_Strict):
     family: Literal["auto", "llava", "llava_next", "qwen2_5_vl"] = Field(
         "auto", description="Model family; auto reads config.json's model_type."
     )
-    revision: str | None = Field(None, description="Hub revision (pin a 40-hex commit in production).")
+    revision: str | None = Field(
+        None, description="Hub revision (pin a 40-hex commit in production)."
+    )
     dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="Weights dtype on GPU (CPU actors always use float32)."
     )
     max_new_tokens: int = Field(64, ge=1, le=4096, description="Generation budget per item.")
     default_question: str = Field(
-        "Describe this image in one sentence.", min_length=1, description="Prompt when none is given."
+        "Describe this image in one sentence.",
+        min_length=1,
+        description="Prompt when none is given.",
     )
     max_question_tokens: int = Field(
         256, ge=1, description="Longer questions are truncated (and flagged) before templating."
     )
-    trust_remote_code: bool = Field(False, description="Run code shipped with the checkpoint (off).")
+    trust_remote_code: bool = Field(
+        False, description="Run code shipped with the checkpoint (off)."
+    )
 
 
 class PruningSpec(_Strict):
@@ -82,7 +90,9 @@ class PruningSpec(_Strict):
     keep: Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0, le=1)] = Field(
         64, description="Visual tokens kept per image (int) or fraction of them (float in (0, 1])."
     )
-    alpha: float = Field(1.0, description="Relevance exponent in g(r) = r^alpha; 0 ignores the text.")
+    alpha: float = Field(
+        1.0, description="Relevance exponent in g(r) = r^alpha; 0 ignores the text."
+    )
     position_policy: Literal["original", "contiguous"] = Field(
         "original", description="Kept tokens keep their original positions, or are renumbered."
     )
@@ -104,14 +114,18 @@ class ExecutionSpec(_Strict):
     max_batch_tokens: int | None = Field(
         None, ge=1, description="Pack model batches up to this many LLM tokens (prompt + new)."
     )
-    actors: int | tuple[int, int] = Field(1, description="Model actors: a fixed count or [min, max].")
+    actors: int | tuple[int, int] = Field(
+        1, description="Model actors: a fixed count or [min, max]."
+    )
     gpus_per_actor: float = Field(1, ge=0, description="GPUs per model actor; 0 runs on CPU.")
     cpus_per_actor: float = Field(1, ge=0, description="CPUs reserved per model actor.")
     preprocess_batch_size: int = Field(8, ge=1, description="Rows per CPU preprocess batch.")
     preprocess_concurrency: int | tuple[int, int] | None = Field(
         None, description="CPU preprocess tasks (None: autoscale)."
     )
-    max_image_bytes: int = Field(50_000_000, ge=1, description="Encoded images above this are errors.")
+    max_image_bytes: int = Field(
+        50_000_000, ge=1, description="Encoded images above this are errors."
+    )
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="Decoded pixels above this are refused (bomb guard)."
     )

@@ -13,7 +13,7 @@ import numpy as np
 
 
 class ItemError(Exception):
-    """A per-item failure with a machine-readable cause (e.g. ``undecodable``, ``prompt_too_long``)."""
+    """A per-item failure with a machine-readable cause, e.g. ``undecodable``."""
 
     def __init__(self, cause: str, message: str):
         super().__init__(f"{cause}: {message}")

@@ -89,7 +89,9 @@ class ResPrune:
         out: list[Pruned | None] = [None] * len(sets)
         for k in sorted(set(ks)):  # one batched call per distinct budget
             members = [i for i, kk in enumerate(ks) if kk == k]
-            for i, pruned in zip(members, self._prune_same_k([sets[i] for i in members], k)):
+            for i, pruned in zip(
+                members, self._prune_same_k([sets[i] for i in members], k), strict=True
+            ):
                 out[i] = pruned
         return out  # type: ignore[return-value]
 

@@ -18,7 +18,7 @@ def _grid_set(rows=24, cols=24, d=96, seed=0, text=None) -> TokenSet:
 def test_every_pruner_returns_sorted_unique_in_range(method):
     sets = [_grid_set(seed=1), _grid_set(10, 12, seed=2)]
     out = build_pruner(method).prune(sets, [64, 20])
-    for s, k, p in zip(sets, [64, 20], out):
+    for s, k, p in zip(sets, [64, 20], out, strict=True):
         idx = p.indices.tolist()
         assert idx == sorted(set(idx)) and idx[0] >= 0 and idx[-1] < len(s.tokens)
         assert len(idx) == (len(s.tokens) if method == "none" else k) or method == "pool"
@@ -49,7 +49,7 @@ def test_resprune_batches_mixed_sizes_and_budgets_like_single_calls():
     sets = [_grid_set(24, 24, seed=5), _grid_set(12, 20, seed=6), _grid_set(8, 8, seed=7)]
     pruner = build_pruner("resprune", alpha=1.0)
     batched = pruner.prune(sets, [32, 32, 10])
-    for s, k, p in zip(sets, [32, 32, 10], batched):
+    for s, k, p in zip(sets, [32, 32, 10], batched, strict=True):
         assert p.indices.tolist() == pruner.prune([s], [k])[0].indices.tolist()
 
 

@@ -1,5 +1,7 @@
 """ResPrune's selector against independent float64 references (scipy pivoted QR, lstsq)."""
 
+import itertools
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -88,7 +90,7 @@ def test_energy_is_monotone_in_k_and_full_at_n():
     torch.manual_seed(2)
     x = torch.randn(30, 40)
     energies = [select_tokens(x, k).retained_energy.item() for k in range(1, 31)]
-    assert all(b >= a - 1e-6 for a, b in zip(energies, energies[1:]))
+    assert all(b >= a - 1e-6 for a, b in itertools.pairwise(energies))
     assert energies[-1] == pytest.approx(1.0, abs=1e-5)
     assert select_tokens(x, 30).indices.tolist() == list(range(30))
 
