@@ -11,14 +11,21 @@ Run: python bench/select.py [--n 576 2880] [--k 64 128 192] [--batch 8] [--dim 4
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
-from functools import partial
+import sys
+from pathlib import Path
 
-import torch
+# Run as `python bench/select.py`, this folder heads sys.path and this file would shadow the
+# standard library's `select` module that torch and subprocess import.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 
-from resprune import select_tokens
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from functools import partial  # noqa: E402
+
+import torch  # noqa: E402
+
+from resprune import select_tokens  # noqa: E402
 
 
 def textbook_select(tokens: torch.Tensor, k: int) -> torch.Tensor:
