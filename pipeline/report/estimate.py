@@ -1,0 +1,172 @@
+"""Pure estimators behind the cost report: numbers in, numbers out; no I/O, no formatting.
+
+- Measured time ratio on the shadow sample (sum of unpruned GPU seconds over sum of pruned
+  GPU seconds, same items, same actor) with a seeded percentile bootstrap over items.
+- A FLOPs model of the LLM (prefill with causal attention, decode, LM head) from the run's
+  `model_shape`, as a cross-check: it assumes time proportional to FLOPs, which overstates
+  savings where decode is memory-bound.
+- Answer agreement between pruned and unpruned answers (exact match, SQuAD-style token F1).
+Non-goals: GPU prices or peak-FLOPs tables (unknown stays unknown; see practice 10).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+N_BOOT = 2000
+_BOOT_CELLS = 4_000_000  # resample indices drawn per chunk (bounds memory)
+_NON_WORD = re.compile(r"[^\w\s]|_")
+
+
+def time_ratio(pruned_s: np.ndarray, unpruned_s: np.ndarray) -> float | None:
+    """Sum of unpruned over sum of pruned seconds; None without positive pruned time."""
+    total = float(np.sum(pruned_s))
+    return float(np.sum(unpruned_s)) / total if len(pruned_s) and total > 0 else None
+
+
+def bootstrap_ratios(
+    pruned_s: np.ndarray, unpruned_s: np.ndarray, *, n_boot: int = N_BOOT, seed: int = 0
+) -> np.ndarray | None:
+    """Ratios of sums over `n_boot` resamples of the items (with replacement); None if n < 2."""
+    n = len(pruned_s)
+    if n < 2 or float(np.sum(pruned_s)) <= 0:
+        return None
+    rng = np.random.default_rng(seed)
+    out = np.empty(n_boot)
+    step = max(1, _BOOT_CELLS // n)
+    for start in range(0, n_boot, step):
+        stop = min(n_boot, start + step)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        out[start:stop] = unpruned_s[idx].sum(axis=1) / np.maximum(
+            pruned_s[idx].sum(axis=1), 1e-300
+        )
+    return out
+
+
+def percentile_ci(samples: np.ndarray | None, level: float = 0.95) -> list[float] | None:
+    """The central `level` percentile interval of bootstrap samples, or None."""
+    if samples is None:
+        return None
+    tail = 100 * (1 - level) / 2
+    return [float(np.percentile(samples, tail)), float(np.percentile(samples, 100 - tail))]
+
+
+@dataclass(frozen=True)
+class LlmShape:
+    """The language model's size as far as the run summary knows it (fields may be None)."""
+
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    intermediate_size: int | None = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    vocab_size: int | None = None
+    parameters: int | None = None
+
+    @classmethod
+    def from_dict(cls, shape: Mapping[str, Any] | None) -> LlmShape:
+        """Build from a run summary's `model_shape` (unknown keys ignored)."""
+        shape = shape or {}
+        aliases = {
+            "num_layers": ("num_layers", "num_hidden_layers"),
+            "num_heads": ("num_heads", "num_attention_heads"),
+            "num_kv_heads": ("num_kv_heads", "num_key_value_heads"),
+        }
+        values = {}
+        for name in cls.__dataclass_fields__:
+            keys = aliases.get(name, (name,))
+            found = next((shape[k] for k in keys if isinstance(shape.get(k), int | float)), None)
+            values[name] = int(found) if found else None
+        return cls(**values)
+
+    def linear_flops_per_token(self) -> float | None:
+        """FLOPs of the decoder's matmuls for one token (2 per multiply-add), LM head excluded."""
+        h, layers, ff = self.hidden_size, self.num_layers, self.intermediate_size
+        if h and layers and ff:
+            kv = (
+                h * self.num_kv_heads / self.num_heads
+                if self.num_heads and self.num_kv_heads
+                else h
+            )
+            return 2.0 * layers * (2 * h * h + 2 * h * kv + 3 * h * ff)  # q,o + k,v + gated MLP
+        return 2.0 * self.parameters if self.parameters else None
+
+    def attention_width(self) -> float | None:
+        """layers x hidden: the per-position cost unit of attention scores and values."""
+        return (
+            float(self.num_layers * self.hidden_size)
+            if self.num_layers and self.hidden_size
+            else None
+        )
+
+
+def generation_flops(shape: LlmShape, prompt: np.ndarray, new: np.ndarray) -> np.ndarray | None:
+    """FLOPs per item to read `prompt` tokens and generate `new` ones; None if shape unknown."""
+    linear = shape.linear_flops_per_token()
+    if linear is None:
+        return None
+    prompt, new = np.asarray(prompt, float), np.asarray(new, float)
+    steps = np.maximum(new - 1, 0)  # the prefill yields the first token
+    flops = linear * (prompt + steps)
+    width = shape.attention_width()
+    if width is not None:
+        flops += 2 * width * prompt**2  # causal QK^T and AV over the prompt
+        flops += 4 * width * (steps * prompt + steps * (steps + 1) / 2)  # each step over the cache
+    if shape.hidden_size and shape.vocab_size:
+        flops += 2.0 * shape.hidden_size * shape.vocab_size * new
+    return flops
+
+
+def flops_scaled_seconds(
+    seconds: float, stage_seconds: Mapping[str, float], flops_ratio: float
+) -> tuple[float, str]:
+    """Unpruned GPU seconds from a FLOPs ratio applied to the LLM stage's share of GPU time.
+
+    Vision encoding is identical with and without pruning and the selector does not run
+    unpruned; without stage timings the ratio scales all of the GPU time (says which).
+    """
+    vision, select, generate = (
+        stage_seconds.get(k, 0.0) for k in ("vision_s", "select_s", "generate_s")
+    )
+    device = vision + select + generate
+    if device <= 0:
+        return seconds * flops_ratio, "all GPU time scaled (no stage timings)"
+    share_select, share_generate = select / device, generate / device
+    scaled = seconds * (1 - share_select - share_generate + share_generate * flops_ratio)
+    return scaled, "generate stage scaled, vision kept, selector removed"
+
+
+def normalize_answer(text: str | None) -> str:
+    """Lower-case, punctuation to spaces, whitespace collapsed (Unicode-aware)."""
+    text = unicodedata.normalize("NFKC", text or "").lower()
+    return " ".join(_NON_WORD.sub(" ", text).split())
+
+
+def token_f1(pruned: str | None, unpruned: str | None) -> float:
+    """Token-overlap F1 of two normalised answers (1.0 when both are empty)."""
+    a, b = normalize_answer(pruned).split(), normalize_answer(unpruned).split()
+    if not a or not b:
+        return float(a == b)
+    same = sum((Counter(a) & Counter(b)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(a), same / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+def agreement(pruned: Sequence[str | None], unpruned: Sequence[str | None]) -> dict[str, Any]:
+    """Mean exact match and mean token F1 over answer pairs (None values when there are none)."""
+    if not len(pruned):
+        return {"exact_match": None, "token_f1": None, "n": 0}
+    exact = [
+        normalize_answer(a) == normalize_answer(b) for a, b in zip(pruned, unpruned, strict=True)
+    ]
+    f1 = [token_f1(a, b) for a, b in zip(pruned, unpruned, strict=True)]
+    return {"exact_match": float(np.mean(exact)), "token_f1": float(np.mean(f1)), "n": len(f1)}

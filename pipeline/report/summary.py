@@ -1,0 +1,249 @@
+"""From loaded nights to the report's numbers (the dict that becomes `report.json`).
+
+Pure: runs' summable stats in, a JSON-ready dict out. Per GPU type, the time ratio measured
+on that type's shadow items scales that type's measured GPU hours; scopes (a night, the
+whole prefix) add the types, and their bootstrap samples add draw by draw for the interval.
+Money uses `--price` when given, else each run's own `usd_per_gpu_hour`; any unknown price
+makes the amount unknown (None). Non-goals: reading files, formatting, charts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.report.estimate import (
+    LlmShape,
+    agreement,
+    bootstrap_ratios,
+    flops_scaled_seconds,
+    percentile_ci,
+    time_ratio,
+    token_f1,
+)
+from pipeline.report.load import Night
+from pipeline.report.stats import BINS, RunStats, split_by_run
+
+WORST = 10
+CONFIG_KEYS = (
+    "model",
+    "pruner",
+    "keep",
+    "alpha",
+    "gpu_type",
+    "usd_per_gpu_hour",
+    "shadow_fraction",
+)
+
+
+@dataclass
+class Run:
+    """One run: its summary JSON (or the night's newest config when missing) and its stats."""
+
+    info: dict[str, Any]
+    stats: RunStats
+    run_date: str | None
+
+    def price(self, override: float | None) -> float | None:
+        """USD per GPU hour: the override, else the run's own price, else None."""
+        return override if override is not None else self.info.get("usd_per_gpu_hour")
+
+
+def collect_runs(nights: Sequence[Night]) -> list[Run]:
+    """Every run of every night, rows grouped by run_id; run summaries without rows kept."""
+    runs = []
+    for night in nights:
+        infos = {str(r.get("run_id")): r for r in night.runs}
+        newest = {
+            k: v
+            for k, v in (night.runs[-1] if night.runs else {}).items()
+            if k in CONFIG_KEYS + ("model_shape",)
+        }
+        groups = split_by_run(night.columns)
+        for run_id in dict.fromkeys([*infos, *groups]):
+            info = infos.get(run_id) or {**newest, "run_id": run_id, "summary_missing": True}
+            shape = LlmShape.from_dict(info.get("model_shape"))
+            stats = RunStats.from_rows(groups[run_id], shape) if run_id in groups else RunStats()
+            runs.append(Run(info, stats, night.run_date or info.get("run_date")))
+    return runs
+
+
+def _hours(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds / 3600
+
+
+def _money(runs: Sequence[Run], price: float | None, hours_of) -> float | None:
+    """Sum of hours x price over runs; None when any run with hours has no price."""
+    total = 0.0
+    for run in runs:
+        hours = hours_of(run)
+        if hours:
+            rate = run.price(price)
+            if rate is None:
+                return None
+            total += hours * rate
+    return total
+
+
+def _by_type(runs: Sequence[Run]) -> dict[str, list[Run]]:
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(str(run.info.get("gpu_type") or "unknown"), []).append(run)
+    return groups
+
+
+def _flops_hours(runs: Sequence[Run]) -> tuple[float | None, float | None, str | None]:
+    """Unpruned GPU hours by the FLOPs model, the pooled FLOPs ratio, and how time was scaled."""
+    total, note = 0.0, None
+    for run in runs:
+        s = run.stats
+        if s.flops_pruned is None or s.flops_unpruned is None:
+            return None, None, None
+        if s.gpu_seconds > 0 and s.flops_pruned > 0:
+            scaled, note = flops_scaled_seconds(
+                s.gpu_seconds, s.stage_seconds, s.flops_unpruned / s.flops_pruned
+            )
+            total += scaled
+        else:
+            total += s.gpu_seconds
+    stats = sum((r.stats for r in runs), RunStats())
+    ratio = stats.flops_unpruned / stats.flops_pruned if stats.flops_pruned else None
+    return total / 3600, ratio, note
+
+
+def _estimate(runs: Sequence[Run], price: float | None, seed: int) -> dict[str, Any]:
+    """Measured unpruned estimate and savings for runs, GPU type by GPU type."""
+    unpruned, usd_saved, boot_h, boot_usd, per_type = 0.0, 0.0, 0.0, 0.0, []
+    for i, (gpu_type, group) in enumerate(sorted(_by_type(runs).items())):
+        stats = sum((r.stats for r in group), RunStats())
+        ratio = time_ratio(stats.shadow.pruned_s, stats.shadow.unpruned_s)
+        boots = bootstrap_ratios(stats.shadow.pruned_s, stats.shadow.unpruned_s, seed=seed + i)
+        used_h = stats.gpu_seconds / 3600
+        priced = _money(group, price, lambda r: r.stats.gpu_seconds / 3600)
+        row = {
+            "gpu_type": gpu_type,
+            "usd_per_gpu_hour": _one_price(group, price),
+            "gpu_hours_used": used_h,
+            "gpu_hours_billed": _billed(group),
+            "shadow_items": len(stats.shadow),
+            "time_ratio": ratio,
+        }
+        row["gpu_hours_unpruned_est"] = None if ratio is None else used_h * ratio
+        row["gpu_hours_unpruned_ci"] = None if boots is None else percentile_ci(used_h * boots)
+        row["gpu_hours_saved"] = None if ratio is None else used_h * (ratio - 1)
+        row["usd_saved"] = None if ratio is None or priced is None else priced * (ratio - 1)
+        per_type.append(row)
+        unpruned = None if unpruned is None or ratio is None else unpruned + used_h * ratio
+        usd_saved = (
+            None if usd_saved is None or row["usd_saved"] is None else usd_saved + row["usd_saved"]
+        )
+        boot_h = None if boot_h is None or boots is None else boot_h + used_h * boots
+        boot_usd = (
+            None
+            if boot_usd is None or boots is None or priced is None
+            else boot_usd + priced * (boots - 1)
+        )
+    return {
+        "unpruned": unpruned,
+        "usd_saved": usd_saved,
+        "boot_h": boot_h,
+        "boot_usd": boot_usd,
+        "per_type": per_type,
+    }
+
+
+def _one_price(runs: Sequence[Run], price: float | None) -> float | str | None:
+    prices = {r.price(price) for r in runs}
+    return prices.pop() if len(prices) == 1 else "mixed"
+
+
+def _billed(runs: Sequence[Run]) -> float | None:
+    seconds = [r.info["actor_seconds"] for r in runs if r.info.get("actor_seconds") is not None]
+    return _hours(float(sum(seconds))) if seconds else None
+
+
+def scope_summary(runs: Sequence[Run], *, price: float | None, seed: int = 0) -> dict[str, Any]:
+    """The headline numbers (report.json contract keys and more) over a set of runs."""
+    stats = sum((r.stats for r in runs), RunStats())
+    used = stats.gpu_seconds / 3600
+    est = _estimate(runs, price, seed)
+    boot_h = est["boot_h"] if isinstance(est["boot_h"], np.ndarray) else None
+    flops_h, flops_ratio, flops_note = _flops_hours(runs)
+    shadow = stats.shadow
+    return {
+        "items_ok": stats.items_ok,
+        "items_error": stats.items_error,
+        "gpu_hours_used": used,
+        "gpu_hours_billed": _billed(runs),
+        "gpu_hours_unpruned_est": est["unpruned"],
+        "gpu_hours_unpruned_ci": percentile_ci(boot_h),
+        "gpu_hours_saved": None if est["unpruned"] is None else est["unpruned"] - used,
+        "gpu_hours_saved_ci": None if boot_h is None else percentile_ci(boot_h - used),
+        "usd_used": _money(runs, price, lambda r: r.stats.gpu_seconds / 3600),
+        "usd_billed": _money(runs, price, lambda r: _billed([r])),
+        "usd_saved": est["usd_saved"] if est["unpruned"] is not None else None,
+        "usd_saved_ci": percentile_ci(est["boot_usd"])
+        if isinstance(est["boot_usd"], np.ndarray)
+        else None,
+        "shadow_items": len(shadow),
+        "shadow_gpu_hours": float(shadow.unpruned_s.sum()) / 3600,
+        "time_ratio": time_ratio(shadow.pruned_s, shadow.unpruned_s),
+        "answer_agreement": agreement(shadow.answers, shadow.shadow_answers),
+        "gpu_hours_unpruned_flops": flops_h,
+        "flops_ratio": flops_ratio,
+        "flops_scaling": flops_note,
+        "by_gpu_type": est["per_type"],
+    }
+
+
+def profile(stats: RunStats) -> dict[str, Any]:
+    """Pruning profile: token budgets, retained energy, time per stage, errors by cause."""
+    n, e = stats.token_items, stats.energy_items
+    return {
+        "visual_tokens_mean": stats.visual_tokens / n if n else None,
+        "kept_tokens_mean": stats.kept_tokens / n if n else None,
+        "kept_fraction": stats.kept_tokens / stats.visual_tokens if stats.visual_tokens else None,
+        "prompt_tokens_mean": stats.prompt_tokens / n if n else None,
+        "prompt_tokens_unpruned_mean": stats.prompt_tokens_unpruned / n if n else None,
+        "retained_energy_mean": stats.energy_sum / e if e else None,
+        "bins": BINS.tolist(),
+        "kept_fraction_hist": stats.keep_hist.tolist(),
+        "retained_energy_hist": stats.energy_hist.tolist(),
+        "stage_seconds": dict(stats.stage_seconds),
+        "errors_by_cause": dict(stats.errors_by_cause.most_common()),
+    }
+
+
+def worst_disagreements(stats: RunStats, limit: int = WORST) -> list[dict[str, Any]]:
+    """The shadow items whose pruned and unpruned answers overlap least (lowest token F1)."""
+    s = stats.shadow
+    rows = [
+        {"id": str(i), "question": q, "pruned": a, "unpruned": b, "token_f1": token_f1(a, b)}
+        for i, q, a, b in zip(s.ids, s.questions, s.answers, s.shadow_answers, strict=True)
+    ]
+    rows = [r for r in rows if r["token_f1"] < 1.0]
+    return sorted(rows, key=lambda r: (r["token_f1"], r["id"]))[:limit]
+
+
+def run_summary(run: Run, price: float | None) -> dict[str, Any]:
+    """One run's line in `report.json["runs"]`: its summary's fields plus measured numbers."""
+    keep = (
+        "run_id",
+        "name",
+        "run_date",
+        "started_at",
+        "finished_at",
+        "status",
+        "items_total",
+        "items_processed",
+        "items_skipped",
+        "actor_seconds",
+        "summary_missing",
+    ) + CONFIG_KEYS
+    line = {k: run.info[k] for k in keep if k in run.info}
+    line["run_date"] = line.get("run_date") or run.run_date
+    line.update(scope_summary([run], price=price))
+    return line
