@@ -147,6 +147,11 @@ class ExecutionSpec(_Strict):
 class OutputSpec(_Strict):
     uri: str = Field(description="Output folder/prefix (local or s3://); may hold {run_date}.")
     rows_per_file: int = Field(10_000, ge=1, description="Upper bound of rows per result file.")
+    min_rows_per_file: int = Field(
+        64,
+        ge=1,
+        description="Rows gathered before a commit (more: fewer files, more redo on a crash).",
+    )
 
 
 class CostSpec(_Strict):

@@ -1,0 +1,40 @@
+"""Whole-job checks that need storage but no model weights: is the model path usable?
+
+A local folder or an ``s3://`` prefix must hold ``config.json``; a hub id must look like
+``org/name`` (its download is checked when the actor loads it). Non-goal: validating the
+weights themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from pipeline.spec import JobSpec
+from pipeline.storage import StorageError, exists, filesystem, is_remote, join, redact
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelPathError(RuntimeError):
+    """The model path cannot be loaded (missing folder, no config.json, bad hub id)."""
+
+
+def check_model_path(spec: JobSpec) -> None:
+    """Raise ModelPathError with one clear line when model.path is unusable."""
+    path = spec.model.path
+    if is_remote(path):
+        fs, root = filesystem(path, spec.storage)
+        try:
+            ok = exists(fs, join(root, "config.json"))
+        except OSError as exc:
+            raise StorageError(f"model path {path}: {redact(str(exc))}") from None
+        if not ok:
+            raise ModelPathError(f"model.path {path}: no config.json under this prefix")
+        return
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ModelPathError(f"model.path {path}: folder has no config.json")
+        return
+    if path.startswith((".", "/", "~")) or not _HUB_ID.match(path):
+        raise ModelPathError(f"model.path {path}: no such folder, and not a hub id (org/name)")

@@ -1,0 +1,49 @@
+"""`python -m pipeline run JOB.yaml [--run-date D] [--set a.b=v ...]`: run or resume a job.
+
+Whole-job problems (bad spec, unreachable storage, missing columns, bad model path) end
+with one line on stderr and exit code 2, before any model is loaded. A run whose items
+fail beyond ``execution.max_error_fraction`` exits 1. Credentials never appear in output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.spec import SpecError, load_spec
+from pipeline.storage import redact
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    """Arguments shared by run/validate/submit: the spec, its run date and overrides."""
+    parser.add_argument("spec", help="job spec YAML (see jobs/)")
+    parser.add_argument(
+        "--run-date", default=None, help="YYYY-MM-DD for {run_date} (default: today, UTC)"
+    )
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+        help="override a spec value (YAML syntax), e.g. --set execution.gpus_per_actor=0",
+    )  # fmt: skip
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The common arguments plus --no-progress."""
+    add_common(parser)
+    parser.add_argument("--no-progress", action="store_true", help="hide Ray Data progress bars")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the job and print the one-line summary."""
+    from pipeline.checks import ModelPathError
+    from pipeline.storage import StorageError
+
+    try:
+        spec, run_date = load_spec(args.spec, run_date=args.run_date, overrides=args.overrides)
+        from pipeline import runner, summary
+
+        doc = runner.run_job(spec, run_date, progress=not args.no_progress)
+    except (SpecError, StorageError, ModelPathError) as exc:
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
+        return 2
+    print(summary.one_line(doc), flush=True)
+    return 0 if doc["status"] == "finished" else 1

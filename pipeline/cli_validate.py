@@ -1,0 +1,45 @@
+"""`python -m pipeline validate JOB.yaml [--deep]`: check a spec without running it.
+
+Plain validation imports neither Ray nor torch: it parses the spec (unknown keys are
+errors; every problem is listed with its key path). ``--deep`` also checks storage, input
+columns and the model path (still no Ray, no weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.cli_run import add_common
+from pipeline.spec import SpecError, load_spec
+from pipeline.storage import redact
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The spec, --run-date, --set, and --deep."""
+    add_common(parser)
+    parser.add_argument(
+        "--deep", action="store_true", help="also check storage, columns, model path"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    """Print `ok: ...` or every problem; exit 0 or 2."""
+    try:
+        spec, run_date = load_spec(args.spec, run_date=args.run_date, overrides=args.overrides)
+        if args.deep:
+            from pipeline.checks import ModelPathError, check_model_path
+            from pipeline.plan import make_plan
+            from pipeline.storage import StorageError
+
+            try:
+                plan = make_plan(spec)
+                check_model_path(spec)
+            except (StorageError, ModelPathError) as exc:
+                raise SpecError(str(exc)) from None
+            print(f"storage ok: {plan.items_pending} of {plan.items_total} items pending")
+    except SpecError as exc:
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
+        return 2
+    print(f"ok: {args.spec} (name={spec.name}, run_date={run_date}, output={spec.output.uri})")
+    return 0

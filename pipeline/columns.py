@@ -1,0 +1,61 @@
+"""The output row contract: every column's Arrow type and meaning, in one place.
+
+`schemas/output.arrow.json` and `schemas/output_columns.md` are generated from this list
+(`python -m pipeline schemas`); the model stage builds its output table with exactly this
+schema (plus the job's pass-through columns), and error rows carry nulls in model columns.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+ERROR_CAUSES = (
+    "empty", "too_large_bytes", "undecodable", "truncated", "bomb_or_too_large", "bad_aspect",
+    "unsupported_mode", "fetch_failed", "invalid_text", "prompt_too_long", "invalid_prompt",
+    "model_error",
+)  # fmt: skip
+
+_I32, _F64, _STR = pa.int32(), pa.float64(), pa.string()
+
+OUTPUT_COLUMNS: list[tuple[str, pa.DataType, str]] = [
+    ("id", _STR, "Input row id (unique; exactly one output row per input row)."),
+    ("question", _STR, "Question asked (the job's default prompt when the input had none)."),
+    ("answer", _STR, "Generated answer; null on error rows."),
+    ("status", _STR, '"ok" or "error".'),
+    ("error", _STR, "Error message naming the cause and field; null when ok."),
+    ("error_cause", _STR, "Short cause enum: " + ", ".join(ERROR_CAUSES) + "."),
+    ("model", _STR, "Model path of the job spec."),
+    ("pruner", _STR, "Pruning method (resprune, none, random, uniform, pool, divprune)."),
+    ("keep", _STR, "The spec's keep value as written (int tokens or fraction)."),
+    ("visual_tokens", _I32, "Visual tokens the image produced before pruning."),
+    ("kept_tokens", _I32, "Visual tokens the LLM saw."),
+    ("kept_indices", pa.list_(pa.int32()), "Kept token indices, ascending."),
+    ("retained_energy", _F64, "Share of the visual tokens' energy in the kept span."),
+    ("prompt_tokens", _I32, "Prompt length the LLM processed (after pruning)."),
+    ("prompt_tokens_unpruned", _I32, "Prompt length without pruning."),
+    ("new_tokens", _I32, "Generated tokens."),
+    ("gpu_seconds", _F64, "Measured device wall time of the item's batch, split over its items."),
+    ("preprocess_s", _F64, "CPU seconds to fetch, decode and run the processor."),
+    ("vision_s", _F64, "Vision encoder + projector seconds (per item share)."),
+    ("select_s", _F64, "Token selection seconds (per item share)."),
+    ("generate_s", _F64, "LLM generate seconds (per item share)."),
+    ("relevance_extractor", _STR, "Which content-word extractor ran for the relevance."),
+    ("shadow", pa.bool_(), "Item belongs to the seeded shadow sample (also answered unpruned)."),
+    ("shadow_answer", _STR, "Unpruned answer; null unless shadow."),
+    ("shadow_gpu_seconds", _F64, "Device seconds of the unpruned answer; null unless shadow."),
+    ("shadow_new_tokens", _I32, "Generated tokens of the unpruned answer; null unless shadow."),
+    ("shadow_prompt_tokens", _I32, "Prompt length of the unpruned answer; null unless shadow."),
+    ("run_id", _STR, "Run (attempt) that produced the row; matches _runs/<run_id>.json."),
+    ("run_date", _STR, "The job's run date (YYYY-MM-DD)."),
+    ("image_width", _I32, "Decoded width after EXIF rotation; null when undecodable."),
+    ("image_height", _I32, "Decoded height after EXIF rotation; null when undecodable."),
+    ("question_truncated", pa.bool_(), "The question was cut to model.max_question_tokens."),
+]
+
+
+def output_schema(passthrough: pa.Schema | None = None) -> pa.Schema:
+    """The output Arrow schema, with pass-through columns (input types) appended."""
+    fields = [pa.field(name, typ) for name, typ, _ in OUTPUT_COLUMNS]
+    if passthrough is not None:
+        fields += [passthrough.field(n) for n in passthrough.names]
+    return pa.schema(fields)

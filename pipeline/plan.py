@@ -1,0 +1,122 @@
+"""Plan a run: list input shards, check them, and subtract what the output already holds.
+
+Runs on the driver before Ray or any model is touched, so whole-job problems (unreachable
+storage, no input files, missing columns, duplicate or null ids, no write access) fail
+fast with one line. Reads only each file's footer and id column. Shards whose ids are all
+committed are dropped from the read; partly committed shards get a row filter.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline import commit
+from pipeline.columns import OUTPUT_COLUMNS
+from pipeline.spec import InputSpec, JobSpec
+from pipeline.storage import StorageError, filesystem, join, list_files, redact
+
+
+@dataclass
+class Plan:
+    """What this run reads: pending shards and the committed ids to filter out of them."""
+
+    in_fs: pafs.FileSystem
+    out_fs: pafs.FileSystem
+    out_root: str
+    files_total: int
+    pending_files: list[str]
+    items_total: int
+    items_skipped: int
+    skip_ids: list[str] = field(default_factory=list)
+    passthrough: pa.Schema = field(default_factory=lambda: pa.schema([]))
+    has_question: bool = True
+    recovered_files: int = 0
+
+    @property
+    def items_pending(self) -> int:
+        """Items this run will process."""
+        return self.items_total - self.items_skipped
+
+
+def make_plan(spec: JobSpec) -> Plan:
+    """Check input and output storage and compute the pending work; raises StorageError."""
+    in_fs, in_path = filesystem(spec.input.uri, spec.storage)
+    out_fs, out_root = filesystem(spec.output.uri, spec.storage)
+    try:
+        files = list_files(in_fs, in_path, ".parquet")
+        _probe_write(out_fs, out_root)
+        recovered = commit.recover(out_fs, out_root)
+        done = commit.committed_ids(out_fs, out_root)
+    except OSError as exc:
+        raise StorageError(f"storage unreachable or refused: {redact(str(exc))}") from None
+    if not files:
+        raise StorageError(f"no Parquet files under {spec.input.uri}")
+    per_file, schema = _read_ids(in_fs, files, spec.input)
+    pending, skip, total, skipped = [], [], 0, 0
+    for path, ids in per_file.items():
+        total += len(ids)
+        hit = [i for i in ids if i in done]
+        skipped += len(hit)
+        if len(hit) < len(ids):
+            pending.append(path)
+            skip += hit
+    question = spec.input.question_column
+    return Plan(
+        in_fs, out_fs, out_root, len(files), pending, total, skipped, skip,
+        passthrough=pa.schema([schema.field(c) for c in spec.input.passthrough_columns]),
+        has_question=bool(question) and question in schema.names, recovered_files=recovered,
+    )  # fmt: skip
+
+
+def _read_ids(
+    fs: pafs.FileSystem, files: list[str], spec: InputSpec
+) -> tuple[dict[str, list[str]], pa.Schema]:
+    """Each file's ids, after checking columns, types and uniqueness across files."""
+    per_file: dict[str, list[str]] = {}
+    seen: set[str] = set()
+    schema = pa.schema([])
+    for path in files:
+        try:
+            pf = pq.ParquetFile(fs.open_input_file(path))
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise StorageError(f"cannot read input {path}: {redact(str(exc))}") from None
+        schema = pf.schema_arrow
+        _check_columns(path, schema, spec)
+        ids = pf.read(columns=[spec.id_column]).column(0).to_pylist()
+        if any(i is None or i == "" for i in ids):
+            raise StorageError(f"{path}: column {spec.id_column!r} has null or empty ids")
+        dup = seen.intersection(ids) or (len(set(ids)) < len(ids) and {"(within the file)"})
+        if dup:
+            raise StorageError(
+                f"{path}: duplicate ids in {spec.id_column!r}, e.g. {sorted(dup)[0]}"
+            )
+        seen.update(ids)
+        per_file[path] = ids
+    return per_file, schema
+
+
+def _check_columns(path: str, schema: pa.Schema, spec: InputSpec) -> None:
+    image_col = spec.image_column or spec.image_uri_column
+    needed = [spec.id_column, image_col, *spec.passthrough_columns]
+    missing = [c for c in needed if c not in schema.names]
+    if missing:
+        raise StorageError(f"{path}: missing column(s) {missing}; it has {schema.names}")
+    if not pa.types.is_string(schema.field(spec.id_column).type):
+        raise StorageError(f"{path}: id column {spec.id_column!r} must be a string column")
+    clash = sorted(set(spec.passthrough_columns) & {name for name, _, _ in OUTPUT_COLUMNS})
+    if clash:
+        raise StorageError(f"passthrough column(s) {clash} clash with output columns")
+
+
+def _probe_write(fs: pafs.FileSystem, root: str) -> None:
+    """Fail fast when the output prefix is not writable (one tiny object, then deleted)."""
+    probe = join(root, commit.RUNS, f".probe-{uuid.uuid4().hex}")
+    fs.create_dir(join(root, commit.RUNS), recursive=True)
+    with fs.open_output_stream(probe) as f:
+        f.write(b"ok")
+    fs.delete_file(probe)

@@ -1,0 +1,112 @@
+"""The CPU stage: fetch/decode each image, apply the caps, run the model's processor.
+
+One instance per CPU actor loads the processor once (no weights). Every input row comes
+out exactly once: a bad row becomes ``status="error"`` with its cause here and never
+reaches the model stage. Images travel as bytes up to this stage; the prepared model
+inputs travel on as a pickled `PreparedItem` in the internal ``_prepared`` column.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import time
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.images import decode_image, fetch_bytes
+from pipeline.spec import JobSpec
+from pipeline.storage import filesystem, filesystem_path, is_remote, redact
+from resprune.items import ItemError
+
+PREPARED = "_prepared"
+
+PRE_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()), ("question", pa.string()), ("status", pa.string()),
+        ("error", pa.string()), ("error_cause", pa.string()), ("image_width", pa.int32()),
+        ("image_height", pa.int32()), ("question_truncated", pa.bool_()),
+        ("preprocess_s", pa.float64()), ("shadow", pa.bool_()), (PREPARED, pa.large_binary()),
+    ]
+)  # fmt: skip
+
+
+def in_shadow(item_id: str, fraction: float, seed: int) -> bool:
+    """Seeded, batch-independent membership of the shadow sample."""
+    if fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.sha256(f"{seed}:{item_id}".encode()).digest()[:8], "big")
+    return h / 2**64 < fraction
+
+
+class Preprocess:
+    """Map a batch of input rows to prepared rows (same rows, same order)."""
+
+    def __init__(self, spec: JobSpec, passthrough: list[str]):
+        from resprune.loading import load_preprocessor
+
+        self.spec, self.passthrough = spec, passthrough
+        m = spec.model
+        self.pre = load_preprocessor(
+            m.path, family=m.family, revision=m.revision,
+            trust_remote_code=m.trust_remote_code, max_question_tokens=m.max_question_tokens,
+        )  # fmt: skip
+        self.fs_cache: dict[bool, Any] = {}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        inp = self.spec.input
+        cols = batch.to_pydict()
+        n = batch.num_rows
+        questions = cols.get(inp.question_column or "", [None] * n)
+        images = cols[inp.image_column or inp.image_uri_column]
+        ids = cols[inp.id_column]
+        rows = [self._row(*r) for r in zip(ids, questions, images, strict=True)]
+        out = pa.Table.from_pylist(rows, schema=PRE_SCHEMA)
+        for name in self.passthrough:
+            out = out.append_column(batch.schema.field(name), batch.column(name))
+        return out
+
+    def _row(self, item_id: str, question: Any, image: Any) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        cost = self.spec.cost
+        q = question if isinstance(question, str) and question.strip() else None
+        row: dict[str, Any] = {
+            "id": item_id,
+            "question": q or self.spec.model.default_question,
+            "status": "ok",
+            "shadow": in_shadow(item_id, cost.shadow_fraction, cost.shadow_seed),
+        }
+        try:
+            img = decode_image(self._bytes(image), **self._caps())
+            row["image_width"], row["image_height"] = img.size
+            item = self.pre.prepare(img, row["question"])
+            row["question_truncated"] = bool(item.question_truncated)
+            row[PREPARED] = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+        except ItemError as exc:
+            row.update(status="error", error_cause=exc.cause, error=redact(exc.message))
+        except Exception as exc:  # the processor's own errors: keep the row, name the cause
+            row.update(status="error", error_cause="invalid_prompt", error=redact(f"{exc}"))
+        if row["status"] == "error":
+            row["error"] = f"id={item_id}: {row['error_cause']}: {row['error']}"
+        row["preprocess_s"] = time.perf_counter() - t0
+        return row
+
+    def _bytes(self, image: Any) -> bytes | None:
+        if not self.spec.input.image_uri_column or image is None:
+            return image
+        remote = is_remote(image)
+        if remote not in self.fs_cache:
+            self.fs_cache[remote] = filesystem(image, self.spec.storage)[0]
+        path = filesystem_path(image)
+        return fetch_bytes(
+            self.fs_cache[remote], path, max_bytes=self.spec.execution.max_image_bytes
+        )
+
+    def _caps(self) -> dict[str, Any]:
+        ex = self.spec.execution
+        return {
+            "max_bytes": ex.max_image_bytes,
+            "max_pixels": ex.max_image_pixels,
+            "max_aspect": ex.max_aspect_ratio,
+        }

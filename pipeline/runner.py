@@ -1,0 +1,138 @@
+"""Compose and run the job: plan -> one lazy Ray Data chain -> committed Parquet -> summary.
+
+`build_dataset` is the only place where concurrency, GPUs and batch sizes are set.
+`run_job` is the driver: it plans (fails fast on whole-job problems before any model is
+loaded), connects to Ray or starts a local cluster, executes the chain into `CommitSink`,
+and writes ``_runs/<run_id>.json``. Non-goals: scheduling, retries of the whole job (a
+rerun of the same spec resumes; see pipeline.commit).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from pipeline import summary
+from pipeline.answer_stage import Answerer
+from pipeline.checks import check_model_path
+from pipeline.commit import CommitSink
+from pipeline.plan import Plan, make_plan
+from pipeline.preprocess import Preprocess
+from pipeline.spec import JobSpec
+
+
+@ray.remote(num_cpus=0)
+class Ledger:
+    """Driver-side record of model actors: start time, model shape, busy seconds."""
+
+    def __init__(self) -> None:
+        self.actors: dict[str, dict[str, Any]] = {}
+
+    def actor_started(self, key: str, started: float, shape: dict[str, Any]) -> None:
+        self.actors[key] = {"started": started, "busy_s": 0.0, "shape": shape}
+
+    def actor_busy(self, key: str, busy_s: float) -> None:
+        self.actors.setdefault(key, {"started": time.time(), "shape": None})["busy_s"] = busy_s
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        return self.actors
+
+
+def _drop_ids(batch: pa.Table, *, column: str, ids: list[str]) -> pa.Table:
+    return batch.filter(pc.invert(pc.is_in(batch.column(column), value_set=pa.array(ids))))
+
+
+def build_dataset(spec: JobSpec, plan: Plan, *, run_id: str, run_date: str,
+                  ledger: Any = None) -> ray.data.Dataset:  # fmt: skip
+    """The lazy chain: read (needed columns) -> CPU preprocess -> model actors."""
+    inp, ex = spec.input, spec.execution
+    passthrough = list(plan.passthrough.names)
+    cols = [inp.id_column, inp.image_column or inp.image_uri_column, *passthrough]
+    if plan.has_question:
+        cols.append(inp.question_column)
+    ds = ray.data.read_parquet(plan.pending_files, filesystem=plan.in_fs, columns=cols)
+    if plan.skip_ids:
+        ds = ds.map_batches(_drop_ids, batch_format="pyarrow",
+                            fn_kwargs={"column": inp.id_column, "ids": plan.skip_ids})  # fmt: skip
+    ds = ds.map_batches(
+        Preprocess, fn_constructor_kwargs={"spec": spec, "passthrough": passthrough},
+        batch_size=ex.preprocess_batch_size, batch_format="pyarrow", num_cpus=1,
+        concurrency=ex.preprocess_concurrency or (1, _spare_cpus(spec)),
+        udf_modifying_row_count=False,
+    )  # fmt: skip
+    kwargs = {"spec": spec, "run_id": run_id, "run_date": run_date,
+              "passthrough": plan.passthrough, "ledger": ledger}  # fmt: skip
+    return ds.map_batches(
+        Answerer, fn_constructor_kwargs=kwargs, batch_size=ex.batch_size,
+        batch_format="pyarrow", num_gpus=ex.gpus_per_actor, num_cpus=ex.cpus_per_actor,
+        concurrency=ex.actors, udf_modifying_row_count=False,
+        max_restarts=ex.max_task_retries, max_task_retries=ex.max_task_retries,
+    )  # fmt: skip
+
+
+def _spare_cpus(spec: JobSpec) -> int:
+    """CPU actors for preprocessing: what the model actors leave, minus one for read/write."""
+    ex = spec.execution
+    actors = ex.actors if isinstance(ex.actors, int) else ex.actors[1]
+    total = ray.cluster_resources().get("CPU", 1)
+    return max(1, int(total - actors * ex.cpus_per_actor - 1))
+
+
+def ensure_ray(spec: JobSpec) -> None:
+    """Connect to the current cluster (RAY_ADDRESS or a local `ray start`), else start one."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS", "") != "local":
+        try:
+            ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=True)
+            return
+        except ConnectionError:
+            if os.environ.get("RAY_ADDRESS"):
+                raise
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if spec.execution.gpus_per_actor > gpus:
+        raise RuntimeError(
+            f"execution.gpus_per_actor={spec.execution.gpus_per_actor} but this machine has "
+            f"{gpus} GPU(s); set --set execution.gpus_per_actor=0 to run the model on CPU"
+        )
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), num_gpus=gpus, include_dashboard=False)
+
+
+def new_run_id(spec: JobSpec, run_date: str) -> str:
+    """A unique id per attempt: name, run date, UTC start time, random suffix."""
+    now = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"{spec.name}-{run_date}-{now}-{uuid.uuid4().hex[:6]}"
+
+
+def run_job(spec: JobSpec, run_date: str, *, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) a job; returns the run summary (also written to _runs/)."""
+    run_id, started = new_run_id(spec, run_date), time.time()
+    plan = make_plan(spec)
+    check_model_path(spec)
+    record = summary.Recorder(spec, plan, run_id=run_id, run_date=run_date, started=started)
+    if plan.items_pending == 0:
+        return record.finish({})
+    ensure_ray(spec)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    ledger = Ledger.remote()
+    sink = CommitSink(plan.out_fs, plan.out_root, run_id=run_id,
+                      rows_per_file=spec.output.rows_per_file,
+                      min_rows_per_file=spec.output.min_rows_per_file)  # fmt: skip
+    try:
+        build_dataset(spec, plan, run_id=run_id, run_date=run_date, ledger=ledger).write_datasink(
+            sink
+        )
+    except Exception as exc:
+        record.finish(ray.get(ledger.snapshot.remote()), error=exc)
+        raise
+    return record.finish(ray.get(ledger.snapshot.remote()))
