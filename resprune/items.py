@@ -48,6 +48,8 @@ class ItemResult:
     prompt_tokens: int
     prompt_tokens_unpruned: int
     new_tokens: int
+    answer_ids: list[int] = field(default_factory=list)  # generated token ids, up to EOS
+    kept_newlines: int = 0  # llava_next: image_newline rows kept (included in kept_tokens)
     relevance_mean: float | None = None
     relevance_max: float | None = None
     vision_s: float = 0.0

@@ -10,7 +10,7 @@ from transformers import Qwen2_5_VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
 
-class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):  # noqa: N801 (mirrors the HF name)
+class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
     """`Qwen2_5_VLProcessor` with only an image processor and a tokenizer."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):

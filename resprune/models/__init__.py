@@ -1,0 +1,15 @@
+"""Model-family adapters, by family name (= the checkpoint's ``model_type``)."""
+
+from __future__ import annotations
+
+from resprune.models.base import VLM, Adapter
+from resprune.models.llava import LlavaAdapter
+from resprune.models.llava_next import LlavaNextAdapter
+from resprune.models.qwen2_5_vl import Qwen2_5_VLAdapter
+
+ADAPTERS: dict[str, Adapter] = {
+    a.family: a for a in (LlavaAdapter(), LlavaNextAdapter(), Qwen2_5_VLAdapter())
+}
+FAMILIES = tuple(ADAPTERS)
+
+__all__ = ["ADAPTERS", "FAMILIES", "VLM", "Adapter"]

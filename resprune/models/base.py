@@ -1,0 +1,111 @@
+"""What every model family shares: the loaded-model handle, the adapter protocol, the registry.
+
+An adapter knows three things about its family: how to run the vision tower + projector on a
+batch of prepared items, how the packed visual features of one image split into crops (with
+grids) and layout-only rows (LLaVA-NeXT's ``image_newline``), and how to give the kept
+sequence its positions. Batching, padding and ``generate`` live in `resprune.answer`.
+Non-goal: video, multi-image prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from resprune.items import PreparedItem
+
+POSITION_POLICIES = ("original", "contiguous")
+
+
+@dataclass
+class Crop:
+    """Visual tokens of one crop: their indices into the packed features, and their grid."""
+
+    index: torch.Tensor  # long [n], ascending, into the image's packed features
+    grid: tuple[int, int] | None  # (rows, cols) when the crop is a row-major grid
+
+
+@dataclass
+class Layout:
+    """How one image's packed features split into selectable crops and layout-only rows."""
+
+    crops: list[Crop]
+    # (index of a layout token, indices of the tokens of its row): kept iff a row token is kept
+    newline_rows: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+
+
+class Adapter(Protocol):
+    """Family-specific hooks used by `resprune.answer.answer_batch`."""
+
+    family: str
+
+    def encode(self, model, items: list[PreparedItem]) -> list[torch.Tensor]:
+        """Projector outputs per item, packed as the LLM sees them: [N_i, D]."""
+        ...
+
+    def layout(self, model, item: PreparedItem, n: int) -> Layout:
+        """Crops and layout rows of one item's ``n`` packed features."""
+        ...
+
+    def positions(
+        self, model, ids: torch.Tensor, item: PreparedItem, keep: torch.Tensor, policy: str
+    ) -> torch.Tensor:
+        """Position ids [R, L'] of the kept sequence ``ids[keep]`` (R = 1, or 3 for M-RoPE)."""
+        ...
+
+
+@dataclass
+class VLM:
+    """A loaded vision-language model with its family adapter and tokenizer."""
+
+    family: str
+    model: torch.nn.Module
+    tokenizer: object
+    adapter: Adapter
+    name: str
+    device: torch.device
+
+    def describe(self) -> dict:
+        """Model shape for FLOPs estimates and run summaries."""
+        text = self.model.config.text_config
+        total = sum(p.numel() for p in self.model.parameters())
+        llm = [self.model.model.language_model, self.model.lm_head]
+        text_params = sum(p.numel() for m in llm for p in m.parameters())
+        return {
+            "name": self.name,
+            "family": self.family,
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "parameters": total,
+            "text_parameters": text_params,
+            "vision_parameters": total - text_params,
+            "hidden_size": text.hidden_size,
+            "num_layers": text.num_hidden_layers,
+            "intermediate_size": text.intermediate_size,
+            "num_heads": text.num_attention_heads,
+            "num_kv_heads": text.num_key_value_heads,
+            "vocab": text.vocab_size,
+            "context": text.max_position_embeddings,
+        }
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued device work so wall-clock timings are honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def square_grid(n: int) -> tuple[int, int] | None:
+    """(s, s) when ``n`` is a perfect square, else None."""
+    side = round(n**0.5)
+    return (side, side) if side * side == n else None
+
+
+def text_positions(keep: torch.Tensor, policy: str) -> torch.Tensor:
+    """1-D positions [1, L'] of the kept tokens: original (with gaps) or contiguous."""
+    if policy not in POSITION_POLICIES:
+        raise ValueError(f"position_policy must be one of {POSITION_POLICIES}, got {policy!r}")
+    full = torch.arange(keep.shape[0], device=keep.device)
+    kept = full[keep] if policy == "original" else full[: int(keep.sum())]
+    return kept[None]

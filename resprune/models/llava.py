@@ -1,0 +1,34 @@
+"""LLaVA-1.5 adapter: one 24x24 grid of projector outputs per image, plain 1-D positions.
+
+Non-goal: multi-image prompts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from resprune.items import PreparedItem
+from resprune.models.base import Crop, Layout, square_grid, text_positions
+
+
+class LlavaAdapter:
+    """Hooks for `LlavaForConditionalGeneration`."""
+
+    family = "llava"
+
+    def encode(self, model, items: list[PreparedItem]) -> list[torch.Tensor]:
+        """Projector outputs [576, D] per item (one batched vision-tower call)."""
+        pixels = torch.stack([torch.from_numpy(it.pixel_values) for it in items])
+        pixels = pixels.to(model.device, model.dtype)
+        out = model.model.get_image_features(pixel_values=pixels, return_dict=True)
+        return list(out.pooler_output)
+
+    def layout(self, model, item: PreparedItem, n: int) -> Layout:
+        """One crop: the whole image, a square row-major grid."""
+        return Layout([Crop(torch.arange(n), square_grid(n))])
+
+    def positions(
+        self, model, ids: torch.Tensor, item: PreparedItem, keep: torch.Tensor, policy: str
+    ) -> torch.Tensor:
+        """1-D positions: the original ones (gaps where tokens were dropped) or contiguous."""
+        return text_positions(keep, policy)

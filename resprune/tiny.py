@@ -1,0 +1,244 @@
+"""Tiny random-weight checkpoints of each supported family, written offline in the hub layout.
+
+The folder holds config.json, model.safetensors, a byte-level BPE tokenizer trained on a small
+corpus, the PIL image processor, and a realistic chat template (LLaVA-1.5 "USER: <image>\\n...
+ASSISTANT:"; Qwen im_start/im_end). Sizes are parameters, so the benchmark can build a larger,
+LLM-dominated model with the same code. Non-goal: meaningful outputs (weights are random).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForImageTextToText,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaNextConfig,
+    LlavaNextProcessor,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import (
+    LlavaNextImageProcessorPil,
+)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from resprune.models.qwen_processor import ImageOnlyQwen2_5_VLProcessor
+
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] != 'system' %}{{ message['role'].upper() + ': ' }}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' ' }}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+QWEN_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LLAVA_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
+QWEN_SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+CORPUS = [
+    "USER: What is in this image? ASSISTANT: A cat sits on a red mat near the window.",
+    "Describe this image in one sentence. A rocket launches into a blue sky.",
+    "How many people are in the photo? Two astronauts stand next to a coffee cup.",
+    "What color is the car on the left side of the street? The car is green.",
+    "system You are a helpful assistant. user assistant",
+]
+FAMILIES = ("llava", "llava_next", "qwen2_5_vl")
+
+
+def build_tiny_checkpoint(
+    family: str,
+    out_dir: str | Path,
+    *,
+    text_hidden: int = 64,
+    text_layers: int = 2,
+    text_intermediate: int = 128,
+    heads: int = 4,
+    kv_heads: int = 2,
+    vision_hidden: int = 64,
+    vision_layers: int = 2,
+    image_size: int = 336,
+    seed: int = 0,
+) -> Path:
+    """Write a random-weight checkpoint of ``family`` in the hub layout and return its folder."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    qwen = family == "qwen2_5_vl"
+    tokenizer = _tokenizer(QWEN_SPECIALS if qwen else LLAVA_SPECIALS, qwen=qwen)
+    text = {
+        "hidden_size": text_hidden,
+        "num_hidden_layers": text_layers,
+        "intermediate_size": text_intermediate,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": len(tokenizer),
+    }
+    vision = {"hidden_size": vision_hidden, "layers": vision_layers, "image_size": image_size}
+    if qwen:
+        config, processor = _qwen(tokenizer, text, vision)
+    else:
+        config, processor = _llava(family, tokenizer, text, vision)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out)
+    if qwen:
+        _save_like_qwen_hub(processor, out)
+    else:
+        processor.save_pretrained(out)
+    return out
+
+
+def _tokenizer(specials: list[str], *, qwen: bool) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token=None if qwen else "<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    if qwen:
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            eos_token="<|im_end|>",
+            pad_token="<|endoftext|>",
+            extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+        )
+    # Llama-style tokenizers prepend BOS; mirror that so templated prompts look real.
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+
+
+def _llava(family: str, tokenizer, text: dict, vision: dict):
+    size = vision["image_size"]
+    vision_config = CLIPVisionConfig(
+        hidden_size=vision["hidden_size"],
+        intermediate_size=2 * vision["hidden_size"],
+        num_hidden_layers=vision["layers"],
+        num_attention_heads=4,
+        image_size=size,
+        patch_size=14,
+    )
+    common = {
+        "vision_config": vision_config,
+        "text_config": LlamaConfig(**text, max_position_embeddings=4096),
+        "image_token_id": tokenizer.image_token_id,
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    crop = {"height": size, "width": size}
+    proc_kwargs = {
+        "tokenizer": tokenizer,
+        "patch_size": 14,
+        "vision_feature_select_strategy": "default",
+        "num_additional_image_tokens": 1,
+        "chat_template": LLAVA_TEMPLATE,
+    }
+    if family == "llava":
+        ip = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size=crop)
+        return LlavaConfig(**common), LlavaProcessor(image_processor=ip, **proc_kwargs)
+    pinpoints = [[size, 2 * size], [2 * size, size], [2 * size, 2 * size]]
+    ip = LlavaNextImageProcessorPil(
+        size={"shortest_edge": size}, crop_size=crop, image_grid_pinpoints=pinpoints
+    )
+    config = LlavaNextConfig(**common, image_grid_pinpoints=pinpoints)
+    return config, LlavaNextProcessor(image_processor=ip, **proc_kwargs)
+
+
+def _qwen(tokenizer, text: dict, vision: dict):
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    half = head_dim // 2
+    section = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        text_config={
+            **text,
+            "max_position_embeddings": 4096,
+            "bos_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "rope_parameters": {"rope_type": "default", "mrope_section": section},
+        },
+        vision_config={
+            "depth": vision["layers"],
+            "hidden_size": vision["hidden_size"],
+            "intermediate_size": 2 * vision["hidden_size"],
+            "num_heads": 4,
+            "out_hidden_size": text["hidden_size"],
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 112,
+            "fullatt_block_indexes": [vision["layers"] - 1],
+        },
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    size = vision["image_size"]
+    ip = Qwen2VLImageProcessorPil(
+        min_pixels=56 * 56,
+        max_pixels=size * size,
+        patch_size=14,
+        merge_size=2,
+        temporal_patch_size=2,
+    )
+    processor = ImageOnlyQwen2_5_VLProcessor(
+        image_processor=ip, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE
+    )
+    return config, processor
+
+
+def _save_like_qwen_hub(processor: ImageOnlyQwen2_5_VLProcessor, out: Path) -> None:
+    """Save as the Qwen/Qwen2.5-VL-* repos are laid out: no processor_config.json."""
+    processor.image_processor.save_pretrained(out)
+    processor.tokenizer.save_pretrained(out)
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": QWEN_TEMPLATE}))
+    path = out / "preprocessor_config.json"
+    data = json.loads(path.read_text())
+    data["processor_class"] = "Qwen2_5_VLProcessor"
+    path.write_text(json.dumps(data, indent=2))
