@@ -15,7 +15,9 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
+import matplotlib.pyplot as plt
+
+from pipeline.report.content import STAGE_NAMES
 
 COLORS = {"used": "#1f77b4", "billed": "#7f7f7f", "unpruned": "#d62728", "flops": "#ff7f0e"}
 
@@ -60,7 +62,7 @@ def stage_chart(report: dict[str, Any]) -> str | None:
         return None
     fig, ax = plt.subplots(figsize=(6, 0.5 + 0.5 * len(stages)))
     names = list(stages)
-    ax.barh(names, [stages[n] for n in names], color="#2ca02c")
+    ax.barh([STAGE_NAMES.get(n, n) for n in names], [stages[n] for n in names], color="#2ca02c")
     ax.invert_yaxis()
     ax.set_xlabel("seconds (sum over items)")
     ax.set_title("Time per stage")

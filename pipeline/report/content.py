@@ -22,7 +22,8 @@ METHOD = (
     "GPU hours used = sum of per-item GPU seconds (batch device time apportioned to items); "
     "billed = the actors' held time from the run summaries.",
     "Time ratio = sum of unpruned / sum of pruned GPU seconds over the shadow items "
-    "(answered both ways on the same actor); unpruned estimate = GPU hours used x ratio, per GPU type.",
+    "(answered both ways on the same actor); unpruned estimate = GPU hours used x ratio, "
+    "per GPU type.",
     "95% CI: percentile bootstrap over shadow items (2000 seeded resamples of the ratio of sums).",
     "FLOPs cross-check: decoder matmuls + causal attention for the prompt (pruned vs unpruned "
     "prompt tokens) + decode steps + LM head, applied to the generate stage's share of GPU time.",
@@ -71,6 +72,14 @@ def ratio(value: float | None) -> str:
     return UNKNOWN if value is None else f"{value:.3f}x"
 
 
+def _price(price: Any) -> str:
+    return f"{usd(price)} per GPU hour" if isinstance(price, float | int) else str(price)
+
+
+def _or_unknown(value: Any) -> str:
+    return UNKNOWN if value is None else str(value)
+
+
 def _headline(r: dict[str, Any]) -> list[Block]:
     rows = [
         ["GPU hours used (measured per item)", num(r["gpu_hours_used"]), "", usd(r["usd_used"])],
@@ -107,14 +116,15 @@ def _headline(r: dict[str, Any]) -> list[Block]:
     blocks.append(
         Block(
             "p",
-            f"Price: {usd(price) + ' per GPU hour' if isinstance(price, float | int) else price} ({r['price_source']}).",
+            f"Price: {_price(price)} ({r['price_source']}).",
         )
     )
     if r["shadow_items"]:
         blocks.append(
             Block(
                 "p",
-                f"Time ratio unpruned/pruned: {ratio(r['time_ratio'])} over {r['shadow_items']} shadow items; "
+                f"Time ratio unpruned/pruned: {ratio(r['time_ratio'])} "
+                f"over {r['shadow_items']} shadow items; "
                 f"FLOPs ratio {ratio(r['flops_ratio'])} ({r['flops_scaling'] or 'FLOPs unknown'}).",
             )
         )
@@ -285,8 +295,9 @@ def blocks(report: dict[str, Any], charts: set[str]) -> list[Block]:
     c = report["config"]
     intro = (
         f"Model {c.get('model') or UNKNOWN}, pruner {c.get('pruner') or UNKNOWN} "
-        f"(keep {c.get('keep') or UNKNOWN}, alpha {c.get('alpha') if c.get('alpha') is not None else UNKNOWN}); "
-        f"{len(report['nights'])} night(s), {len(report['runs'])} run(s); items ok {report['items_ok']}, "
+        f"(keep {c.get('keep') or UNKNOWN}, alpha {_or_unknown(c.get('alpha'))}); "
+        f"{len(report['nights'])} night(s), {len(report['runs'])} run(s); "
+        f"items ok {report['items_ok']}, "
         f"items error {report['items_error']}."
     )
     out = [Block("h1", f"Cost report: {report['source_uri']}"), Block("p", intro)]

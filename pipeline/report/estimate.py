@@ -117,7 +117,7 @@ def generation_flops(shape: LlmShape, prompt: np.ndarray, new: np.ndarray) -> np
     flops = linear * (prompt + steps)
     width = shape.attention_width()
     if width is not None:
-        flops += 2 * width * prompt**2  # causal QK^T and AV over the prompt
+        flops += 2 * width * prompt * (prompt + 1)  # causal QK^T and AV: position i sees i
         flops += 4 * width * (steps * prompt + steps * (steps + 1) / 2)  # each step over the cache
     if shape.hidden_size and shape.vocab_size:
         flops += 2.0 * shape.hidden_size * shape.vocab_size * new

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.report.estimate import (
+    N_BOOT,
     LlmShape,
     agreement,
     bootstrap_ratios,
@@ -60,7 +61,7 @@ def collect_runs(nights: Sequence[Night]) -> list[Run]:
         newest = {
             k: v
             for k, v in (night.runs[-1] if night.runs else {}).items()
-            if k in CONFIG_KEYS + ("model_shape",)
+            if k in (*CONFIG_KEYS, "model_shape")
         }
         groups = split_by_run(night.columns)
         for run_id in dict.fromkeys([*infos, *groups]):
@@ -114,44 +115,64 @@ def _flops_hours(runs: Sequence[Run]) -> tuple[float | None, float | None, str |
     return total / 3600, ratio, note
 
 
-def _estimate(runs: Sequence[Run], price: float | None, seed: int) -> dict[str, Any]:
-    """Measured unpruned estimate and savings for runs, GPU type by GPU type."""
-    unpruned, usd_saved, boot_h, boot_usd, per_type = 0.0, 0.0, 0.0, 0.0, []
-    for i, (gpu_type, group) in enumerate(sorted(_by_type(runs).items())):
+@dataclass
+class _TypeEstimate:
+    """One GPU type's measured ratio and bootstrap draws, with its hours and priced hours."""
+
+    used_h: float
+    priced_h: float | None  # sum of hours x price, None when a price is unknown
+    ratio: float | None
+    boots: np.ndarray | None
+
+    @classmethod
+    def of(cls, group: Sequence[Run], price: float | None, seed: int) -> _TypeEstimate:
         stats = sum((r.stats for r in group), RunStats())
-        ratio = time_ratio(stats.shadow.pruned_s, stats.shadow.unpruned_s)
-        boots = bootstrap_ratios(stats.shadow.pruned_s, stats.shadow.unpruned_s, seed=seed + i)
         used_h = stats.gpu_seconds / 3600
         priced = _money(group, price, lambda r: r.stats.gpu_seconds / 3600)
-        row = {
-            "gpu_type": gpu_type,
-            "usd_per_gpu_hour": _one_price(group, price),
-            "gpu_hours_used": used_h,
-            "gpu_hours_billed": _billed(group),
-            "shadow_items": len(stats.shadow),
-            "time_ratio": ratio,
-        }
-        row["gpu_hours_unpruned_est"] = None if ratio is None else used_h * ratio
-        row["gpu_hours_unpruned_ci"] = None if boots is None else percentile_ci(used_h * boots)
-        row["gpu_hours_saved"] = None if ratio is None else used_h * (ratio - 1)
-        row["usd_saved"] = None if ratio is None or priced is None else priced * (ratio - 1)
-        per_type.append(row)
-        unpruned = None if unpruned is None or ratio is None else unpruned + used_h * ratio
-        usd_saved = (
-            None if usd_saved is None or row["usd_saved"] is None else usd_saved + row["usd_saved"]
-        )
-        boot_h = None if boot_h is None or boots is None else boot_h + used_h * boots
-        boot_usd = (
-            None
-            if boot_usd is None or boots is None or priced is None
-            else boot_usd + priced * (boots - 1)
-        )
+        if used_h == 0:  # nothing ran on this type: it adds nothing, known or not
+            return cls(0.0, priced, 1.0, np.ones(N_BOOT))
+        pruned, unpruned = stats.shadow.pruned_s, stats.shadow.unpruned_s
+        boots = bootstrap_ratios(pruned, unpruned, seed=seed)
+        return cls(used_h, priced, time_ratio(pruned, unpruned), boots)
+
+    def unpruned_h(self, ratio: float | np.ndarray | None) -> float | np.ndarray | None:
+        return None if ratio is None else self.used_h * ratio
+
+    def usd_saved(self, ratio: float | np.ndarray | None) -> float | np.ndarray | None:
+        return None if ratio is None or self.priced_h is None else self.priced_h * (ratio - 1)
+
+
+def _total(values: Sequence[Any]) -> Any:
+    """Sum that is None as soon as one part is None (unknown stays unknown)."""
+    return None if any(v is None for v in values) else sum(values)
+
+
+def _type_row(gpu_type: str, group: Sequence[Run], est: _TypeEstimate, price: float | None) -> dict:
+    stats = sum((r.stats for r in group), RunStats())
     return {
-        "unpruned": unpruned,
-        "usd_saved": usd_saved,
-        "boot_h": boot_h,
-        "boot_usd": boot_usd,
-        "per_type": per_type,
+        "gpu_type": gpu_type,
+        "usd_per_gpu_hour": _one_price(group, price),
+        "gpu_hours_used": est.used_h,
+        "gpu_hours_billed": _billed(group),
+        "shadow_items": len(stats.shadow),
+        "time_ratio": est.ratio,
+        "gpu_hours_unpruned_est": est.unpruned_h(est.ratio),
+        "gpu_hours_unpruned_ci": percentile_ci(est.unpruned_h(est.boots)),
+        "gpu_hours_saved": None if est.ratio is None else est.used_h * (est.ratio - 1),
+        "usd_saved": est.usd_saved(est.ratio),
+    }
+
+
+def _estimate(runs: Sequence[Run], price: float | None, seed: int) -> dict[str, Any]:
+    """Measured unpruned hours, savings and their bootstrap draws, summed over GPU types."""
+    groups = sorted(_by_type(runs).items())
+    ests = [_TypeEstimate.of(group, price, seed + i) for i, (_, group) in enumerate(groups)]
+    return {
+        "unpruned": _total([e.unpruned_h(e.ratio) for e in ests]),
+        "usd_saved": _total([e.usd_saved(e.ratio) for e in ests]),
+        "boot_h": _total([e.unpruned_h(e.boots) for e in ests]),
+        "boot_usd": _total([e.usd_saved(e.boots) for e in ests]),
+        "per_type": [_type_row(t, g, e, price) for (t, g), e in zip(groups, ests, strict=True)],
     }
 
 
@@ -170,7 +191,7 @@ def scope_summary(runs: Sequence[Run], *, price: float | None, seed: int = 0) ->
     stats = sum((r.stats for r in runs), RunStats())
     used = stats.gpu_seconds / 3600
     est = _estimate(runs, price, seed)
-    boot_h = est["boot_h"] if isinstance(est["boot_h"], np.ndarray) else None
+    boot_h = est["boot_h"]
     flops_h, flops_ratio, flops_note = _flops_hours(runs)
     shadow = stats.shadow
     return {
@@ -242,7 +263,8 @@ def run_summary(run: Run, price: float | None) -> dict[str, Any]:
         "items_skipped",
         "actor_seconds",
         "summary_missing",
-    ) + CONFIG_KEYS
+        *CONFIG_KEYS,
+    )
     line = {k: run.info[k] for k in keep if k in run.info}
     line["run_date"] = line.get("run_date") or run.run_date
     line.update(scope_summary([run], price=price))
