@@ -21,7 +21,12 @@ from pipeline.report.estimate import (
 from pipeline.report.stats import RunStats
 
 SHAPE = LlmShape(
-    hidden_size=64, num_layers=2, intermediate_size=128, num_heads=4, num_kv_heads=2, vocab_size=1000
+    hidden_size=64,
+    num_layers=2,
+    intermediate_size=128,
+    num_heads=4,
+    num_kv_heads=2,
+    vocab_size=1000,
 )
 
 
@@ -84,7 +89,9 @@ def test_flops_fall_back_to_parameters_and_unknown_shape_is_none() -> None:
     shape = LlmShape.from_dict({"parameters": 1000})
     assert generation_flops(shape, np.array([10]), np.array([1])) == pytest.approx([2000 * 10])
     assert generation_flops(LlmShape.from_dict({}), np.array([10]), np.array([1])) is None
-    aliased = LlmShape.from_dict({"num_hidden_layers": 3, "num_attention_heads": 4, "hidden_size": 8})
+    aliased = LlmShape.from_dict(
+        {"num_hidden_layers": 3, "num_attention_heads": 4, "hidden_size": 8}
+    )
     assert (aliased.num_layers, aliased.num_heads) == (3, 4)
 
 
