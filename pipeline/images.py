@@ -71,7 +71,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         if not np.isfinite(arr).all():
             raise ItemError("unsupported_mode", f"mode {mode} holds non-finite values")
         hi = 65535.0 if mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        arr = np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8)
+        arr = np.clip(np.rint(arr / hi * 255.0), 0, 255).astype(np.uint8)
         return Image.fromarray(arr, mode="L").convert("RGB")
     if mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")

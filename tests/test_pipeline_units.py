@@ -1,0 +1,95 @@
+"""Driver-side pieces without Ray: commit protocol and recovery, planning, packing, shadow, redaction."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import commit
+from pipeline.answer_stage import pack
+from pipeline.columns import output_schema
+from pipeline.plan import make_plan
+from pipeline.preprocess import in_shadow
+from pipeline.spec import parse_spec
+from pipeline.storage import StorageError, filesystem, redact
+
+FS = pafs.LocalFileSystem()
+
+
+def rows(ids: list[str]) -> pa.Table:
+    data = [{"id": i, "status": "ok", "gpu_seconds": 0.5, "new_tokens": 3} for i in ids]
+    return pa.Table.from_pylist(data, schema=output_schema())
+
+
+def test_commit_then_recover_is_idempotent(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    stats = commit.commit_table(FS, root, rows(["b", "a"]), "run-1")
+    assert stats["file"] == commit.file_name(["a", "b"]) and stats["items_ok"] == 2
+    assert commit.recover(FS, root) == 0
+    assert commit.committed_ids(FS, root) == {"a", "b"}
+    assert commit.commit_table(FS, root, rows(["a", "b"]), "run-2")["file"] == stats["file"]
+    assert len(commit.committed_files(FS, root)) == 1
+
+
+def test_recover_rolls_forward_and_drops_uncommitted(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    name = commit.commit_table(FS, root, rows(["x"]), "r")["file"]
+    FS.move(f"{root}/{name}", f"{root}/_staging/{name}")  # killed after the marker, before the move
+    pq.write_table(rows(["y"]), f"{root}/_staging/part-orphan.parquet")  # killed before the marker
+    assert commit.recover(FS, root) == 2
+    assert os.listdir(f"{root}/_staging") == []
+    assert commit.committed_ids(FS, root) == {"x"}
+
+
+def test_unmarked_results_are_refused(tmp_path: Path) -> None:
+    pq.write_table(rows(["z"]), tmp_path / "foreign.parquet")
+    with pytest.raises(StorageError, match="without commit markers"):
+        commit.recover(FS, str(tmp_path))
+
+
+def test_pack_respects_budget_and_cap() -> None:
+    assert pack([10, 10, 10, 10], budget=25, max_items=10) == [[0, 1], [2, 3]]
+    assert pack([5] * 5, budget=None, max_items=2) == [[0, 1], [2, 3], [4]]
+    assert pack([100, 1], budget=50, max_items=4) == [[0], [1]]  # oversize items go alone
+
+
+def test_shadow_is_seeded_and_near_the_fraction() -> None:
+    ids = [f"id-{i}" for i in range(4000)]
+    picked = [i for i in ids if in_shadow(i, 0.1, 0)]
+    assert 300 < len(picked) < 500
+    assert picked == [i for i in ids if in_shadow(i, 0.1, 0)]
+    assert not any(in_shadow(i, 0.0, 0) for i in ids)
+
+
+def test_redact_and_uri_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
+    assert "s3cr3t" not in redact("denied for s3cr3t-value at s3://AK:s3cr3t-value@b/k")
+    with pytest.raises(StorageError, match="credentials in URIs"):
+        filesystem("s3://AK:pw@bucket/x")
+
+
+def _spec(tmp_path: Path, **inp) -> object:
+    return parse_spec({"name": "t", "input": {"uri": str(tmp_path / "in")} | inp,
+                       "model": {"path": "m"}, "output": {"uri": str(tmp_path / "out")}})  # fmt: skip
+
+
+def test_plan_checks_columns_ids_and_skips_committed(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    table = pa.table({"id": ["a", "b", "c"], "image": [b"x"] * 3})
+    pq.write_table(table, tmp_path / "in" / "s0.parquet")
+    pq.write_table(pa.table({"id": ["d"], "image": [b"x"]}), tmp_path / "in" / "s1.parquet")
+    commit.commit_table(FS, str(tmp_path / "out"), rows(["a", "d"]), "r")
+    plan = make_plan(_spec(tmp_path))
+    assert (plan.items_total, plan.items_skipped, plan.items_pending) == (4, 2, 2)
+    assert [Path(p).name for p in plan.pending_files] == ["s0.parquet"] and plan.skip_ids == ["a"]
+    assert not plan.has_question
+    with pytest.raises(StorageError, match=r"missing column\(s\) \['photo'\]"):
+        make_plan(_spec(tmp_path, image_column="photo"))
+    pq.write_table(pa.table({"id": ["a"], "image": [b"x"]}), tmp_path / "in" / "s2.parquet")
+    with pytest.raises(StorageError, match="duplicate ids"):
+        make_plan(_spec(tmp_path))

@@ -1,0 +1,95 @@
+"""The job spec: strict keys, every error listed with its path, overrides, run dates, CLI exits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.__main__ import main as cli
+from pipeline.spec import SpecError, load_spec, parse_spec
+
+MINIMAL = {"name": "t", "input": {"uri": "in/"}, "model": {"path": "m/"}, "output": {"uri": "out/"}}
+
+
+def write(tmp_path: Path, doc: dict) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_minimal_spec_gets_defaults() -> None:
+    spec = parse_spec(MINIMAL)
+    assert spec.pruning.method == "resprune" and spec.execution.gpus_per_actor == 1
+
+
+def test_all_errors_reported_at_once_with_paths() -> None:
+    bad = MINIMAL | {
+        "typo": 1,
+        "pruning": {"keep": 0, "methd": "x"},
+        "execution": {"actors": [3, 1]},
+    }
+    with pytest.raises(SpecError) as info:
+        parse_spec(bad)
+    text = str(info.value)
+    for where in ("typo", "pruning.keep", "pruning.methd", "execution.actors"):
+        assert where in text
+    assert "problem(s)" in text.splitlines()[0]
+
+
+def test_keep_accepts_int_or_fraction_not_bool() -> None:
+    assert parse_spec(MINIMAL | {"pruning": {"keep": 0.25}}).pruning.keep == 0.25
+    assert parse_spec(MINIMAL | {"pruning": {"keep": 128}}).pruning.keep == 128
+    with pytest.raises(SpecError):
+        parse_spec(MINIMAL | {"pruning": {"keep": True}})
+    with pytest.raises(SpecError):
+        parse_spec(MINIMAL | {"pruning": {"keep": 1.5}})
+
+
+def test_run_date_and_overrides(tmp_path: Path) -> None:
+    doc = MINIMAL | {"input": {"uri": "s3://b/in/{run_date}/"}, "output": {"uri": "o/{run_date}"}}
+    spec, date = load_spec(write(tmp_path, doc), run_date="2026-11-24",
+                           overrides=["execution.gpus_per_actor=0", "pruning.keep=0.5"])  # fmt: skip
+    assert (date, spec.input.uri, spec.output.uri) == (
+        "2026-11-24",
+        "s3://b/in/2026-11-24/",
+        "o/2026-11-24",
+    )
+    assert spec.execution.gpus_per_actor == 0 and spec.pruning.keep == 0.5
+    with pytest.raises(SpecError, match="run-date"):
+        load_spec(write(tmp_path, doc), run_date="24/11/2026")
+    with pytest.raises(SpecError, match="key.path=value"):
+        load_spec(write(tmp_path, doc), overrides=["novalue"])
+
+
+def test_credentials_refused_in_runtime_env() -> None:
+    doc = MINIMAL | {"runtime_env": {"env_vars": {"AWS_SECRET_ACCESS_KEY": "x", "MODE": "a"}}}
+    with pytest.raises(SpecError, match="AWS_SECRET_ACCESS_KEY"):
+        parse_spec(doc)
+    with pytest.raises(SpecError, match="runtime_env.pypi"):
+        parse_spec(MINIMAL | {"runtime_env": {"pypi": ["x"]}})
+
+
+def test_one_image_source() -> None:
+    spec = parse_spec(MINIMAL | {"input": {"uri": "i", "image_uri_column": "path"}})
+    assert spec.input.image_column is None
+    with pytest.raises(SpecError, match="exactly one"):
+        parse_spec(MINIMAL | {"input": {"uri": "i", "image_column": None}})
+
+
+def test_validate_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli(["validate", str(write(tmp_path, MINIMAL))]) == 0
+    assert cli(["validate", str(write(tmp_path, MINIMAL | {"bogus": 1}))]) == 2
+    assert "bogus" in capsys.readouterr().err
+
+
+def test_run_fails_fast_before_any_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Whole-job problems: one line on stderr, exit 2, no Ray and no model load."""
+    missing_input = MINIMAL | {
+        "input": {"uri": str(tmp_path / "none")},
+        "output": {"uri": str(tmp_path / "o")},
+    }
+    assert cli(["run", str(write(tmp_path, missing_input)), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: no Parquet files") and "\n" not in err
