@@ -83,6 +83,19 @@ def test_ray_manifests_pass_the_crds_strictly(docs: dict[str, list[dict[str, Any
         assert crd_problems(doc) == [], doc["kind"]
         unchecked = cel_rules_on(doc, crd_schema(doc["kind"]))
         assert unchecked == [], f"CEL rules not evaluated offline apply to {unchecked}"
+    for job in _clusters(docs):  # the same cluster as a standalone RayCluster
+        cluster = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": "c"}}
+        assert crd_problems({**cluster, "spec": job["rayClusterSpec"]}) == []
+
+
+def test_strict_checker_accepts_int_or_string(docs: dict[str, list[dict[str, Any]]]) -> None:
+    doc = yaml.safe_load(yaml.safe_dump(_kind(docs, "RayJob")))
+    gpu = doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][1]["template"]["spec"]
+    gpu["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] = 1
+    doc["spec"]["rayClusterSpec"]["networkPolicy"]["head"] = {
+        "ingressRules": [{"ports": [{"port": 8080}, {"port": "metrics", "protocol": "TCP"}]}]
+    }
+    assert crd_problems(doc) == []
 
 
 @pytest.mark.parametrize(
