@@ -21,7 +21,7 @@ def test_there_are_jobs() -> None:
 
 @pytest.mark.parametrize("path", JOBS, ids=[p.name for p in JOBS])
 def test_job_validates(path: Path) -> None:
-    spec, date = load_spec(path, run_date="2026-11-24")
+    spec, _ = load_spec(path, run_date="2026-11-24")
     assert "{run_date}" not in spec.input.uri + spec.output.uri
     schema = json.loads((SCHEMA_DIR / "job_spec.schema.json").read_text())
     jsonschema.validate(yaml.safe_load(path.read_text()), schema)

@@ -1,4 +1,4 @@
-"""Driver-side pieces without Ray: commit protocol and recovery, planning, packing, shadow, redaction."""
+"""Driver-side pieces without Ray: commit/recovery, planning, packing, shadow, redaction."""
 
 from __future__ import annotations
 
@@ -74,8 +74,9 @@ def test_redact_and_uri_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _spec(tmp_path: Path, **inp) -> object:
-    return parse_spec({"name": "t", "input": {"uri": str(tmp_path / "in")} | inp,
-                       "model": {"path": "m"}, "output": {"uri": str(tmp_path / "out")}})  # fmt: skip
+    inp = {"uri": str(tmp_path / "in")} | inp
+    return parse_spec({"name": "t", "input": inp, "model": {"path": "m"},
+                       "output": {"uri": str(tmp_path / "out")}})  # fmt: skip
 
 
 def test_plan_checks_columns_ids_and_skips_committed(tmp_path: Path) -> None:

@@ -49,8 +49,8 @@ def test_keep_accepts_int_or_fraction_not_bool() -> None:
 
 def test_run_date_and_overrides(tmp_path: Path) -> None:
     doc = MINIMAL | {"input": {"uri": "s3://b/in/{run_date}/"}, "output": {"uri": "o/{run_date}"}}
-    spec, date = load_spec(write(tmp_path, doc), run_date="2026-11-24",
-                           overrides=["execution.gpus_per_actor=0", "pruning.keep=0.5"])  # fmt: skip
+    sets = ["execution.gpus_per_actor=0", "pruning.keep=0.5"]
+    spec, date = load_spec(write(tmp_path, doc), run_date="2026-11-24", overrides=sets)
     assert (date, spec.input.uri, spec.output.uri) == (
         "2026-11-24",
         "s3://b/in/2026-11-24/",
@@ -59,7 +59,7 @@ def test_run_date_and_overrides(tmp_path: Path) -> None:
     assert spec.execution.gpus_per_actor == 0 and spec.pruning.keep == 0.5
     with pytest.raises(SpecError, match="run-date"):
         load_spec(write(tmp_path, doc), run_date="24/11/2026")
-    with pytest.raises(SpecError, match="key.path=value"):
+    with pytest.raises(SpecError, match=r"key\.path=value"):
         load_spec(write(tmp_path, doc), overrides=["novalue"])
 
 
@@ -67,7 +67,7 @@ def test_credentials_refused_in_runtime_env() -> None:
     doc = MINIMAL | {"runtime_env": {"env_vars": {"AWS_SECRET_ACCESS_KEY": "x", "MODE": "a"}}}
     with pytest.raises(SpecError, match="AWS_SECRET_ACCESS_KEY"):
         parse_spec(doc)
-    with pytest.raises(SpecError, match="runtime_env.pypi"):
+    with pytest.raises(SpecError, match=r"runtime_env\.pypi"):
         parse_spec(MINIMAL | {"runtime_env": {"pypi": ["x"]}})
 
 
