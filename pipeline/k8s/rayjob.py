@@ -16,10 +16,11 @@ import shlex
 from pathlib import PurePosixPath
 from typing import Any
 
-from pipeline.k8s.settings import DeployError, DeploySettings, PodSize, cpu_cores
+from pipeline.k8s.settings import DeployError, DeploySettings, PodSize, cpu_cores, memory_bytes
 from pipeline.spec import JobSpec
 
 RAY_UID = 1000  # the non-root user of infra/Dockerfile
+OBJECT_STORE_FRACTION = 0.3  # Ray's default object store share of the pod memory
 MAX_RAYJOB_NAME = 47  # KubeRay: RayCluster name limit (53) minus the 6 characters it appends
 S3_ENV = (  # (variable, required): keys of the S3 Secret
     ("AWS_ACCESS_KEY_ID", True),
@@ -76,6 +77,11 @@ def _env(deploy: DeploySettings) -> list[dict[str, Any]]:
     ]
 
 
+def _shm(size: PodSize) -> str:
+    # Ray puts its object store on /dev/shm only when it is large enough, else on /tmp (slow).
+    return f"{int(memory_bytes(size.memory) * OBJECT_STORE_FRACTION) // 2**20}Mi"
+
+
 def _pod_template(
     deploy: DeploySettings, size: PodSize, container: str, gpus: int = 0
 ) -> dict[str, Any]:
@@ -95,9 +101,7 @@ def _pod_template(
     pod: dict[str, Any] = {
         "securityContext": {"runAsNonRoot": True, "runAsUser": RAY_UID, "runAsGroup": RAY_UID},
         "containers": [box],
-        "volumes": [
-            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": deploy.shm_size}}
-        ],
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": _shm(size)}}],
     }
     if deploy.service_account:
         pod["serviceAccountName"] = deploy.service_account

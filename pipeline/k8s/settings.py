@@ -75,9 +75,6 @@ class DeploySettings(_Strict):
     head: PodSize = Field(default_factory=lambda: PodSize(cpu="4", memory="16Gi"))
     cpu_workers: CpuWorkers = Field(default_factory=lambda: CpuWorkers(cpu="16", memory="64Gi"))
     gpu_workers: GpuWorkers = Field(default_factory=lambda: GpuWorkers(cpu="12", memory="96Gi"))
-    shm_size: str = Field(
-        "8Gi", pattern=QUANTITY, description="/dev/shm size for Ray's object store."
-    )
     idle_timeout_seconds: int = Field(
         120, ge=1, description="Autoscaler removes idle workers after."
     )
@@ -150,6 +147,16 @@ def check_same_utc_day(deploy: DeploySettings) -> None:
             f"(pre_running + active deadline) can end {worst} after UTC midnight: a retry "
             "would take the next run date. Schedule earlier (UTC) or shorten the deadlines."
         )
+
+
+def memory_bytes(quantity: str) -> int:
+    """Bytes of a Kubernetes memory quantity ("16Gi", "512M", "1000")."""
+    units = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    units |= {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    match = re.fullmatch(r"([0-9.]+)(|k|M|G|T|Ki|Mi|Gi|Ti)", quantity)
+    if not match:
+        raise DeployError(f"not a memory quantity: {quantity!r}")
+    return int(float(match.group(1)) * units[match.group(2)])
 
 
 def cpu_cores(quantity: str) -> float:
