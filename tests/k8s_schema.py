@@ -12,6 +12,7 @@ schema embedded in the RayJob CRD (generated from the same Kubernetes types).
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ CRD_FILES = {
     "RayCronJob": "ray.io_raycronjobs.yaml",
     "RayCluster": "ray.io_rayclusters.yaml",
 }
+SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|CREDENTIAL|PRIVATE", re.IGNORECASE)
 OBJECT_META = {"name", "generateName", "namespace", "labels", "annotations"}
 BUILTIN = {  # kind -> (apiVersion, allowed top-level keys, required dotted paths)
     "ServiceAccount": ("v1", {"imagePullSecrets", "automountServiceAccountToken"}, []),
@@ -153,3 +155,18 @@ def builtin_problems(doc: dict[str, Any]) -> list[str]:
         problems += schema_errors(pod, pod_template_schema())
         problems += [f"unknown field {p}" for p in unknown_fields(pod, pod_template_schema())]
     return problems
+
+
+def env_entries(node: Any) -> list[dict[str, Any]]:
+    """Every container `env` entry anywhere under `node`."""
+    if isinstance(node, list):
+        return [e for item in node for e in env_entries(item)]
+    if not isinstance(node, dict):
+        return []
+    found = list(node["env"]) if isinstance(node.get("env"), list) else []
+    return found + [e for v in node.values() for e in env_entries(v)]
+
+
+def literal_secrets(docs: list[dict[str, Any]]) -> list[str]:
+    """Env entries with a credential-like name and a literal value."""
+    return [e["name"] for e in env_entries(docs) if SECRET_NAME.search(e["name"]) and "value" in e]
