@@ -87,7 +87,7 @@ class Answerer:
         for k, res in zip(shadow, answers, strict=True):
             _fill_shadow(rows[todo[k]], res)
         for r in rows:
-            r.update(self.const)
+            r.update(self.const, shadow=bool(r["shadow"] and r["status"] == "ok"))
         if self.ledger is not None:
             self.ledger.actor_busy.remote(self.key, self.busy_s)
         return pa.Table.from_pylist(rows, schema=output_schema(self.passthrough))
