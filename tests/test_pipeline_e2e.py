@@ -114,7 +114,7 @@ def test_local_end_to_end_bad_inputs_and_idempotent_rerun(model: Path, tmp_path:
     write_shards(rows, tmp_path / "in")
     spec = job(model, str(tmp_path / "in"), str(tmp_path / "out"))
     doc = runner.run_job(spec, DATE, progress=False)
-    assert SUMMARY_KEYS <= doc.keys() and doc["status"] == "finished"
+    assert doc.keys() >= SUMMARY_KEYS and doc["status"] == "finished"
     out = read_output(str(tmp_path / "out"))
     assert out.schema.equals(
         output_schema(pa.schema([("source", pa.string()), ("score", pa.int64())]))
@@ -169,7 +169,7 @@ def test_s3_end_to_end_with_uris_and_no_secret(model: Path, s3_server, s3_bucket
         f"s3://{s3_bucket}/images/missing.jpg"
     ]
     table = pa.table({"id": [f"u{i}" for i in range(4)], "path": uris, "question": ["What?"] * 4,
-                      "source": names + ["none"], "score": [1, 2, 3, 4]})  # fmt: skip
+                      "source": [*names, "none"], "score": [1, 2, 3, 4]})  # fmt: skip
     buf = io.BytesIO()
     pq.write_table(table, buf)
     client.put_object(Bucket=s3_bucket, Key="in/2026-11-24/part-0.parquet", Body=buf.getvalue())
