@@ -20,6 +20,7 @@ import yaml
 
 from pipeline.__main__ import main as cli
 from pipeline.k8s import render_all
+from pipeline.k8s.rayjob import gpu_max_replicas
 from pipeline.k8s.schedule import LAUNCHER_SCRIPT, RUN_DATE_PLACEHOLDER
 from pipeline.k8s.settings import DeployError, DeploySettings, check_same_utc_day, load_deploy
 from pipeline.spec import load_spec
@@ -131,6 +132,10 @@ def test_builtin_kinds_have_required_fields(docs: Docs) -> None:
 
 
 def test_cluster_scales_from_zero_and_shuts_down(docs: Docs) -> None:
+    spec, _ = load_spec(REPO / SPEC)
+    actors = (
+        [spec.execution.actors] if isinstance(spec.execution.actors, int) else spec.execution.actors
+    )
     for job in _clusters(docs):
         assert job["shutdownAfterJobFinishes"] is True
         assert job["ttlSecondsAfterFinished"] > 0 and job["activeDeadlineSeconds"] > 0
@@ -148,16 +153,8 @@ def test_cluster_scales_from_zero_and_shuts_down(docs: Docs) -> None:
         assert gpu_box["limits"]["nvidia.com/gpu"] == gpu_box["requests"]["nvidia.com/gpu"]
         cpu_box = groups["cpu-decode"]["template"]["spec"]["containers"][0]["resources"]
         assert "nvidia.com/gpu" not in cpu_box["limits"]
-
-
-def test_gpu_group_covers_the_specs_actors(docs: Docs) -> None:
-    spec, _ = load_spec(REPO / SPEC)
-    actors = spec.execution.actors
-    most = actors if isinstance(actors, int) else actors[1]
-    groups = _clusters(docs)[0]["rayClusterSpec"]["workerGroupSpecs"]
-    (gpu,) = [g for g in groups if g["groupName"] == "gpu"]
-    per_pod = int(gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
-    assert gpu["maxReplicas"] * per_pod >= most * spec.execution.gpus_per_actor
+        gpus = int(gpu_box["limits"]["nvidia.com/gpu"]) * groups["gpu"]["maxReplicas"]
+        assert gpus >= max(actors) * spec.execution.gpus_per_actor  # the spec's largest pool
 
 
 def test_control_plane_is_closed(docs: Docs) -> None:
@@ -228,7 +225,7 @@ esac
 
 @pytest.mark.parametrize(("exists", "state", "rc"), [(False, "Complete", 0), (True, "Failed", 1)])
 def test_launcher_script(docs: Docs, tmp_path: Path, exists: bool, state: str, rc: int) -> None:
-    if shutil.which("sh") is None or shutil.which("sed") is None:
+    if not (shutil.which("sh") and shutil.which("sed")):
         pytest.skip("needs sh and sed")
     (tmp_path / "kubectl").write_text(FAKE_KUBECTL)
     (tmp_path / "kubectl").chmod(0o755)
@@ -250,21 +247,18 @@ def test_launcher_script(docs: Docs, tmp_path: Path, exists: bool, state: str, r
         assert created == _night_rayjob(docs) and ks.crd_problems(created) == []
 
 
-def test_render_one_night(capsys: pytest.CaptureFixture[str]) -> None:
+def test_render_cli(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert cli(["render-k8s", SPEC, "--deploy", DEPLOY, "--run-date", NIGHT]) == 0
     job = yaml.safe_load(capsys.readouterr().out)
     assert job["metadata"]["name"].endswith(NIGHT) and ks.crd_problems(job) == []
     assert shlex.split(job["spec"]["entrypoint"])[-1] == NIGHT
-
-
-def test_render_check_flags_stale_files(tmp_path: Path) -> None:
     assert cli(["render-k8s", SPEC, "--deploy", DEPLOY, "--out", str(tmp_path)]) == 0
     assert cli(["render-k8s", SPEC, "--deploy", DEPLOY, "--out", str(tmp_path), "--check"]) == 0
     next(tmp_path.glob("rayjob-*.yaml")).write_text("edited\n")
     assert cli(["render-k8s", SPEC, "--deploy", DEPLOY, "--out", str(tmp_path), "--check"]) == 1
 
 
-def test_deploy_settings_are_strict(tmp_path: Path) -> None:
+def test_settings_that_cannot_render(tmp_path: Path) -> None:
     bad = tmp_path / "deploy.yaml"
     bad.write_text("image: x\nimagee: y\nhead: {cpu: 4, memory: 1Gi}\n")
     with pytest.raises(DeployError) as err:
@@ -274,6 +268,10 @@ def test_deploy_settings_are_strict(tmp_path: Path) -> None:
     with pytest.raises(DeployError, match="UTC midnight"):
         check_same_utc_day(late)
     check_same_utc_day(DeploySettings(image="x", schedule="30 2 * * *", time_zone="Europe/Berlin"))
+    for override, message in [("gpus_per_actor=2", "would not fit"), ("cpus_per_actor=13", "< 13")]:
+        spec, _ = load_spec(REPO / SPEC, overrides=[f"execution.{override}"])
+        with pytest.raises(DeployError, match=message):
+            gpu_max_replicas(spec, late)
 
 
 def test_dockerfile_is_non_root_and_matches_ray_version() -> None:
