@@ -111,12 +111,16 @@ def read_config(
     local: str, *, family: str, revision: str | None, trust_remote_code: bool
 ) -> tuple[str, object]:
     """The checkpoint's config and family; raises if it is missing or unsupported."""
+    if Path(local).is_dir() and not (Path(local) / "config.json").is_file():
+        raise ModelNotFoundError(f"no model config at {local!r}: config.json is missing")
     try:
         config = AutoConfig.from_pretrained(
             local, revision=revision, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError) as err:
+    except OSError as err:
         raise ModelNotFoundError(f"no model config at {local!r}: {_first_line(err)}") from err
+    except ValueError as err:  # unknown model_type, or custom code without trust_remote_code
+        raise UnsupportedModelError(f"cannot use {local!r}: {_first_line(err)}") from err
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         raise UnsupportedModelError(
@@ -145,7 +149,7 @@ def fetch_s3_prefix(uri: str, *, cache_dir: str | None = None) -> Path:
     root = Path(cache_dir or os.environ.get("RESPRUNE_CACHE_DIR", "~/.cache/resprune/models"))
     dest = root.expanduser() / hashlib.sha256(prefix.encode()).hexdigest()[:16]
     try:
-        fs = fsspec.filesystem("s3")
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)  # fresh listing, no stale ETags
         listing = fs.find(prefix, detail=True)
         manifest = {
             os.path.relpath(key, prefix): {"size": info["size"], "etag": info.get("ETag")}

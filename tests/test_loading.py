@@ -1,0 +1,123 @@
+"""Loading from a folder and from a real S3 server; clear errors; safetensors and remote code."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoProcessor
+
+from resprune.loading import (
+    ModelNotFoundError,
+    UnsupportedModelError,
+    load_preprocessor,
+    load_vlm,
+)
+from resprune.tiny import build_tiny_checkpoint
+from tests.vlm_helpers import images
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    return build_tiny_checkpoint("qwen2_5_vl", tmp_path_factory.mktemp("qwen"))
+
+
+def upload(client, folder, bucket: str, prefix: str) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder)}")
+
+
+def test_load_from_s3_downloads_once_and_refreshes_on_change(
+    qwen_dir, s3_server, s3_bucket, tmp_path
+):
+    client = s3_server.client()
+    upload(client, qwen_dir, s3_bucket, "models/tiny-qwen")
+    uri = f"s3://{s3_bucket}/models/tiny-qwen/"
+    vlm = load_vlm(uri, cache_dir=str(tmp_path))
+    assert vlm.family == "qwen2_5_vl" and vlm.describe()["hidden_size"] == 64
+    (entry,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    weights = entry / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    pre = load_preprocessor(uri, cache_dir=str(tmp_path))  # reuses the cache
+    assert weights.stat().st_mtime_ns == stamp
+    assert pre.prepare(images()[0], "What is the cat doing?").image_grid_thw is not None
+    config = json.loads((qwen_dir / "generation_config.json").read_text())
+    config["max_new_tokens"] = 7
+    client.put_object(
+        Bucket=s3_bucket,
+        Key="models/tiny-qwen/generation_config.json",
+        Body=json.dumps(config).encode(),
+    )
+    load_vlm(uri, cache_dir=str(tmp_path))  # the ETag changed: fetched again
+    assert json.loads((entry / "generation_config.json").read_text())["max_new_tokens"] == 7
+    assert torch.equal(
+        load_file(weights)["lm_head.weight"],
+        load_file(qwen_dir / "model.safetensors")["lm_head.weight"],
+    )
+
+
+def test_missing_s3_prefix_is_one_clear_error(s3_server, s3_bucket, tmp_path):
+    with pytest.raises(ModelNotFoundError, match="no objects under") as err:
+        load_vlm(f"s3://{s3_bucket}/nothing-here", cache_dir=str(tmp_path))
+    assert "\n" not in str(err.value)
+
+
+def test_bad_local_path_is_one_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        load_vlm(str(tmp_path / "missing"))
+    assert isinstance(err.value, ModelNotFoundError) and "\n" not in str(err.value)
+    with pytest.raises(ModelNotFoundError, match="no model config"):
+        load_preprocessor(str(tmp_path))  # a folder, but no checkpoint in it
+
+
+def test_unsupported_model_type_and_family_mismatch(qwen_dir, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="unsupported model_type 'bert'") as err:
+        load_vlm(str(tmp_path))
+    assert isinstance(err.value, UnsupportedModelError) and "\n" not in str(err.value)
+    with pytest.raises(UnsupportedModelError, match="family 'llava' requested"):
+        load_preprocessor(str(qwen_dir), family="llava")
+
+
+def test_pickle_weights_are_refused(qwen_dir, tmp_path):
+    folder = tmp_path / "pickled"
+    shutil.copytree(qwen_dir, folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ModelNotFoundError, match="cannot load weights"):
+        load_vlm(str(folder))
+
+
+def test_remote_code_is_not_run_by_default(tmp_path):
+    marker = tmp_path / "ran"
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {"model_type": "evil", "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}}
+        )
+    )
+    (tmp_path / "configuration_evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('x')\n"
+        "from transformers import PretrainedConfig\n"
+        "class EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n"
+    )
+    with pytest.raises(UnsupportedModelError, match="custom code") as err:
+        load_vlm(str(tmp_path))
+    assert "\n" not in str(err.value)
+    assert not marker.exists()
+
+
+def test_qwen_processor_gotcha_is_handled(qwen_dir):
+    try:
+        stock = AutoProcessor.from_pretrained(qwen_dir)
+    except ImportError:  # the video processor wants torchvision
+        stock = None
+    assert getattr(stock, "image_processor", None) is None  # stock loading is unusable here
+    pre = load_preprocessor(str(qwen_dir))
+    assert pre.processor.image_processor is not None
+    item = pre.prepare(images()[1], "How many cars?")
+    n_image = int((item.input_ids == pre.processor.image_token_id).sum())
+    assert n_image == int(item.image_grid_thw.prod()) // 4
