@@ -61,6 +61,9 @@ def build_dataset(spec: JobSpec, plan: Plan, *, run_id: str, run_date: str,
     if plan.skip_ids:
         ds = ds.map_batches(_drop_ids, batch_format="pyarrow",
                             fn_kwargs={"column": inp.id_column, "ids": plan.skip_ids})  # fmt: skip
+    # One model batch per block: each model task's rows commit on their own, so a crash
+    # loses at most the batches in flight, and the actor pool gets enough blocks.
+    ds = ds.repartition(target_num_rows_per_block=ex.batch_size)
     ds = ds.map_batches(
         Preprocess, fn_constructor_kwargs={"spec": spec, "passthrough": passthrough},
         batch_size=ex.preprocess_batch_size, batch_format="pyarrow", num_cpus=1,
