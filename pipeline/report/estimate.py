@@ -78,6 +78,8 @@ class LlmShape:
             "num_layers": ("num_layers", "num_hidden_layers"),
             "num_heads": ("num_heads", "num_attention_heads"),
             "num_kv_heads": ("num_kv_heads", "num_key_value_heads"),
+            "vocab_size": ("vocab_size", "vocab"),
+            "parameters": ("text_parameters", "parameters"),  # the LLM's own, when known
         }
         values = {}
         for name in cls.__dataclass_fields__:

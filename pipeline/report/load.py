@@ -98,9 +98,11 @@ def _is_hidden(relative: str) -> bool:
 
 
 def _result_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-    found = fs.find(root, detail=False) if fs.exists(root) else []
-    keep = [p for p in found if not _is_hidden(p[len(root) :])]
-    return sorted(p for p in keep if NIGHT_PREFIX not in p[len(root) :])
+    found = fs.find(root, detail=True) if fs.exists(root) else {}
+    files = [p for p, info in found.items() if info.get("type") == "file"]
+    relative = {p: p[len(root) :].strip("/") for p in files}  # "" is an S3 folder marker
+    keep = [p for p, rel in relative.items() if rel and not _is_hidden(rel)]
+    return sorted(p for p in keep if NIGHT_PREFIX not in relative[p])
 
 
 def _typed(table: pa.Table, name: str, kind: pa.DataType) -> pa.Array:

@@ -1,0 +1,113 @@
+"""The cost report on a REAL pipeline output (tiny LLaVA on one Ray session), local and S3.
+
+The job runs with a known shadow fraction; the report's numbers are checked against the
+result Parquet and the run summary read back independently with pyarrow.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pytest
+import ray
+
+from pipeline import demo, runner
+from pipeline.__main__ import main as pipeline_main
+from pipeline.report.load import filesystem
+from pipeline.spec import load_spec
+from resprune.tiny import build_tiny_checkpoint
+
+DATE = "2026-11-24"
+PRICE = 2.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session(s3_server):
+    """One Ray session for the module, started after S3 so workers inherit AWS_* env."""
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, object_store_memory=300_000_000)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model_and_input(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny random-weight LLaVA and the demo's input (6 good rows, 2 bad)."""
+    root = tmp_path_factory.mktemp("report-e2e")
+    demo.write_input(root / "input")
+    return build_tiny_checkpoint("llava", root / "model"), root / "input"
+
+
+def _expected(uri: str) -> dict[str, float]:
+    """The report's headline numbers recomputed from the files with pyarrow alone."""
+    fs, root = filesystem(uri)
+    table = pads.dataset(root, filesystem=fs, format="parquet").to_table()
+    ok = pc.equal(table["status"], "ok")
+    shadow = table.filter(
+        pc.and_(pc.and_(ok, table["shadow"]), pc.is_valid(table["shadow_gpu_seconds"]))
+    )
+    used = pc.sum(table["gpu_seconds"]).as_py() / 3600
+    ratio = pc.sum(shadow["shadow_gpu_seconds"]).as_py() / pc.sum(shadow["gpu_seconds"]).as_py()
+    (run_file,) = fs.glob(f"{root}/_runs/*.json")
+    run = json.loads(fs.cat_file(run_file))
+    return {
+        "used": used,
+        "ratio": ratio,
+        "shadow": shadow.num_rows,
+        "ok": pc.sum(ok).as_py(),
+        "billed": run["actor_seconds"] / 3600,
+        "rows": table.num_rows,
+    }
+
+
+def _read(uri: str) -> str:
+    fs, path = filesystem(uri)
+    return fs.cat_file(path).decode()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("backend,fraction", [("local", 1.0), ("s3", 0.5)])
+def test_report_on_a_real_run(
+    backend, fraction, model_and_input, tmp_path, request, capsys
+) -> None:
+    model, inp = model_and_input
+    out = (
+        str(tmp_path / "out")
+        if backend == "local"
+        else f"s3://{request.getfixturevalue('s3_bucket')}/captions/run_date={DATE}"
+    )
+    spec, _ = load_spec(
+        demo.JOB,
+        run_date=DATE,
+        overrides=[
+            f"input.uri={inp}",
+            f"model.path={model}",
+            f"output.uri={out}",
+            f"cost.shadow_fraction={fraction}",
+            f"cost.usd_per_gpu_hour={PRICE}",
+            "cost.gpu_type=H100",
+        ],
+    )
+    doc = runner.run_job(spec, DATE, progress=False)
+    assert doc["status"] == "finished"
+    assert pipeline_main(["report", out]) == 0
+    assert capsys.readouterr().out.startswith("# Cost report")
+    report = json.loads(_read(f"{out}/_report/report.json"))
+    want = _expected(out)
+    assert (report["items_ok"], report["items_error"]) == (want["ok"], want["rows"] - want["ok"])
+    assert report["shadow_items"] == want["shadow"] > 0
+    if fraction == 1.0:
+        assert report["shadow_items"] == report["items_ok"]
+    assert report["gpu_hours_used"] == pytest.approx(want["used"])
+    assert report["gpu_hours_billed"] == pytest.approx(want["billed"])
+    assert report["gpu_hours_unpruned_est"] == pytest.approx(want["used"] * want["ratio"])
+    saved = want["used"] * (want["ratio"] - 1)
+    assert report["usd_saved"] == pytest.approx(saved * PRICE)
+    assert report["gpu_hours_unpruned_flops"] is not None  # model_shape came through
+    assert report["runs"][0]["run_id"] == doc["run_id"]
+    assert report["profile"]["errors_by_cause"]  # the demo's two bad rows
+    html = _read(f"{out}/_report/report.html")
+    assert "<svg" in html and "<script" not in html
