@@ -1,4 +1,4 @@
-"""Resume after `kill -9` of the whole driver process group: no loss, no duplicates, skips counted."""
+"""Resume after `kill -9` of the driver's process group: no loss, no duplicates, skips counted."""
 
 from __future__ import annotations
 
@@ -52,9 +52,10 @@ def start(job: Path, ray_tmp: str, log: Path) -> subprocess.Popen:
         "RAY_USAGE_STATS_ENABLED": "0",
     }
     cmd = [sys.executable, "-m", "pipeline", "run", str(job), "--run-date", DATE, "--no-progress"]
+    root = Path(__file__).parent.parent
     with open(log, "ab") as out:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, cwd=Path(__file__).parent.parent)  # fmt: skip
+                                start_new_session=True, cwd=root)  # fmt: skip
 
 
 def kill_leftovers(ray_tmp: str) -> None:
