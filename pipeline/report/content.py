@@ -8,10 +8,14 @@ answers are untrusted. Unknown values print as "unknown", never as a guess.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 UNKNOWN = "unknown"
+NO_SHADOW = (
+    "No shadow items: the measured estimate is unknown; only the FLOPs-based estimate is shown:"
+)
 STAGE_NAMES = {
     "preprocess_s": "preprocess (CPU)",
     "vision_s": "vision encoder",
@@ -73,232 +77,136 @@ def ratio(value: float | None) -> str:
 
 
 def _price(price: Any) -> str:
-    return f"{usd(price)} per GPU hour" if isinstance(price, float | int) else str(price)
+    return f"{usd(price)} per GPU hour" if isinstance(price, float | int) else str(price or UNKNOWN)
 
 
 def _or_unknown(value: Any) -> str:
     return UNKNOWN if value is None else str(value)
 
 
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _num3(value: float | None) -> str:
+    return num(value, 3)
+
+
+def _col(key: str, fmt: Callable[[Any], str] = num) -> Callable[[dict[str, Any]], str]:
+    return lambda record: fmt(record.get(key))
+
+
+def _table(records: list[dict[str, Any]], columns: list[tuple[str, Callable]]) -> Block:
+    """A table with one row per record and one column per (header, cell function)."""
+    rows = [[cell(r) for _, cell in columns] for r in records]
+    return Block("table", header=[h for h, _ in columns], rows=rows)
+
+
+HEADLINE = (  # label, hours key, interval key, USD key
+    ("GPU hours used (measured per item)", "gpu_hours_used", None, "usd_used"),
+    ("GPU hours billed (actors' held time)", "gpu_hours_billed", None, "usd_billed"),
+    ("GPU hours without pruning (measured on shadow sample)", "gpu_hours_unpruned_est",
+     "gpu_hours_unpruned_ci", None),
+    ("GPU hours saved", "gpu_hours_saved", "gpu_hours_saved_ci", "usd_saved"),
+    ("GPU hours without pruning (FLOPs model, cross-check)", "gpu_hours_unpruned_flops",
+     None, None),
+)  # fmt: skip
+
+
 def _headline(r: dict[str, Any]) -> list[Block]:
     rows = [
-        ["GPU hours used (measured per item)", num(r["gpu_hours_used"]), "", usd(r["usd_used"])],
-        [
-            "GPU hours billed (actors' held time)",
-            num(r["gpu_hours_billed"]),
-            "",
-            usd(r["usd_billed"]),
-        ],
-        [
-            "GPU hours without pruning (measured on shadow sample)",
-            num(r["gpu_hours_unpruned_est"]),
-            interval(r["gpu_hours_unpruned_ci"]),
-            "",
-        ],
-        [
-            "GPU hours saved",
-            num(r["gpu_hours_saved"]),
-            interval(r["gpu_hours_saved_ci"]),
-            usd(r["usd_saved"]),
-        ],
-        [
-            "GPU hours without pruning (FLOPs model, cross-check)",
-            num(r["gpu_hours_unpruned_flops"]),
-            "",
-            "",
-        ],
+        [label, num(r[h]), interval(r[ci]) if ci else "", usd(r[money]) if money else ""]
+        for label, h, ci, money in HEADLINE
     ]
-    blocks = [
-        Block("h2", "GPU hours and money"),
-        Block("table", header=["", "GPU hours", "95% CI", "USD"], rows=rows),
-    ]
-    price = r["price"]
-    blocks.append(
-        Block(
-            "p",
-            f"Price: {_price(price)} ({r['price_source']}).",
-        )
-    )
+    header = ["", "GPU hours", "95% CI", "USD"]
+    out = [Block("h2", "GPU hours and money"), Block("table", header=header, rows=rows)]
+    out.append(Block("p", f"Price: {_price(r['price'])} ({r['price_source']})."))
+    flops = f"FLOPs ratio {ratio(r['flops_ratio'])} ({r['flops_scaling'] or 'shape unknown'})"
     if r["shadow_items"]:
-        blocks.append(
-            Block(
-                "p",
-                f"Time ratio unpruned/pruned: {ratio(r['time_ratio'])} "
-                f"over {r['shadow_items']} shadow items; "
-                f"FLOPs ratio {ratio(r['flops_ratio'])} ({r['flops_scaling'] or 'FLOPs unknown'}).",
-            )
-        )
+        measured = f"Time ratio unpruned/pruned: {ratio(r['time_ratio'])}"
+        out.append(Block("p", f"{measured} over {r['shadow_items']} shadow items; {flops}."))
     else:
-        blocks.append(
-            Block(
-                "note",
-                "No shadow items: the measured estimate is unavailable (unknown); "
-                f"only the FLOPs-based estimate is shown (FLOPs ratio {ratio(r['flops_ratio'])}).",
-            )
-        )
-    blocks.append(Block("chart", "hours.svg"))
-    return blocks
+        out.append(Block("note", f"{NO_SHADOW} {flops}."))
+    return [*out, Block("chart", "hours.svg")]
 
 
 def _gpu_types(r: dict[str, Any]) -> list[Block]:
-    header = [
-        "GPU type",
-        "USD/GPU hour",
-        "hours used",
-        "hours billed",
-        "hours unpruned (est.)",
-        "95% CI",
-        "hours saved",
-        "USD saved",
-        "shadow items",
-    ]
-    rows = [
-        [
-            t["gpu_type"],
-            usd(p) if isinstance(p := t["usd_per_gpu_hour"], float | int) else str(p or UNKNOWN),
-            num(t["gpu_hours_used"]),
-            num(t["gpu_hours_billed"]),
-            num(t["gpu_hours_unpruned_est"]),
-            interval(t["gpu_hours_unpruned_ci"]),
-            num(t["gpu_hours_saved"]),
-            usd(t["usd_saved"]),
-            str(t["shadow_items"]),
-        ]
-        for t in r["by_gpu_type"]
-    ]
-    return [Block("h2", "Per GPU type"), Block("table", header=header, rows=rows)]
+    columns = [("GPU type", _col("gpu_type", str)),
+               ("USD/GPU hour", _col("usd_per_gpu_hour", _price)),
+               ("hours used", _col("gpu_hours_used")), ("hours billed", _col("gpu_hours_billed")),
+               ("hours unpruned (est.)", _col("gpu_hours_unpruned_est")),
+               ("95% CI", _col("gpu_hours_unpruned_ci", interval)),
+               ("hours saved", _col("gpu_hours_saved")), ("USD saved", _col("usd_saved", usd)),
+               ("shadow items", _col("shadow_items", str))]  # fmt: skip
+    return [Block("h2", "Per GPU type"), _table(r["by_gpu_type"], columns)]
 
 
 def _quality(r: dict[str, Any]) -> list[Block]:
     q = r["answer_agreement"]
-    blocks = [Block("h2", f"Quality drift (shadow sample, {q['n']} items)")]
+    out = [Block("h2", f"Quality drift (shadow sample, {q['n']} items)")]
     if not q["n"]:
-        return [*blocks, Block("note", "No shadow items: answer agreement is unknown.")]
-    blocks.append(
-        Block("p", f"Exact match: {pct(q['exact_match'])}. Token F1: {num(q['token_f1'], 3)}.")
-    )
-    worst = r["quality"]["worst"]
-    if worst:
-        rows = [
-            [
-                w["id"],
-                w["question"] or "",
-                w["pruned"] or "",
-                w["unpruned"] or "",
-                num(w["token_f1"], 3),
-            ]
-            for w in worst
-        ]
-        blocks += [
-            Block("p", "Worst disagreements:"),
-            Block(
-                "table",
-                header=["id", "question", "pruned answer", "unpruned answer", "token F1"],
-                rows=rows,
-            ),
-        ]
-    return blocks
+        return [*out, Block("note", "No shadow items: answer agreement is unknown.")]
+    f1 = num(q["token_f1"], 3)
+    out.append(Block("p", f"Exact match: {pct(q['exact_match'])}. Token F1: {f1}."))
+    columns = [("id", _col("id", _text)), ("question", _col("question", _text)),
+               ("pruned answer", _col("pruned", _text)),
+               ("unpruned answer", _col("unpruned", _text)),
+               ("token F1", _col("token_f1", _num3))]  # fmt: skip
+    if r["quality"]["worst"]:
+        out += [Block("p", "Worst disagreements:"), _table(r["quality"]["worst"], columns)]
+    return out
 
 
 def _profile(r: dict[str, Any]) -> list[Block]:
     p = r["profile"]
-    rows = [
-        ["visual tokens per image (mean)", num(p["visual_tokens_mean"])],
-        ["kept tokens per image (mean)", num(p["kept_tokens_mean"])],
-        ["kept fraction", pct(p["kept_fraction"])],
-        [
-            "prompt tokens, pruned / unpruned (mean)",
-            f"{num(p['prompt_tokens_mean'])} / {num(p['prompt_tokens_unpruned_mean'])}",
-        ],
-        ["retained energy (mean)", num(p["retained_energy_mean"], 3)],
-    ]
+    prompts = f"{num(p['prompt_tokens_mean'])} / {num(p['prompt_tokens_unpruned_mean'])}"
+    rows = [["visual tokens per image (mean)", num(p["visual_tokens_mean"])],
+            ["kept tokens per image (mean)", num(p["kept_tokens_mean"])],
+            ["kept fraction", pct(p["kept_fraction"])],
+            ["prompt tokens, pruned / unpruned (mean)", prompts],
+            ["retained energy (mean)", num(p["retained_energy_mean"], 3)]]  # fmt: skip
     stages = [[STAGE_NAMES.get(k, k), num(v)] for k, v in p["stage_seconds"].items()]
     errors = [[cause, str(n)] for cause, n in p["errors_by_cause"].items()] or [["(none)", "0"]]
     return [
-        Block("h2", "Pruning profile"),
-        Block("table", header=["", "value"], rows=rows),
+        Block("h2", "Pruning profile"), Block("table", header=["", "value"], rows=rows),
         Block("chart", "distributions.svg"),
-        Block("h2", "Time per stage"),
-        Block("table", header=["stage", "seconds"], rows=stages),
+        Block("h2", "Time per stage"), Block("table", header=["stage", "seconds"], rows=stages),
         Block("chart", "stages.svg"),
-        Block("h2", "Errors by cause"),
-        Block("table", header=["cause", "items"], rows=errors),
-    ]
+        Block("h2", "Errors by cause"), Block("table", header=["cause", "items"], rows=errors),
+    ]  # fmt: skip
 
 
 def _nights(r: dict[str, Any]) -> list[Block]:
     if len(r["nights"]) < 2:
         return []
-    header = [
-        "night",
-        "items ok",
-        "items error",
-        "hours used",
-        "hours billed",
-        "hours unpruned (est.)",
-        "hours saved",
-        "USD saved",
-        "exact match",
-        "token F1",
-    ]
-    rows = [
-        [
-            str(n["run_date"]),
-            str(n["items_ok"]),
-            str(n["items_error"]),
-            num(n["gpu_hours_used"]),
-            num(n["gpu_hours_billed"]),
-            num(n["gpu_hours_unpruned_est"]),
-            num(n["gpu_hours_saved"]),
-            usd(n["usd_saved"]),
-            pct(n["answer_agreement"]["exact_match"]),
-            num(n["answer_agreement"]["token_f1"], 3),
-        ]
-        for n in r["nights"]
-    ]
-    return [
-        Block("h2", "Trend over nights"),
-        Block("table", header=header, rows=rows),
-        Block("chart", "trend.svg"),
-    ]
+    columns = [("night", _col("run_date", str)), ("items ok", _col("items_ok", str)),
+               ("items error", _col("items_error", str)), ("hours used", _col("gpu_hours_used")),
+               ("hours billed", _col("gpu_hours_billed")),
+               ("hours unpruned (est.)", _col("gpu_hours_unpruned_est")),
+               ("hours saved", _col("gpu_hours_saved")), ("USD saved", _col("usd_saved", usd)),
+               ("exact match", lambda n: pct(n["answer_agreement"]["exact_match"])),
+               ("token F1", lambda n: _num3(n["answer_agreement"]["token_f1"]))]  # fmt: skip
+    trend = [Block("h2", "Trend over nights"), _table(r["nights"], columns)]
+    return [*trend, Block("chart", "trend.svg")]
 
 
 def _runs(r: dict[str, Any]) -> list[Block]:
-    header = [
-        "run",
-        "night",
-        "status",
-        "items ok",
-        "items error",
-        "hours used",
-        "hours billed",
-        "shadow items",
-    ]
-    rows = [
-        [
-            str(x.get("run_id")),
-            str(x.get("run_date")),
-            str(x.get("status", UNKNOWN)),
-            str(x["items_ok"]),
-            str(x["items_error"]),
-            num(x["gpu_hours_used"]),
-            num(x["gpu_hours_billed"]),
-            str(x["shadow_items"]),
-        ]
-        for x in r["runs"]
-    ]
-    return [Block("h2", "Runs"), Block("table", header=header, rows=rows)]
+    columns = [("run", _col("run_id", _or_unknown)), ("night", _col("run_date", _or_unknown)),
+               ("status", _col("status", _or_unknown)), ("items ok", _col("items_ok", str)),
+               ("items error", _col("items_error", str)), ("hours used", _col("gpu_hours_used")),
+               ("hours billed", _col("gpu_hours_billed")),
+               ("shadow items", _col("shadow_items", str))]  # fmt: skip
+    return [Block("h2", "Runs"), _table(r["runs"], columns)]
 
 
 def blocks(report: dict[str, Any], charts: set[str]) -> list[Block]:
     """The whole report as blocks; chart blocks only for charts that were drawn."""
     c = report["config"]
     intro = (
-        f"Model {c.get('model') or UNKNOWN}, pruner {c.get('pruner') or UNKNOWN} "
-        f"(keep {c.get('keep') or UNKNOWN}, alpha {_or_unknown(c.get('alpha'))}); "
+        f"Model {_or_unknown(c.get('model'))}, pruner {_or_unknown(c.get('pruner'))} "
+        f"(keep {_or_unknown(c.get('keep'))}, alpha {_or_unknown(c.get('alpha'))}); "
         f"{len(report['nights'])} night(s), {len(report['runs'])} run(s); "
-        f"items ok {report['items_ok']}, "
-        f"items error {report['items_error']}."
+        f"items ok {report['items_ok']}, items error {report['items_error']}."
     )
     out = [Block("h1", f"Cost report: {report['source_uri']}"), Block("p", intro)]
     for part in (_headline, _gpu_types, _quality, _profile, _nights, _runs):
