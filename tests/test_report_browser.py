@@ -46,7 +46,7 @@ def screenshot(html: Path, png: Path, profile: Path, size: str = "1200,5000") ->
     assert png.exists(), (
         f"chromium wrote no screenshot (rc {done.returncode}): {done.stderr[-2000:]}"
     )
-    return np.asarray(Image.open(png).convert("RGB")).astype(int)
+    return np.asarray(Image.open(png).convert("RGB")).astype(np.int16)
 
 
 def _pixels_near(image: np.ndarray, rgb: tuple[int, int, int], tol: int = 12) -> int:
@@ -64,7 +64,8 @@ def test_html_report_renders_with_charts_in_chromium(tmp_path: Path) -> None:
     image = screenshot(Path(written["html"]), tmp_path / "shot.png", tmp_path / "profile")
     non_white = int((image.min(axis=-1) < 240).sum())
     assert non_white > 0.05 * image.shape[0] * image.shape[1] / 10, "page looks blank"
-    colours = len(np.unique(image.reshape(-1, 3) // 16, axis=0))
+    buckets = image // 16
+    colours = len(np.unique(buckets[..., 0] * 256 + buckets[..., 1] * 16 + buckets[..., 2]))
     assert colours >= 8, f"only {colours} colour buckets: charts did not render"
     for name, rgb in CHART_COLOURS.items():
         assert _pixels_near(image, rgb) > 500, f"the {name} chart colour is missing"

@@ -80,6 +80,10 @@ def _price(price: Any) -> str:
     return f"{usd(price)} per GPU hour" if isinstance(price, float | int) else str(price or UNKNOWN)
 
 
+def _rate(price: Any) -> str:
+    return usd(price) if isinstance(price, float | int) else str(price or UNKNOWN)
+
+
 def _or_unknown(value: Any) -> str:
     return UNKNOWN if value is None else str(value)
 
@@ -132,7 +136,7 @@ def _headline(r: dict[str, Any]) -> list[Block]:
 
 def _gpu_types(r: dict[str, Any]) -> list[Block]:
     columns = [("GPU type", _col("gpu_type", str)),
-               ("USD/GPU hour", _col("usd_per_gpu_hour", _price)),
+               ("USD/GPU hour", _col("usd_per_gpu_hour", _rate)),
                ("hours used", _col("gpu_hours_used")), ("hours billed", _col("gpu_hours_billed")),
                ("hours unpruned (est.)", _col("gpu_hours_unpruned_est")),
                ("95% CI", _col("gpu_hours_unpruned_ci", interval)),
