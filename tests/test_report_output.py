@@ -136,6 +136,18 @@ def test_resumed_runs_add_up_without_double_counting(tmp_path) -> None:
     assert report["gpu_hours_billed"] == pytest.approx(150 / 3600)
     assert report["config"]["keep"] == "32"  # the newest run's config
     assert sorted(r["run_id"] for r in report["runs"]) == ["a", "b"]
+    assert report["runs_without_summary"] == []
+
+
+def test_rows_without_a_run_summary_are_flagged(tmp_path) -> None:
+    uri = str(tmp_path / "out")
+    write_output(uri, rows(5, run_id="a"), [run_json("a")], name="part-0.parquet")
+    write_output(uri, rows(4, run_id="ghost", seed=2), [], name="part-1.parquet")
+    written = write_report(uri)
+    report = json.loads(_read(written["json"]))
+    assert report["items_ok"] == 9 and report["runs_without_summary"] == ["ghost"]
+    assert report["gpu_hours_billed"] == pytest.approx(1.0)  # only the summarised run
+    assert "have no \\_runs/\\*.json summary" in _read(written["md"])
 
 
 def _md_row(md: str, label: str) -> list[str]:

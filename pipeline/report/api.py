@@ -7,6 +7,8 @@ command line (see `cli.py`).
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,24 +60,33 @@ def build_report(
     ]
     report["runs"] = [run_summary(r, price) for r in runs]
     report["duplicate_ids"] = sum(n.duplicate_ids for n in nights)
+    report["runs_without_summary"] = [
+        str(r.info.get("run_id")) for r in runs if r.info.get("summary_missing")
+    ]
     return report
+
+
+def _finite(value: Any) -> Any:
+    """The report with non-finite floats as null, so report.json is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def write_report(
     output_uri: str, *, price: float | None = None, formats: Sequence[str] = FORMATS
 ) -> dict[str, str]:
     """Write `_report/report.{md,html,json}` (+ chart SVGs) under `output_uri`; returns paths."""
-    import json
-
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown report format(s) {sorted(unknown)}; choose from {FORMATS}")
     report = build_report(load_output(output_uri), price=price, source_uri=output_uri)
     written: dict[str, str] = {}
     if "json" in formats:
-        written["json"] = write_text(
-            output_uri, "report.json", json.dumps(report, indent=2, default=str)
-        )
+        text = json.dumps(_finite(report), indent=2, default=str, allow_nan=False)
+        written["json"] = write_text(output_uri, "report.json", text)
     if {"md", "html"} & set(formats):
         charts = charts_mod.render_charts(report)
         content = blocks(report, set(charts))

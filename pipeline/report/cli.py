@@ -49,8 +49,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"report: {exc}", file=sys.stderr)
         return 2
     if "md" in written:
-        fs, _ = filesystem(written["md"])
-        print(fs.cat_file(filesystem(written["md"])[1]).decode())
+        fs, path = filesystem(written["md"])
+        print(fs.cat_file(path).decode())
     for name in ("md", "html", "json"):
         if name in written:
             print(f"wrote {written[name]}", file=sys.stderr)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 UNKNOWN = "unknown"
+NO_SUMMARY = "their actors' time is missing from the billed hours."
 NO_SHADOW = (
     "No shadow items: the measured estimate is unknown; only the FLOPs-based estimate is shown:"
 )
@@ -125,6 +126,10 @@ def _headline(r: dict[str, Any]) -> list[Block]:
     header = ["", "GPU hours", "95% CI", "USD"]
     out = [Block("h2", "GPU hours and money"), Block("table", header=header, rows=rows)]
     out.append(Block("p", f"Price: {_price(r['price'])} ({r['price_source']})."))
+    if r.get("runs_without_summary"):
+        missing = ", ".join(r["runs_without_summary"])
+        text = f"Rows of run(s) {missing} have no _runs/*.json summary: {NO_SUMMARY}"
+        out.append(Block("note", text))
     flops = f"FLOPs ratio {ratio(r['flops_ratio'])} ({r['flops_scaling'] or 'shape unknown'})"
     if r["shadow_items"]:
         measured = f"Time ratio unpruned/pruned: {ratio(r['time_ratio'])}"
