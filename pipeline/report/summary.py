@@ -126,6 +126,7 @@ class _TypeEstimate:
 
     @classmethod
     def of(cls, group: Sequence[Run], price: float | None, seed: int) -> _TypeEstimate:
+        """Pool the group's shadow items into one ratio and its bootstrap draws."""
         stats = sum((r.stats for r in group), RunStats())
         used_h = stats.gpu_seconds / 3600
         priced = _money(group, price, lambda r: r.stats.gpu_seconds / 3600)
@@ -136,9 +137,11 @@ class _TypeEstimate:
         return cls(used_h, priced, time_ratio(pruned, unpruned), boots)
 
     def unpruned_h(self, ratio: float | np.ndarray | None) -> float | np.ndarray | None:
+        """GPU hours without pruning for a ratio (or an array of bootstrap ratios)."""
         return None if ratio is None else self.used_h * ratio
 
     def usd_saved(self, ratio: float | np.ndarray | None) -> float | np.ndarray | None:
+        """Dollars saved for a ratio (or array); None when a price is unknown."""
         return None if ratio is None or self.priced_h is None else self.priced_h * (ratio - 1)
 
 
