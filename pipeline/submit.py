@@ -45,7 +45,10 @@ def runtime_env(spec: JobSpec) -> dict[str, Any]:
 
 def entrypoint(args: argparse.Namespace, run_date: str) -> str:
     """`python -m pipeline run SPEC --run-date D [--set ...]`, shell-quoted."""
-    parts = ["python", "-m", "pipeline", "run", os.path.relpath(args.spec), "--run-date", run_date]
+    spec = os.path.relpath(args.spec)
+    if spec.startswith(".."):  # outside the working dir: only reachable on this machine
+        spec = os.path.abspath(args.spec)
+    parts = ["python", "-m", "pipeline", "run", spec, "--run-date", run_date]
     for item in args.overrides:
         parts += ["--set", item]
     return shlex.join(parts)
@@ -56,6 +59,19 @@ def cli_line(address: str, sid: str, entry: str) -> str:
     excl = ",".join(f'"{e}"' for e in EXCLUDES)
     return (f"ray job submit --address {address} --working-dir . --submission-id {sid} "
             f"--runtime-env-json '{{\"excludes\": [{excl}]}}' -- {entry}")  # fmt: skip
+
+
+def _submit(client: Any, *, wait_s: float = 90.0, **kwargs: Any) -> None:
+    """Submit, retrying while a fresh cluster's job agent is not up yet."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            client.submit_job(**kwargs)
+            return
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -75,8 +91,8 @@ def main(args: argparse.Namespace) -> int:
         status = client.get_job_status(sid)
         print(f"already submitted: {sid} is {status.value}; not submitting again")
     except RuntimeError:
-        client.submit_job(entrypoint=entry, submission_id=sid, runtime_env=runtime_env(spec),
-                          metadata={"job": spec.name, "run_date": run_date})  # fmt: skip
+        _submit(client, entrypoint=entry, submission_id=sid, runtime_env=runtime_env(spec),
+                metadata={"job": spec.name, "run_date": run_date})  # fmt: skip
         print(f"submitted: {sid}")
     if args.no_wait:
         return 0

@@ -20,6 +20,7 @@ import yaml
 
 from pipeline import commit
 from resprune.tiny import build_tiny_checkpoint
+from tests.s3server import SECRET_KEY
 
 ASSETS = Path(__file__).resolve().parent.parent / "pipeline" / "assets" / "images"
 ROWS, DATE = 48, "2026-11-24"
@@ -70,7 +71,8 @@ def kill_leftovers(ray_tmp: str) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_sigkill_mid_run_then_resume(tmp_path: Path) -> None:
+def test_sigkill_mid_run_then_resume(tmp_path: Path, s3_server) -> None:
+    """The S3 fixture puts its secret sentinel in the environment: it must reach no log."""
     model = build_tiny_checkpoint("llava", tmp_path / "model", text_hidden=256, text_layers=4,
                                   text_intermediate=512)  # fmt: skip
     job, log = write_job(tmp_path, model), tmp_path / "driver.log"
@@ -96,3 +98,10 @@ def test_sigkill_mid_run_then_resume(tmp_path: Path) -> None:
     (run,) = [json.loads(p.read_text()) for p in (tmp_path / "out" / "_runs").glob("*.json")]
     assert run["items_skipped"] == len(before) and run["items_processed"] == ROWS - len(before)
     assert run["status"] == "finished" and "skipped" in log.read_text().splitlines()[-1]
+    logs = [
+        log,
+        *Path(ray_tmp).rglob("*.log"),
+        *Path(ray_tmp).rglob("*.out"),
+        *Path(ray_tmp).rglob("*.err"),
+    ]
+    assert not [p for p in logs if p.is_file() and SECRET_KEY.encode() in p.read_bytes()]
