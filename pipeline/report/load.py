@@ -50,6 +50,7 @@ FLOAT_COLUMNS = (
     "shadow_prompt_tokens",
 )
 BOOL_COLUMNS = ("shadow",)
+SHADOW_ONLY_TEXT = ("question", "answer", "shadow_answer")
 NIGHT_PREFIX = "run_date="
 
 
@@ -120,10 +121,13 @@ def _read_file(fs: fsspec.AbstractFileSystem, path: str) -> pa.Table:
     kinds = [(n, pa.string()) for n in STRING_COLUMNS] + [(n, pa.float64()) for n in FLOAT_COLUMNS]
     kinds += [(n, pa.bool_()) for n in BOOL_COLUMNS]
     try:
-        arrays = [_typed(table, name, kind) for name, kind in kinds]
+        arrays = {name: _typed(table, name, kind) for name, kind in kinds}
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
         raise ReportInputError(f"{path}: a column has an unexpected type ({exc})") from exc
-    return pa.table(arrays, names=[n for n, _ in kinds])
+    shadow = pc.fill_null(arrays["shadow"], False)
+    for name in SHADOW_ONLY_TEXT:  # only the shadow sample's texts are ever shown
+        arrays[name] = pc.if_else(shadow, arrays[name], pa.scalar(None, pa.string()))
+    return pa.table(arrays)
 
 
 def _to_numpy(table: pa.Table) -> dict[str, np.ndarray]:
