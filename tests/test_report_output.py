@@ -128,15 +128,17 @@ def test_resumed_runs_add_up_without_double_counting(tmp_path) -> None:
     first = rows(10, run_id="a", shadow=2)
     second = rows(6, run_id="b", shadow=2, seed=1)
     second["id"] = [f"second-{i}" for i in range(6)]
-    write_output(uri, first, [run_json("a", actor_seconds=100.0, keep="64")], name="part-0.parquet")
-    runs = [run_json("b", actor_seconds=50.0, keep="32", started_at="2026-11-24T03:00:00Z")]
+    first_run = run_json("a", actor_seconds=100.0, keep="64", items_processed=10)
+    write_output(uri, first, [first_run], name="part-0.parquet")
+    runs = [run_json("b", actor_seconds=50.0, keep="32", started_at="2026-11-24T03:00:00Z",
+                     items_processed=6)]  # fmt: skip
     write_output(uri, second, runs, name="part-1.parquet")
     report = json.loads(_read(write_report(uri)["json"]))
     assert (report["items_ok"], report["shadow_items"]) == (16, 4)
     assert report["gpu_hours_billed"] == pytest.approx(150 / 3600)
     assert report["config"]["keep"] == "32"  # the newest run's config
     assert sorted(r["run_id"] for r in report["runs"]) == ["a", "b"]
-    assert report["runs_without_summary"] == []
+    assert report["runs_without_summary"] == [] and report["items_processed_by_runs"] == 16
 
 
 def test_rows_without_a_run_summary_are_flagged(tmp_path) -> None:

@@ -19,6 +19,7 @@ from pipeline.report.render import to_html, to_markdown
 from pipeline.report.stats import RunStats
 from pipeline.report.summary import (
     CONFIG_KEYS,
+    Run,
     collect_runs,
     profile,
     run_summary,
@@ -29,7 +30,7 @@ from pipeline.report.summary import (
 FORMATS = ("md", "html", "json")
 
 
-def _price_source(runs: Sequence[Any], price: float | None) -> tuple[Any, str]:
+def _price_source(runs: Sequence[Run], price: float | None) -> tuple[Any, str]:
     if price is not None:
         return price, "--price"
     prices = {r.price(None) for r in runs if r.stats.gpu_seconds or r.info.get("actor_seconds")}
@@ -63,6 +64,8 @@ def build_report(
     report["runs_without_summary"] = [
         str(r.info.get("run_id")) for r in runs if r.info.get("summary_missing")
     ]
+    processed = [r.info["items_processed"] for r in runs if "items_processed" in r.info]
+    report["items_processed_by_runs"] = sum(processed) if processed else None
     return report
 
 

@@ -130,6 +130,10 @@ def _headline(r: dict[str, Any]) -> list[Block]:
         missing = ", ".join(r["runs_without_summary"])
         text = f"Rows of run(s) {missing} have no _runs/*.json summary: {NO_SUMMARY}"
         out.append(Block("note", text))
+    counted, rows = r.get("items_processed_by_runs"), r["items_ok"] + r["items_error"]
+    if counted is not None and counted != rows:
+        text = f"The run summaries count {counted} processed items; the results hold {rows} rows."
+        out.append(Block("note", text))
     flops = f"FLOPs ratio {ratio(r['flops_ratio'])} ({r['flops_scaling'] or 'shape unknown'})"
     if r["shadow_items"]:
         measured = f"Time ratio unpruned/pruned: {ratio(r['time_ratio'])}"
