@@ -179,7 +179,7 @@ def test_markdown_shows_the_json_numbers(tmp_path) -> None:
     assert _number(saved[1]) == pytest.approx(report["gpu_hours_saved"], rel=1e-3)
     assert _number(saved[3]) == pytest.approx(report["usd_saved"], abs=0.005)
     assert f"items ok {report['items_ok']}, items error {report['items_error']}" in md
-    assert f"over {report['shadow_items']} shadow items" in md
+    assert f"over {report['shadow_items']} shadow item(s);" in md
     assert f"Exact match: {100 * report['answer_agreement']['exact_match']:.1f}%" in md
 
 

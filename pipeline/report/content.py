@@ -137,7 +137,8 @@ def _headline(r: dict[str, Any]) -> list[Block]:
     flops = f"FLOPs ratio {ratio(r['flops_ratio'])} ({r['flops_scaling'] or 'shape unknown'})"
     if r["shadow_items"]:
         measured = f"Time ratio unpruned/pruned: {ratio(r['time_ratio'])}"
-        out.append(Block("p", f"{measured} over {r['shadow_items']} shadow items; {flops}."))
+        few = " (a 95% CI needs at least 2)" if r["shadow_items"] < 2 else ""
+        out.append(Block("p", f"{measured} over {r['shadow_items']} shadow item(s){few}; {flops}."))
     else:
         out.append(Block("note", f"{NO_SHADOW} {flops}."))
     return [*out, Block("chart", "hours.svg")]

@@ -16,6 +16,7 @@ from pipeline.report.content import Block
 MAX_CELL = 240
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|~])")  # what can start markup mid-line
 _SVG_PROLOGUE = re.compile(r"^\s*(<\?xml[^>]*\?>\s*)?(<!DOCTYPE[^>]*>\s*)?", re.IGNORECASE)
+_NUMERIC = re.compile(r"^[-+$\d.,% x–]*$|^unknown$")
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
@@ -23,6 +24,7 @@ table { border-collapse: collapse; margin: 0.5em 0 1em; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }
 th { background: #f3f3f3; }
 td { max-width: 360px; overflow-wrap: anywhere; }
+td.short { white-space: nowrap; overflow-wrap: normal; }
 .note { background: #fff4e5; border-left: 4px solid #f0a020; padding: 6px 10px; }
 figure { margin: 1em 0; } figure svg { max-width: 100%; height: auto; }
 """
@@ -64,12 +66,14 @@ def to_markdown(blocks: list[Block]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def _html_cell(text: str) -> str:
+    css = ' class="short"' if len(text) <= 16 or _NUMERIC.match(text) else ""
+    return f"<td{css}>{html.escape(_clip(text))}</td>"
+
+
 def _html_table(block: Block) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in block.header)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_clip(c))}</td>" for c in row) + "</tr>"
-        for row in block.rows
-    )
+    body = "".join("<tr>" + "".join(_html_cell(c) for c in row) + "</tr>" for row in block.rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
