@@ -136,7 +136,7 @@ class Answerer:
 
         n = len(item.input_ids)
         visual = int((item.input_ids == self.image_token_id).sum())
-        kept = visual if pruner is self.unpruned else resolve_keep(keep, visual)
+        kept = visual if pruner.name == "none" else resolve_keep(keep, visual)
         return n - visual + kept + self.spec.model.max_new_tokens
 
 

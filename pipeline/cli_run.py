@@ -45,5 +45,9 @@ def main(args: argparse.Namespace) -> int:
     except (SpecError, StorageError, ModelPathError) as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
+    except Exception as exc:  # the CLI edge: one line (Ray has logged the details)
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"error: run failed: {type(exc).__name__}: {redact(first)}", file=sys.stderr)
+        return 1
     print(summary.one_line(doc), flush=True)
     return 0 if doc["status"] == "finished" else 1

@@ -60,13 +60,16 @@ def table_stats(table: pa.Table) -> dict[str, Any]:
     }
 
 
-def commit_table(fs: pafs.FileSystem, root: str, table: pa.Table, run_id: str) -> dict[str, Any]:
+def commit_table(
+    fs: pafs.FileSystem, root: str, table: pa.Table, run_id: str, fingerprint: str = ""
+) -> dict[str, Any]:
     """Write one result file through staging -> marker -> final; returns its stats."""
     name = file_name(table.column("id").to_pylist())
     staging = join(root, STAGING, name)
     fs.create_dir(join(root, STAGING), recursive=True)
     pq.write_table(table, staging, filesystem=fs)
-    stats = {"file": name, "run_id": run_id, "committed_at": time.time(), **table_stats(table)}
+    stats = {"file": name, "run_id": run_id, "spec_fingerprint": fingerprint,
+             "committed_at": time.time(), **table_stats(table)}  # fmt: skip
     write_json(fs, join(root, MANIFEST, name + ".json"), stats)
     fs.move(staging, join(root, name))
     return stats
@@ -75,9 +78,9 @@ def commit_table(fs: pafs.FileSystem, root: str, table: pa.Table, run_id: str) -
 class CommitSink(Datasink[list[dict[str, Any]]]):
     """Ray Data sink: each write task commits its rows in files of at most `rows_per_file`."""
 
-    def __init__(self, fs: pafs.FileSystem, root: str, *, run_id: str, rows_per_file: int,
-                 min_rows_per_file: int):  # fmt: skip
-        self.fs, self.root, self.run_id = fs, root, run_id
+    def __init__(self, fs: pafs.FileSystem, root: str, *, run_id: str, fingerprint: str,
+                 rows_per_file: int, min_rows_per_file: int):  # fmt: skip
+        self.fs, self.root, self.run_id, self.fingerprint = fs, root, run_id, fingerprint
         self.rows_per_file, self._min_rows = rows_per_file, min_rows_per_file
 
     @property
@@ -91,7 +94,7 @@ class CommitSink(Datasink[list[dict[str, Any]]]):
         table = pa.concat_tables(tables, promote_options="default")
         step = self.rows_per_file
         return [
-            commit_table(self.fs, self.root, table.slice(i, step), self.run_id)
+            commit_table(self.fs, self.root, table.slice(i, step), self.run_id, self.fingerprint)
             for i in range(0, table.num_rows, step)
         ]
 

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from pipeline import commit
 from pipeline.columns import OUTPUT_COLUMNS
-from pipeline.spec import InputSpec, JobSpec
+from pipeline.spec import InputSpec, JobSpec, fingerprint
 from pipeline.storage import StorageError, filesystem, join, list_files, redact
 
 
@@ -44,19 +44,20 @@ class Plan:
 
 
 def make_plan(spec: JobSpec) -> Plan:
-    """Check input and output storage and compute the pending work; raises StorageError."""
+    """Check input, then output storage, and compute the pending work; raises StorageError."""
     in_fs, in_path = filesystem(spec.input.uri, spec.storage)
     out_fs, out_root = filesystem(spec.output.uri, spec.storage)
     try:
         files = list_files(in_fs, in_path, ".parquet")
+        if not files:
+            raise StorageError(f"no Parquet files under {spec.input.uri}")
+        per_file, schema = _read_ids(in_fs, files, spec.input)
         _probe_write(out_fs, out_root)
         recovered = commit.recover(out_fs, out_root)
+        _check_fingerprint(out_fs, out_root, fingerprint(spec))
         done = commit.committed_ids(out_fs, out_root)
     except OSError as exc:
         raise StorageError(f"storage unreachable or refused: {redact(str(exc))}") from None
-    if not files:
-        raise StorageError(f"no Parquet files under {spec.input.uri}")
-    per_file, schema = _read_ids(in_fs, files, spec.input)
     pending, skip, total, skipped = [], [], 0, 0
     for path, ids in per_file.items():
         total += len(ids)
@@ -111,6 +112,17 @@ def _check_columns(path: str, schema: pa.Schema, spec: InputSpec) -> None:
     clash = sorted(set(spec.passthrough_columns) & {name for name, _, _ in OUTPUT_COLUMNS})
     if clash:
         raise StorageError(f"passthrough column(s) {clash} clash with output columns")
+
+
+def _check_fingerprint(fs: pafs.FileSystem, root: str, current: str) -> None:
+    """Refuse to resume into output written with another model/pruning/input config."""
+    other = {m.get("spec_fingerprint") for m in commit.manifest_stats(fs, root)} - {current}
+    if other:
+        found = sorted(map(str, other))[0]
+        raise StorageError(
+            f"{root} holds results of a different job config (fingerprint {found} != {current});"
+            " write to a new output prefix instead of mixing answers"
+        )
 
 
 def _probe_write(fs: pafs.FileSystem, root: str) -> None:

@@ -25,7 +25,7 @@ from pipeline.checks import check_model_path
 from pipeline.commit import CommitSink
 from pipeline.plan import Plan, make_plan
 from pipeline.preprocess import Preprocess
-from pipeline.spec import JobSpec
+from pipeline.spec import JobSpec, fingerprint
 
 
 @ray.remote(num_cpus=0)
@@ -67,7 +67,7 @@ def build_dataset(spec: JobSpec, plan: Plan, *, run_id: str, run_date: str,
     ds = ds.map_batches(
         Preprocess, fn_constructor_kwargs={"spec": spec, "passthrough": passthrough},
         batch_size=ex.preprocess_batch_size, batch_format="pyarrow", num_cpus=1,
-        concurrency=ex.preprocess_concurrency or (1, _spare_cpus(spec)),
+        compute=_pool(ex.preprocess_concurrency or (1, _spare_cpus(spec))),
         udf_modifying_row_count=False,
     )  # fmt: skip
     kwargs = {"spec": spec, "run_id": run_id, "run_date": run_date,
@@ -75,9 +75,15 @@ def build_dataset(spec: JobSpec, plan: Plan, *, run_id: str, run_date: str,
     return ds.map_batches(
         Answerer, fn_constructor_kwargs=kwargs, batch_size=ex.batch_size,
         batch_format="pyarrow", num_gpus=ex.gpus_per_actor, num_cpus=ex.cpus_per_actor,
-        concurrency=ex.actors, udf_modifying_row_count=False,
+        compute=_pool(ex.actors), udf_modifying_row_count=False,
         max_restarts=ex.max_task_retries, max_task_retries=ex.max_task_retries,
     )  # fmt: skip
+
+
+def _pool(size: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
+    """A fixed (int) or autoscaling ([min, max]) actor pool."""
+    lo, hi = (size, size) if isinstance(size, int) else size
+    return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi)
 
 
 def _spare_cpus(spec: JobSpec) -> int:
@@ -128,7 +134,7 @@ def run_job(spec: JobSpec, run_date: str, *, progress: bool = True) -> dict[str,
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     ledger = Ledger.remote()
-    sink = CommitSink(plan.out_fs, plan.out_root, run_id=run_id,
+    sink = CommitSink(plan.out_fs, plan.out_root, run_id=run_id, fingerprint=fingerprint(spec),
                       rows_per_file=spec.output.rows_per_file,
                       min_rows_per_file=spec.output.min_rows_per_file)  # fmt: skip
     try:

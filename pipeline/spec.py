@@ -8,6 +8,8 @@ Credentials never live here: S3 keys come from the environment or the node's ide
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -199,6 +201,13 @@ class JobSpec(_Strict):
     cost: CostSpec = Field(default_factory=CostSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
     runtime_env: RuntimeEnvSpec = Field(default_factory=RuntimeEnvSpec)
+
+
+def fingerprint(spec: JobSpec) -> str:
+    """Hash of the settings that change answers (input columns, model, pruning)."""
+    parts = spec.model_dump(include={"model", "pruning", "input"}, mode="json")
+    parts["input"].pop("uri", None)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_spec(

@@ -9,15 +9,13 @@ actors' held time: from each actor's start to the end of the execution (what is 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
 import time
 from collections import Counter
 from typing import Any
 
 from pipeline import commit
 from pipeline.plan import Plan
-from pipeline.spec import JobSpec
+from pipeline.spec import JobSpec, fingerprint
 from pipeline.storage import join, redact, write_json
 
 _SUMMED = ("rows", "items_ok", "items_error", "gpu_seconds", "shadow_items",
@@ -26,13 +24,6 @@ _SUMMED = ("rows", "items_ok", "items_error", "gpu_seconds", "shadow_items",
 
 def _iso(t: float) -> str:
     return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds")
-
-
-def fingerprint(spec: JobSpec) -> str:
-    """Hash of the settings that change answers (model, pruning, prompt caps)."""
-    parts = spec.model_dump(include={"model", "pruning", "input"}, mode="json")
-    parts["input"].pop("uri", None)
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class Recorder:
@@ -55,7 +46,7 @@ class Recorder:
         for m in mine:
             causes.update(m.get("errors_by_cause", {}))
             extractors.update(m.get("relevance_extractors", {}))
-        doc = self._header(finished) | self._counts(totals, dict(causes), len(mine))
+        doc = self._header(finished) | self._counts(totals, dict(causes), len(mine), finished)
         doc["relevance_extractors"] = dict(extractors)
         doc |= self._actors(actors, finished)
         doc["status"] = self._status(totals, error)
@@ -80,8 +71,10 @@ class Recorder:
             "spec_fingerprint": fingerprint(s),
         }  # fmt: skip
 
-    def _counts(self, t: dict[str, Any], causes: dict[str, int], files: int) -> dict[str, Any]:
-        wall = max(time.time() - self.started, 1e-9)
+    def _counts(
+        self, t: dict[str, Any], causes: dict[str, int], files: int, finished: float
+    ) -> dict[str, Any]:
+        wall = max(finished - self.started, 1e-9)
         return {
             "items_total": self.plan.items_total, "items_skipped": self.plan.items_skipped,
             "items_pending": self.plan.items_pending, "items_processed": t["rows"],

@@ -15,7 +15,7 @@ from pipeline.answer_stage import pack
 from pipeline.columns import output_schema
 from pipeline.plan import make_plan
 from pipeline.preprocess import in_shadow
-from pipeline.spec import parse_spec
+from pipeline.spec import fingerprint, parse_spec
 from pipeline.storage import StorageError, filesystem, redact
 
 FS = pafs.LocalFileSystem()
@@ -84,8 +84,9 @@ def test_plan_checks_columns_ids_and_skips_committed(tmp_path: Path) -> None:
     table = pa.table({"id": ["a", "b", "c"], "image": [b"x"] * 3})
     pq.write_table(table, tmp_path / "in" / "s0.parquet")
     pq.write_table(pa.table({"id": ["d"], "image": [b"x"]}), tmp_path / "in" / "s1.parquet")
-    commit.commit_table(FS, str(tmp_path / "out"), rows(["a", "d"]), "r")
-    plan = make_plan(_spec(tmp_path))
+    spec = _spec(tmp_path)
+    commit.commit_table(FS, str(tmp_path / "out"), rows(["a", "d"]), "r", fingerprint(spec))
+    plan = make_plan(spec)
     assert (plan.items_total, plan.items_skipped, plan.items_pending) == (4, 2, 2)
     assert [Path(p).name for p in plan.pending_files] == ["s0.parquet"] and plan.skip_ids == ["a"]
     assert not plan.has_question
@@ -93,4 +94,12 @@ def test_plan_checks_columns_ids_and_skips_committed(tmp_path: Path) -> None:
         make_plan(_spec(tmp_path, image_column="photo"))
     pq.write_table(pa.table({"id": ["a"], "image": [b"x"]}), tmp_path / "in" / "s2.parquet")
     with pytest.raises(StorageError, match="duplicate ids"):
+        make_plan(_spec(tmp_path))
+
+
+def test_plan_refuses_output_of_another_config(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": ["a"], "image": [b"x"]}), tmp_path / "in" / "s0.parquet")
+    commit.commit_table(FS, str(tmp_path / "out"), rows(["a"]), "r", "0123456789abcdef")
+    with pytest.raises(StorageError, match="different job config"):
         make_plan(_spec(tmp_path))
