@@ -130,8 +130,11 @@ def test_resumed_runs_add_up_without_double_counting(tmp_path) -> None:
     second["id"] = [f"second-{i}" for i in range(6)]
     first_run = run_json("a", actor_seconds=100.0, keep="64", items_processed=10)
     write_output(uri, first, [first_run], name="part-0.parquet")
-    runs = [run_json("b", actor_seconds=50.0, keep="32", started_at="2026-11-24T03:00:00Z",
-                     items_processed=6)]  # fmt: skip
+    runs = [
+        run_json(
+            "b", actor_seconds=50.0, keep="32", started_at="2026-11-24T03:00:00Z", items_processed=6
+        )
+    ]
     write_output(uri, second, runs, name="part-1.parquet")
     report = json.loads(_read(write_report(uri)["json"]))
     assert (report["items_ok"], report["shadow_items"]) == (16, 4)
@@ -207,3 +210,32 @@ def test_cli_prints_markdown_and_writes_only_the_asked_formats(tmp_path, capsys)
     assert not (tmp_path / "out/_report/report.html").exists()
     assert pipeline_main(["report", str(tmp_path / "missing")]) == 2
     assert "no such output" in capsys.readouterr().err
+
+
+def test_files_with_fewer_or_differently_typed_columns_still_load(tmp_path) -> None:
+    uri = str(tmp_path / "out")
+    minimal = [
+        "id",
+        "question",
+        "answer",
+        "status",
+        "error",
+        "model",
+        "pruner",
+        "visual_tokens",
+        "kept_tokens",
+        "retained_energy",
+        "prompt_tokens",
+        "prompt_tokens_unpruned",
+        "new_tokens",
+        "gpu_seconds",
+        "run_id",
+    ]
+    old = {k: v for k, v in rows(6, seed=5).items() if k in minimal}
+    old["id"] = [f"old-{i}" for i in range(6)]
+    old["keep"] = [64] * 6  # an int where the contract says string
+    write_output(uri, old, [run_json()], name="part-0.parquet")
+    write_output(uri, rows(4, shadow=4), [], name="part-1.parquet")
+    report = json.loads(_read(write_report(uri)["json"]))
+    assert (report["items_ok"], report["shadow_items"]) == (10, 4)
+    assert report["profile"]["stage_seconds"]["generate_s"] > 0
