@@ -76,6 +76,8 @@ def build_dataset(spec: JobSpec, plan: Plan, *, run_id: str, run_date: str,
         Answerer, fn_constructor_kwargs=kwargs, batch_size=ex.batch_size,
         batch_format="pyarrow", num_gpus=ex.gpus_per_actor, num_cpus=ex.cpus_per_actor,
         compute=_pool(ex.actors), udf_modifying_row_count=False,
+        # Bound retries so a batch that kills its actor fails the run instead of looping
+        # forever (RELIABILITY.md §1.8); Ray 2.60 has no named parameter for these yet.
         max_restarts=ex.max_task_retries, max_task_retries=ex.max_task_retries,
     )  # fmt: skip
 
@@ -94,14 +96,17 @@ def _spare_cpus(spec: JobSpec) -> int:
     return max(1, int(total - actors * ex.cpus_per_actor - 1))
 
 
-def ensure_ray(spec: JobSpec) -> None:
-    """Connect to the current cluster (RAY_ADDRESS or a local `ray start`), else start one."""
+def ensure_ray(spec: JobSpec) -> bool:
+    """Connect to the current cluster (RAY_ADDRESS or a local `ray start`), else start one.
+
+    Returns True when this call started a local cluster (the caller shuts it down).
+    """
     if ray.is_initialized():
-        return
+        return False
     if os.environ.get("RAY_ADDRESS", "") != "local":
         try:
             ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=True)
-            return
+            return False
         except ConnectionError:
             if os.environ.get("RAY_ADDRESS"):
                 raise
@@ -114,6 +119,7 @@ def ensure_ray(spec: JobSpec) -> None:
             f"{gpus} GPU(s); set --set execution.gpus_per_actor=0 to run the model on CPU"
         )
     ray.init(num_cpus=max(4, os.cpu_count() or 1), num_gpus=gpus, include_dashboard=False)
+    return True
 
 
 def new_run_id(spec: JobSpec, run_date: str) -> str:
@@ -130,7 +136,17 @@ def run_job(spec: JobSpec, run_date: str, *, progress: bool = True) -> dict[str,
     record = summary.Recorder(spec, plan, run_id=run_id, run_date=run_date, started=started)
     if plan.items_pending == 0:
         return record.finish({})
-    ensure_ray(spec)
+    started_ray = ensure_ray(spec)
+    try:
+        return _execute(spec, plan, record, run_id=run_id, run_date=run_date, progress=progress)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _execute(spec: JobSpec, plan: Plan, record: summary.Recorder, *, run_id: str,
+             run_date: str, progress: bool) -> dict[str, Any]:  # fmt: skip
+    """Execute the chain into the commit sink and finish the summary (also on failure)."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress
     ledger = Ledger.remote()

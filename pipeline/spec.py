@@ -170,14 +170,18 @@ class CostSpec(_Strict):
 class RuntimeEnvSpec(_Strict):
     """The subset of Ray's runtime_env we pass through; unknown keys are errors here."""
 
-    working_dir: str | None = None
-    py_modules: list[str] | None = None
-    pip: list[str] | str | dict[str, Any] | None = None
-    uv: list[str] | str | dict[str, Any] | None = None
-    conda: str | dict[str, Any] | None = None
-    env_vars: dict[str, str] = Field(default_factory=dict)
-    excludes: list[str] = Field(default_factory=list)
-    config: dict[str, Any] | None = None
+    working_dir: str | None = Field(None, description="Local dir or remote .zip URI (default: .).")
+    py_modules: list[str] | None = Field(None, description="Extra Python modules to upload.")
+    pip: list[str] | str | dict[str, Any] | None = Field(None, description="pip packages to add.")
+    uv: list[str] | str | dict[str, Any] | None = Field(None, description="uv packages to add.")
+    conda: str | dict[str, Any] | None = Field(None, description="Conda env name or spec.")
+    env_vars: dict[str, str] = Field(
+        default_factory=dict, description="Non-secret environment variables (stored in plaintext)."
+    )
+    excludes: list[str] = Field(
+        default_factory=list, description="Extra upload excludes (.venv and outputs always are)."
+    )
+    config: dict[str, Any] | None = Field(None, description="Ray runtime_env config options.")
 
     @field_validator("env_vars")
     @classmethod
