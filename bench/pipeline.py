@@ -6,7 +6,7 @@ random LLaVA built by resprune.tiny, and reports:
   * the fraction of the model actor's held time spent inside the model;
   * peak RSS of the whole Ray session at 1x and 10x items (pruned);
   * items/s at the same memory budget (execution.max_batch_tokens), pruned vs unpruned.
-Prints a table, then one JSON line. Usage: python bench/pipeline.py [--items 12]
+Prints a table, then one JSON line. Usage: python bench/pipeline.py [--items 48] [--rss-items 16]
 """
 
 from __future__ import annotations
@@ -122,7 +122,8 @@ def run(model: Path, items: int, *, method: str, new_tokens: int, batch_size: in
 def main() -> None:
     """Run every comparison, print the table and the JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--items", type=int, default=12, help="items per run (10x for RSS)")
+    parser.add_argument("--items", type=int, default=48, help="items per comparison run")
+    parser.add_argument("--rss-items", type=int, default=16, help="1x items of the RSS runs")
     args = parser.parse_args()
     t0 = time.time()
     import ray
@@ -148,7 +149,8 @@ def main() -> None:
               pr["model_items_per_s"] / un["model_items_per_s"])  # fmt: skip
     rows.append((f"max_batch_tokens={budget}", pr, un, *ratios))
     result["budget_ratio"], result["budget_model_ratio"] = rows[-1][3], rows[-1][4]
-    one, ten = (run(model, k, method="resprune", new_tokens=8) for k in (n, 10 * n))
+    r = result["rss_items"] = args.rss_items
+    one, ten = (run(model, k, method="resprune", new_tokens=8) for k in (r, 10 * r))
     result["rss_1x_mb"], result["rss_10x_mb"] = one["peak_rss_mb"], ten["peak_rss_mb"]
     result["rss_growth"] = ten["peak_rss_mb"] / one["peak_rss_mb"] - 1
     result["model_fraction_10x"] = ten["model_seconds"] / ten["actor_seconds"]
@@ -165,8 +167,8 @@ def _print_table(rows: list, result: dict) -> None:
         print(f"{name:<24} {pr['items_per_second']:>11.3f} {un['items_per_second']:>13.3f} "
               f"{ratio:>6.2f} {model_ratio:>11.2f} {frac:>10.2f}")  # fmt: skip
     print(
-        f"peak RSS (pruned, 8 new tokens): {result['rss_1x_mb']:.0f} MB at {result['items']} "
-        f"items, {result['rss_10x_mb']:.0f} MB at {10 * result['items']} "
+        f"peak RSS (pruned, 8 new tokens): {result['rss_1x_mb']:.0f} MB at {result['rss_items']} "
+        f"items, {result['rss_10x_mb']:.0f} MB at {10 * result['rss_items']} "
         f"({100 * result['rss_growth']:+.1f}%)"
     )
 
