@@ -13,6 +13,7 @@ import datetime as dt
 import os
 import time
 import uuid
+import warnings
 from typing import Any
 
 import pyarrow as pa
@@ -72,6 +73,13 @@ def build_dataset(spec: JobSpec, plan: Plan, *, run_id: str, run_date: str,
     )  # fmt: skip
     kwargs = {"spec": spec, "run_id": run_id, "run_date": run_date,
               "passthrough": plan.passthrough, "ledger": ledger}  # fmt: skip
+    with warnings.catch_warnings():  # the retry bounds below go through ray_remote_args
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return _answer_stage(ds, spec, kwargs)
+
+
+def _answer_stage(ds: ray.data.Dataset, spec: JobSpec, kwargs: dict) -> ray.data.Dataset:
+    ex = spec.execution
     return ds.map_batches(
         Answerer, fn_constructor_kwargs=kwargs, batch_size=ex.batch_size,
         batch_format="pyarrow", num_gpus=ex.gpus_per_actor, num_cpus=ex.cpus_per_actor,

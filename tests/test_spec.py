@@ -93,3 +93,32 @@ def test_run_fails_fast_before_any_model(tmp_path: Path, capsys: pytest.CaptureF
     assert cli(["run", str(write(tmp_path, missing_input)), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no Parquet files") and "\n" not in err
+
+
+def _input(tmp_path: Path) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "in").mkdir(exist_ok=True)
+    pq.write_table(pa.table({"id": ["a"], "image": [b"x"]}), tmp_path / "in" / "p.parquet")
+    return {"uri": str(tmp_path / "in")}
+
+
+@pytest.mark.timeout(120)
+def test_bad_model_path_and_unreachable_storage_fail_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = {"uri": str(tmp_path / "out")}
+    bad_model = MINIMAL | {
+        "input": _input(tmp_path),
+        "model": {"path": str(tmp_path)},
+        "output": out,
+    }
+    assert cli(["run", str(write(tmp_path, bad_model)), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: model.path") and "config.json" in err and "\n" not in err
+    dead = MINIMAL | {"input": {"uri": "s3://nowhere/in/"}, "output": out,
+                      "storage": {"endpoint_url": "http://127.0.0.1:9"}}  # fmt: skip
+    assert cli(["run", str(write(tmp_path, dead)), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: storage unreachable") and "\n" not in err
