@@ -107,8 +107,13 @@ def _check_columns(path: str, schema: pa.Schema, spec: InputSpec) -> None:
     missing = [c for c in needed if c not in schema.names]
     if missing:
         raise StorageError(f"{path}: missing column(s) {missing}; it has {schema.names}")
-    if not pa.types.is_string(schema.field(spec.id_column).type):
-        raise StorageError(f"{path}: id column {spec.id_column!r} must be a string column")
+    expected = {spec.id_column: _is_text, spec.question_column: _is_text,
+                spec.image_uri_column: _is_text, spec.image_column: _is_bytes}  # fmt: skip
+    wrong = [f"{c} ({schema.field(c).type})" for c, ok in expected.items()
+             if c and c in schema.names and not ok(schema.field(c).type)]  # fmt: skip
+    if wrong:
+        raise StorageError(f"{path}: wrong column type(s) {wrong}: ids, questions and URIs are "
+                           "strings, images are binary")  # fmt: skip
     clash = sorted(set(spec.passthrough_columns) & {name for name, _, _ in OUTPUT_COLUMNS})
     if clash:
         raise StorageError(f"passthrough column(s) {clash} clash with output columns")
@@ -123,6 +128,14 @@ def _check_fingerprint(fs: pafs.FileSystem, root: str, current: str) -> None:
             f"{root} holds results of a different job config (fingerprint {found} != {current});"
             " write to a new output prefix instead of mixing answers"
         )
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_bytes(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t)
 
 
 def _probe_write(fs: pafs.FileSystem, root: str) -> None:

@@ -103,3 +103,13 @@ def test_plan_refuses_output_of_another_config(tmp_path: Path) -> None:
     commit.commit_table(FS, str(tmp_path / "out"), rows(["a"]), "r", "0123456789abcdef")
     with pytest.raises(StorageError, match="different job config"):
         make_plan(_spec(tmp_path))
+
+
+def test_plan_checks_column_types(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    table = pa.table({"id": ["a"], "image": ["not bytes"], "question": [3]})
+    pq.write_table(table, tmp_path / "in" / "s0.parquet")
+    with pytest.raises(
+        StorageError, match=r"wrong column type.*question \(int64\).*image \(string\)"
+    ):
+        make_plan(_spec(tmp_path))
