@@ -5,8 +5,9 @@ sub-batches by an LLM-token budget (``execution.max_batch_tokens``: prompt after
 new tokens, so pruned items form proportionally larger batches), answered, and timed on the
 device (synchronised wall time split over the sub-batch's items). A sub-batch that raises
 falls back to one item at a time, so one item cannot sink its batch. Shadow rows are
-answered a second time unpruned, on the same actor. The actor reports its start, model
-shape and busy time to the run's ledger (side effects are at-least-once; the run's
+answered again, pruned and unpruned in batches of the same make-up, on the same actor, so
+their time ratio compares like with like. The actor reports its start, model shape and
+busy time to the run's ledger (side effects are at-least-once; the run's
 GPU-seconds come from committed rows instead). Non-goal: batching across Ray calls.
 """
 
@@ -83,9 +84,13 @@ class Answerer:
             rows[i]["relevance_extractor"] = item.relevance_extractor
             _fill(rows[i], res)
         shadow = [k for k, i in enumerate(todo) if rows[i]["shadow"] and rows[i]["status"] == "ok"]
-        answers = self._answer([items[k] for k in shadow], self.unpruned, 1.0)
-        for k, res in zip(shadow, answers, strict=True):
-            _fill_shadow(rows[todo[k]], res)
+        # Time the pair on the same items in batches of the same make-up: the pruned times of
+        # the main pass come from fuller batches and would flatter the ratio.
+        pair = [items[k] for k in shadow]
+        pruned = self._answer(pair, self.pruner, p.keep)
+        unpruned = self._answer(pair, self.unpruned, 1.0)
+        for k, res, again in zip(shadow, unpruned, pruned, strict=True):
+            _fill_shadow(rows[todo[k]], res, again)
         for r in rows:
             r.update(self.const, shadow=bool(r["shadow"] and r["status"] == "ok"))
         if self.ledger is not None:
@@ -155,11 +160,11 @@ def _fill(row: dict[str, Any], res: tuple[Any, float]) -> None:
     )  # fmt: skip
 
 
-def _fill_shadow(row: dict[str, Any], res: tuple[Any, float]) -> None:
+def _fill_shadow(row: dict[str, Any], res: tuple[Any, float], pruned: tuple[Any, float]) -> None:
     result, seconds = res
-    if isinstance(result, ItemResult):
+    if isinstance(result, ItemResult) and isinstance(pruned[0], ItemResult):
         row.update(shadow_answer=result.answer, shadow_gpu_seconds=seconds,
-                   shadow_new_tokens=result.new_tokens,
+                   shadow_pruned_gpu_seconds=pruned[1], shadow_new_tokens=result.new_tokens,
                    shadow_prompt_tokens=result.prompt_tokens)  # fmt: skip
     else:
         row["shadow"] = False  # the unpruned pass failed: not a usable shadow pair

@@ -43,6 +43,12 @@ OUTPUT_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("shadow", pa.bool_(), "Item belongs to the seeded shadow sample (also answered unpruned)."),
     ("shadow_answer", _STR, "Unpruned answer; null unless shadow."),
     ("shadow_gpu_seconds", _F64, "Device seconds of the unpruned answer; null unless shadow."),
+    (
+        "shadow_pruned_gpu_seconds",
+        _F64,
+        "Device seconds of the pruned answer re-timed beside the unpruned one (same items, same "
+        "actor, same batch sizes); the denominator of the shadow time ratio; null unless shadow.",
+    ),
     ("shadow_new_tokens", _I32, "Generated tokens of the unpruned answer; null unless shadow."),
     ("shadow_prompt_tokens", _I32, "Prompt length of the unpruned answer; null unless shadow."),
     ("run_id", _STR, "Run (attempt) that produced the row; matches _runs/<run_id>.json."),

@@ -150,6 +150,7 @@ def _check_ok_rows(ok: list[dict], spec: JobSpec) -> None:
             spec.model.path, "resprune", "16", DATE)  # fmt: skip
         if row["shadow"]:
             assert row["shadow_answer"] is not None and row["shadow_gpu_seconds"] > 0
+            assert row["shadow_pruned_gpu_seconds"] > 0
             assert row["shadow_prompt_tokens"] == row["prompt_tokens_unpruned"]
         else:
             assert row["shadow_answer"] is None and row["shadow_gpu_seconds"] is None

@@ -75,6 +75,16 @@ def test_estimate_equals_a_hand_computation(output_uri: str) -> None:
     assert {"md", "html", "json", "hours.svg"} <= set(written)
 
 
+def test_ratio_uses_the_side_by_side_pruned_timing(tmp_path) -> None:
+    uri = str(tmp_path / "out")
+    data = _small_table()
+    data["shadow_pruned_gpu_seconds"] = [1.5, 2.0, None, None, None]  # re-timed beside unpruned
+    write_output(uri, data, [run_json()])
+    report = json.loads(_read(write_report(uri)["json"]))
+    used_h = (1 + 2 + 3 + 4) / 3600
+    assert report["gpu_hours_unpruned_est"] == pytest.approx(used_h * (3 + 4) / (1.5 + 2))
+
+
 def test_unknown_price_is_reported_as_unknown(tmp_path) -> None:
     uri = str(tmp_path / "out")
     write_output(uri, rows(20, shadow=5), [run_json(usd_per_gpu_hour=None)])

@@ -46,6 +46,7 @@ FLOAT_COLUMNS = (
     "select_s",
     "generate_s",
     "shadow_gpu_seconds",
+    "shadow_pruned_gpu_seconds",
     "shadow_new_tokens",
     "shadow_prompt_tokens",
 )

@@ -142,7 +142,10 @@ def _add_flops(
 
 
 def _shadow(cols: dict[str, np.ndarray], ok: np.ndarray) -> Shadow:
-    pruned, unpruned = cols["gpu_seconds"], cols["shadow_gpu_seconds"]
+    # the pair timed side by side; outputs written before that column fall back to gpu_seconds
+    paired = cols["shadow_pruned_gpu_seconds"]
+    pruned = np.where(np.isfinite(paired), paired, cols["gpu_seconds"])
+    unpruned = cols["shadow_gpu_seconds"]
     use = cols["shadow"] & ok & np.isfinite(pruned) & np.isfinite(unpruned) & (pruned > 0)
     use &= np.array([a is not None for a in cols["shadow_answer"]], bool)
     pick = {
