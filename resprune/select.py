@@ -144,4 +144,5 @@ def _retained_energy(
         captured = captured / weights
     captured = (captured * mask).sum(-1)
     total = ((x * x).sum(-1) * mask).sum(-1)
-    return torch.where(total > 0, captured / total.clamp_min(1e-30), torch.ones_like(total))
+    share = (captured / total.clamp_min(1e-30)).clamp_max(1.0)  # float32 round-off above 1
+    return torch.where(total > 0, share, torch.ones_like(total))

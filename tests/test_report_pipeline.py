@@ -50,7 +50,8 @@ def _expected(uri: str) -> dict[str, float]:
         pc.and_(pc.and_(ok, table["shadow"]), pc.is_valid(table["shadow_gpu_seconds"]))
     )
     used = pc.sum(table["gpu_seconds"]).as_py() / 3600
-    ratio = pc.sum(shadow["shadow_gpu_seconds"]).as_py() / pc.sum(shadow["gpu_seconds"]).as_py()
+    unpruned = pc.sum(shadow["shadow_gpu_seconds"]).as_py()
+    ratio = unpruned / pc.sum(shadow["shadow_pruned_gpu_seconds"]).as_py()  # timed side by side
     (run_file,) = fs.glob(f"{root}/_runs/*.json")
     run = json.loads(fs.cat_file(run_file))
     return {
