@@ -4,7 +4,7 @@ Builds a tiny random-weight LLaVA (resprune.tiny), writes a two-shard Parquet in
 bundled real images (pipeline/assets/images: CC0 / public domain) with a few questions, one
 row without a question (captioning) and two deliberately bad rows (a truncated JPEG and a
 1x4000 image) to show per-row error handling, then runs jobs/demo.yaml on a local Ray into
-``demo-output/`` and, when the cost-report package is present, writes the report.
+``demo-output/`` and writes the cost report.
 Answers are random text: the weights are random. Non-goal: a quality demo.
 """
 
@@ -66,7 +66,10 @@ def main(args: argparse.Namespace) -> int:
 
     out = Path(args.out).resolve()
     if not (out / "model" / "config.json").is_file():
-        build_tiny_checkpoint("llava", out / "model")
+        # wide enough that keep 64 is a real choice (D > k) and the LLM dominates the cost
+        build_tiny_checkpoint(
+            "llava", out / "model", text_hidden=256, text_layers=4, text_intermediate=512
+        )
     n = write_input(out / "input")
     if not args.keep_results:
         shutil.rmtree(out / "results", ignore_errors=True)
@@ -81,10 +84,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _report(output_uri: str) -> None:
-    try:
-        from pipeline.report import write_report
-    except ImportError:
-        print("report: pipeline.report is not installed yet; skipped")
-        return
+    from pipeline.report import write_report
+
     for kind, path in write_report(output_uri).items():
         print(f"report ({kind}): {path}")
