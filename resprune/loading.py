@@ -92,6 +92,11 @@ def load_preprocessor(
         processor = _qwen_processor(local, kwargs)
     else:
         processor = AutoProcessor.from_pretrained(local, **kwargs)
+    if not getattr(processor, "chat_template", None):
+        raise UnsupportedModelError(
+            f"{path!r} has no chat template (chat_template.jinja / chat_template.json); "
+            "the prompt format of an instruction-tuned checkpoint is needed"
+        )
     context = config.text_config.max_position_embeddings
     return Preprocessor(processor, fam, context=context, max_question_tokens=max_question_tokens)
 

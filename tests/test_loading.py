@@ -83,6 +83,16 @@ def test_unsupported_model_type_and_family_mismatch(qwen_dir, tmp_path):
         load_preprocessor(str(qwen_dir), family="llava")
 
 
+def test_missing_chat_template_fails_at_load(qwen_dir, tmp_path):
+    folder = tmp_path / "no-template"
+    shutil.copytree(qwen_dir, folder)
+    for path in folder.glob("chat_template.*"):
+        path.unlink()
+    with pytest.raises(UnsupportedModelError, match="no chat template") as err:
+        load_preprocessor(str(folder))
+    assert "\n" not in str(err.value)
+
+
 def test_pickle_weights_are_refused(qwen_dir, tmp_path):
     folder = tmp_path / "pickled"
     shutil.copytree(qwen_dir, folder)
