@@ -65,6 +65,7 @@ class Answerer:
         self.vlm = load_vlm(
             m.path, family=m.family, dtype=m.dtype if gpu else "float32", device=self.device,
             revision=m.revision, trust_remote_code=m.trust_remote_code,
+            endpoint_url=spec.storage.endpoint_url,
         )  # fmt: skip
         p = spec.pruning
         self.pruner = build_pruner(p.method, alpha=p.alpha, seed=p.seed)

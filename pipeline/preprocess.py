@@ -51,6 +51,7 @@ class Preprocess:
         self.pre = load_preprocessor(
             m.path, family=m.family, revision=m.revision,
             trust_remote_code=m.trust_remote_code, max_question_tokens=m.max_question_tokens,
+            endpoint_url=spec.storage.endpoint_url,
         )  # fmt: skip
         self.fs_cache: dict[bool, Any] = {}
 

@@ -47,11 +47,12 @@ def load_vlm(
     revision: str | None = None,
     trust_remote_code: bool = False,
     cache_dir: str | None = None,
+    endpoint_url: str | None = None,
 ) -> VLM:
     """Load model weights (safetensors only) and tokenizer; ``vlm.family`` names the adapter."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    local = resolve_model_path(path, cache_dir=cache_dir)
+    local = resolve_model_path(path, cache_dir=cache_dir, endpoint_url=endpoint_url)
     fam, _ = read_config(
         local, family=family, revision=revision, trust_remote_code=trust_remote_code
     )
@@ -81,9 +82,10 @@ def load_preprocessor(
     trust_remote_code: bool = False,
     max_question_tokens: int = 256,
     cache_dir: str | None = None,
+    endpoint_url: str | None = None,
 ) -> Preprocessor:
     """Load only the processor and tokenizer (no weights), for CPU preprocessing."""
-    local = resolve_model_path(path, cache_dir=cache_dir)
+    local = resolve_model_path(path, cache_dir=cache_dir, endpoint_url=endpoint_url)
     fam, config = read_config(
         local, family=family, revision=revision, trust_remote_code=trust_remote_code
     )
@@ -136,25 +138,34 @@ def read_config(
     return model_type, config
 
 
-def resolve_model_path(path: str, *, cache_dir: str | None = None) -> str:
+def resolve_model_path(
+    path: str, *, cache_dir: str | None = None, endpoint_url: str | None = None
+) -> str:
     """A local folder for ``path``: itself, an S3 download in the cache, or the hub id as is."""
     if path.startswith("s3://"):
-        return str(fetch_s3_prefix(path, cache_dir=cache_dir))
+        return str(fetch_s3_prefix(path, cache_dir=cache_dir, endpoint_url=endpoint_url))
     looks_local = path.startswith(("/", ".", "~")) or os.path.exists(path)
     if looks_local and not Path(path).expanduser().is_dir():
         raise ModelNotFoundError(f"model folder {path!r} does not exist")
     return str(Path(path).expanduser()) if looks_local else path
 
 
-def fetch_s3_prefix(uri: str, *, cache_dir: str | None = None) -> Path:
-    """Download ``uri`` once into the cache; reuse it while sizes and ETags match the listing."""
+def fetch_s3_prefix(
+    uri: str, *, cache_dir: str | None = None, endpoint_url: str | None = None
+) -> Path:
+    """Download ``uri`` once into the cache; reuse it while sizes and ETags match the listing.
+
+    The endpoint is ``endpoint_url`` when given, else the standard AWS_* environment.
+    """
     import fsspec
 
     prefix = uri.removeprefix("s3://").rstrip("/")
     root = Path(cache_dir or os.environ.get("RESPRUNE_CACHE_DIR", "~/.cache/resprune/models"))
     dest = root.expanduser() / hashlib.sha256(prefix.encode()).hexdigest()[:16]
     try:
-        fs = fsspec.filesystem("s3", skip_instance_cache=True)  # fresh listing, no stale ETags
+        endpoint = {"endpoint_url": endpoint_url} if endpoint_url else {}
+        # a fresh instance: a cached one would list stale ETags
+        fs = fsspec.filesystem("s3", skip_instance_cache=True, **endpoint)
         listing = fs.find(prefix, detail=True)
         manifest = {
             os.path.relpath(key, prefix): {"size": info["size"], "etag": info.get("ETag")}

@@ -60,6 +60,17 @@ def test_load_from_s3_downloads_once_and_refreshes_on_change(
     )
 
 
+def test_s3_endpoint_can_come_from_the_caller(
+    qwen_dir, s3_server, s3_bucket, tmp_path, monkeypatch
+):
+    upload(s3_server.client(), qwen_dir, s3_bucket, "models/q")
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # as with `storage.endpoint_url` in a job spec
+    pre = load_preprocessor(
+        f"s3://{s3_bucket}/models/q", cache_dir=str(tmp_path), endpoint_url=s3_server.endpoint
+    )
+    assert pre.family == "qwen2_5_vl"
+
+
 def test_missing_s3_prefix_is_one_clear_error(s3_server, s3_bucket, tmp_path):
     with pytest.raises(ModelNotFoundError, match="no objects under") as err:
         load_vlm(f"s3://{s3_bucket}/nothing-here", cache_dir=str(tmp_path))
