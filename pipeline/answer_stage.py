@@ -7,8 +7,11 @@ device (synchronised wall time split over the sub-batch's items). A sub-batch th
 falls back to one item at a time, so one item cannot sink its batch. Shadow rows are
 answered again, pruned and unpruned in batches of the same make-up, on the same actor, so
 their time ratio compares like with like. The actor reports its start, model shape and
-busy time to the run's ledger (side effects are at-least-once; the run's
-GPU-seconds come from committed rows instead). Non-goal: batching across Ray calls.
+busy time to the run's ledger (side effects are at-least-once; the run's GPU-seconds come
+from committed rows instead). A batch whose earlier attempt killed the actor process is
+answered one item at a time, and an item that killed it while answered alone is quarantined
+(``crashed_worker``) instead of retried: a poison item costs at most three attempts
+(``execution.max_task_retries`` >= 2). Non-goal: batching across Ray calls.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import uuid
 from typing import Any
 
 import pyarrow as pa
+import ray
 
 from pipeline.columns import output_schema
 from pipeline.preprocess import PREPARED
@@ -79,7 +83,37 @@ class Answerer:
         rows = batch.drop_columns([PREPARED]).to_pylist()
         blobs = batch.column(PREPARED).to_pylist()
         todo = [i for i, r in enumerate(rows) if r["status"] == "ok"]
-        items = [pickle.loads(blobs[i]) for i in todo]
+        ids = [rows[i]["id"] for i in todo]
+        died, poisoned = self._begin(ids)
+        if not died:
+            self._answer_rows(rows, todo, [pickle.loads(blobs[i]) for i in todo])
+        else:  # an earlier attempt of this batch killed its process: one item at a time
+            for i in todo:
+                if rows[i]["id"] in poisoned:
+                    _quarantine(rows[i])
+                    continue
+                self._solo(rows, i, pickle.loads(blobs[i]))
+        for r in rows:
+            r.update(self.const, shadow=bool(r["shadow"] and r["status"] == "ok"))
+        if self.ledger is not None:
+            self.ledger.end.remote(ids)
+            self.ledger.actor_busy.remote(self.key, self.busy_s)
+        return pa.Table.from_pylist(rows, schema=output_schema(self.passthrough))
+
+    def _solo(self, rows: list[dict], i: int, item: PreparedItem) -> None:
+        """Answer one item with the ledger told, so a crash here marks this item alone."""
+        item_id = rows[i]["id"]
+        ray.get(self.ledger.begin_solo.remote(item_id))
+        self._answer_rows(rows, [i], [item])
+        ray.get(self.ledger.end_solo.remote(item_id))
+
+    def _begin(self, ids: list[str]) -> tuple[bool, list[str]]:
+        if self.ledger is None:
+            return False, []
+        return ray.get(self.ledger.begin_batch.remote(ids))
+
+    def _answer_rows(self, rows: list[dict], todo: list[int], items: list[PreparedItem]) -> None:
+        """Answer ``items`` (the rows at ``todo``) pruned, then the shadow pairs."""
         p = self.spec.pruning
         for i, item, res in zip(todo, items, self._answer(items, self.pruner, p.keep), strict=True):
             rows[i]["relevance_extractor"] = item.relevance_extractor
@@ -92,11 +126,6 @@ class Answerer:
         unpruned = self._answer(pair, self.unpruned, 1.0)
         for k, res, again in zip(shadow, unpruned, pruned, strict=True):
             _fill_shadow(rows[todo[k]], res, again)
-        for r in rows:
-            r.update(self.const, shadow=bool(r["shadow"] and r["status"] == "ok"))
-        if self.ledger is not None:
-            self.ledger.actor_busy.remote(self.key, self.busy_s)
-        return pa.Table.from_pylist(rows, schema=output_schema(self.passthrough))
 
     def _answer(self, items: list[PreparedItem], pruner: Any, keep: int | float) -> list[Any]:
         """Answer items in token-budget batches; returns (result or ItemError, seconds) pairs."""
@@ -159,6 +188,12 @@ def _fill(row: dict[str, Any], res: tuple[Any, float]) -> None:
         new_tokens=result.new_tokens, gpu_seconds=seconds, vision_s=result.vision_s,
         select_s=result.select_s, generate_s=result.generate_s,
     )  # fmt: skip
+
+
+def _quarantine(row: dict[str, Any]) -> None:
+    msg = (f"id={row['id']}: crashed_worker: the model process died while answering this "
+           "item alone; quarantined instead of retried")  # fmt: skip
+    row.update(status="error", error_cause="crashed_worker", error=msg)
 
 
 def _fill_shadow(row: dict[str, Any], res: tuple[Any, float], pruned: tuple[Any, float]) -> None:

@@ -13,6 +13,7 @@ ERROR_CAUSES = (
     "empty", "too_large_bytes", "undecodable", "truncated", "bomb_or_too_large", "bad_aspect",
     "unsupported_mode", "fetch_failed", "invalid_text", "prompt_too_long", "invalid_prompt",
     "model_error",
+    "crashed_worker",
 )  # fmt: skip
 
 _I32, _F64, _STR = pa.int32(), pa.float64(), pa.string()

@@ -31,10 +31,34 @@ from pipeline.spec import JobSpec, fingerprint
 
 @ray.remote(num_cpus=0)
 class Ledger:
-    """Driver-side record of model actors: start time, model shape, busy seconds."""
+    """Driver-side record of model actors (start, shape, busy seconds) and of batches in flight.
+
+    It outlives the actors, so a retried batch learns that an earlier attempt killed its
+    process, and which item was being answered alone when it did (poison quarantine).
+    """
 
     def __init__(self) -> None:
         self.actors: dict[str, dict[str, Any]] = {}
+        self.batch_starts: dict[str, int] = {}  # ids whose batch started and never ended
+        self.solo_starts: dict[str, int] = {}  # ids answered alone that never ended
+
+    def begin_batch(self, ids: list[str]) -> tuple[bool, list[str]]:
+        """Start a model batch: (did an earlier attempt of it die?, ids that died alone)."""
+        died = any(i in self.batch_starts for i in ids)
+        for i in ids:
+            self.batch_starts[i] = self.batch_starts.get(i, 0) + 1
+        return died, [i for i in ids if i in self.solo_starts]
+
+    def begin_solo(self, item_id: str) -> None:
+        self.solo_starts[item_id] = self.solo_starts.get(item_id, 0) + 1
+
+    def end_solo(self, item_id: str) -> None:
+        self.solo_starts.pop(item_id, None)
+
+    def end(self, ids: list[str]) -> None:
+        for i in ids:
+            self.batch_starts.pop(i, None)
+            self.solo_starts.pop(i, None)
 
     def actor_started(self, key: str, started: float, shape: dict[str, Any]) -> None:
         self.actors[key] = {"started": started, "busy_s": 0.0, "shape": shape}

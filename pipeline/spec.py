@@ -132,7 +132,12 @@ class ExecutionSpec(_Strict):
         40_000_000, ge=1, description="Decoded pixels above this are refused (bomb guard)."
     )
     max_aspect_ratio: float = Field(50.0, gt=1, description="Thinner images are refused.")
-    max_task_retries: int = Field(2, ge=0, description="Retries of a model batch whose actor died.")
+    max_task_retries: int = Field(
+        2,
+        ge=0,
+        description="Retries of a model batch whose actor died; >= 2 lets a poison item be "
+        "quarantined (status crashed_worker) instead of failing the run.",
+    )
     max_error_fraction: float = Field(
         1.0, ge=0, le=1, description="Fail the run when more items than this fraction are errors."
     )
