@@ -14,7 +14,15 @@ coupling. Each file goes through three steps, every one idempotent:
 lands on the same name. `recover` runs before planning: it rolls committed files forward
 (step 3) and deletes staging files that have no marker (a write killed before its commit).
 So a visible result file is always complete and committed, a committed id is never
-processed again, and an uncommitted one is simply redone. Killed multipart uploads leave
+processed again, and an uncommitted one is simply redone.
+
+Writers from a killed run can outlive its driver for a while (orphaned Ray workers). Each run
+takes the prefix's lease (``_manifest/_lease.json``) before recovery, and a writer checks it
+holds the lease just before its commit point; a superseded writer drops its staged file. So
+a rerun started right after a crash is not raced by the old run's last writes (the window
+left is one read and one PUT), and of two runs on one prefix the older stops at its next
+commit. A marker whose file vanished (its staging file was cleaned under it) is dropped by
+`recover`, and its rows are redone. Killed multipart uploads leave
 no object; an S3 lifecycle rule (AbortIncompleteMultipartUpload) reclaims their parts.
 """
 
@@ -34,6 +42,23 @@ from ray.data import Datasink
 from pipeline.storage import StorageError, exists, join, list_files, read_json, write_json
 
 MANIFEST, STAGING, RUNS = "_manifest", "_staging", "_runs"
+LEASE = "_lease.json"
+
+
+class SupersededError(RuntimeError):
+    """A newer run took this output prefix; this run's writes are dropped."""
+
+
+def take_lease(fs: pafs.FileSystem, root: str, run_id: str) -> None:
+    """Make ``run_id`` the only run allowed to commit under ``root``."""
+    write_json(fs, join(root, MANIFEST, LEASE), {"run_id": run_id, "taken_at": time.time()})
+
+
+def _check_lease(fs: pafs.FileSystem, root: str, run_id: str) -> None:
+    path = join(root, MANIFEST, LEASE)
+    holder = read_json(fs, path).get("run_id") if exists(fs, path) else run_id
+    if holder != run_id:
+        raise SupersededError(f"run {run_id} was superseded on {root} by run {holder}")
 
 
 def file_name(ids: list[str]) -> str:
@@ -68,6 +93,11 @@ def commit_table(
     staging = join(root, STAGING, name)
     fs.create_dir(join(root, STAGING), recursive=True)
     pq.write_table(table, staging, filesystem=fs)
+    try:
+        _check_lease(fs, root, run_id)
+    except SupersededError:
+        fs.delete_file(staging)
+        raise
     stats = {"file": name, "run_id": run_id, "spec_fingerprint": fingerprint,
              "committed_at": time.time(), **table_stats(table)}  # fmt: skip
     write_json(fs, join(root, MANIFEST, name + ".json"), stats)
@@ -102,14 +132,18 @@ class CommitSink(Datasink[list[dict[str, Any]]]):
 def recover(fs: pafs.FileSystem, root: str) -> int:
     """Roll committed files forward and drop uncommitted staging files; returns files fixed."""
     markers = {p.rsplit("/", 1)[1][: -len(".json")] for p in _markers(fs, root)}
+    staged = {p.rsplit("/", 1)[1]: p for p in _list(fs, join(root, STAGING))}
     fixed = 0
-    for staging in _list(fs, join(root, STAGING)):
-        name = staging.rsplit("/", 1)[1]
+    for name, staging in staged.items():
         if name in markers and not exists(fs, join(root, name)):
             fs.move(staging, join(root, name))
         else:
             fs.delete_file(staging)
         fixed += 1
+    for name in markers - staged.keys():
+        if not exists(fs, join(root, name)):  # committed, then its staging file was cleaned
+            fs.delete_file(join(root, MANIFEST, name + ".json"))
+            fixed += 1
     unmarked = [p for p in list_files(fs, root, ".parquet") if p.rsplit("/", 1)[1] not in markers]
     if unmarked:
         raise StorageError(

@@ -43,8 +43,11 @@ class Plan:
         return self.items_total - self.items_skipped
 
 
-def make_plan(spec: JobSpec) -> Plan:
-    """Check input, then output storage, and compute the pending work; raises StorageError."""
+def make_plan(spec: JobSpec, *, run_id: str | None = None) -> Plan:
+    """Check input, then output storage, and compute the pending work; raises StorageError.
+
+    With ``run_id`` (a run, not a validation) the run takes the output prefix's lease first.
+    """
     in_fs, in_path = filesystem(spec.input.uri, spec.storage)
     out_fs, out_root = filesystem(spec.output.uri, spec.storage)
     try:
@@ -53,6 +56,8 @@ def make_plan(spec: JobSpec) -> Plan:
             raise StorageError(f"no Parquet files under {spec.input.uri}")
         per_file, schema = _read_ids(in_fs, files, spec.input)
         _probe_write(out_fs, out_root)
+        if run_id is not None:
+            commit.take_lease(out_fs, out_root, run_id)
         recovered = commit.recover(out_fs, out_root)
         _check_fingerprint(out_fs, out_root, fingerprint(spec))
         done = commit.committed_ids(out_fs, out_root)

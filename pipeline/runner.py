@@ -163,7 +163,7 @@ def new_run_id(spec: JobSpec, run_date: str) -> str:
 def run_job(spec: JobSpec, run_date: str, *, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a job; returns the run summary (also written to _runs/)."""
     run_id, started = new_run_id(spec, run_date), time.time()
-    plan = make_plan(spec)
+    plan = make_plan(spec, run_id=run_id)
     check_model_path(spec)
     record = summary.Recorder(spec, plan, run_id=run_id, run_date=run_date, started=started)
     if plan.items_pending == 0:

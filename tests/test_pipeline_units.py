@@ -46,6 +46,27 @@ def test_recover_rolls_forward_and_drops_uncommitted(tmp_path: Path) -> None:
     assert commit.committed_ids(FS, root) == {"x"}
 
 
+def test_a_superseded_writer_commits_nothing(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    commit.take_lease(FS, root, "run-old")
+    commit.commit_table(FS, root, rows(["a"]), "run-old")
+    commit.take_lease(FS, root, "run-new")  # a rerun after a crash takes the prefix
+    with pytest.raises(commit.SupersededError, match=r"superseded .* by run run-new"):
+        commit.commit_table(FS, root, rows(["b"]), "run-old")  # an orphaned writer
+    assert os.listdir(f"{root}/_staging") == []
+    assert commit.committed_ids(FS, root) == {"a"}
+    commit.commit_table(FS, root, rows(["b"]), "run-new")
+    assert commit.committed_ids(FS, root) == {"a", "b"}
+
+
+def test_recover_drops_a_marker_whose_file_vanished(tmp_path: Path) -> None:
+    root = str(tmp_path)
+    name = commit.commit_table(FS, root, rows(["x", "y"]), "r")["file"]
+    os.remove(f"{root}/{name}")  # its staging file was cleaned before the writer's move
+    assert commit.recover(FS, root) == 1
+    assert commit.committed_files(FS, root) == [] and commit.committed_ids(FS, root) == set()
+
+
 def test_unmarked_results_are_refused(tmp_path: Path) -> None:
     pq.write_table(rows(["z"]), tmp_path / "foreign.parquet")
     with pytest.raises(StorageError, match="without commit markers"):
