@@ -20,8 +20,10 @@ ASSETS = Path(__file__).resolve().parent.parent / "pipeline" / "assets" / "image
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_session():
-    env = {"worker_process_setup_hook": "tests.poison.install",
-           "env_vars": {"PYTHONPATH": str(ASSETS.parents[2])}}  # workers import `tests` too
+    env = {
+        "worker_process_setup_hook": "tests.poison.install",
+        "env_vars": {"PYTHONPATH": str(ASSETS.parents[2])},
+    }  # workers import `tests` too
     ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, runtime_env=env,
              object_store_memory=300_000_000)  # fmt: skip
     ray.data.DataContext.get_current().enable_progress_bars = False
