@@ -134,6 +134,7 @@ def main() -> None:
     if not (model / "config.json").is_file():
         build_tiny_checkpoint("llava", model, **MODEL)
     ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    run(model, 8, method="resprune", new_tokens=4)  # warm-up (imports, page cache), discarded
     n, rows, result = args.items, [], {"device": "CPU, 2 cores", "items": args.items}
     for tokens in (16, 8, 64):
         pr, un = (run(model, n, method=m, new_tokens=tokens) for m in ("resprune", "none"))
