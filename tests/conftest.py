@@ -23,6 +23,18 @@ def s3_server() -> S3Server:
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def ray_session(s3_server: S3Server):
+    """One in-process Ray session per module (a logical GPU), started after the S3 server
+    so Ray workers inherit its AWS_* environment. Modules opt in with usefixtures."""
+    import ray
+
+    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, object_store_memory=300_000_000)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture
 def s3_bucket(s3_server: S3Server, request: pytest.FixtureRequest) -> str:
     """A fresh bucket per test, named after the test."""

@@ -11,7 +11,6 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-import ray
 from PIL import Image
 
 from pipeline import runner, summary
@@ -30,13 +29,7 @@ SUMMARY_KEYS = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_session(s3_server):
-    """Started after the S3 server, so Ray workers inherit its AWS_* environment."""
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, object_store_memory=300_000_000)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pytest
-import ray
 
 from pipeline import demo, runner
 from pipeline.__main__ import main as pipeline_main
@@ -24,13 +23,7 @@ DATE = "2026-11-24"
 PRICE = 2.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_session(s3_server):
-    """One Ray session for the module, started after S3 so workers inherit AWS_* env."""
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, object_store_memory=300_000_000)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 @pytest.fixture(scope="module")
