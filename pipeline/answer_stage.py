@@ -4,7 +4,10 @@ Per call: rows that failed on the CPU pass through untouched; the rest are packe
 sub-batches by an LLM-token budget (``execution.max_batch_tokens``: prompt after pruning +
 new tokens, so pruned items form proportionally larger batches), answered, and timed on the
 device (synchronised wall time split over the sub-batch's items). A sub-batch that raises
-falls back to one item at a time, so one item cannot sink its batch. Shadow rows are
+falls back to one item at a time, so one item cannot sink its batch; a systemic fault
+(`pipeline.faults`: a CUDA error, out of memory with one item, ``ERROR_STREAK`` items in a
+row raising) is never written as an answer: the actor exits so Ray restarts it and retries
+the batch, within ``execution.max_task_retries``. Shadow rows are
 answered again, pruned and unpruned in batches of the same make-up, on the same actor, so
 their time ratio compares like with like. The actor reports its start, model shape and
 busy time to the run's ledger (side effects are at-least-once; the run's GPU-seconds come
@@ -16,19 +19,24 @@ answered one item at a time, and an item that killed it while answered alone is 
 
 from __future__ import annotations
 
+import os
 import pickle
+import sys
 import time
 import uuid
-from typing import Any
+from typing import Any, NoReturn
 
 import pyarrow as pa
 import ray
 
+from pipeline import faults
 from pipeline.columns import output_schema
 from pipeline.preprocess import PREPARED
 from pipeline.spec import JobSpec
 from pipeline.storage import redact
 from resprune.items import ItemError, ItemResult, PreparedItem
+
+ERROR_STREAK = 8  # consecutive items the model raised for: the model, not the items, is broken
 
 
 def pack(costs: list[int], *, budget: int | None, max_items: int) -> list[list[int]]:
@@ -75,11 +83,25 @@ class Answerer:
         self.pruner = build_pruner(p.method, alpha=p.alpha, seed=p.seed)
         self.unpruned = build_pruner("none")
         self.image_token_id = int(self.vlm.model.config.image_token_id)
-        self.busy_s = 0.0
+        self.busy_s, self.error_streak = 0.0, 0
         if ledger is not None:
             ledger.actor_started.remote(self.key, self.started, self.vlm.describe())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        try:
+            return self._call(batch)
+        except faults.SystemicFault as exc:
+            self._exit(batch.column("id").to_pylist(), str(exc))
+
+    def _exit(self, ids: list[str], cause: str) -> NoReturn:
+        """Leave the process so Ray restarts the actor (bounded) and retries the batch."""
+        line = redact(cause.strip().splitlines()[0] if cause.strip() else cause)
+        print(f"model actor exits on a systemic fault: {line}", file=sys.stderr, flush=True)
+        if self.ledger is not None:
+            ray.get(self.ledger.systemic_exit.remote(ids, line))
+        os._exit(1)
+
+    def _call(self, batch: pa.Table) -> pa.Table:
         rows = batch.drop_columns([PREPARED]).to_pylist()
         blobs = batch.column(PREPARED).to_pylist()
         todo = [i for i, r in enumerate(rows) if r["status"] == "ok"]
@@ -147,11 +169,24 @@ class Answerer:
               "anyres": self.spec.pruning.anyres}  # fmt: skip
         try:
             results, seconds = self._timed(answer_batch, items, **kw)
-            return [(r, seconds / len(items)) for r in results]
         except Exception as exc:
+            if faults.classify(exc, batch_size=len(items)) == faults.SYSTEMIC:
+                raise faults.SystemicFault(f"{type(exc).__name__}: {exc}") from exc
             if len(items) == 1:
-                return [(ItemError("model_error", f"{type(exc).__name__}: {exc}"), 0.0)]
-        return [r for it in items for r in self._run([it], pruner, keep)]
+                return [(self._model_error(exc), 0.0)]
+            _free_device_memory()
+            return [r for it in items for r in self._run([it], pruner, keep)]
+        self.error_streak = 0
+        return [(r, seconds / len(items)) for r in results]
+
+    def _model_error(self, exc: Exception) -> ItemError:
+        """An item the model raised for alone; many in a row mean the model is broken."""
+        self.error_streak += 1
+        message = f"{type(exc).__name__}: {exc}"
+        if self.error_streak >= ERROR_STREAK:
+            raise faults.SystemicFault(f"the model raised for {ERROR_STREAK} items in a row, "
+                                       f"last: {message}") from exc  # fmt: skip
+        return ItemError("model_error", message)
 
     def _timed(self, fn: Any, items: list[PreparedItem], **kw: Any) -> tuple[list[Any], float]:
         import torch
@@ -173,6 +208,14 @@ class Answerer:
         visual = int((item.input_ids == self.image_token_id).sum())
         kept = visual if pruner.name == "none" else resolve_keep(keep, visual)
         return n - visual + kept + self.spec.model.max_new_tokens
+
+
+def _free_device_memory() -> None:
+    """Release cached blocks before retrying smaller (after an out-of-memory, say)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _fill(row: dict[str, Any], res: tuple[Any, float]) -> None:

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from pipeline import faults
 from resprune.items import ItemError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -86,14 +87,25 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def fetch_bytes(fs: pafs.FileSystem, path: str, *, max_bytes: int) -> bytes:
-    """Read an image file (local or S3), refusing files above the byte cap."""
+    """Read an image file (local or S3), refusing files above the byte cap.
+
+    Transient storage faults are retried (`pipeline.faults.retry`) and, when they persist,
+    raise `TransientFault` (the row is deferred, not failed); a missing or refused file is
+    the item's fault (``fetch_failed``).
+    """
     try:
-        info = fs.get_file_info(path)
-        if info.type != pafs.FileType.File:
-            raise ItemError("fetch_failed", f"{path} does not exist")
-        if info.size is not None and info.size > max_bytes:
-            raise ItemError("too_large_bytes", f"{path} has {info.size} bytes > cap {max_bytes}")
-        with fs.open_input_stream(path) as f:
-            return f.read()
+        return faults.retry(lambda: _read(fs, path, max_bytes), what=f"fetch {path}")
+    except faults.TransientFault:
+        raise
     except OSError as exc:
         raise ItemError("fetch_failed", f"cannot read {path}: {exc}") from None
+
+
+def _read(fs: pafs.FileSystem, path: str, max_bytes: int) -> bytes:
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise ItemError("fetch_failed", f"{path} does not exist")
+    if info.size is not None and info.size > max_bytes:
+        raise ItemError("too_large_bytes", f"{path} has {info.size} bytes > cap {max_bytes}")
+    with fs.open_input_stream(path) as f:
+        return f.read()
