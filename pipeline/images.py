@@ -7,7 +7,7 @@ explicit mode normalisation (16-bit rescaled, alpha composited on white, CMYK co
 Animated images use their first frame. Non-goal: resizing (the model's processor does it).
 
 Causes: empty, too_large_bytes, undecodable, bomb_or_too_large, bad_aspect, truncated,
-unsupported_mode, fetch_failed.
+unsupported_mode, fetch_failed (documented in `pipeline.faults.ITEM_CAUSES`).
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ def decode_image(
     try:
         img.load()
     except (OSError, ValueError, SyntaxError) as exc:
-        cause = "truncated" if "truncated" in str(exc) else "undecodable"
-        raise ItemError(cause, f"decode failed: {exc}") from None
+        if "truncated" in str(exc):
+            raise ItemError("truncated", f"decode failed: {exc}") from None
+        raise ItemError("undecodable", f"decode failed: {exc}") from None
     img = ImageOps.exif_transpose(img) or img
     return to_rgb(img)
 
@@ -94,7 +95,7 @@ def fetch_bytes(fs: pafs.FileSystem, path: str, *, max_bytes: int) -> bytes:
     the item's fault (``fetch_failed``).
     """
     try:
-        return faults.retry(lambda: _read(fs, path, max_bytes), what=f"fetch {path}")
+        return faults.retry(lambda: _read(fs, path, max_bytes), what=f"fetch {path}", attempts=3)
     except faults.TransientFault:
         raise
     except OSError as exc:

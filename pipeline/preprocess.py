@@ -48,7 +48,7 @@ def _unexpected(row: dict[str, Any], exc: Exception) -> None:
     else is this item's fault, named by its exception."""
     message = redact(f"{type(exc).__name__}: {exc}")
     if faults.classify(exc) == faults.TRANSIENT:
-        row.update(status=faults.DEFERRED, error_cause="transient", error=message)
+        row.update(status=faults.DEFERRED, error_cause=faults.TRANSIENT, error=message)
     else:
         row.update(status="error", error_cause="preprocess_error", error=message)
 

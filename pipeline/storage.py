@@ -5,7 +5,7 @@ reads/writes, and scrub credentials out of any text we print or store.
 
 Credentials are never passed to pyarrow explicitly: the S3 filesystem resolves them from the
 environment or the node's identity, so a pickled filesystem (shipped to Ray workers) carries
-only the endpoint and region. Transient S3 faults are retried by the AWS SDK's standard
+only the endpoint and region. Transient S3 faults are retried by the AWS SDK's default
 strategy with a bound (`S3_ATTEMPTS`) and bounded timeouts; the strategy does not survive
 pickling, so workers build their filesystem from the URI. Non-goal: caching.
 """
@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 from pipeline.spec import StorageSpec
 
 _USERINFO = re.compile(r"(\w+://)[^/@\s]+@")
-S3_ATTEMPTS = 8  # AWS SDK standard retry: backoff with jitter, throttling and 5xx included
+S3_ATTEMPTS = 6  # AWS SDK retries (5xx, throttling, resets) with 25 ms * 2^n backoff
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 
 
@@ -53,7 +53,7 @@ def filesystem(uri: str, storage: StorageSpec | None = None) -> tuple[pafs.FileS
             region=region,
             connect_timeout=10,
             request_timeout=60,
-            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS),
+            retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=S3_ATTEMPTS),
         )
         return fs, filesystem_path(uri)
     return pafs.LocalFileSystem(), filesystem_path(uri)
