@@ -1,7 +1,7 @@
 """ResPrune's token selector: greedy subspace expansion by text-modulated residual energy.
 
 With S the kept set and P_S the projector onto span{v_j : j in S}, each step adds the token
-with the largest ``g(r_i) * ||v_i - P_S v_i||^2`` where ``g(r) = (max(r, 0) + eps) ** alpha``.
+with the largest ``g(r_i) * ||v_i - P_S v_i||^2`` where ``g(r) = max(r, floor) ** alpha``.
 Scaling each token by ``sqrt(g(r_i))`` turns this into greedy column-pivoted QR, computed here
 as incremental Gram-Schmidt in float32: after picking the unit residual q, every token's
 energy drops by ``<q, y>^2``. The projections ``<q, y>`` come from the Gram matrix (one
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-RELEVANCE_EPS = 1e-6
+from resprune.floor import RELEVANCE_FLOOR, check_relevance_floor
 
 
 @dataclass(frozen=True)
@@ -28,11 +28,13 @@ class Selection:
     retained_energy: torch.Tensor  # float32 [] or [B]
 
 
-def relevance_weights(relevance: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``g(r) = (clamp(r, 0) + eps) ** alpha``; alpha = 0 gives all ones."""
+def relevance_weights(
+    relevance: torch.Tensor, alpha: float, floor: float = RELEVANCE_FLOOR
+) -> torch.Tensor:
+    """``g(r) = max(r, floor) ** alpha``: r ** alpha above the floor; alpha = 0 gives all ones."""
     if alpha == 0:
         return torch.ones_like(relevance, dtype=torch.float32)
-    return (relevance.float().clamp_min(0) + RELEVANCE_EPS).pow(alpha)
+    return relevance.float().clamp_min(floor).pow(alpha)
 
 
 def select_tokens(
@@ -42,6 +44,7 @@ def select_tokens(
     relevance: torch.Tensor | None = None,
     alpha: float = 1.0,
     mask: torch.Tensor | None = None,
+    relevance_floor: float = RELEVANCE_FLOOR,
 ) -> Selection:
     """Select ``k`` tokens per image by greedy residual-energy subspace expansion.
 
@@ -51,10 +54,12 @@ def select_tokens(
         relevance: None (r = 1) or [N] / [B, N] text relevance r_i.
         alpha: exponent of the relevance modulation; 0 ignores relevance.
         mask: None or bool [B, N] (or [N]), True for valid tokens; padding is never kept.
+        relevance_floor: relevance below it counts as the floor, ``g(r) = max(r, floor) ** alpha``.
     """
     single = tokens.dim() == 2
+    check_relevance_floor(alpha, relevance_floor)
     x, r, m = _validate(tokens, k, relevance, mask)
-    w = None if r is None or alpha == 0 else relevance_weights(r, alpha)
+    w = None if r is None or alpha == 0 else relevance_weights(r, alpha, relevance_floor)
     y = x if w is None else x * w.sqrt().unsqueeze(-1)
     chosen, coef = _greedy_pivots(y, m, k)
     indices = chosen.sort(dim=-1).values
