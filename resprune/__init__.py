@@ -4,6 +4,7 @@
 # the job spec uses) must not pull in torch or transformers.
 _LAZY = {
     "Selection": "resprune.select",
+    "select_prefixes": "resprune.select",
     "select_tokens": "resprune.select",
     "answer_batch": "resprune.answer",
     "load_vlm": "resprune.loading",
