@@ -2,7 +2,8 @@
 
 Per call: rows that failed on the CPU pass through untouched; the rest are packed into
 sub-batches by an LLM-token budget (``execution.max_batch_tokens``: prompt after pruning +
-new tokens, so pruned items form proportionally larger batches), answered, and timed on the
+new tokens, so pruned items form proportionally larger batches; ``auto`` sizes it from free
+GPU memory, see resprune/memory.py), answered, and timed on the
 device (synchronised wall time split over the sub-batch's items). A sub-batch that raises
 falls back to one item at a time, so one item cannot sink its batch. Shadow rows are
 answered again, pruned and unpruned in batches of the same make-up, on the same actor, so
@@ -60,6 +61,7 @@ class Answerer:
 
         from resprune.engines import engine_class
         from resprune.loading import load_vlm
+        from resprune.memory import resolve_batch_tokens
         from resprune.pruners import build_pruner
 
         self.started, self.key = time.time(), uuid.uuid4().hex
@@ -73,7 +75,7 @@ class Answerer:
         self.vlm = vlm or load_vlm(
             m.path, family=m.family, dtype=m.dtype if gpu else "float32", device=self.device,
             revision=m.revision, trust_remote_code=m.trust_remote_code,
-            endpoint_url=spec.storage.endpoint_url,
+            endpoint_url=spec.storage.endpoint_url, attn_implementation=m.attn_implementation,
         )  # fmt: skip
         options = m.vllm.model_dump() if m.engine == "vllm" else {}
         self.engine = engine(self.vlm, **options)
@@ -83,6 +85,11 @@ class Answerer:
         )
         self.unpruned = build_pruner("none")
         self.image_token_id = int(self.vlm.model.config.image_token_id)
+        tokens = spec.execution.max_batch_tokens  # vLLM sizes its own batches from memory
+        auto_vllm = tokens == "auto" and m.engine == "vllm"
+        self.batch_tokens = (
+            None if auto_vllm else resolve_batch_tokens(tokens, self.vlm.model, self.vlm.device)
+        )
         self.busy_s = 0.0
         if ledger is not None:
             ledger.actor_started.remote(self.key, self.started, self.vlm.describe())
@@ -140,7 +147,7 @@ class Answerer:
         out: list[Any] = [None] * len(items)
         ex = self.spec.execution
         costs = [self._cost(it, pruner, keep) for it in items]
-        for group in pack(costs, budget=ex.max_batch_tokens, max_items=ex.batch_size):
+        for group in pack(costs, budget=self.batch_tokens, max_items=ex.batch_size):
             for i, res in zip(
                 group, self._run([items[i] for i in group], pruner, keep), strict=True
             ):

@@ -106,6 +106,12 @@ class ModelSpec(_Strict):
         "(needs the vllm extra; LLaVA family; contiguous positions).",
     )
     vllm: VllmSpec = Field(default_factory=VllmSpec, description="vLLM engine settings.")
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+        "sdpa",
+        description="Attention kernels of the transformers model; flash_attention_2 needs "
+        "flash_attn (in the GPU image) and runs Qwen2.5-VL's windowed vision attention as one "
+        "varlen call per layer.",
+    )
 
 
 class PruningSpec(_Strict):
@@ -157,8 +163,11 @@ class PruningSpec(_Strict):
 
 class ExecutionSpec(_Strict):
     batch_size: int = Field(16, ge=1, description="Items per model batch (upper bound).")
-    max_batch_tokens: int | None = Field(
-        None, ge=1, description="Pack model batches up to this many LLM tokens (prompt + new)."
+    max_batch_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        None,
+        description="Pack model batches up to this many LLM tokens (prompt after pruning + new); "
+        "auto: from the GPU's free memory after the weights and the model's KV bytes per token "
+        "(16384 on CPU; see resprune/memory.py). Raise batch_size with auto: it still caps items.",
     )
     actors: int | tuple[int, int] = Field(
         1, description="Model actors: a fixed count or [min, max]."
