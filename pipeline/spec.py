@@ -18,6 +18,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from resprune.floor import check_relevance_floor
+from resprune.words import active_extractor
+
 SECRET_NAME = re.compile(r"(SECRET|PASSWORD|TOKEN|CREDENTIAL|ACCESS_KEY|PRIVATE)", re.IGNORECASE)
 
 
@@ -61,6 +64,20 @@ class InputSpec(_Strict):
         return self
 
 
+class VllmSpec(_Strict):
+    """vLLM engine knobs (``model.engine: vllm``); they change throughput, not answers."""
+
+    max_num_seqs: int = Field(
+        64, ge=1, description="Sequences vLLM's scheduler runs at once (continuous batching)."
+    )
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0, le=1, description="Share of the GPU memory vLLM may use (weights + KV cache)."
+    )
+    max_model_len: int | None = Field(
+        None, ge=1, description="Context length vLLM reserves per sequence (None: the model's)."
+    )
+
+
 class ModelSpec(_Strict):
     path: str = Field(description="Local folder, s3:// prefix, or hub id of the checkpoint.")
     family: Literal["auto", "llava", "llava_next", "qwen2_5_vl"] = Field(
@@ -84,6 +101,18 @@ class ModelSpec(_Strict):
     trust_remote_code: bool = Field(
         False, description="Run code shipped with the checkpoint (off)."
     )
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="What generates from the kept tokens: transformers (reference) or vllm "
+        "(needs the vllm extra; LLaVA family; contiguous positions).",
+    )
+    vllm: VllmSpec = Field(default_factory=VllmSpec, description="vLLM engine settings.")
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+        "sdpa",
+        description="Attention kernels of the transformers model; flash_attention_2 needs "
+        "flash_attn (in the GPU image) and runs Qwen2.5-VL's windowed vision attention as one "
+        "varlen call per layer.",
+    )
 
 
 class PruningSpec(_Strict):
@@ -94,7 +123,18 @@ class PruningSpec(_Strict):
         64, description="Visual tokens kept per image (int) or fraction of them (float in (0, 1])."
     )
     alpha: float = Field(
-        1.0, description="Relevance exponent in g(r) = r^alpha; 0 ignores the text."
+        1.0,
+        description="Relevance exponent in g(r) = max(r, relevance_floor)^alpha; 0 ignores the "
+        "text; negative favours tokens least related to the question.",
+    )
+    relevance_floor: float = Field(
+        1e-6,
+        gt=0,
+        le=1,
+        description="Relevance below it counts as the floor. At 1e-6 with alpha > 0 a token whose "
+        "cosine to the question is <= 0 is picked only after all positively related ones run "
+        "out of residual energy (a sign gate); a larger floor (e.g. 0.05) lets it compete at a "
+        "fixed discount. With alpha < 0 it caps the top weight at floor^alpha.",
     )
     position_policy: Literal["original", "contiguous"] = Field(
         "original", description="Kept tokens keep their original positions, or are renumbered."
@@ -111,11 +151,24 @@ class PruningSpec(_Strict):
             raise ValueError("keep must be an int or a float, not a bool")
         return v
 
+    @model_validator(mode="after")
+    def _weights_finite(self) -> PruningSpec:
+        check_relevance_floor(self.alpha, self.relevance_floor)
+        return self
+
+    @property
+    def uses_text(self) -> bool:
+        """Whether the question's words change the selection."""
+        return self.method == "resprune" and self.alpha != 0
+
 
 class ExecutionSpec(_Strict):
     batch_size: int = Field(16, ge=1, description="Items per model batch (upper bound).")
-    max_batch_tokens: int | None = Field(
-        None, ge=1, description="Pack model batches up to this many LLM tokens (prompt + new)."
+    max_batch_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        None,
+        description="Pack model batches up to this many LLM tokens (prompt after pruning + new); "
+        "auto: from the GPU's free memory after the weights and the model's KV bytes per token "
+        "(16384 on CPU; see resprune/memory.py). Raise batch_size with auto: it still caps items.",
     )
     actors: int | tuple[int, int] = Field(
         1, description="Model actors: a fixed count or [min, max]."
@@ -219,12 +272,24 @@ class JobSpec(_Strict):
     storage: StorageSpec = Field(default_factory=StorageSpec)
     runtime_env: RuntimeEnvSpec = Field(default_factory=RuntimeEnvSpec)
 
+    @model_validator(mode="after")
+    def _engine_positions(self) -> JobSpec:
+        policy = self.pruning.position_policy
+        if self.model.engine == "vllm" and policy != "contiguous":
+            raise ValueError(
+                f"pruning.position_policy: engine vllm numbers positions contiguously; set "
+                f"pruning.position_policy: contiguous (got {policy})"
+            )
+        return self
+
 
 def fingerprint(spec: JobSpec) -> str:
     """Hash of the settings that change answers (input columns, model, pruning).
 
     A local model path counts by where it points, not how it is spelled (relative, absolute,
-    ``~``, trailing slash), so one job run from two working directories resumes.
+    ``~``, trailing slash), so one job run from two working directories resumes. When the
+    selection reads the question, the word extractor this installation runs (spaCy or
+    stopwords) is part of it too.
     """
     parts = _fingerprinted(spec)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
@@ -233,13 +298,22 @@ def fingerprint(spec: JobSpec) -> str:
 def fingerprint_fields(spec: JobSpec) -> dict[str, Any]:
     """The fingerprinted settings as flat ``section.key -> value`` (stored in markers, so a
     refusal can name the fields that differ)."""
-    return {f"{s}.{k}": v for s, sect in _fingerprinted(spec).items() for k, v in sect.items()}
+    flat: dict[str, Any] = {}
+    for name, value in _fingerprinted(spec).items():
+        if isinstance(value, dict):
+            flat |= {f"{name}.{k}": v for k, v in value.items()}
+        else:
+            flat[name] = value
+    return flat
 
 
 def _fingerprinted(spec: JobSpec) -> dict[str, Any]:
     parts = spec.model_dump(include={"model", "pruning", "input"}, mode="json")
     parts["input"].pop("uri", None)
+    parts["model"].pop("vllm", None)  # throughput knobs
     parts["model"]["path"] = canonical_model_path(spec.model.path)
+    if spec.pruning.uses_text:
+        parts["relevance_extractor"] = active_extractor()
     return parts
 
 
