@@ -2,19 +2,20 @@
 
 Per call: rows that failed on the CPU pass through untouched; the rest are packed into
 sub-batches by an LLM-token budget (``execution.max_batch_tokens``: prompt after pruning +
-new tokens, so pruned items form proportionally larger batches), answered, and timed on the
-device (synchronised wall time split over the sub-batch's items; each row names its batch
-and its size). A sub-batch that raises falls back to one item at a time, so one item cannot
-sink its batch; the failed attempt's time stays on its items (``failed_gpu_seconds``).
-The shadow sample is drawn by batch: a seeded share of the model batches is answered again
-unpruned, packed under the same size cap and token budget, right after its pruned pass on
-the same actor, so the time ratio compares the main pass's own batches with their unpruned
-twins (same regime: batch 1 is memory-bound, full batches are not). The actor reports its
-start, model shape and busy time to the run's ledger (side effects are at-least-once; the
-run's GPU-seconds come from committed rows instead). A batch whose earlier attempt killed
-the actor process is answered one item at a time, and an item that killed it while answered
-alone is quarantined (``crashed_worker``) instead of retried: a poison item costs at most
-three attempts (``execution.max_task_retries`` >= 2). Non-goal: batching across Ray calls.
+new tokens, so pruned items form proportionally larger batches; ``auto`` sizes it from free
+GPU memory, see resprune/memory.py), answered, and timed on the device (synchronised wall
+time split over the sub-batch's items; each row names its batch and its size). A sub-batch
+that raises falls back to one item at a time, so one item cannot sink its batch; the failed
+attempt's time stays on its items (``failed_gpu_seconds``). The shadow sample is drawn by
+batch: a seeded share of the model batches is answered again unpruned, packed under the same
+size cap and token budget, right after its pruned pass on the same actor, so the time ratio
+compares the main pass's own batches with their unpruned twins (same regime: batch 1 is
+memory-bound, full batches are not). The actor reports its start, model shape and busy time
+to the run's ledger (side effects are at-least-once; the run's GPU-seconds come from
+committed rows instead). A batch whose earlier attempt killed the actor process is answered
+one item at a time, and an item that killed it while answered alone is quarantined
+(``crashed_worker``) instead of retried: a poison item costs at most three attempts
+(``execution.max_task_retries`` >= 2). Non-goal: batching across Ray calls.
 """
 
 from __future__ import annotations
@@ -80,25 +81,35 @@ class Answerer:
                  ledger: Any = None):  # fmt: skip
         import torch
 
+        from resprune.engines import engine_class
         from resprune.loading import load_vlm
+        from resprune.memory import resolve_batch_tokens
         from resprune.pruners import build_pruner
 
         self.started, self.key = time.time(), uuid.uuid4().hex
         self.spec, self.ledger, self.passthrough = spec, ledger, passthrough
         self.const = {"run_id": run_id, "run_date": run_date, "model": spec.model.path,
                       "pruner": spec.pruning.method, "keep": str(spec.pruning.keep)}  # fmt: skip
+        engine = engine_class(spec.model.engine)  # not installed: fail before loading weights
         gpu = spec.execution.gpus_per_actor > 0 and torch.cuda.is_available()
         self.device = "cuda" if gpu else "cpu"
         m = spec.model
         self.vlm = load_vlm(
             m.path, family=m.family, dtype=m.dtype if gpu else "float32", device=self.device,
             revision=m.revision, trust_remote_code=m.trust_remote_code,
-            endpoint_url=spec.storage.endpoint_url,
+            endpoint_url=spec.storage.endpoint_url, attn_implementation=m.attn_implementation,
         )  # fmt: skip
+        options = m.vllm.model_dump() if m.engine == "vllm" else {}
+        self.engine = engine(self.vlm, **options)
         p = spec.pruning
         self.pruner = build_pruner(p.method, alpha=p.alpha, seed=p.seed)
         self.unpruned = build_pruner("none")
         self.image_token_id = int(self.vlm.model.config.image_token_id)
+        tokens = spec.execution.max_batch_tokens  # vLLM sizes its own batches from memory
+        auto_vllm = tokens == "auto" and m.engine == "vllm"
+        self.batch_tokens = (
+            None if auto_vllm else resolve_batch_tokens(tokens, self.vlm.model, self.vlm.device)
+        )
         self.busy_s = 0.0
         if ledger is not None:
             ledger.actor_started.remote(self.key, self.started, self.vlm.describe())
@@ -167,7 +178,7 @@ class Answerer:
         out: list[Any] = [None] * len(items)
         ex = self.spec.execution
         costs = [self._cost(it, pruner, keep) for it in items]
-        for group in pack(costs, budget=ex.max_batch_tokens, max_items=ex.batch_size):
+        for group in pack(costs, budget=self.batch_tokens, max_items=ex.batch_size):
             for i, res in zip(
                 group, self._run([items[i] for i in group], pruner, keep), strict=True
             ):
@@ -179,7 +190,7 @@ class Answerer:
 
         kw = {"pruner": pruner, "keep": keep, "max_new_tokens": self.spec.model.max_new_tokens,
               "position_policy": self.spec.pruning.position_policy,
-              "anyres": self.spec.pruning.anyres}  # fmt: skip
+              "anyres": self.spec.pruning.anyres, "engine": self.engine}  # fmt: skip
         batch_id, n = uuid.uuid4().hex[:16], len(items)
         started = self._start()
         try:

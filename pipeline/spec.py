@@ -60,6 +60,20 @@ class InputSpec(_Strict):
         return self
 
 
+class VllmSpec(_Strict):
+    """vLLM engine knobs (``model.engine: vllm``); they change throughput, not answers."""
+
+    max_num_seqs: int = Field(
+        64, ge=1, description="Sequences vLLM's scheduler runs at once (continuous batching)."
+    )
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0, le=1, description="Share of the GPU memory vLLM may use (weights + KV cache)."
+    )
+    max_model_len: int | None = Field(
+        None, ge=1, description="Context length vLLM reserves per sequence (None: the model's)."
+    )
+
+
 class ModelSpec(_Strict):
     path: str = Field(description="Local folder, s3:// prefix, or hub id of the checkpoint.")
     family: Literal["auto", "llava", "llava_next", "qwen2_5_vl"] = Field(
@@ -82,6 +96,18 @@ class ModelSpec(_Strict):
     )
     trust_remote_code: bool = Field(
         False, description="Run code shipped with the checkpoint (off)."
+    )
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="What generates from the kept tokens: transformers (reference) or vllm "
+        "(needs the vllm extra; LLaVA family; contiguous positions).",
+    )
+    vllm: VllmSpec = Field(default_factory=VllmSpec, description="vLLM engine settings.")
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+        "sdpa",
+        description="Attention kernels of the transformers model; flash_attention_2 needs "
+        "flash_attn (in the GPU image) and runs Qwen2.5-VL's windowed vision attention as one "
+        "varlen call per layer.",
     )
 
 
@@ -113,8 +139,11 @@ class PruningSpec(_Strict):
 
 class ExecutionSpec(_Strict):
     batch_size: int = Field(16, ge=1, description="Items per model batch (upper bound).")
-    max_batch_tokens: int | None = Field(
-        None, ge=1, description="Pack model batches up to this many LLM tokens (prompt + new)."
+    max_batch_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        None,
+        description="Pack model batches up to this many LLM tokens (prompt after pruning + new); "
+        "auto: from the GPU's free memory after the weights and the model's KV bytes per token "
+        "(16384 on CPU; see resprune/memory.py). Raise batch_size with auto: it still caps items.",
     )
     actors: int | tuple[int, int] = Field(
         1, description="Model actors: a fixed count or [min, max]."
@@ -214,11 +243,22 @@ class JobSpec(_Strict):
     storage: StorageSpec = Field(default_factory=StorageSpec)
     runtime_env: RuntimeEnvSpec = Field(default_factory=RuntimeEnvSpec)
 
+    @model_validator(mode="after")
+    def _engine_positions(self) -> JobSpec:
+        policy = self.pruning.position_policy
+        if self.model.engine == "vllm" and policy != "contiguous":
+            raise ValueError(
+                f"pruning.position_policy: engine vllm numbers positions contiguously; set "
+                f"pruning.position_policy: contiguous (got {policy})"
+            )
+        return self
+
 
 def fingerprint(spec: JobSpec) -> str:
     """Hash of the settings that change answers (input columns, model, pruning)."""
     parts = spec.model_dump(include={"model", "pruning", "input"}, mode="json")
     parts["input"].pop("uri", None)
+    parts["model"].pop("vllm", None)  # throughput knobs
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
