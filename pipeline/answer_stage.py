@@ -78,7 +78,9 @@ class Answerer:
     """Map prepared rows to output rows (same rows, same order) with the job's model."""
 
     def __init__(self, spec: JobSpec, *, run_id: str, run_date: str, passthrough: pa.Schema,
-                 ledger: Any = None):  # fmt: skip
+                 ledger: Any = None, vlm: Any = None):  # fmt: skip
+        """Load the model (or share ``vlm``, already loaded: `pipeline eval` answers every
+        configuration with one model per actor)."""
         import torch
 
         from resprune.engines import engine_class
@@ -94,7 +96,7 @@ class Answerer:
         gpu = spec.execution.gpus_per_actor > 0 and torch.cuda.is_available()
         self.device = "cuda" if gpu else "cpu"
         m = spec.model
-        self.vlm = load_vlm(
+        self.vlm = vlm or load_vlm(
             m.path, family=m.family, dtype=m.dtype if gpu else "float32", device=self.device,
             revision=m.revision, trust_remote_code=m.trust_remote_code,
             endpoint_url=spec.storage.endpoint_url, attn_implementation=m.attn_implementation,
@@ -102,7 +104,9 @@ class Answerer:
         options = m.vllm.model_dump() if m.engine == "vllm" else {}
         self.engine = engine(self.vlm, **options)
         p = spec.pruning
-        self.pruner = build_pruner(p.method, alpha=p.alpha, seed=p.seed)
+        self.pruner = build_pruner(
+            p.method, alpha=p.alpha, seed=p.seed, relevance_floor=p.relevance_floor
+        )
         self.unpruned = build_pruner("none")
         self.image_token_id = int(self.vlm.model.config.image_token_id)
         tokens = spec.execution.max_batch_tokens  # vLLM sizes its own batches from memory
@@ -248,6 +252,8 @@ def _fill(row: dict[str, Any], res: Answered) -> None:
         prompt_tokens=result.prompt_tokens, prompt_tokens_unpruned=result.prompt_tokens_unpruned,
         new_tokens=result.new_tokens, gpu_seconds=res.seconds, vision_s=result.vision_s,
         select_s=result.select_s, generate_s=result.generate_s,
+        kept_newlines=result.kept_newlines, relevance_mean=result.relevance_mean,
+        relevance_max=result.relevance_max,
     )  # fmt: skip
 
 

@@ -29,7 +29,8 @@ OUTPUT_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("pruner", _STR, "Pruning method (resprune, none, random, uniform, pool, divprune)."),
     ("keep", _STR, "The spec's keep value as written (int tokens or fraction)."),
     ("visual_tokens", _I32, "Visual tokens the image produced before pruning."),
-    ("kept_tokens", _I32, "Visual tokens the LLM saw."),
+    ("kept_tokens", _I32, "Image tokens the LLM saw (LLaVA-NeXT: kept newlines included)."),
+    ("kept_newlines", _I32, "LLaVA-NeXT image_newline tokens kept (inside kept_tokens); else 0."),
     ("kept_indices", pa.list_(pa.int32()), "Kept token indices, ascending."),
     ("retained_energy", _F64, "Share of the visual tokens' energy in the kept span."),
     ("prompt_tokens", _I32, "Prompt length the LLM processed (after pruning)."),
@@ -49,6 +50,8 @@ OUTPUT_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("select_s", _F64, "Token selection seconds (per item share)."),
     ("generate_s", _F64, "LLM generate seconds (per item share)."),
     ("relevance_extractor", _STR, "Which content-word extractor ran for the relevance."),
+    ("relevance_mean", _F64, "Mean text relevance r_i of the image's tokens; null if unused."),
+    ("relevance_max", _F64, "Max text relevance r_i of the image's tokens; null if unused."),
     (
         "shadow",
         pa.bool_(),
