@@ -2,7 +2,8 @@
 
 Per call: rows that failed on the CPU pass through untouched; the rest are packed into
 sub-batches by an LLM-token budget (``execution.max_batch_tokens``: prompt after pruning +
-new tokens, so pruned items form proportionally larger batches), answered, and timed on the
+new tokens, so pruned items form proportionally larger batches; ``auto`` sizes it from free
+GPU memory, see resprune/memory.py), answered, and timed on the
 device (synchronised wall time split over the sub-batch's items). A sub-batch that raises
 falls back to one item at a time, so one item cannot sink its batch. Shadow rows are
 answered again, pruned and unpruned in batches of the same make-up, on the same actor, so
@@ -53,11 +54,14 @@ class Answerer:
     """Map prepared rows to output rows (same rows, same order) with the job's model."""
 
     def __init__(self, spec: JobSpec, *, run_id: str, run_date: str, passthrough: pa.Schema,
-                 ledger: Any = None):  # fmt: skip
+                 ledger: Any = None, vlm: Any = None):  # fmt: skip
+        """Load the model (or share ``vlm``, already loaded: `pipeline eval` answers every
+        configuration with one model per actor)."""
         import torch
 
         from resprune.engines import engine_class
         from resprune.loading import load_vlm
+        from resprune.memory import resolve_batch_tokens
         from resprune.pruners import build_pruner
 
         self.started, self.key = time.time(), uuid.uuid4().hex
@@ -68,17 +72,24 @@ class Answerer:
         gpu = spec.execution.gpus_per_actor > 0 and torch.cuda.is_available()
         self.device = "cuda" if gpu else "cpu"
         m = spec.model
-        self.vlm = load_vlm(
+        self.vlm = vlm or load_vlm(
             m.path, family=m.family, dtype=m.dtype if gpu else "float32", device=self.device,
             revision=m.revision, trust_remote_code=m.trust_remote_code,
-            endpoint_url=spec.storage.endpoint_url,
+            endpoint_url=spec.storage.endpoint_url, attn_implementation=m.attn_implementation,
         )  # fmt: skip
         options = getattr(m, m.engine).model_dump()  # the engine's own settings block
         self.engine = engine(self.vlm, **options)
         p = spec.pruning
-        self.pruner = build_pruner(p.method, alpha=p.alpha, seed=p.seed)
+        self.pruner = build_pruner(
+            p.method, alpha=p.alpha, seed=p.seed, relevance_floor=p.relevance_floor
+        )
         self.unpruned = build_pruner("none")
         self.image_token_id = int(self.vlm.model.config.image_token_id)
+        tokens = spec.execution.max_batch_tokens  # vLLM sizes its own batches from memory
+        auto_vllm = tokens == "auto" and m.engine == "vllm"
+        self.batch_tokens = (
+            None if auto_vllm else resolve_batch_tokens(tokens, self.vlm.model, self.vlm.device)
+        )
         self.busy_s = 0.0
         if ledger is not None:
             ledger.actor_started.remote(self.key, self.started, self.vlm.describe())
@@ -136,7 +147,7 @@ class Answerer:
         out: list[Any] = [None] * len(items)
         ex = self.spec.execution
         costs = [self._cost(it, pruner, keep) for it in items]
-        for group in pack(costs, budget=ex.max_batch_tokens, max_items=ex.batch_size):
+        for group in pack(costs, budget=self.batch_tokens, max_items=ex.batch_size):
             for i, res in zip(
                 group, self._run([items[i] for i in group], pruner, keep), strict=True
             ):
@@ -191,6 +202,8 @@ def _fill(row: dict[str, Any], res: tuple[Any, float]) -> None:
         prompt_tokens=result.prompt_tokens, prompt_tokens_unpruned=result.prompt_tokens_unpruned,
         new_tokens=result.new_tokens, gpu_seconds=seconds, vision_s=result.vision_s,
         select_s=result.select_s, generate_s=result.generate_s,
+        kept_newlines=result.kept_newlines, relevance_mean=result.relevance_mean,
+        relevance_max=result.relevance_max,
     )  # fmt: skip
 
 

@@ -82,6 +82,7 @@ class Preprocess:
             img = decode_image(self._bytes(image), **self._caps())
             row["image_width"], row["image_height"] = img.size
             item = self.pre.prepare(img, row["question"])
+            item.item_id = str(item_id)
             row["question_truncated"] = bool(item.question_truncated)
             row[PREPARED] = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
         except ItemError as exc:
