@@ -236,7 +236,10 @@ class CostSpec(_Strict):
         None, ge=0, description="Price per GPU hour; unset means unknown (never guessed)."
     )
     shadow_fraction: float = Field(
-        0.01, ge=0, le=1, description="Seeded share of items also answered unpruned."
+        0.01,
+        ge=0,
+        le=1,
+        description="Seeded share of model batches also answered unpruned (whole batches).",
     )
     shadow_seed: int = Field(0, description="Seed of the shadow sample.")
 
