@@ -109,7 +109,7 @@ class Answerer:
             revision=m.revision, trust_remote_code=m.trust_remote_code,
             endpoint_url=spec.storage.endpoint_url, attn_implementation=m.attn_implementation,
         )  # fmt: skip
-        options = m.vllm.model_dump() if m.engine == "vllm" else {}
+        options = getattr(m, m.engine).model_dump()  # the engine's own settings block
         self.engine = engine(self.vlm, **options)
         p = spec.pruning
         self.pruner = build_pruner(

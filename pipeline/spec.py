@@ -78,6 +78,19 @@ class VllmSpec(_Strict):
     )
 
 
+class TransformersSpec(_Strict):
+    """transformers engine knobs (``model.engine: transformers``); same answers, other speed."""
+
+    cache: Literal["auto", "static", "dynamic"] = Field(
+        "auto",
+        description="KV cache: static (preallocated, bucketed) or dynamic; auto: static on GPU, "
+        "dynamic on CPU.",
+    )
+    compile: bool | None = Field(
+        None, description="Compile the static-cache decode step (CUDA graphs); None: on GPU."
+    )
+
+
 class ModelSpec(_Strict):
     path: str = Field(description="Local folder, s3:// prefix, or hub id of the checkpoint.")
     family: Literal["auto", "llava", "llava_next", "qwen2_5_vl"] = Field(
@@ -105,6 +118,9 @@ class ModelSpec(_Strict):
         "transformers",
         description="What generates from the kept tokens: transformers (reference) or vllm "
         "(needs the vllm extra; LLaVA family; contiguous positions).",
+    )
+    transformers: TransformersSpec = Field(
+        default_factory=TransformersSpec, description="transformers engine settings."
     )
     vllm: VllmSpec = Field(default_factory=VllmSpec, description="vLLM engine settings.")
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
@@ -313,7 +329,8 @@ def fingerprint_fields(spec: JobSpec) -> dict[str, Any]:
 def _fingerprinted(spec: JobSpec) -> dict[str, Any]:
     parts = spec.model_dump(include={"model", "pruning", "input"}, mode="json")
     parts["input"].pop("uri", None)
-    parts["model"].pop("vllm", None)  # throughput knobs
+    for knobs in ("transformers", "vllm"):  # engine throughput settings
+        parts["model"].pop(knobs, None)
     parts["model"]["path"] = canonical_model_path(spec.model.path)
     if spec.pruning.uses_text:
         parts["relevance_extractor"] = active_extractor()
