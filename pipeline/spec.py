@@ -60,6 +60,20 @@ class InputSpec(_Strict):
         return self
 
 
+class VllmSpec(_Strict):
+    """vLLM engine knobs (``model.engine: vllm``); they change throughput, not answers."""
+
+    max_num_seqs: int = Field(
+        64, ge=1, description="Sequences vLLM's scheduler runs at once (continuous batching)."
+    )
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0, le=1, description="Share of the GPU memory vLLM may use (weights + KV cache)."
+    )
+    max_model_len: int | None = Field(
+        None, ge=1, description="Context length vLLM reserves per sequence (None: the model's)."
+    )
+
+
 class ModelSpec(_Strict):
     path: str = Field(description="Local folder, s3:// prefix, or hub id of the checkpoint.")
     family: Literal["auto", "llava", "llava_next", "qwen2_5_vl"] = Field(
@@ -83,6 +97,12 @@ class ModelSpec(_Strict):
     trust_remote_code: bool = Field(
         False, description="Run code shipped with the checkpoint (off)."
     )
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="What generates from the kept tokens: transformers (reference) or vllm "
+        "(needs the vllm extra; LLaVA family; contiguous positions).",
+    )
+    vllm: VllmSpec = Field(default_factory=VllmSpec, description="vLLM engine settings.")
 
 
 class PruningSpec(_Strict):
@@ -211,11 +231,22 @@ class JobSpec(_Strict):
     storage: StorageSpec = Field(default_factory=StorageSpec)
     runtime_env: RuntimeEnvSpec = Field(default_factory=RuntimeEnvSpec)
 
+    @model_validator(mode="after")
+    def _engine_positions(self) -> JobSpec:
+        policy = self.pruning.position_policy
+        if self.model.engine == "vllm" and policy != "contiguous":
+            raise ValueError(
+                f"pruning.position_policy: engine vllm numbers positions contiguously; set "
+                f"pruning.position_policy: contiguous (got {policy})"
+            )
+        return self
+
 
 def fingerprint(spec: JobSpec) -> str:
     """Hash of the settings that change answers (input columns, model, pruning)."""
     parts = spec.model_dump(include={"model", "pruning", "input"}, mode="json")
     parts["input"].pop("uri", None)
+    parts["model"].pop("vllm", None)  # throughput knobs
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -1,6 +1,6 @@
 """ResPrune: training-free visual token pruning by residual-energy subspace expansion."""
 
-from resprune.select import Selection, select_tokens
+from resprune.select import Selection, select_prefixes, select_tokens
 
 # Model-facing API, imported lazily: `import resprune` must not pull in transformers.
 _LAZY = {
@@ -10,7 +10,7 @@ _LAZY = {
     "build_tiny_checkpoint": "resprune.tiny",
 }
 
-__all__ = ["Selection", "select_tokens", *_LAZY]
+__all__ = ["Selection", "select_prefixes", "select_tokens", *_LAZY]
 
 
 def __getattr__(name: str):

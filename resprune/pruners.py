@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 
 from resprune.relevance import token_relevance
-from resprune.select import select_tokens
+from resprune.select import select_prefixes
 
 
 @dataclass
@@ -85,17 +85,8 @@ class ResPrune:
         self.alpha = alpha
 
     def prune(self, sets: list[TokenSet], ks: list[int]) -> list[Pruned]:
+        """One batched selector call over all sets, each truncated to its own budget."""
         _check(sets, ks)
-        out: list[Pruned | None] = [None] * len(sets)
-        for k in sorted(set(ks)):  # one batched call per distinct budget
-            members = [i for i, kk in enumerate(ks) if kk == k]
-            for i, pruned in zip(
-                members, self._prune_same_k([sets[i] for i in members], k), strict=True
-            ):
-                out[i] = pruned
-        return out  # type: ignore[return-value]
-
-    def _prune_same_k(self, sets: list[TokenSet], k: int) -> list[Pruned]:
         n_max = max(s.tokens.shape[0] for s in sets)
         dev = sets[0].tokens.device
         x = torch.zeros(len(sets), n_max, sets[0].tokens.shape[1], device=dev)
@@ -107,14 +98,14 @@ class ResPrune:
             x[b, :n], mask[b, :n] = s.tokens.float(), True
             if with_text and s.text is not None:
                 rel[b, :n] = token_relevance(s.tokens, s.text)
-        sel = select_tokens(x, k, relevance=rel, alpha=self.alpha, mask=mask)
+        sels = select_prefixes(x, ks, relevance=rel, alpha=self.alpha, mask=mask)
         return [
             Pruned(
-                indices=sel.indices[b],
-                retained_energy=float(sel.retained_energy[b]),
+                indices=sel.indices,
+                retained_energy=float(sel.retained_energy),
                 relevance=rel[b, : s.tokens.shape[0]] if with_text and s.text is not None else None,
             )
-            for b, s in enumerate(sets)
+            for b, (s, sel) in enumerate(zip(sets, sels, strict=True))
         ]
 
 
