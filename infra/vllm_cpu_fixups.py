@@ -40,8 +40,10 @@ def main() -> None:
     changed = patch_meta_registrations()
     import vllm.model_executor.models.llava  # noqa: F401  (fails loudly if still broken)
 
-    print(f"torchvision meta registrations {'patched' if changed else 'already guarded'}; "
-          "vLLM's LLaVA module imports")
+    print(
+        f"torchvision meta registrations {'patched' if changed else 'already guarded'}; "
+        "vLLM's LLaVA module imports"
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The ``vllm.general_plugins`` entry point: registers the pruned-embedding model classes.
 
 vLLM calls ``register`` in every process it starts, before it resolves a model class. Kept
-free of vLLM imports at module level so that loading the entry point costs nothing.
+free of vLLM imports at module level so that loading the entry point costs nothing, and so
+that spec checks can ask which families the vLLM engine takes without importing vLLM.
 """
 
 from __future__ import annotations
@@ -24,3 +25,14 @@ def register() -> None:
     for family, arch in ARCHITECTURES.items():
         if arch not in known:
             ModelRegistry.register_model(arch, _CLASSES[family])
+
+
+def vllm_refusal(family: str) -> str | None:
+    """One line saying why ``family`` cannot use the vLLM engine, or None when it can."""
+    if family in ARCHITECTURES:
+        return None
+    return (
+        f"model.engine: vllm takes {' and '.join(ARCHITECTURES)} only, not {family}: vLLM sizes "
+        f"its image placeholder run and M-RoPE positions from the full image grid, so pruned "
+        "tokens cannot be passed (use engine: transformers)"
+    )
