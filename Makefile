@@ -11,13 +11,16 @@ VLLM_VENV   := .venv-vllm
 VLLM_STAMP  := $(VLLM_VENV)/.installed
 VLLM_FLAGS  := --compile-bytecode --python $(VLLM_VENV)/bin/python $(if $(FIND_LINKS),--find-links "$(FIND_LINKS)")
 
-.PHONY: demo test test-all test-vllm vllm-env quality format schemas bench bench-engines clean
+.PHONY: demo test test-slow test-all test-vllm vllm-env quality format schemas bench bench-engines clean
 
 $(STAMP): pyproject.toml requirements-ci.txt
+	@echo "make: setting up $(VENV): torch (CPU build), Ray, transformers and the project,"
+	@echo "make: about 75 s the first time (longer when uv must download); later runs skip this"
 	@$(PY) -m uv --version >/dev/null 2>&1 || $(PY) -m pip install -q uv
 	@test -x $(VENV)/bin/python || $(UV) venv -q $(VENV)
-	$(UV) pip install -q $(UV_FLAGS) -c requirements-ci.txt "torch==2.13.0+cpu" -e ".[dev]"
+	@$(UV) pip install -q $(UV_FLAGS) -c requirements-ci.txt "torch==2.13.0+cpu" -e ".[dev]"
 	@touch $(STAMP)
+	@echo "make: $(VENV) is ready"
 
 $(VLLM_STAMP): pyproject.toml requirements-vllm.txt requirements-vllm-excludes.txt infra/vllm_cpu_fixups.py
 	@$(PY) -m uv --version >/dev/null 2>&1 || $(PY) -m pip install -q uv
@@ -33,7 +36,10 @@ demo: $(STAMP)
 	$(VENV)/bin/python -m pipeline demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=15
+
+test-slow: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m slow --durations=15
 
 test-all: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not gpu"

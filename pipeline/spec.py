@@ -10,12 +10,16 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from resprune.floor import check_relevance_floor
+from resprune.words import active_extractor
 
 SECRET_NAME = re.compile(r"(SECRET|PASSWORD|TOKEN|CREDENTIAL|ACCESS_KEY|PRIVATE)", re.IGNORECASE)
 
@@ -85,6 +89,19 @@ class VllmSpec(_Strict):
     )
 
 
+class TransformersSpec(_Strict):
+    """transformers engine knobs (``model.engine: transformers``); same answers, other speed."""
+
+    cache: Literal["auto", "static", "dynamic"] = Field(
+        "auto",
+        description="KV cache: static (preallocated, bucketed) or dynamic; auto: static on GPU, "
+        "dynamic on CPU.",
+    )
+    compile: bool | None = Field(
+        None, description="Compile the static-cache decode step (CUDA graphs); None: on GPU."
+    )
+
+
 class ModelSpec(_Strict):
     path: str = Field(description="Local folder, s3:// prefix, or hub id of the checkpoint.")
     family: Literal["auto", "llava", "llava_next", "qwen2_5_vl"] = Field(
@@ -113,7 +130,16 @@ class ModelSpec(_Strict):
         description="What generates from the kept tokens: transformers (reference) or vllm "
         "(needs the vllm extra; LLaVA family; contiguous positions).",
     )
+    transformers: TransformersSpec = Field(
+        default_factory=TransformersSpec, description="transformers engine settings."
+    )
     vllm: VllmSpec = Field(default_factory=VllmSpec, description="vLLM engine settings.")
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+        "sdpa",
+        description="Attention kernels of the transformers model; flash_attention_2 needs "
+        "flash_attn (in the GPU image) and runs Qwen2.5-VL's windowed vision attention as one "
+        "varlen call per layer.",
+    )
 
 
 class PruningSpec(_Strict):
@@ -124,7 +150,18 @@ class PruningSpec(_Strict):
         64, description="Visual tokens kept per image (int) or fraction of them (float in (0, 1])."
     )
     alpha: float = Field(
-        1.0, description="Relevance exponent in g(r) = r^alpha; 0 ignores the text."
+        1.0,
+        description="Relevance exponent in g(r) = max(r, relevance_floor)^alpha; 0 ignores the "
+        "text; negative favours tokens least related to the question.",
+    )
+    relevance_floor: float = Field(
+        1e-6,
+        gt=0,
+        le=1,
+        description="Relevance below it counts as the floor. At 1e-6 with alpha > 0 a token whose "
+        "cosine to the question is <= 0 is picked only after all positively related ones run "
+        "out of residual energy (a sign gate); a larger floor (e.g. 0.05) lets it compete at a "
+        "fixed discount. With alpha < 0 it caps the top weight at floor^alpha.",
     )
     position_policy: Literal["original", "contiguous"] = Field(
         "original", description="Kept tokens keep their original positions, or are renumbered."
@@ -141,11 +178,24 @@ class PruningSpec(_Strict):
             raise ValueError("keep must be an int or a float, not a bool")
         return v
 
+    @model_validator(mode="after")
+    def _weights_finite(self) -> PruningSpec:
+        check_relevance_floor(self.alpha, self.relevance_floor)
+        return self
+
+    @property
+    def uses_text(self) -> bool:
+        """Whether the question's words change the selection."""
+        return self.method == "resprune" and self.alpha != 0
+
 
 class ExecutionSpec(_Strict):
     batch_size: int = Field(16, ge=1, description="Items per model batch (upper bound).")
-    max_batch_tokens: int | None = Field(
-        None, ge=1, description="Pack model batches up to this many LLM tokens (prompt + new)."
+    max_batch_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        None,
+        description="Pack model batches up to this many LLM tokens (prompt after pruning + new); "
+        "auto: from the GPU's free memory after the weights and the model's KV bytes per token "
+        "(16384 on CPU; see resprune/memory.py). Raise batch_size with auto: it still caps items.",
     )
     actors: int | tuple[int, int] = Field(
         1, description="Model actors: a fixed count or [min, max]."
@@ -170,7 +220,14 @@ class ExecutionSpec(_Strict):
         "quarantined (status crashed_worker) instead of failing the run.",
     )
     max_error_fraction: float = Field(
-        1.0, ge=0, le=1, description="Fail the run when more items than this fraction are errors."
+        0.05,
+        ge=0,
+        le=1,
+        description="The run fails (exit 1) when more than this fraction of its items are "
+        "error rows, judged once at least error_fraction_min_items items are done.",
+    )
+    error_fraction_min_items: int = Field(
+        50, ge=1, description="Items a run must have answered before its error fraction is judged."
     )
 
     @field_validator("actors")
@@ -198,7 +255,10 @@ class CostSpec(_Strict):
         None, ge=0, description="Price per GPU hour; unset means unknown (never guessed)."
     )
     shadow_fraction: float = Field(
-        0.01, ge=0, le=1, description="Seeded share of items also answered unpruned."
+        0.01,
+        ge=0,
+        le=1,
+        description="Seeded share of model batches also answered unpruned (whole batches).",
     )
     shadow_seed: int = Field(0, description="Seed of the shadow sample.")
 
@@ -264,11 +324,48 @@ class JobSpec(_Strict):
 
 
 def fingerprint(spec: JobSpec) -> str:
-    """Hash of the settings that change answers (input columns, model, pruning)."""
+    """Hash of the settings that change answers (input columns, model, pruning).
+
+    A local model path counts by where it points, not how it is spelled (relative, absolute,
+    ``~``, trailing slash), so one job run from two working directories resumes. When the
+    selection reads the question, the word extractor this installation runs (spaCy or
+    stopwords) is part of it too.
+    """
+    parts = _fingerprinted(spec)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fingerprint_fields(spec: JobSpec) -> dict[str, Any]:
+    """The fingerprinted settings as flat ``section.key -> value`` (stored in markers, so a
+    refusal can name the fields that differ)."""
+    flat: dict[str, Any] = {}
+    for name, value in _fingerprinted(spec).items():
+        if isinstance(value, dict):
+            flat |= {f"{name}.{k}": v for k, v in value.items()}
+        else:
+            flat[name] = value
+    return flat
+
+
+def _fingerprinted(spec: JobSpec) -> dict[str, Any]:
     parts = spec.model_dump(include={"model", "pruning", "input"}, mode="json")
     parts["input"].pop("uri", None)
-    parts["model"].pop("vllm", None)  # throughput knobs
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    for knobs in ("transformers", "vllm"):  # engine throughput settings
+        parts["model"].pop(knobs, None)
+    parts["model"]["path"] = canonical_model_path(spec.model.path)
+    if spec.pruning.uses_text:
+        parts["relevance_extractor"] = active_extractor()
+    return parts
+
+
+def canonical_model_path(path: str) -> str:
+    """A local model folder as an absolute, resolved path; URIs and hub ids as written."""
+    if "://" in path:
+        return path.rstrip("/")
+    local = os.path.expanduser(path)
+    if path.startswith((".", "/", "~")) or os.path.isdir(local):
+        return os.path.realpath(local)
+    return path
 
 
 def load_spec(

@@ -1,7 +1,7 @@
 """ResPrune's token selector: greedy subspace expansion by text-modulated residual energy.
 
 With S the kept set and P_S the projector onto span{v_j : j in S}, each step adds the token
-with the largest ``g(r_i) * ||v_i - P_S v_i||^2`` where ``g(r) = (max(r, 0) + eps) ** alpha``.
+with the largest ``g(r_i) * ||v_i - P_S v_i||^2`` where ``g(r) = max(r, floor) ** alpha``.
 Scaling each token by ``sqrt(g(r_i))`` turns this into greedy column-pivoted QR, computed here
 as pivoted Cholesky of the weighted Gram matrix in float32: after picking the unit residual
 q, every token's energy drops by ``<q, y>^2``. One batched GEMM builds the Gram matrix (bf16
@@ -41,7 +41,8 @@ from dataclasses import dataclass
 
 import torch
 
-RELEVANCE_EPS = 1e-6
+from resprune.floor import RELEVANCE_FLOOR, check_relevance_floor
+
 SPENT_TOL = 1e-3  # residual energy share at float32 round-off (see the docstring)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 _TOKEN_BUCKET, _K_BUCKET, _MAX_GRAPHS = 64, 16, 6
@@ -55,11 +56,13 @@ class Selection:
     retained_energy: torch.Tensor  # float32 [] or [B]
 
 
-def relevance_weights(relevance: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``g(r) = (clamp(r, 0) + eps) ** alpha``; alpha = 0 gives all ones."""
+def relevance_weights(
+    relevance: torch.Tensor, alpha: float, floor: float = RELEVANCE_FLOOR
+) -> torch.Tensor:
+    """``g(r) = max(r, floor) ** alpha``: r ** alpha above the floor; alpha = 0 gives all ones."""
     if alpha == 0:
         return torch.ones_like(relevance, dtype=torch.float32)
-    return (relevance.float().clamp_min(0) + RELEVANCE_EPS).pow(alpha)
+    return relevance.float().clamp_min(floor).pow(alpha)
 
 
 def select_tokens(
@@ -69,6 +72,7 @@ def select_tokens(
     relevance: torch.Tensor | None = None,
     alpha: float = 1.0,
     mask: torch.Tensor | None = None,
+    relevance_floor: float = RELEVANCE_FLOOR,
 ) -> Selection:
     """Select ``k`` tokens per image by greedy residual-energy subspace expansion.
 
@@ -78,10 +82,12 @@ def select_tokens(
         relevance: None (r = 1) or [N] / [B, N] text relevance r_i.
         alpha: exponent of the relevance modulation; 0 ignores relevance.
         mask: None or bool [B, N] (or [N]), True for valid tokens; padding is never kept.
+        relevance_floor: relevance below it counts as the floor, ``g(r) = max(r, floor) ** alpha``.
     """
+    check_relevance_floor(alpha, relevance_floor)
     x, r, m = _validate(tokens, relevance, mask)
     _check_budgets(m, [k] * x.shape[0])
-    order, retained = _select(x, r, alpha, m, [k] * x.shape[0])
+    order, retained = _select(x, r, (alpha, relevance_floor), m, [k] * x.shape[0])
     indices = order.sort(dim=-1).values
     if tokens.dim() == 2:
         return Selection(indices[0], retained[0])
@@ -95,6 +101,7 @@ def select_prefixes(
     relevance: torch.Tensor | None = None,
     alpha: float = 1.0,
     mask: torch.Tensor | None = None,
+    relevance_floor: float = RELEVANCE_FLOOR,
 ) -> list[Selection]:
     """`select_tokens` with a budget per image: one run to ``max(ks)``, row b keeps ``ks[b]``.
 
@@ -103,17 +110,26 @@ def select_prefixes(
     """
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
         raise ValueError("tokens must be a [B, N, D] tensor")
+    check_relevance_floor(alpha, relevance_floor)
     x, r, m = _validate(tokens, relevance, mask)
     _check_budgets(m, ks)
-    order, retained = _select(x, r, alpha, m, list(ks))
+    order, retained = _select(x, r, (alpha, relevance_floor), m, list(ks))
     return [Selection(order[b, :k].sort().values, retained[b]) for b, k in enumerate(ks)]
 
 
 def _select(
-    x: torch.Tensor, r: torch.Tensor | None, alpha: float, mask: torch.Tensor, ks: list[int]
+    x: torch.Tensor,
+    r: torch.Tensor | None,
+    g: tuple[float, float],
+    mask: torch.Tensor,
+    ks: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick order [B, max k] and the energy share retained by each row's first ks[b] picks."""
-    w = None if r is None or alpha == 0 else relevance_weights(r, alpha)
+    """Pick order [B, max k] and the energy share retained by each row's first ks[b] picks.
+
+    ``g`` = (alpha, relevance floor) of the relevance weights.
+    """
+    alpha, floor = g
+    w = None if r is None or alpha == 0 else relevance_weights(r, alpha, floor)
     gram_x = _gram(x)
     energy_x = torch.diagonal(gram_x, dim1=1, dim2=2)
     norm = energy_x.clamp_min(0.0).sqrt()

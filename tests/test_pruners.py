@@ -160,3 +160,16 @@ def test_token_relevance_is_max_cosine_and_falls_back_to_one():
     assert token_relevance(v, t).tolist() == pytest.approx([1.0, 0.0, 0.5**0.5])
     assert token_relevance(v, None).tolist() == [1.0, 1.0, 1.0]
     assert token_relevance(v, torch.zeros(0, 2)).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_random_draws_per_image_by_key_and_nests_across_budgets():
+    tokens = _grid_set(seed=8).tokens
+    a, b = TokenSet(tokens, key="item-a#0"), TokenSet(tokens, key="item-b#0")
+    pruner = build_pruner("random", seed=3)
+    alone = pruner.prune([a], [50])[0].indices
+    in_batch = pruner.prune([b, a, b], [50, 50, 30])
+    assert torch.equal(in_batch[1].indices, alone)  # same id: same mask, whatever the batch
+    assert not torch.equal(in_batch[0].indices, alone)  # another id: another mask
+    assert set(in_batch[2].indices.tolist()) <= set(in_batch[0].indices.tolist())
+    other_seed = build_pruner("random", seed=4).prune([a], [50])[0].indices
+    assert not torch.equal(other_seed, alone)

@@ -14,7 +14,7 @@ from resprune.select import _bucket, _greedy_pivots, _pad_to_bucket, select_pref
 def _weights(rel: np.ndarray | None, alpha: float) -> np.ndarray:
     if rel is None or alpha == 0:
         return np.ones(1)
-    return (np.clip(rel, 0, None) + 1e-6) ** alpha
+    return np.maximum(rel, 1e-6) ** alpha  # the default relevance floor
 
 
 def _reference_indices(x: np.ndarray, k: int, rel=None, alpha=1.0) -> list[int]:
@@ -141,6 +141,30 @@ def test_non_finite_tokens_are_rejected():
         select_tokens(x, 2)
     with pytest.raises(ValueError, match="tokens must be"):
         select_tokens(torch.randn(2, 3, 4, 5), 1)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 2.0, -1.0])
+def test_relevance_below_the_floor_counts_as_the_floor(alpha):
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((60, 16))
+    rel = rng.uniform(-0.5, 1.0, 60)
+    sel = select_tokens(
+        torch.tensor(x, dtype=torch.float32), 10, relevance=torch.tensor(rel), alpha=alpha,
+        relevance_floor=0.2,
+    )  # fmt: skip
+    y = x * np.sqrt(np.maximum(rel, 0.2) ** alpha)[:, None]  # g(r) = max(r, floor)^alpha
+    _, _, piv = scipy.linalg.qr(y.T, pivoting=True, mode="economic")
+    assert sel.indices.tolist() == sorted(piv[:10].tolist())
+
+
+@pytest.mark.parametrize(
+    ("alpha", "floor", "message"),
+    [(1.0, 0.0, "relevance_floor must be in"), (1.0, 1.5, "relevance_floor must be in"),
+     (-6.0, 1e-6, "float32 overflow"), (float("nan"), 0.1, "alpha must be finite")],
+)  # fmt: skip
+def test_bad_floor_or_alpha_is_refused(alpha, floor, message):
+    with pytest.raises(ValueError, match=message):
+        select_tokens(torch.randn(10, 4), 2, alpha=alpha, relevance_floor=floor)
 
 
 # ---- rank exhaustion: picks after the rank is spent are deterministic and spread
