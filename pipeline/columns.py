@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-ERROR_CAUSES = (
-    "empty", "too_large_bytes", "undecodable", "truncated", "bomb_or_too_large", "bad_aspect",
-    "unsupported_mode", "fetch_failed", "invalid_text", "prompt_too_long", "invalid_prompt",
-    "model_error",
-    "crashed_worker",
-)  # fmt: skip
+from pipeline.faults import ITEM_CAUSES
+
+ERROR_CAUSES = tuple(ITEM_CAUSES)  # the documented enum: pipeline.faults decides
 
 _I32, _F64, _STR = pa.int32(), pa.float64(), pa.string()
 
@@ -37,6 +34,14 @@ OUTPUT_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("prompt_tokens_unpruned", _I32, "Prompt length without pruning."),
     ("new_tokens", _I32, "Generated tokens."),
     ("gpu_seconds", _F64, "Measured device wall time of the item's batch, split over its items."),
+    ("batch_id", _STR, "Model batch the item was answered in (its items share one time)."),
+    ("batch_size", _I32, "Items in that model batch."),
+    (
+        "failed_gpu_seconds",
+        _F64,
+        "The item's share of device time spent on attempts that failed (a batch that raised and "
+        "was split, an error item's batch share, an unpruned shadow pass that failed).",
+    ),
     ("preprocess_s", _F64, "CPU seconds to fetch, decode and run the processor."),
     ("vision_s", _F64, "Vision encoder + projector seconds (per item share)."),
     ("select_s", _F64, "Token selection seconds (per item share)."),
@@ -44,14 +49,17 @@ OUTPUT_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("relevance_extractor", _STR, "Which content-word extractor ran for the relevance."),
     ("relevance_mean", _F64, "Mean text relevance r_i of the image's tokens; null if unused."),
     ("relevance_max", _F64, "Max text relevance r_i of the image's tokens; null if unused."),
-    ("shadow", pa.bool_(), "Item belongs to the seeded shadow sample (also answered unpruned)."),
-    ("shadow_answer", _STR, "Unpruned answer; null unless shadow."),
-    ("shadow_gpu_seconds", _F64, "Device seconds of the unpruned answer; null unless shadow."),
     (
-        "shadow_pruned_gpu_seconds",
+        "shadow",
+        pa.bool_(),
+        "Item's model batch is in the seeded shadow sample and was answered again unpruned.",
+    ),
+    ("shadow_answer", _STR, "Unpruned answer; null unless shadow."),
+    (
+        "shadow_gpu_seconds",
         _F64,
-        "Device seconds of the pruned answer re-timed beside the unpruned one (same items, same "
-        "actor, same batch sizes); the denominator of the shadow time ratio; null unless shadow.",
+        "Device seconds of the unpruned answer (its share of the unpruned twin batches); null "
+        "unless shadow.",
     ),
     ("shadow_new_tokens", _I32, "Generated tokens of the unpruned answer; null unless shadow."),
     ("shadow_prompt_tokens", _I32, "Prompt length of the unpruned answer; null unless shadow."),

@@ -2,19 +2,21 @@
 
 One instance per CPU actor loads the processor once (no weights). Every input row comes
 out exactly once: a bad row becomes ``status="error"`` with its cause here and never
-reaches the model stage. Images travel as bytes up to this stage; the prepared model
-inputs travel on as a pickled `PreparedItem` in the internal ``_prepared`` column.
+reaches the model stage; a row whose image fetch hit a persisting transient fault becomes
+``status="deferred"`` (`pipeline.faults`), which the commit sink drops so a rerun retries
+it. Images travel as bytes up to this stage; the prepared model inputs travel on as a
+pickled `PreparedItem` in the internal ``_prepared`` column.
 """
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import time
 from typing import Any
 
 import pyarrow as pa
 
+from pipeline import faults
 from pipeline.images import decode_image, fetch_bytes
 from pipeline.spec import JobSpec
 from pipeline.storage import filesystem, filesystem_path, is_remote, redact
@@ -27,17 +29,19 @@ PRE_SCHEMA = pa.schema(
         ("id", pa.string()), ("question", pa.string()), ("status", pa.string()),
         ("error", pa.string()), ("error_cause", pa.string()), ("image_width", pa.int32()),
         ("image_height", pa.int32()), ("question_truncated", pa.bool_()),
-        ("preprocess_s", pa.float64()), ("shadow", pa.bool_()), (PREPARED, pa.large_binary()),
+        ("preprocess_s", pa.float64()), (PREPARED, pa.large_binary()),
     ]
 )  # fmt: skip
 
 
-def in_shadow(item_id: str, fraction: float, seed: int) -> bool:
-    """Seeded, batch-independent membership of the shadow sample."""
-    if fraction <= 0:
-        return False
-    h = int.from_bytes(hashlib.sha256(f"{seed}:{item_id}".encode()).digest()[:8], "big")
-    return h / 2**64 < fraction
+def _unexpected(row: dict[str, Any], exc: Exception) -> None:
+    """A transient fault defers the row (never committed; the rerun retries it); anything
+    else is this item's fault, named by its exception."""
+    message = redact(f"{type(exc).__name__}: {exc}")
+    if faults.classify(exc) == faults.TRANSIENT:
+        row.update(status=faults.DEFERRED, error_cause=faults.TRANSIENT, error=message)
+    else:
+        row.update(status="error", error_cause="preprocess_error", error=message)
 
 
 class Preprocess:
@@ -70,13 +74,11 @@ class Preprocess:
 
     def _row(self, item_id: str, question: Any, image: Any) -> dict[str, Any]:
         t0 = time.perf_counter()
-        cost = self.spec.cost
         q = question if isinstance(question, str) and question.strip() else None
         row: dict[str, Any] = {
             "id": item_id,
             "question": q or self.spec.model.default_question,
             "status": "ok",
-            "shadow": in_shadow(item_id, cost.shadow_fraction, cost.shadow_seed),
         }
         try:
             img = decode_image(self._bytes(image), **self._caps())
@@ -87,9 +89,9 @@ class Preprocess:
             row[PREPARED] = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
         except ItemError as exc:
             row.update(status="error", error_cause=exc.cause, error=redact(exc.message))
-        except Exception as exc:  # the processor's own errors: keep the row, name the cause
-            row.update(status="error", error_cause="invalid_prompt", error=redact(f"{exc}"))
-        if row["status"] == "error":
+        except Exception as exc:  # classified by pipeline.faults
+            _unexpected(row, exc)
+        if row["status"] != "ok":
             row["error"] = f"id={item_id}: {row['error_cause']}: {row['error']}"
         row["preprocess_s"] = time.perf_counter() - t0
         return row

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import sys
 import time
 import uuid
 import warnings
@@ -20,13 +21,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipeline import summary
+from pipeline import commit, faults, summary
 from pipeline.answer_stage import Answerer
-from pipeline.checks import check_model_path
 from pipeline.commit import CommitSink
 from pipeline.plan import Plan, make_plan
 from pipeline.preprocess import Preprocess
-from pipeline.spec import JobSpec, fingerprint
+from pipeline.spec import JobSpec, fingerprint, fingerprint_fields
 
 
 @ray.remote(num_cpus=0)
@@ -41,6 +41,7 @@ class Ledger:
         self.actors: dict[str, dict[str, Any]] = {}
         self.batch_starts: dict[str, int] = {}  # ids whose batch started and never ended
         self.solo_starts: dict[str, int] = {}  # ids answered alone that never ended
+        self.systemic: list[str] = []  # causes of actor exits on systemic faults
 
     def begin_batch(self, ids: list[str]) -> tuple[bool, list[str]]:
         """Start a model batch: (did an earlier attempt of it die?, ids that died alone)."""
@@ -59,6 +60,19 @@ class Ledger:
         for i in ids:
             self.batch_starts.pop(i, None)
             self.solo_starts.pop(i, None)
+
+    def systemic_exit(self, ids: list[str], cause: str) -> None:
+        """An actor exits on a systemic fault: its batch is no poison suspect; keep the cause."""
+        self.end(ids)
+        self.systemic.append(cause)
+
+    def systemic_cause(self) -> str | None:
+        """One line naming the systemic fault(s) of this run, or None."""
+        if not self.systemic:
+            return None
+        return (f"systemic fault, the model actor exited {len(self.systemic)} time(s) and the "
+                f"run could not progress: {self.systemic[-1]}; unanswered rows are left for "
+                "a rerun")  # fmt: skip
 
     def actor_started(self, key: str, started: float, shape: dict[str, Any]) -> None:
         self.actors[key] = {"started": started, "busy_s": 0.0, "shape": shape}
@@ -82,7 +96,10 @@ def build_dataset(spec: JobSpec, plan: Plan, *, run_id: str, run_date: str,
     cols = [inp.id_column, inp.image_column or inp.image_uri_column, *passthrough]
     if plan.has_question:
         cols.append(inp.question_column)
-    ds = ray.data.read_parquet(plan.pending_files, filesystem=plan.in_fs, columns=cols)
+    # partitioning=None: `key=value` folders (dt=..., run_date=...) are not columns.
+    ds = ray.data.read_parquet(
+        plan.pending_files, filesystem=plan.in_fs, columns=cols, partitioning=None
+    )
     if plan.skip_ids:
         ds = ds.map_batches(_drop_ids, batch_format="pyarrow",
                             fn_kwargs={"column": inp.id_column, "ids": plan.skip_ids})  # fmt: skip
@@ -160,11 +177,14 @@ def new_run_id(spec: JobSpec, run_date: str) -> str:
     return f"{spec.name}-{run_date}-{now}-{uuid.uuid4().hex[:6]}"
 
 
-def run_job(spec: JobSpec, run_date: str, *, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) a job; returns the run summary (also written to _runs/)."""
+def run_job(spec: JobSpec, run_date: str, *, progress: bool | None = None) -> dict[str, Any]:
+    """Run (or resume) a job; returns the run summary (also written to _runs/).
+
+    ``progress``: Ray Data's progress bars; None shows them only on a terminal (elsewhere
+    they would print as dozens of snapshot lines).
+    """
     run_id, started = new_run_id(spec, run_date), time.time()
     plan = make_plan(spec, run_id=run_id)
-    check_model_path(spec)
     record = summary.Recorder(spec, plan, run_id=run_id, run_date=run_date, started=started)
     if plan.items_pending == 0:
         return record.finish({})
@@ -177,19 +197,25 @@ def run_job(spec: JobSpec, run_date: str, *, progress: bool = True) -> dict[str,
 
 
 def _execute(spec: JobSpec, plan: Plan, record: summary.Recorder, *, run_id: str,
-             run_date: str, progress: bool) -> dict[str, Any]:  # fmt: skip
+             run_date: str, progress: bool | None) -> dict[str, Any]:  # fmt: skip
     """Execute the chain into the commit sink and finish the summary (also on failure)."""
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = progress
+    ctx.enable_progress_bars = sys.stderr.isatty() if progress is None else progress
     ledger = Ledger.remote()
-    sink = CommitSink(plan.out_fs, plan.out_root, run_id=run_id, fingerprint=fingerprint(spec),
-                      rows_per_file=spec.output.rows_per_file,
-                      min_rows_per_file=spec.output.min_rows_per_file)  # fmt: skip
+    sink = CommitSink(
+        spec.output.uri, spec.storage, run_id=run_id, fingerprint=fingerprint(spec),
+        spec_fields=fingerprint_fields(spec), rows_per_file=spec.output.rows_per_file,
+        min_rows_per_file=spec.output.min_rows_per_file,
+    )  # fmt: skip
     try:
         build_dataset(spec, plan, run_id=run_id, run_date=run_date, ledger=ledger).write_datasink(
             sink
         )
     except Exception as exc:
-        record.finish(ray.get(ledger.snapshot.remote()), error=exc)
-        raise
+        cause = ray.get(ledger.systemic_cause.remote())
+        error = faults.SystemicFault(cause) if cause else exc
+        record.finish(ray.get(ledger.snapshot.remote()), error=error)
+        raise error from exc
+    # An orphaned writer of an older run may have committed ids this run also answered.
+    commit.dedupe(plan.out_fs, plan.out_root)
     return record.finish(ray.get(ledger.snapshot.remote()))
