@@ -33,12 +33,12 @@ class EvalAnswerer:
     def __init__(self, spec: JobSpec, configs: list[tuple[str, PruningSpec]], *, run_id: str,
                  run_date: str, passthrough: pa.Schema):  # fmt: skip
         self.answerers: list[tuple[str, Answerer]] = []
-        vlm = None
+        first = None  # its model and engine are loaded once and shared by every configuration
         for label, pruning in configs:
             job = spec.model_copy(update={"pruning": pruning})
             answerer = Answerer(job, run_id=run_id, run_date=run_date, passthrough=passthrough,
-                                vlm=vlm)  # fmt: skip
-            vlm = answerer.vlm  # loaded once, shared by every configuration
+                                share=first)  # fmt: skip
+            first = first or answerer
             self.answerers.append((label, answerer))
         self.warm = False
 

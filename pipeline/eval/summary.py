@@ -29,7 +29,8 @@ def score_rows(table: pa.Table, references_column: str) -> tuple[pa.Table, list[
     problems: set[str] = set()
     columns: dict[str, list[float | None]] = {name: [] for name in METRICS}
     for row in table.select(["id", "status", "answer", references_column]).to_pylist():
-        refs = [str(r) for r in (row[references_column] or []) if r is not None and str(r).strip()]
+        refs = [_text(r) for r in row[references_column] or []]
+        refs = [r for r in refs if r.strip()]
         if not refs:
             problems.add(f"id={row['id']}: {references_column}: no reference answers")
         scores = score(row["answer"], refs) if refs and row["status"] == "ok" else {}
@@ -38,6 +39,13 @@ def score_rows(table: pa.Table, references_column: str) -> tuple[pa.Table, list[
     for name, values in columns.items():
         table = table.append_column(name, pa.array(values, pa.float64()))
     return table, sorted(problems)
+
+
+def _text(reference: Any) -> str:
+    """A reference answer: a string, or a VQA-style {"answer": ...} struct."""
+    if isinstance(reference, dict):
+        reference = reference.get("answer")
+    return "" if reference is None else str(reference)
 
 
 def summarize(table: pa.Table, labels: list[str], *, metric: str, gated: str) -> dict[str, Any]:
