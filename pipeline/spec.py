@@ -76,6 +76,17 @@ class VllmSpec(_Strict):
     max_model_len: int | None = Field(
         None, ge=1, description="Context length vLLM reserves per sequence (None: the model's)."
     )
+    kv_cache_memory_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="KV cache size in bytes, instead of sizing it from gpu_memory_utilization "
+        "(None: from the utilisation on GPUs, 512 MiB on CPU).",
+    )
+    enforce_eager: bool | None = Field(
+        None,
+        description="Skip CUDA graphs and compilation: faster start, slower decode "
+        "(None: off on GPUs, on for CPU).",
+    )
 
 
 class TransformersSpec(_Strict):
@@ -299,6 +310,16 @@ class JobSpec(_Strict):
                 f"pruning.position_policy: engine vllm numbers positions contiguously; set "
                 f"pruning.position_policy: contiguous (got {policy})"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _engine_family(self) -> JobSpec:
+        from resprune.engines.vllm_plugin import vllm_refusal
+
+        family = self.model.family
+        refusal = vllm_refusal(family) if self.model.engine == "vllm" and family != "auto" else None
+        if refusal:
+            raise ValueError(refusal)
         return self
 
 
