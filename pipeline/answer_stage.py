@@ -56,6 +56,7 @@ class Answerer:
                  ledger: Any = None):  # fmt: skip
         import torch
 
+        from resprune.engines import engine_class
         from resprune.loading import load_vlm
         from resprune.pruners import build_pruner
 
@@ -63,6 +64,7 @@ class Answerer:
         self.spec, self.ledger, self.passthrough = spec, ledger, passthrough
         self.const = {"run_id": run_id, "run_date": run_date, "model": spec.model.path,
                       "pruner": spec.pruning.method, "keep": str(spec.pruning.keep)}  # fmt: skip
+        engine = engine_class(spec.model.engine)  # not installed: fail before loading weights
         gpu = spec.execution.gpus_per_actor > 0 and torch.cuda.is_available()
         self.device = "cuda" if gpu else "cpu"
         m = spec.model
@@ -71,6 +73,8 @@ class Answerer:
             revision=m.revision, trust_remote_code=m.trust_remote_code,
             endpoint_url=spec.storage.endpoint_url,
         )  # fmt: skip
+        options = m.vllm.model_dump() if m.engine == "vllm" else {}
+        self.engine = engine(self.vlm, **options)
         p = spec.pruning
         self.pruner = build_pruner(p.method, alpha=p.alpha, seed=p.seed)
         self.unpruned = build_pruner("none")
@@ -144,7 +148,7 @@ class Answerer:
 
         kw = {"pruner": pruner, "keep": keep, "max_new_tokens": self.spec.model.max_new_tokens,
               "position_policy": self.spec.pruning.position_policy,
-              "anyres": self.spec.pruning.anyres}  # fmt: skip
+              "anyres": self.spec.pruning.anyres, "engine": self.engine}  # fmt: skip
         try:
             results, seconds = self._timed(answer_batch, items, **kw)
             return [(r, seconds / len(items)) for r in results]

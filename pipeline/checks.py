@@ -1,8 +1,8 @@
 """Whole-job checks that need storage but no model weights: is the model path usable?
 
 A local folder or an ``s3://`` prefix must hold ``config.json``; a hub id must look like
-``org/name`` (its download is checked when the actor loads it). Non-goal: validating the
-weights themselves.
+``org/name`` (its download is checked when the actor loads it); the job's engine must be
+installed. Non-goal: validating the weights themselves.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class ModelPathError(RuntimeError):
-    """The model path cannot be loaded (missing folder, no config.json, bad hub id)."""
+    """The model cannot be loaded (missing folder, no config.json, bad hub id, no engine)."""
 
 
 def check_model_path(spec: JobSpec) -> None:
@@ -38,3 +38,12 @@ def check_model_path(spec: JobSpec) -> None:
         return
     if path.startswith((".", "/", "~")) or not _HUB_ID.match(path):
         raise ModelPathError(f"model.path {path}: no such folder, and not a hub id (org/name)")
+
+
+def check_engine(spec: JobSpec) -> None:
+    """Raise ModelPathError with one clear line when model.engine is not installed here."""
+    from resprune.engines import engine_problem
+
+    problem = engine_problem(spec.model.engine)
+    if problem:
+        raise ModelPathError(problem)

@@ -2,7 +2,7 @@
 
 Plain validation imports neither Ray nor torch: it parses the spec (unknown keys are
 errors; every problem is listed with its key path). ``--deep`` also checks storage, input
-columns and the model path (still no Ray, no weights).
+columns, the model path and that the engine is installed (still no Ray, no weights).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The spec, --run-date, --set, and --deep."""
     add_common(parser)
     parser.add_argument(
-        "--deep", action="store_true", help="also check storage, columns, model path"
+        "--deep", action="store_true", help="also check storage, columns, model path, engine"
     )
 
 
@@ -28,13 +28,14 @@ def main(args: argparse.Namespace) -> int:
     try:
         spec, run_date = load_spec(args.spec, run_date=args.run_date, overrides=args.overrides)
         if args.deep:
-            from pipeline.checks import ModelPathError, check_model_path
+            from pipeline.checks import ModelPathError, check_engine, check_model_path
             from pipeline.plan import make_plan
             from pipeline.storage import StorageError
 
             try:
                 plan = make_plan(spec)
                 check_model_path(spec)
+                check_engine(spec)
             except (StorageError, ModelPathError) as exc:
                 raise SpecError(str(exc)) from None
             print(f"storage ok: {plan.items_pending} of {plan.items_total} items pending")

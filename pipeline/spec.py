@@ -85,6 +85,20 @@ class InputSpec(ColumnsSpec):
     )
 
 
+class VllmSpec(_Strict):
+    """vLLM engine knobs (``model.engine: vllm``); they change throughput, not answers."""
+
+    max_num_seqs: int = Field(
+        64, ge=1, description="Sequences vLLM's scheduler runs at once (continuous batching)."
+    )
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0, le=1, description="Share of the GPU memory vLLM may use (weights + KV cache)."
+    )
+    max_model_len: int | None = Field(
+        None, ge=1, description="Context length vLLM reserves per sequence (None: the model's)."
+    )
+
+
 class ModelSpec(_Strict):
     path: str = Field(description="Local folder, s3:// prefix, or hub id of the checkpoint.")
     family: Literal["auto", "llava", "llava_next", "qwen2_5_vl"] = Field(
@@ -108,6 +122,12 @@ class ModelSpec(_Strict):
     trust_remote_code: bool = Field(
         False, description="Run code shipped with the checkpoint (off)."
     )
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="What generates from the kept tokens: transformers (reference) or vllm "
+        "(needs the vllm extra; LLaVA family; contiguous positions).",
+    )
+    vllm: VllmSpec = Field(default_factory=VllmSpec, description="vLLM engine settings.")
 
 
 class PruningSpec(_Strict):
@@ -236,6 +256,20 @@ class JobSpec(_Strict):
     storage: StorageSpec = Field(default_factory=StorageSpec)
     runtime_env: RuntimeEnvSpec = Field(default_factory=RuntimeEnvSpec)
 
+    @model_validator(mode="after")
+    def _engine_positions(self) -> JobSpec:
+        _check_engine_positions(self.model, self.pruning)
+        return self
+
+
+def _check_engine_positions(model: ModelSpec, pruning: PruningSpec) -> None:
+    policy = pruning.position_policy
+    if model.engine == "vllm" and policy != "contiguous":
+        raise ValueError(
+            f"pruning.position_policy: engine vllm numbers positions contiguously; set "
+            f"pruning.position_policy: contiguous (got {policy})"
+        )
+
 
 class ProcessorConfig(_Strict):
     """The stage API's config (`pipeline.build_processor`): a job spec without its storage
@@ -247,6 +281,11 @@ class ProcessorConfig(_Strict):
     execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
     cost: CostSpec = Field(default_factory=CostSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
+
+    @model_validator(mode="after")
+    def _engine_positions(self) -> ProcessorConfig:
+        _check_engine_positions(self.model, self.pruning)
+        return self
 
     @classmethod
     def from_job(cls, spec: JobSpec, *, dataset_folder: str | None = None) -> ProcessorConfig:
@@ -263,6 +302,7 @@ def fingerprint(spec: JobSpec) -> str:
     parts = spec.model_dump(include={"model", "pruning", "input"}, mode="json")
     for where in ("uri", "format", "image_root"):  # where the input lives, not what it means
         parts["input"].pop(where, None)
+    parts["model"].pop("vllm", None)  # throughput knobs
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 

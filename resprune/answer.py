@@ -2,10 +2,12 @@
 
 Per batch: one vision-tower call; one pruner call over every crop of every item (selection
 is per image or crop, never normalised across the batch); then each prompt's image-token
-run, attention mask and positions are cut to the kept tokens, and one left-padded
-``generate`` runs with the kept features passed as ``mm_encoder_outputs``. No attention
-maps are needed, so SDPA / FlashAttention keep working. Timings are per batch, synchronised
-with the device, and reported per item as the batch time divided by the batch size.
+run and positions are cut to the kept tokens, and the kept sequences go to a generation
+engine (`resprune.engines`; default: the VLM's own transformers ``generate`` with the kept
+features as ``mm_encoder_outputs``). No attention maps are needed, so SDPA / FlashAttention
+keep working. Timings are per batch, synchronised with the device, and reported per item as
+the batch time divided by the batch size (``generate_s`` is the engine call, whatever the
+engine, so cost reports stay comparable).
 Non-goals: sampling (decoding is greedy), streaming, multi-image prompts.
 """
 
@@ -15,8 +17,9 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from resprune.engines import Engine, Plan
+from resprune.engines.hf import TransformersEngine
 from resprune.items import ItemError, ItemResult, PreparedItem
 from resprune.models.base import POSITION_POLICIES, VLM, Crop, Layout, sync
 from resprune.pruners import Pruner, TokenSet, build_pruner, resolve_keep
@@ -43,8 +46,12 @@ def answer_batch(
     max_new_tokens: int,
     position_policy: str = "original",
     anyres: str = "per_crop",
+    engine: Engine | None = None,
 ) -> list[ItemResult | ItemError]:
-    """Answer ``items`` in one batch; an item-level failure is an ItemError in its slot."""
+    """Answer ``items`` in one batch; an item-level failure is an ItemError in its slot.
+
+    ``engine`` generates from the kept sequences (default: the VLM's transformers engine).
+    """
     if position_policy not in POSITION_POLICIES:
         raise ValueError(f"position_policy must be one of {POSITION_POLICIES}")
     if anyres not in ANYRES_MODES:
@@ -52,6 +59,7 @@ def answer_batch(
     if not items:
         return []
     pruner = pruner or build_pruner("none")
+    engine = engine or TransformersEngine(vlm)
     with torch.inference_mode():
         t0 = _now(vlm)
         feats = vlm.adapter.encode(vlm.model, items)
@@ -62,15 +70,24 @@ def answer_batch(
             p if isinstance(p, ItemError) else _fits(vlm, p, max_new_tokens) for p in plans
         ]
         ok = [i for i, r in enumerate(out) if r is None]
-        answers = _generate(vlm, [plans[i] for i in ok], max_new_tokens) if ok else []
+        todo = [_engine_plan(plans[i], items[i]) for i in ok]
+        answers = engine.generate(todo, max_new_tokens) if ok else []
         t3 = _now(vlm)
     share = {"vision_s": (t1 - t0), "select_s": (t2 - t1), "generate_s": (t3 - t2)}
     share = {key: value / len(items) for key, value in share.items()}
-    for i, (answer, ids) in zip(ok, answers, strict=True):
-        out[i] = ItemResult(
-            answer=answer, answer_ids=ids, new_tokens=len(ids), **plans[i].stats, **share
-        )
+    for i, gen in zip(ok, answers, strict=True):
+        out[i] = gen if isinstance(gen, ItemError) else _result(gen, plans[i].stats, share)
     return out  # type: ignore[return-value]
+
+
+def _engine_plan(plan: _Plan, item: PreparedItem) -> Plan:
+    prompt = torch.from_numpy(item.input_ids).to(plan.ids.device)
+    return Plan(plan.ids, plan.features, plan.positions, prompt)
+
+
+def _result(gen, stats: dict, share: dict) -> ItemResult:
+    ids = gen.token_ids
+    return ItemResult(answer=gen.text, answer_ids=ids, new_tokens=len(ids), **stats, **share)
 
 
 def _now(vlm: VLM) -> float:
@@ -184,51 +201,3 @@ def _fits(vlm: VLM, plan: _Plan, max_new_tokens: int) -> ItemError | None:
         "prompt_too_long",
         f"prompt spans {span} positions + {max_new_tokens} new tokens > context {context}",
     )
-
-
-def _generate(vlm: VLM, plans: list[_Plan], max_new_tokens: int) -> list[tuple[str, list[int]]]:
-    """One left-padded greedy ``generate`` over the kept sequences; (answer, ids up to EOS)."""
-    ids, mask, positions = _left_pad(vlm, plans)
-    model = vlm.model
-    if hasattr(model.model, "rope_deltas"):
-        model.model.rope_deltas = None  # cached M-RoPE state from an earlier call
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=positions,
-        mm_encoder_outputs={
-            "image": BaseModelOutputWithPooling(pooler_output=[p.features for p in plans])
-        },
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=_pad_id(vlm),
-    )
-    new = out[:, ids.shape[1] :].cpu()
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    answers = []
-    for row in new.tolist():
-        n = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
-        answers.append((vlm.tokenizer.decode(row[:n], skip_special_tokens=True).strip(), row[:n]))
-    return answers
-
-
-def _left_pad(vlm: VLM, plans: list[_Plan]) -> tuple[torch.Tensor, ...]:
-    """Left-pad ids, mask and positions; pads get position 0, as stock ``generate`` does."""
-    b, length, rows = len(plans), max(len(p.ids) for p in plans), plans[0].positions.shape[0]
-    ids = torch.full((b, length), _pad_id(vlm), dtype=torch.long, device=vlm.device)
-    mask = torch.zeros(b, length, dtype=torch.long, device=vlm.device)
-    pos = torch.zeros(rows, b, length, dtype=torch.long, device=vlm.device)
-    for i, p in enumerate(plans):
-        n = len(p.ids)
-        ids[i, length - n :], mask[i, length - n :], pos[:, i, length - n :] = p.ids, 1, p.positions
-    if rows == 1:
-        return ids, mask, pos[0]
-    # M-RoPE: row 0 is the 1-D text position transformers uses to build the causal mask.
-    text = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    return ids, mask, torch.cat([text[None], pos])
-
-
-def _pad_id(vlm: VLM) -> int:
-    pad = vlm.tokenizer.pad_token_id
-    return pad if pad is not None else vlm.model.generation_config.eos_token_id

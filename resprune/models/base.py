@@ -66,6 +66,7 @@ class VLM:
     adapter: Adapter
     name: str
     device: torch.device
+    local_path: str = ""  # the checkpoint folder it was loaded from (or the hub id)
 
     def describe(self) -> dict:
         """Model shape for FLOPs estimates and run summaries."""

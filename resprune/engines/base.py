@@ -1,0 +1,51 @@
+"""The engine protocol: what generates from the kept sequences once selection is done.
+
+Selection (vision tower, pruner, kept features, statistics, positions) is ours and lives in
+`resprune.answer`; an engine only turns a batch of kept sequences into greedy answers. Each
+sequence arrives as a `Plan`: the prompt ids with the image-token run cut to the K kept
+tokens, the K kept features in sequence order (LLaVA-NeXT: kept tokens plus kept newline
+rows), the positions of the kept prompt, and the unpruned prompt ids for engines that
+rebuild the prompt themselves. An engine answers per row: a failure that belongs to one
+sequence (e.g. a request an engine refuses) is that row's `ItemError`; an exception raised
+from ``generate`` is a failure of the whole batch (the caller retries items one at a time).
+Non-goals: sampling (decoding is greedy), streaming.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from resprune.items import ItemError
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class Plan:
+    """One kept sequence, ready to generate from (all tensors on the VLM's device)."""
+
+    ids: torch.Tensor  # long [L']: prompt ids, the image-token run cut to the K kept tokens
+    features: torch.Tensor  # [K, D] kept features in sequence order, in the model's dtype
+    positions: torch.Tensor  # long [R, L'] (R = 1, or 3 for M-RoPE) of the kept prompt
+    prompt_ids: torch.Tensor  # long [L]: the unpruned prompt (full image-token run)
+
+
+@dataclass
+class Generation:
+    """One greedy answer: its text and token ids (up to and including EOS, if reached)."""
+
+    text: str
+    token_ids: list[int]
+
+
+class Engine(Protocol):
+    """Generates greedy answers for a batch of kept sequences; one result per plan, in order."""
+
+    name: str
+
+    def generate(self, plans: Sequence[Plan], max_new_tokens: int) -> list[Generation | ItemError]:
+        """Answer every plan with at most ``max_new_tokens`` new tokens."""
+        ...

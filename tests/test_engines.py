@@ -1,0 +1,127 @@
+"""The engine seam: registry, spec rules, what an engine receives, per-row engine errors."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from pipeline.__main__ import main as cli
+from pipeline.spec import SpecError, parse_spec
+from resprune.answer import answer_batch
+from resprune.engines import EngineUnavailable, build_engine, engine_problem
+from resprune.engines.hf import TransformersEngine
+from resprune.items import ItemError, ItemResult
+from resprune.pruners import build_pruner
+from tests.vlm_helpers import prepared, tiny_vlm
+
+MINIMAL = {"name": "t", "input": {"uri": "in/"}, "model": {"path": "m/"}, "output": {"uri": "out/"}}
+NO_VLLM = pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm installed")
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    vlm, pre = tiny_vlm("llava", tmp_path_factory)
+    return vlm, prepared(pre)
+
+
+class Recording:
+    """The transformers engine, recording the plans it is given; row ``fail`` is refused."""
+
+    name = "recording"
+
+    def __init__(self, vlm, fail: int | None = None):
+        self.inner, self.fail, self.plans = TransformersEngine(vlm), fail, []
+
+    def generate(self, plans, max_new_tokens):
+        self.plans.append(list(plans))
+        out = self.inner.generate(plans, max_new_tokens)
+        if self.fail is not None:
+            out[self.fail] = ItemError("engine_refused", "row refused by the engine")
+        return out
+
+
+def test_engine_receives_cut_prompts_and_kept_features(llava):
+    vlm, items = llava
+    engine = Recording(vlm)
+    results = answer_batch(
+        vlm, items, pruner=build_pruner("resprune"), keep=20, max_new_tokens=3, engine=engine
+    )
+    (plans,) = engine.plans
+    image = vlm.model.config.image_token_id
+    hidden = vlm.model.config.text_config.hidden_size
+    for plan, item, res in zip(plans, items, results, strict=True):
+        assert int((plan.ids == image).sum()) == 20 == plan.features.shape[0]
+        assert plan.features.shape[1] == hidden and plan.features.dtype == vlm.model.dtype
+        assert plan.positions.shape == (1, len(plan.ids)) and len(plan.ids) == res.prompt_tokens
+        assert torch.equal(plan.prompt_ids.cpu(), torch.from_numpy(item.input_ids))
+        # the non-image tokens are the unpruned prompt's, in order
+        text = item.input_ids[item.input_ids != image]
+        assert torch.equal(plan.ids[plan.ids != image].cpu(), torch.from_numpy(text))
+
+
+def test_engine_row_error_is_that_items_error_only(llava):
+    vlm, items = llava
+    pruner = build_pruner("resprune")
+    alone = answer_batch(vlm, items, pruner=pruner, keep=20, max_new_tokens=3)
+    failing = answer_batch(
+        vlm, items, pruner=pruner, keep=20, max_new_tokens=3, engine=Recording(vlm, fail=1)
+    )
+    assert isinstance(failing[1], ItemError) and failing[1].cause == "engine_refused"
+    for i in (0, 2):
+        assert isinstance(failing[i], ItemResult)
+        assert failing[i].answer_ids == alone[i].answer_ids
+        assert failing[i].generate_s > 0
+
+
+def test_registry_builds_the_default_engine(llava):
+    vlm, items = llava
+    engine = build_engine("transformers", vlm)
+    out = engine.generate([], 2)
+    assert engine.name == "transformers" and out == []
+    res = answer_batch(vlm, items[:1], pruner=None, keep=1.0, max_new_tokens=2, engine=engine)
+    assert isinstance(res[0], ItemResult) and res[0].answer_ids
+
+
+def test_unknown_engine_is_one_line():
+    assert engine_problem("transformers") is None
+    assert "unknown engine 'tgi'" in engine_problem("tgi")
+
+
+def test_vllm_needs_contiguous_positions():
+    with pytest.raises(SpecError) as info:
+        parse_spec(MINIMAL | {"model": {"path": "m/", "engine": "vllm"}})
+    assert "pruning.position_policy" in str(info.value) and "contiguous" in str(info.value)
+    model = {"path": "m/", "engine": "vllm", "vllm": {"max_num_seqs": 8}}
+    ok = parse_spec(MINIMAL | {"model": model, "pruning": {"position_policy": "contiguous"}})
+    assert ok.model.vllm.max_num_seqs == 8 and ok.model.vllm.max_model_len is None
+    assert parse_spec(MINIMAL).model.engine == "transformers"
+
+
+@NO_VLLM
+def test_vllm_not_installed_fails_validate_deep_and_actor_start(tmp_path: Path, capsys):
+    from pipeline.answer_stage import Answerer
+
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": ["a"], "image": [b"x"]}), tmp_path / "in" / "p.parquet")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    doc = MINIMAL | {
+        "input": {"uri": str(tmp_path / "in")},
+        "model": {"path": str(tmp_path / "m"), "engine": "vllm"},
+        "pruning": {"position_policy": "contiguous"},
+        "output": {"uri": str(tmp_path / "out")},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert cli(["validate", str(path)]) == 0
+    assert cli(["validate", str(path), "--deep"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: model.engine: vllm needs the vllm package") and "\n" not in err
+    with pytest.raises(EngineUnavailable, match=r"model\.engine: vllm"):  # before any weights load
+        Answerer(parse_spec(doc), run_id="r", run_date="2026-01-01", passthrough=pa.schema([]))
