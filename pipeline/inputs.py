@@ -65,10 +65,11 @@ def detect(fs: pafs.FileSystem, path: str, spec: InputSpec) -> tuple[str, list[s
     else:
         files = [f for f in found if f.endswith(SUFFIX[fmt])]
     if not files:
-        raise StorageError(
-            f"no {fmt} input under {spec.uri} (looked for Parquet files, a datasets "
-            "save_to_disk folder with state.json, or .tar WebDataset shards)"
-        )
+        what = {"parquet": "Parquet files", "webdataset": "WebDataset .tar shards",
+                "datasets": "datasets save_to_disk folder (state.json)"}  # fmt: skip
+        if spec.format == "auto":
+            raise StorageError(f"no {', '.join(what.values())} under {spec.uri}")
+        raise StorageError(f"no {what[fmt]} under {spec.uri} (input.format: {fmt})")
     return fmt, files
 
 
@@ -100,10 +101,8 @@ def _list_webdataset(fs: pafs.FileSystem, files: list[str], spec: InputSpec) -> 
         except webdataset.ShardError as exc:
             bad[file] = redact(str(exc))
     check_ids(per_file, "the sample key")
-    schema = webdataset.row_schema(spec)
-    members = spec.image_column if spec.image_column != "image" else "|".join(webdataset.IMAGE_MEMBERS)
-    return InputListing("webdataset", list(per_file), per_file, schema,
-                        f"webdataset member .{members}", bad)  # fmt: skip
+    return InputListing("webdataset", list(per_file), per_file, webdataset.row_schema(spec),
+                        webdataset.image_encoding(spec), bad)  # fmt: skip
 
 
 def check_ids(per_file: dict[str, list[str]], column: str) -> None:

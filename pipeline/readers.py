@@ -23,10 +23,8 @@ from pipeline.spec import InputSpec
 class ArrowStreamDatasource(FileBasedDatasource):
     """Arrow IPC stream files (what ``Dataset.save_to_disk`` writes), keeping ``columns``."""
 
-    _FILE_EXTENSIONS = ["arrow"]
-
     def __init__(self, paths: list[str], *, columns: list[str], **kwargs):
-        super().__init__(paths, **kwargs)
+        super().__init__(paths, file_extensions=["arrow"], **kwargs)
         self.columns = columns
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
@@ -46,7 +44,5 @@ def read_input(spec: InputSpec, plan: Plan) -> ray.data.Dataset:
         cols.append(spec.question_column)
     cols = list(dict.fromkeys(cols))
     if plan.input_format == "datasets":
-        return ray.data.read_datasource(
-            ArrowStreamDatasource(files, columns=cols, filesystem=fs)
-        )
+        return ray.data.read_datasource(ArrowStreamDatasource(files, columns=cols, filesystem=fs))
     return ray.data.read_parquet(files, filesystem=fs, columns=cols, partitioning=None)

@@ -51,6 +51,7 @@ class Recorder:
         doc |= self._actors(actors, finished)
         doc["status"] = self._status(totals, error)
         doc["error"] = redact(f"{type(error).__name__}: {error}") if error else None
+        doc["unreadable_shards"] = self.plan.bad_shards
         write_json(
             self.plan.out_fs, join(self.plan.out_root, commit.RUNS, f"{self.run_id}.json"), doc
         )
@@ -95,18 +96,19 @@ class Recorder:
         }
 
     def _status(self, t: dict[str, Any], error: BaseException | None) -> str:
-        if error is not None or t["rows"] < self.plan.items_pending:
-            return "failed"
+        if error is not None or t["rows"] < self.plan.items_pending or self.plan.bad_shards:
+            return "failed"  # an unreadable shard's items are unanswered: not finished
         limit = self.spec.execution.max_error_fraction
         return "failed" if t["rows"] and t["items_error"] / t["rows"] > limit else "finished"
 
 
 def one_line(doc: dict[str, Any]) -> str:
     """The human summary printed at the end of `pipeline run`."""
+    bad = doc.get("unreadable_shards") or {}
     return (
         f"{doc['name']} {doc['run_date']} {doc['status']}: {doc['items_ok']} ok, "
         f"{doc['items_error']} error, {doc['items_skipped']} skipped of {doc['items_total']} "
         f"in {doc['wall_seconds']:.1f}s ({doc['items_per_second']:.2f} items/s), "
         f"gpu {doc['gpu_seconds']:.1f}s, actors {doc['actor_seconds']:.1f}s -> "
         f"{doc['output_uri']} (summary _runs/{doc['run_id']}.json)"
-    )
+    ) + "".join(f"\n  unreadable input shard, skipped: {why}" for why in bad.values())

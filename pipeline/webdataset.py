@@ -93,6 +93,15 @@ def row_schema(spec: ColumnsSpec) -> pa.Schema:
     )
 
 
+def image_encoding(spec: ColumnsSpec) -> str:
+    """Which member holds the image (for `validate --deep`)."""
+    return f"encoded bytes in member .{'|.'.join(_image_members(spec.image_column))}"
+
+
+def _image_members(column: str | None) -> tuple[str, ...]:
+    return (column,) if column and column != "image" else IMAGE_MEMBERS
+
+
 def image_name(spec: ColumnsSpec) -> str:
     """The image column of the rows (the spec's image_column)."""
     return spec.image_column or "image"
@@ -118,8 +127,7 @@ def _row(sample: dict[str, Any], spec: ColumnsSpec, text_names: list[str]) -> di
 
 
 def _image(sample: dict[str, Any], column: str | None) -> bytes | None:
-    wanted = (column,) if column and column != "image" else IMAGE_MEMBERS
-    for suffix in wanted:
+    for suffix in _image_members(column):
         if isinstance(sample.get(suffix), bytes):
             return sample[suffix]
     return None
