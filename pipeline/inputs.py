@@ -10,6 +10,7 @@ the job (`pipeline.readers`), and resume (`pipeline.plan`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -127,7 +128,7 @@ def check_columns(path: str, schema: pa.Schema, spec: InputSpec) -> None:
     expected = {spec.id_column: _is_text, spec.question_column: _is_text,
                 spec.image_uri_column: _is_text, spec.image_column: _is_image}  # fmt: skip
     wrong = [f"{c} ({schema.field(c).type})" for c, ok in expected.items()
-             if c and c in schema.names and not ok(schema.field(c).type)]  # fmt: skip
+             if c and c in schema.names and not _null_or(ok, schema.field(c).type)]  # fmt: skip
     if wrong:
         raise StorageError(f"{path}: wrong column type(s) {wrong}: ids, questions and URIs are "
                            f"strings, images are binary or the {HF_IMAGE}")  # fmt: skip
@@ -153,6 +154,11 @@ def dataset_folder(fs: pafs.FileSystem, path: str, uri: str) -> str:
     elif fs.get_file_info(path).type == pafs.FileType.File:
         path = path.rsplit("/", 1)[0]
     return f"s3://{path}" if is_remote(uri) else path
+
+
+def _null_or(ok: Callable[[pa.DataType], bool], t: pa.DataType) -> bool:
+    """All-null columns (or ones Ray cannot type) have no type to refuse."""
+    return pa.types.is_null(t) or ok(t)
 
 
 def _is_text(t: pa.DataType) -> bool:

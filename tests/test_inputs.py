@@ -11,7 +11,7 @@ import pyarrow.fs as pafs
 import pytest
 import yaml
 
-from pipeline import cli_validate, runner
+from pipeline import cli_validate, commit, runner
 from pipeline.spec import JobSpec, parse_spec
 from pipeline.webdataset import ShardError, sample_keys
 from resprune.tiny import build_tiny_checkpoint
@@ -126,3 +126,76 @@ def test_shard_listing_refuses_what_ray_would_crash_on(tmp_path: Path) -> None:
     write_shard(tmp_path / "split.tar", [good[0][:1], good[1], good[0][1:]])
     with pytest.raises(ShardError, match="not contiguous"):
         sample_keys(fs, str(tmp_path / "split.tar"))
+
+
+def img2dataset_shards(folder: Path) -> dict[str, str]:
+    """Three shards: a good one, one with a corrupt image and a bad .json, one cut short.
+
+    Returns the expected status or error cause per sample key of the readable shards.
+    """
+    jpg = {n: (ASSETS / n).read_bytes() for n in ("chelsea.jpg", "coffee.jpg", "rocket.jpg")}
+    meta = {"url": "http://x", "status": "success"}
+    write_shard(folder / "00000.tar", [
+        sample("000000000", jpg["chelsea.jpg"], meta | {"question": "Which animal?"}, "a cat"),
+        sample("000000001", jpg["coffee.jpg"], meta, "a cup of coffee"),
+    ])  # fmt: skip
+    write_shard(folder / "00001.tar", [
+        sample("000010000", jpg["rocket.jpg"][:300] + b"\0" * 64, meta, "corrupt jpeg"),
+        sample("000010001", jpg["rocket.jpg"], b"{not json", "bad json member"),
+        sample("000010002", jpg["rocket.jpg"], meta | {"question": "What is it?"}, "a rocket"),
+    ])  # fmt: skip
+    cut = write_shard(folder / "00002.tar", [sample("000020000", jpg["coffee.jpg"], meta, "c")])
+    (folder / "00002.tar").write_bytes(cut[: len(cut) // 2])
+    return {"000000000": "ok", "000000001": "ok", "000010000": "undecodable",
+            "000010001": "invalid_text", "000010002": "ok"}  # fmt: skip
+
+
+def test_webdataset_local_faults_and_resume(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Corrupt members become error rows, a cut shard a whole-shard error; a rerun resumes."""
+    expect = img2dataset_shards(tmp_path / "shards")
+    out = tmp_path / "out"
+    spec = job(model, str(tmp_path / "shards"), str(out), passthrough_columns=["txt", "url"])
+    report = validate_deep(spec, tmp_path, capsys)
+    assert "input: webdataset, 3 file(s)" in report and "member .jpg|" in report
+    assert "00002.tar: not a readable tar shard: unexpected end of data" in report
+    doc = runner.run_job(spec, DATE, progress=False)
+    assert doc["status"] == "failed" and list(doc["unreadable_shards"]) == [
+        str(tmp_path / "shards" / "00002.tar")
+    ]
+    got = output(str(out))
+    assert {k: r["status"] if r["status"] == "ok" else r["error_cause"]
+            for k, r in got.items()} == expect  # fmt: skip
+    assert got["000000000"]["question"] == "Which animal?" and got["000000000"]["txt"] == "a cat"
+    assert got["000000001"]["question"] == spec.model.default_question
+    assert got["000010001"]["error"].startswith("id=000010001: invalid_text: member 000010001.json")
+    # A crash before one file's commit point: drop it; and the shard is re-uploaded whole.
+    lost = commit.committed_files(pafs.LocalFileSystem(), str(out))[0]
+    lost_ids = set(output(lost))
+    Path(lost).unlink()
+    (out / commit.MANIFEST / (Path(lost).name + ".json")).unlink()
+    write_shard(
+        tmp_path / "shards" / "00002.tar",
+        [sample("000020000", (ASSETS / "coffee.jpg").read_bytes(), {}, "c")],
+    )
+    again = runner.run_job(spec, DATE, progress=False)
+    assert again["status"] == "finished" and not again["unreadable_shards"]
+    assert again["items_processed"] == len(lost_ids) + 1
+    assert again["items_skipped"] == len(expect) - len(lost_ids)
+    assert sorted(output(str(out))) == sorted([*expect, "000020000"])
+
+
+def test_webdataset_on_s3_with_a_question_field(model: Path, s3_server, s3_bucket: str,
+                                                tmp_path: Path) -> None:  # fmt: skip
+    jpg = (ASSETS / "chelsea.jpg").read_bytes()
+    write_shard(tmp_path / "s.tar", [sample("a0", jpg, {"prompt": "Colour?", "n": 3}, "cat"),
+                                     sample("a1", jpg, {"n": 4}, "cat")])  # fmt: skip
+    s3_server.client().upload_file(str(tmp_path / "s.tar"), s3_bucket, "wds/00000.tar")
+    spec = job(model, f"s3://{s3_bucket}/wds/", f"s3://{s3_bucket}/out", format="webdataset",
+               question_column="prompt", passthrough_columns=["n"])  # fmt: skip
+    doc = runner.run_job(spec, DATE, progress=False)
+    assert (doc["status"], doc["items_ok"]) == ("finished", 2)
+    got = output(f"{s3_bucket}/out", pafs.S3FileSystem(endpoint_override=s3_server.endpoint))
+    assert (got["a0"]["question"], got["a0"]["n"]) == ("Colour?", "3")
+    assert got["a1"]["question"] == spec.model.default_question
