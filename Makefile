@@ -7,19 +7,25 @@ FIND_LINKS  := $(shell $(PY) -m pip config get global.find-links 2>/dev/null)
 UV          := $(PY) -m uv
 UV_FLAGS    := --compile-bytecode --python $(VENV)/bin/python $(if $(FIND_LINKS),--find-links "$(FIND_LINKS)")
 
-.PHONY: demo test test-all quality format schemas bench clean
+.PHONY: demo test test-slow test-all quality format schemas bench clean
 
 $(STAMP): pyproject.toml requirements-ci.txt
+	@echo "make: setting up $(VENV): torch (CPU build), Ray, transformers and the project,"
+	@echo "make: about 75 s the first time (longer when uv must download); later runs skip this"
 	@$(PY) -m uv --version >/dev/null 2>&1 || $(PY) -m pip install -q uv
 	@test -x $(VENV)/bin/python || $(UV) venv -q $(VENV)
-	$(UV) pip install -q $(UV_FLAGS) -c requirements-ci.txt "torch==2.13.0+cpu" -e ".[dev]"
+	@$(UV) pip install -q $(UV_FLAGS) -c requirements-ci.txt "torch==2.13.0+cpu" -e ".[dev]"
 	@touch $(STAMP)
+	@echo "make: $(VENV) is ready"
 
 demo: $(STAMP)
 	$(VENV)/bin/python -m pipeline demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=15
+
+test-slow: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m slow --durations=15
 
 test-all: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not gpu"

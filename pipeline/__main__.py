@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 COMMANDS = {
     "run": ("pipeline.cli_run", "Run a job spec on the current Ray cluster (or a local one)."),
@@ -23,7 +24,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and dispatch to the command's module."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=_prog(), description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if a in COMMANDS), None)
@@ -33,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
             importlib.import_module(module).add_arguments(cmd)
     args = parser.parse_args(argv)
     return int(importlib.import_module(COMMANDS[args.command][0]).main(args) or 0)
+
+
+def _prog() -> str:
+    """`pipeline` from the console script, `python -m pipeline` from `-m`."""
+    name = Path(sys.argv[0]).name
+    return "python -m pipeline" if name in ("__main__.py", "") else name
 
 
 if __name__ == "__main__":

@@ -2,23 +2,29 @@
 
 Per call: rows that failed on the CPU pass through untouched; the rest are packed into
 sub-batches by an LLM-token budget (``execution.max_batch_tokens``: prompt after pruning +
-new tokens, so pruned items form proportionally larger batches), answered, and timed on the
-device (synchronised wall time split over the sub-batch's items). A sub-batch that raises
-falls back to one item at a time, so one item cannot sink its batch. Shadow rows are
-answered again, pruned and unpruned in batches of the same make-up, on the same actor, so
-their time ratio compares like with like. The actor reports its start, model shape and
-busy time to the run's ledger (side effects are at-least-once; the run's GPU-seconds come
-from committed rows instead). A batch whose earlier attempt killed the actor process is
-answered one item at a time, and an item that killed it while answered alone is quarantined
+new tokens, so pruned items form proportionally larger batches; ``auto`` sizes it from free
+GPU memory, see resprune/memory.py), answered, and timed on the device (synchronised wall
+time split over the sub-batch's items; each row names its batch and its size). A sub-batch
+that raises falls back to one item at a time, so one item cannot sink its batch; the failed
+attempt's time stays on its items (``failed_gpu_seconds``). The shadow sample is drawn by
+batch: a seeded share of the model batches is answered again unpruned, packed under the same
+size cap and token budget, right after its pruned pass on the same actor, so the time ratio
+compares the main pass's own batches with their unpruned twins (same regime: batch 1 is
+memory-bound, full batches are not). The actor reports its start, model shape and busy time
+to the run's ledger (side effects are at-least-once; the run's GPU-seconds come from
+committed rows instead). A batch whose earlier attempt killed the actor process is answered
+one item at a time, and an item that killed it while answered alone is quarantined
 (``crashed_worker``) instead of retried: a poison item costs at most three attempts
 (``execution.max_task_retries`` >= 2). Non-goal: batching across Ray calls.
 """
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import time
 import uuid
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
@@ -29,6 +35,25 @@ from pipeline.preprocess import PREPARED
 from pipeline.spec import JobSpec
 from pipeline.storage import redact
 from resprune.items import ItemError, ItemResult, PreparedItem
+
+
+@dataclass(frozen=True)
+class Answered:
+    """One item's outcome in a model batch: result (or ItemError) and its device time."""
+
+    result: Any
+    seconds: float  # the item's share of its batch's device time (0.0 when it failed)
+    batch_id: str
+    batch_size: int
+    failed_s: float = 0.0  # its share of attempts that raised (batch split, lone failure)
+
+
+def shadow_batch(ids: list[str], fraction: float, seed: int) -> bool:
+    """Seeded membership of a model batch (by its ids) in the shadow sample."""
+    if fraction <= 0 or not ids:
+        return False
+    key = "\0".join([str(seed), *sorted(ids)]).encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64 < fraction
 
 
 def pack(costs: list[int], *, budget: int | None, max_items: int) -> list[list[int]]:
@@ -53,11 +78,14 @@ class Answerer:
     """Map prepared rows to output rows (same rows, same order) with the job's model."""
 
     def __init__(self, spec: JobSpec, *, run_id: str, run_date: str, passthrough: pa.Schema,
-                 ledger: Any = None):  # fmt: skip
+                 ledger: Any = None, vlm: Any = None):  # fmt: skip
+        """Load the model (or share ``vlm``, already loaded: `pipeline eval` answers every
+        configuration with one model per actor)."""
         import torch
 
         from resprune.engines import engine_class
         from resprune.loading import load_vlm
+        from resprune.memory import resolve_batch_tokens
         from resprune.pruners import build_pruner
 
         self.started, self.key = time.time(), uuid.uuid4().hex
@@ -68,17 +96,24 @@ class Answerer:
         gpu = spec.execution.gpus_per_actor > 0 and torch.cuda.is_available()
         self.device = "cuda" if gpu else "cpu"
         m = spec.model
-        self.vlm = load_vlm(
+        self.vlm = vlm or load_vlm(
             m.path, family=m.family, dtype=m.dtype if gpu else "float32", device=self.device,
             revision=m.revision, trust_remote_code=m.trust_remote_code,
-            endpoint_url=spec.storage.endpoint_url,
+            endpoint_url=spec.storage.endpoint_url, attn_implementation=m.attn_implementation,
         )  # fmt: skip
         options = m.vllm.model_dump() if m.engine == "vllm" else {}
         self.engine = engine(self.vlm, **options)
         p = spec.pruning
-        self.pruner = build_pruner(p.method, alpha=p.alpha, seed=p.seed)
+        self.pruner = build_pruner(
+            p.method, alpha=p.alpha, seed=p.seed, relevance_floor=p.relevance_floor
+        )
         self.unpruned = build_pruner("none")
         self.image_token_id = int(self.vlm.model.config.image_token_id)
+        tokens = spec.execution.max_batch_tokens  # vLLM sizes its own batches from memory
+        auto_vllm = tokens == "auto" and m.engine == "vllm"
+        self.batch_tokens = (
+            None if auto_vllm else resolve_batch_tokens(tokens, self.vlm.model, self.vlm.device)
+        )
         self.busy_s = 0.0
         if ledger is not None:
             ledger.actor_started.remote(self.key, self.started, self.vlm.describe())
@@ -98,7 +133,7 @@ class Answerer:
                     continue
                 self._solo(rows, i, pickle.loads(blobs[i]))
         for r in rows:
-            r.update(self.const, shadow=bool(r["shadow"] and r["status"] == "ok"))
+            r.update(self.const, shadow=bool(r.get("shadow")) and r["status"] == "ok")
         if self.ledger is not None:
             self.ledger.end.remote(ids)
             self.ledger.actor_busy.remote(self.key, self.busy_s)
@@ -117,57 +152,81 @@ class Answerer:
         return ray.get(self.ledger.begin_batch.remote(ids))
 
     def _answer_rows(self, rows: list[dict], todo: list[int], items: list[PreparedItem]) -> None:
-        """Answer ``items`` (the rows at ``todo``) pruned, then the shadow pairs."""
+        """Answer ``items`` (the rows at ``todo``) pruned, then the shadow batches unpruned."""
         p = self.spec.pruning
-        for i, item, res in zip(todo, items, self._answer(items, self.pruner, p.keep), strict=True):
+        done = self._answer(items, self.pruner, p.keep)
+        batches: dict[str, list[int]] = {}
+        for k, (i, item, res) in enumerate(zip(todo, items, done, strict=True)):
             rows[i]["relevance_extractor"] = item.relevance_extractor
             _fill(rows[i], res)
-        shadow = [k for k, i in enumerate(todo) if rows[i]["shadow"] and rows[i]["status"] == "ok"]
-        # Time the pair on the same items in batches of the same make-up: the pruned times of
-        # the main pass come from fuller batches and would flatter the ratio.
-        pair = [items[k] for k in shadow]
-        pruned = self._answer(pair, self.pruner, p.keep)
-        unpruned = self._answer(pair, self.unpruned, 1.0)
-        for k, res, again in zip(shadow, unpruned, pruned, strict=True):
-            _fill_shadow(rows[todo[k]], res, again)
+            batches.setdefault(res.batch_id, []).append(k)
+        c = self.spec.cost
+        for group in batches.values():
+            ids = [rows[todo[k]]["id"] for k in group]
+            if shadow_batch(ids, c.shadow_fraction, c.shadow_seed):
+                ok = [k for k in group if rows[todo[k]]["status"] == "ok"]
+                self._shadow([rows[todo[k]] for k in ok], [items[k] for k in ok])
 
-    def _answer(self, items: list[PreparedItem], pruner: Any, keep: int | float) -> list[Any]:
-        """Answer items in token-budget batches; returns (result or ItemError, seconds) pairs."""
+    def _shadow(self, rows: list[dict], items: list[PreparedItem]) -> None:
+        """Answer one pruned batch's ok items unpruned (same packing rules): the shadow twin."""
+        twins = self._answer(items, self.unpruned, 1.0)
+        paired = all(isinstance(t.result, ItemResult) for t in twins)
+        for row, twin in zip(rows, twins, strict=True):
+            if paired:
+                _fill_shadow(row, twin)
+            else:  # a partial twin would bias the ratio: its time is failed work instead
+                row["failed_gpu_seconds"] += twin.seconds + twin.failed_s
+
+    def _answer(self, items: list[PreparedItem], pruner: Any, keep: int | float) -> list[Answered]:
+        """Answer items in token-budget batches, in input order."""
         out: list[Any] = [None] * len(items)
         ex = self.spec.execution
         costs = [self._cost(it, pruner, keep) for it in items]
-        for group in pack(costs, budget=ex.max_batch_tokens, max_items=ex.batch_size):
+        for group in pack(costs, budget=self.batch_tokens, max_items=ex.batch_size):
             for i, res in zip(
                 group, self._run([items[i] for i in group], pruner, keep), strict=True
             ):
                 out[i] = res
         return out
 
-    def _run(self, items: list[PreparedItem], pruner: Any, keep: int | float) -> list[Any]:
+    def _run(self, items: list[PreparedItem], pruner: Any, keep: int | float) -> list[Answered]:
         from resprune.answer import answer_batch
 
         kw = {"pruner": pruner, "keep": keep, "max_new_tokens": self.spec.model.max_new_tokens,
               "position_policy": self.spec.pruning.position_policy,
               "anyres": self.spec.pruning.anyres, "engine": self.engine}  # fmt: skip
+        batch_id, n = uuid.uuid4().hex[:16], len(items)
+        started = self._start()
         try:
-            results, seconds = self._timed(answer_batch, items, **kw)
-            return [(r, seconds / len(items)) for r in results]
+            results = answer_batch(self.vlm, items, **kw)
         except Exception as exc:
-            if len(items) == 1:
-                return [(ItemError("model_error", f"{type(exc).__name__}: {exc}"), 0.0)]
-        return [r for it in items for r in self._run([it], pruner, keep)]
+            lost = self._stop(started) / n
+            if n == 1:
+                error = ItemError("model_error", f"{type(exc).__name__}: {exc}")
+                return [Answered(error, 0.0, batch_id, 1, lost)]
+        else:
+            seconds = self._stop(started) / n
+            return [Answered(r, seconds, batch_id, n) for r in results]
+        solo = [a for it in items for a in self._run([it], pruner, keep)]
+        return [replace(a, failed_s=a.failed_s + lost) for a in solo]
 
-    def _timed(self, fn: Any, items: list[PreparedItem], **kw: Any) -> tuple[list[Any], float]:
-        import torch
+    def _start(self) -> float:
+        """Synchronise the device and start the clock."""
+        self._sync()
+        return time.perf_counter()
 
-        sync = torch.cuda.synchronize if self.device == "cuda" else (lambda: None)
-        sync()
-        t0 = time.perf_counter()
-        results = fn(self.vlm, items, **kw)
-        sync()
-        seconds = time.perf_counter() - t0
+    def _stop(self, started: float) -> float:
+        """Synchronise the device, stop the clock, count the time as busy; returns seconds."""
+        self._sync()
+        seconds = time.perf_counter() - started
         self.busy_s += seconds
-        return results, seconds
+        return seconds
+
+    def _sync(self) -> None:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
 
     def _cost(self, item: PreparedItem, pruner: Any, keep: int | float) -> int:
         """LLM tokens the item will hold: pruned prompt + new tokens."""
@@ -179,18 +238,22 @@ class Answerer:
         return n - visual + kept + self.spec.model.max_new_tokens
 
 
-def _fill(row: dict[str, Any], res: tuple[Any, float]) -> None:
-    result, seconds = res
+def _fill(row: dict[str, Any], res: Answered) -> None:
+    result = res.result
+    row.update(batch_id=res.batch_id, batch_size=res.batch_size, failed_gpu_seconds=res.failed_s)
     if isinstance(result, ItemError):
         msg = f"id={row['id']}: {result.cause}: {redact(result.message)}"
         row.update(status="error", error_cause=result.cause, error=msg)
+        row["failed_gpu_seconds"] += res.seconds  # its share of a batch that ran
         return
     row.update(
         answer=result.answer, visual_tokens=result.visual_tokens, kept_tokens=result.kept_tokens,
         kept_indices=list(result.kept_indices), retained_energy=result.retained_energy,
         prompt_tokens=result.prompt_tokens, prompt_tokens_unpruned=result.prompt_tokens_unpruned,
-        new_tokens=result.new_tokens, gpu_seconds=seconds, vision_s=result.vision_s,
+        new_tokens=result.new_tokens, gpu_seconds=res.seconds, vision_s=result.vision_s,
         select_s=result.select_s, generate_s=result.generate_s,
+        kept_newlines=result.kept_newlines, relevance_mean=result.relevance_mean,
+        relevance_max=result.relevance_max,
     )  # fmt: skip
 
 
@@ -200,11 +263,13 @@ def _quarantine(row: dict[str, Any]) -> None:
     row.update(status="error", error_cause="crashed_worker", error=msg)
 
 
-def _fill_shadow(row: dict[str, Any], res: tuple[Any, float], pruned: tuple[Any, float]) -> None:
-    result, seconds = res
-    if isinstance(result, ItemResult) and isinstance(pruned[0], ItemResult):
-        row.update(shadow_answer=result.answer, shadow_gpu_seconds=seconds,
-                   shadow_pruned_gpu_seconds=pruned[1], shadow_new_tokens=result.new_tokens,
-                   shadow_prompt_tokens=result.prompt_tokens)  # fmt: skip
-    else:
-        row["shadow"] = False  # the unpruned pass failed: not a usable shadow pair
+def _fill_shadow(row: dict[str, Any], twin: Answered) -> None:
+    result = twin.result
+    row.update(
+        shadow=True,
+        shadow_answer=result.answer,
+        shadow_gpu_seconds=twin.seconds,
+        shadow_new_tokens=result.new_tokens,
+        shadow_prompt_tokens=result.prompt_tokens,
+    )
+    row["failed_gpu_seconds"] += twin.failed_s

@@ -29,7 +29,11 @@ def add_common(parser: argparse.ArgumentParser) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The common arguments plus --no-progress."""
     add_common(parser)
-    parser.add_argument("--no-progress", action="store_true", help="hide Ray Data progress bars")
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="hide Ray Data progress bars (shown by default only on a terminal)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -41,7 +45,7 @@ def main(args: argparse.Namespace) -> int:
         spec, run_date = load_spec(args.spec, run_date=args.run_date, overrides=args.overrides)
         from pipeline import runner, summary
 
-        doc = runner.run_job(spec, run_date, progress=not args.no_progress)
+        doc = runner.run_job(spec, run_date, progress=False if args.no_progress else None)
     except (SpecError, StorageError, ModelPathError) as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2

@@ -3,8 +3,12 @@
 Builds a tiny random-weight LLaVA (resprune.tiny), writes a two-shard Parquet input from the
 bundled real images (pipeline/assets/images: CC0 / public domain) with a few questions, one
 row without a question (captioning) and two deliberately bad rows (a truncated JPEG and a
-1x4000 image) to show per-row error handling, then runs jobs/demo.yaml on a local Ray into
-``demo-output/`` and writes the cost report.
+1x4000 image) to show per-row error handling, then runs the demo spec (``jobs/demo.yaml``,
+shipped inside the package as ``pipeline/assets/demo.yaml``) on a local Ray into
+``demo-output/`` and writes the cost report. A second demo resumes: finished results are
+kept, so it does no model work (``--fresh`` starts over). With the default ``--out`` the spec
+runs exactly as written (its paths are relative to the working directory), so
+``python -m pipeline run jobs/demo.yaml`` afterwards continues the same output.
 Answers are random text: the weights are random. Non-goal: a quality demo.
 """
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import shutil
+from importlib import resources
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,15 +26,18 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent
 IMAGES = ROOT / "assets" / "images"
-JOB = ROOT.parent / "jobs" / "demo.yaml"
+JOB = resources.files("pipeline") / "assets" / "demo.yaml"
+DEFAULT_OUT = "demo-output"
 QUESTIONS = ["What is in this picture?", "What colours dominate the image?", None,
              "Is there a person in the image?"]  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """--out (default demo-output) and --keep-results (resume instead of starting over)."""
-    parser.add_argument("--out", default="demo-output", help="folder for model, input, results")
-    parser.add_argument("--keep-results", action="store_true", help="resume into existing results")
+    """--out (default demo-output) and --fresh (delete earlier results instead of resuming)."""
+    parser.add_argument("--out", default=DEFAULT_OUT, help="folder for model, input, results")
+    parser.add_argument(
+        "--fresh", action="store_true", help="delete earlier results and start over"
+    )
 
 
 def sample_rows() -> list[dict]:
@@ -59,32 +67,43 @@ def write_input(folder: Path) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Prepare model and input, run the job, print where the results (and report) are."""
+    """Prepare model and input, run (or resume) the job, print where results and report are."""
     from pipeline import runner, summary
     from pipeline.spec import load_spec
+
+    out = Path(args.out)
+    _prepare(out, fresh=args.fresh)
+    overrides = []  # the default folder is the spec's own: run it as written
+    if out.resolve() != Path(DEFAULT_OUT).resolve():
+        folders = {"input.uri": "input", "model.path": "model", "output.uri": "results"}
+        overrides = [f"{key}={out / name}" for key, name in folders.items()]
+    with resources.as_file(JOB) as job:
+        spec, run_date = load_spec(job, overrides=overrides)
+    print(f"demo: running {spec.name} on {spec.input.uri} -> {spec.output.uri}", flush=True)
+    doc = runner.run_job(spec, run_date, progress=None)
+    _report(spec.output.uri)
+    print(summary.one_line(doc), flush=True)
+    return 0 if doc["status"] == "finished" else 1
+
+
+def _prepare(out: Path, *, fresh: bool) -> None:
+    """Build the tiny model and the input once; --fresh drops earlier results."""
     from resprune.tiny import build_tiny_checkpoint
 
-    out = Path(args.out).resolve()
+    if fresh:
+        shutil.rmtree(out / "results", ignore_errors=True)
     if not (out / "model" / "config.json").is_file():
+        print(f"demo: building a tiny random-weight LLaVA in {out / 'model'}", flush=True)
         # wide enough that keep 64 is a real choice (D > k) and the LLM dominates the cost
         build_tiny_checkpoint(
             "llava", out / "model", text_hidden=256, text_layers=4, text_intermediate=512
         )
-    n = write_input(out / "input")
-    if not args.keep_results:
-        shutil.rmtree(out / "results", ignore_errors=True)
-    spec, run_date = load_spec(JOB, overrides=[
-        f"input.uri={out / 'input'}", f"model.path={out / 'model'}",
-        f"output.uri={out / 'results'}"])  # fmt: skip
-    print(f"demo: {n} rows from {IMAGES} -> {out / 'results'}", flush=True)
-    doc = runner.run_job(spec, run_date)
-    print(summary.one_line(doc))
-    _report(str(out / "results"))
-    return 0 if doc["status"] == "finished" else 1
+    n = write_input(out / "input")  # the same bytes every time: a rerun still resumes
+    print(f"demo: {n} input rows from {IMAGES} in {out / 'input'}", flush=True)
 
 
 def _report(output_uri: str) -> None:
     from pipeline.report import write_report
 
-    for kind, path in write_report(output_uri).items():
-        print(f"report ({kind}): {path}")
+    written = write_report(output_uri)
+    print(f"demo: cost report {written['html']} (report.md, report.json beside it)", flush=True)

@@ -8,7 +8,6 @@ inputs travel on as a pickled `PreparedItem` in the internal ``_prepared`` colum
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import time
@@ -29,17 +28,9 @@ PRE_SCHEMA = pa.schema(
         ("id", pa.string()), ("question", pa.string()), ("status", pa.string()),
         ("error", pa.string()), ("error_cause", pa.string()), ("image_width", pa.int32()),
         ("image_height", pa.int32()), ("question_truncated", pa.bool_()),
-        ("preprocess_s", pa.float64()), ("shadow", pa.bool_()), (PREPARED, pa.large_binary()),
+        ("preprocess_s", pa.float64()), (PREPARED, pa.large_binary()),
     ]
 )  # fmt: skip
-
-
-def in_shadow(item_id: str, fraction: float, seed: int) -> bool:
-    """Seeded, batch-independent membership of the shadow sample."""
-    if fraction <= 0:
-        return False
-    h = int.from_bytes(hashlib.sha256(f"{seed}:{item_id}".encode()).digest()[:8], "big")
-    return h / 2**64 < fraction
 
 
 def resolve_path(path: str, root: str | None) -> str:
@@ -80,13 +71,11 @@ class Preprocess:
 
     def _row(self, item_id: str, question: Any, image: Any, fault: str | None) -> dict[str, Any]:
         t0 = time.perf_counter()
-        cost = self.spec.cost
         q = question if isinstance(question, str) and question.strip() else None
         row: dict[str, Any] = {
             "id": item_id,
             "question": q or self.spec.model.default_question,
             "status": "ok",
-            "shadow": in_shadow(item_id, cost.shadow_fraction, cost.shadow_seed),
         }
         try:
             if fault:  # the reader found the sample unusable (e.g. a .json member that is not)
@@ -94,6 +83,7 @@ class Preprocess:
             img = decode_image(self._bytes(image), **self._caps())
             row["image_width"], row["image_height"] = img.size
             item = self.pre.prepare(img, row["question"])
+            item.item_id = str(item_id)
             row["question_truncated"] = bool(item.question_truncated)
             row[PREPARED] = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
         except ItemError as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import sys
 import time
 import uuid
 from typing import Any
@@ -119,8 +120,12 @@ def new_run_id(spec: JobSpec, run_date: str) -> str:
     return f"{spec.name}-{run_date}-{now}-{uuid.uuid4().hex[:6]}"
 
 
-def run_job(spec: JobSpec, run_date: str, *, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) a job; returns the run summary (also written to _runs/)."""
+def run_job(spec: JobSpec, run_date: str, *, progress: bool | None = None) -> dict[str, Any]:
+    """Run (or resume) a job; returns the run summary (also written to _runs/).
+
+    ``progress``: Ray Data's progress bars; None shows them only on a terminal (elsewhere
+    they would print as dozens of snapshot lines).
+    """
     run_id, started = new_run_id(spec, run_date), time.time()
     plan = make_plan(spec, run_id=run_id)
     check_model_path(spec)
@@ -136,10 +141,10 @@ def run_job(spec: JobSpec, run_date: str, *, progress: bool = True) -> dict[str,
 
 
 def _execute(spec: JobSpec, plan: Plan, record: summary.Recorder, *, run_id: str,
-             run_date: str, progress: bool) -> dict[str, Any]:  # fmt: skip
+             run_date: str, progress: bool | None) -> dict[str, Any]:  # fmt: skip
     """Execute the chain into the commit sink and finish the summary (also on failure)."""
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = progress
+    ctx.enable_progress_bars = sys.stderr.isatty() if progress is None else progress
     ledger = Ledger.remote()
     sink = CommitSink(plan.out_fs, plan.out_root, run_id=run_id, fingerprint=fingerprint(spec),
                       rows_per_file=spec.output.rows_per_file,

@@ -17,6 +17,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from resprune.floor import check_relevance_floor
+from resprune.words import active_extractor
+
 SECRET_NAME = re.compile(r"(SECRET|PASSWORD|TOKEN|CREDENTIAL|ACCESS_KEY|PRIVATE)", re.IGNORECASE)
 
 
@@ -128,6 +131,12 @@ class ModelSpec(_Strict):
         "(needs the vllm extra; LLaVA family; contiguous positions).",
     )
     vllm: VllmSpec = Field(default_factory=VllmSpec, description="vLLM engine settings.")
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+        "sdpa",
+        description="Attention kernels of the transformers model; flash_attention_2 needs "
+        "flash_attn (in the GPU image) and runs Qwen2.5-VL's windowed vision attention as one "
+        "varlen call per layer.",
+    )
 
 
 class PruningSpec(_Strict):
@@ -138,7 +147,18 @@ class PruningSpec(_Strict):
         64, description="Visual tokens kept per image (int) or fraction of them (float in (0, 1])."
     )
     alpha: float = Field(
-        1.0, description="Relevance exponent in g(r) = r^alpha; 0 ignores the text."
+        1.0,
+        description="Relevance exponent in g(r) = max(r, relevance_floor)^alpha; 0 ignores the "
+        "text; negative favours tokens least related to the question.",
+    )
+    relevance_floor: float = Field(
+        1e-6,
+        gt=0,
+        le=1,
+        description="Relevance below it counts as the floor. At 1e-6 with alpha > 0 a token whose "
+        "cosine to the question is <= 0 is picked only after all positively related ones run "
+        "out of residual energy (a sign gate); a larger floor (e.g. 0.05) lets it compete at a "
+        "fixed discount. With alpha < 0 it caps the top weight at floor^alpha.",
     )
     position_policy: Literal["original", "contiguous"] = Field(
         "original", description="Kept tokens keep their original positions, or are renumbered."
@@ -155,11 +175,24 @@ class PruningSpec(_Strict):
             raise ValueError("keep must be an int or a float, not a bool")
         return v
 
+    @model_validator(mode="after")
+    def _weights_finite(self) -> PruningSpec:
+        check_relevance_floor(self.alpha, self.relevance_floor)
+        return self
+
+    @property
+    def uses_text(self) -> bool:
+        """Whether the question's words change the selection."""
+        return self.method == "resprune" and self.alpha != 0
+
 
 class ExecutionSpec(_Strict):
     batch_size: int = Field(16, ge=1, description="Items per model batch (upper bound).")
-    max_batch_tokens: int | None = Field(
-        None, ge=1, description="Pack model batches up to this many LLM tokens (prompt + new)."
+    max_batch_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        None,
+        description="Pack model batches up to this many LLM tokens (prompt after pruning + new); "
+        "auto: from the GPU's free memory after the weights and the model's KV bytes per token "
+        "(16384 on CPU; see resprune/memory.py). Raise batch_size with auto: it still caps items.",
     )
     actors: int | tuple[int, int] = Field(
         1, description="Model actors: a fixed count or [min, max]."
@@ -212,7 +245,10 @@ class CostSpec(_Strict):
         None, ge=0, description="Price per GPU hour; unset means unknown (never guessed)."
     )
     shadow_fraction: float = Field(
-        0.01, ge=0, le=1, description="Seeded share of items also answered unpruned."
+        0.01,
+        ge=0,
+        le=1,
+        description="Seeded share of model batches also answered unpruned (whole batches).",
     )
     shadow_seed: int = Field(0, description="Seed of the shadow sample.")
 
@@ -298,11 +334,17 @@ class ProcessorConfig(_Strict):
 
 
 def fingerprint(spec: JobSpec) -> str:
-    """Hash of the settings that change answers (input columns, model, pruning)."""
+    """Hash of the settings that change answers (input columns, model, pruning).
+
+    When the selection reads the question, the word extractor this installation runs
+    (spaCy or stopwords) is part of it too.
+    """
     parts = spec.model_dump(include={"model", "pruning", "input"}, mode="json")
     for where in ("uri", "format", "image_root"):  # where the input lives, not what it means
         parts["input"].pop(where, None)
     parts["model"].pop("vllm", None)  # throughput knobs
+    if spec.pruning.uses_text:
+        parts["relevance_extractor"] = active_extractor()
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -66,6 +66,7 @@ class Recorder:
             "output_uri": s.output.uri, "model": s.model.path, "family": s.model.family,
             "dtype": s.model.dtype, "max_new_tokens": s.model.max_new_tokens,
             "pruner": p.method, "keep": str(p.keep), "alpha": p.alpha,
+            "relevance_floor": p.relevance_floor,
             "gpu_type": c.gpu_type, "usd_per_gpu_hour": c.usd_per_gpu_hour,
             "shadow_fraction": c.shadow_fraction, "gpus_per_actor": s.execution.gpus_per_actor,
             "batch_size": s.execution.batch_size, "max_batch_tokens": s.execution.max_batch_tokens,

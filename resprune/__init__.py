@@ -1,16 +1,18 @@
 """ResPrune: training-free visual token pruning by residual-energy subspace expansion."""
 
-from resprune.select import Selection, select_tokens
-
-# Model-facing API, imported lazily: `import resprune` must not pull in transformers.
+# Imported lazily: `import resprune` (and its torch-free modules, e.g. resprune.floor, which
+# the job spec uses) must not pull in torch or transformers.
 _LAZY = {
+    "Selection": "resprune.select",
+    "select_prefixes": "resprune.select",
+    "select_tokens": "resprune.select",
     "answer_batch": "resprune.answer",
     "load_vlm": "resprune.loading",
     "load_preprocessor": "resprune.loading",
     "build_tiny_checkpoint": "resprune.tiny",
 }
 
-__all__ = ["Selection", "select_tokens", *_LAZY]
+__all__ = list(_LAZY)
 
 
 def __getattr__(name: str):

@@ -4,7 +4,8 @@ Per batch: one vision-tower call; one pruner call over every crop of every item 
 is per image or crop, never normalised across the batch); then each prompt's image-token
 run and positions are cut to the kept tokens, and the kept sequences go to a generation
 engine (`resprune.engines`; default: the VLM's own transformers ``generate`` with the kept
-features as ``mm_encoder_outputs``). No attention maps are needed, so SDPA / FlashAttention
+features as ``mm_encoder_outputs``). ``keep`` bounds all the LLM sees of an image, layout
+rows included (`resprune.budget`). No attention maps are needed, so SDPA / FlashAttention
 keep working. Timings are per batch, synchronised with the device, and reported per item as
 the batch time divided by the batch size (``generate_s`` is the engine call, whatever the
 engine, so cost reports stay comparable).
@@ -18,11 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
+from resprune.budget import ImageTokens, Picks, kept_index, kept_rows, select_within_budget
 from resprune.engines import Engine, Plan
 from resprune.engines.hf import TransformersEngine
 from resprune.items import ItemError, ItemResult, PreparedItem
 from resprune.models.base import POSITION_POLICIES, VLM, Crop, Layout, sync
-from resprune.pruners import Pruner, TokenSet, build_pruner, resolve_keep
+from resprune.pruners import Pruner, build_pruner
 
 ANYRES_MODES = ("per_crop", "global")
 
@@ -96,25 +98,21 @@ def _now(vlm: VLM) -> float:
 
 
 def _select(vlm, items, feats, pruner, keep, anyres, policy) -> list[_Plan | ItemError]:
-    """One pruner call over every crop of every item, then each item's kept sequence."""
+    """One pruner call over every crop of every item (within budget), then each kept sequence."""
     layouts = [
         vlm.adapter.layout(vlm.model, it, f.shape[0]) for it, f in zip(items, feats, strict=True)
     ]
-    crops = [_crops(lay, anyres) for lay in layouts]
-    sets, ks, owners = [], [], []
-    for i, (item, feat) in enumerate(zip(items, feats, strict=True)):
-        text = _text_embeddings(vlm, item)
-        for crop, k in zip(crops[i], _budgets(pruner, keep, crops[i]), strict=True):
-            if k > 0:
-                sets.append(TokenSet(feat[crop.index.to(feat.device)], crop.grid, text))
-                ks.append(k)
-                owners.append((i, crop))
-    pruned = pruner.prune(sets, ks) if sets else []
+    images = [
+        ImageTokens(
+            feat, _crops(lay, anyres), lay.newline_rows, _text_embeddings(vlm, item), item.item_id
+        )
+        for item, feat, lay in zip(items, feats, layouts, strict=True)
+    ]
+    picks = select_within_budget(pruner, keep, images)
     plans = []
-    for i, item in enumerate(items):
-        mine = [(c, s, p) for (o, c), s, p in zip(owners, sets, pruned, strict=True) if o == i]
+    for item, image, mine in zip(items, images, picks, strict=True):
         try:
-            plans.append(_plan(vlm, item, feats[i], layouts[i], mine, policy))
+            plans.append(_plan(vlm, item, image, mine, policy))
         except ItemError as err:
             plans.append(err)
     return plans
@@ -127,20 +125,6 @@ def _crops(layout: Layout, anyres: str) -> list[Crop]:
     return [Crop(index, None)]
 
 
-def _budgets(pruner: Pruner, keep: int | float, crops: list[Crop]) -> list[int]:
-    """Per-crop budgets: the image's k split in proportion to crop sizes (largest remainder)."""
-    sizes = [len(c.index) for c in crops]
-    if pruner.name == "none":
-        return sizes
-    k, n = resolve_keep(keep, sum(sizes)), sum(sizes)
-    exact = [k * s / n for s in sizes]
-    ks = [int(e) for e in exact]
-    by_remainder = sorted(range(len(sizes)), key=lambda c: (ks[c] - exact[c], c))
-    for c in by_remainder[: k - sum(ks)]:
-        ks[c] += 1
-    return ks
-
-
 def _text_embeddings(vlm: VLM, item: PreparedItem) -> torch.Tensor | None:
     """One LLM input embedding per content word (mean over its sub-word tokens)."""
     words = [ids for ids in item.relevance_token_ids if ids]
@@ -151,12 +135,12 @@ def _text_embeddings(vlm: VLM, item: PreparedItem) -> torch.Tensor | None:
     return torch.stack(rows)
 
 
-def _plan(vlm: VLM, item, feat, layout: Layout, chosen, policy: str) -> _Plan:
+def _plan(vlm: VLM, item, image: ImageTokens, chosen: Picks, policy: str) -> _Plan:
     """Cut the item's image-token run to the kept tokens; positions and stats follow."""
-    index = [c.index[p.indices.cpu()] for c, _, p in chosen]
-    kept = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
+    feat = image.features
+    kept = kept_index(chosen)
     parts = [p.tokens if p.tokens is not None else s.tokens[p.indices] for c, s, p in chosen]
-    newlines = [nl for nl, row in layout.newline_rows if torch.isin(row, kept).any()]
+    newlines = kept_rows(image, kept)
     order = torch.cat([kept, torch.tensor(newlines, dtype=torch.long)]).argsort()
     extra = feat[torch.tensor(newlines, dtype=torch.long, device=feat.device)]
     features = torch.cat([*parts, extra]).to(vlm.model.dtype)[order.to(feat.device)]

@@ -34,6 +34,7 @@ class PreparedItem:
     relevance_extractor: str = "none"
     question: str = ""
     question_truncated: bool = False
+    item_id: str = ""  # the row id, when known: seeds per-image random draws
 
 
 @dataclass
@@ -49,7 +50,7 @@ class ItemResult:
     prompt_tokens_unpruned: int
     new_tokens: int
     answer_ids: list[int] = field(default_factory=list)  # generated token ids, up to EOS
-    kept_newlines: int = 0  # llava_next: image_newline rows kept (included in kept_tokens)
+    kept_newlines: int = 0  # llava_next: image_newline rows kept (inside kept_tokens and keep)
     relevance_mean: float | None = None
     relevance_max: float | None = None
     vision_s: float = 0.0

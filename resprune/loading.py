@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from resprune.models import ADAPTERS, FAMILIES, VLM
 from resprune.models.qwen_processor import ImageOnlyQwen2_5_VLProcessor
 from resprune.prompts import Preprocessor
 
+ATTENTION = ("sdpa", "flash_attention_2", "eager")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MANIFEST = ".resprune-manifest.json"
 
@@ -48,10 +50,17 @@ def load_vlm(
     trust_remote_code: bool = False,
     cache_dir: str | None = None,
     endpoint_url: str | None = None,
+    attn_implementation: str = "sdpa",
 ) -> VLM:
-    """Load model weights (safetensors only) and tokenizer; ``vlm.family`` names the adapter."""
+    """Load model weights (safetensors only) and tokenizer; ``vlm.family`` names the adapter.
+
+    ``attn_implementation`` (sdpa | flash_attention_2 | eager) goes to ``from_pretrained``;
+    flash_attention_2 needs the flash_attn package (Qwen2.5-VL's windowed vision attention
+    then runs as one varlen call per layer instead of window by window).
+    """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    _check_attention(attn_implementation)
     local = resolve_model_path(path, cache_dir=cache_dir, endpoint_url=endpoint_url)
     fam, _ = read_config(
         local, family=family, revision=revision, trust_remote_code=trust_remote_code
@@ -63,6 +72,7 @@ def load_vlm(
             dtype=DTYPES[dtype],
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
         )
         tokenizer = AutoTokenizer.from_pretrained(
             local, revision=revision, trust_remote_code=trust_remote_code
@@ -72,6 +82,16 @@ def load_vlm(
     dev = torch.device(device)
     model = model.to(dev).eval()
     return VLM(fam, model, tokenizer, ADAPTERS[fam], path, dev, local_path=local)
+
+
+def _check_attention(name: str) -> None:
+    if name not in ATTENTION:
+        raise ValueError(f"attn_implementation must be one of {', '.join(ATTENTION)}, got {name!r}")
+    if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ImportError(
+            "model.attn_implementation: flash_attention_2 needs the flash_attn package "
+            "(installed in infra/Dockerfile's GPU image); use sdpa or eager here"
+        )
 
 
 def load_preprocessor(

@@ -8,14 +8,16 @@ position. Pruners know nothing about models or prompts; adapters build the Token
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from resprune.floor import RELEVANCE_FLOOR, check_relevance_floor
 from resprune.relevance import token_relevance
-from resprune.select import select_tokens
+from resprune.select import select_prefixes
 
 
 @dataclass
@@ -25,6 +27,7 @@ class TokenSet:
     tokens: torch.Tensor  # [N, D]
     grid: tuple[int, int] | None = None  # (rows, cols), row-major, rows * cols == N
     text: torch.Tensor | None = None  # [T, D] LLM input embeddings of content-word tokens
+    key: str | None = None  # stable name of the image/crop (item id): seeds the random baseline
 
 
 @dataclass
@@ -81,21 +84,13 @@ class ResPrune:
 
     name = "resprune"
 
-    def __init__(self, alpha: float = 1.0):
-        self.alpha = alpha
+    def __init__(self, alpha: float = 1.0, relevance_floor: float = RELEVANCE_FLOOR):
+        check_relevance_floor(alpha, relevance_floor)
+        self.alpha, self.relevance_floor = alpha, relevance_floor
 
     def prune(self, sets: list[TokenSet], ks: list[int]) -> list[Pruned]:
+        """One batched selector call over all sets, each truncated to its own budget."""
         _check(sets, ks)
-        out: list[Pruned | None] = [None] * len(sets)
-        for k in sorted(set(ks)):  # one batched call per distinct budget
-            members = [i for i, kk in enumerate(ks) if kk == k]
-            for i, pruned in zip(
-                members, self._prune_same_k([sets[i] for i in members], k), strict=True
-            ):
-                out[i] = pruned
-        return out  # type: ignore[return-value]
-
-    def _prune_same_k(self, sets: list[TokenSet], k: int) -> list[Pruned]:
         n_max = max(s.tokens.shape[0] for s in sets)
         dev = sets[0].tokens.device
         x = torch.zeros(len(sets), n_max, sets[0].tokens.shape[1], device=dev)
@@ -107,14 +102,16 @@ class ResPrune:
             x[b, :n], mask[b, :n] = s.tokens.float(), True
             if with_text and s.text is not None:
                 rel[b, :n] = token_relevance(s.tokens, s.text)
-        sel = select_tokens(x, k, relevance=rel, alpha=self.alpha, mask=mask)
+        sels = select_prefixes(
+            x, ks, relevance=rel, alpha=self.alpha, mask=mask, relevance_floor=self.relevance_floor
+        )
         return [
             Pruned(
-                indices=sel.indices[b],
-                retained_energy=float(sel.retained_energy[b]),
+                indices=sel.indices,
+                retained_energy=float(sel.retained_energy),
                 relevance=rel[b, : s.tokens.shape[0]] if with_text and s.text is not None else None,
             )
-            for b, s in enumerate(sets)
+            for b, (s, sel) in enumerate(zip(sets, sels, strict=True))
         ]
 
 
@@ -129,7 +126,13 @@ class KeepAll:
 
 
 class RandomPrune:
-    """k tokens uniformly at random, seeded per (seed, N, k) so reruns are reproducible."""
+    """k tokens uniformly at random: a different mask per image, reproducible from its key.
+
+    The draw is seeded by (seed, the set's key, N), so an item gets the same mask in every
+    run and batch, different items get different masks, and budgets nest (the k kept at a
+    smaller budget are among those kept at a larger one). A set without a key (library use
+    without ids) falls back to one mask per (seed, N).
+    """
 
     name = "random"
 
@@ -141,7 +144,8 @@ class RandomPrune:
         out = []
         for s, k in zip(sets, ks, strict=True):
             n = s.tokens.shape[0]
-            gen = torch.Generator().manual_seed(hash((self.seed, n, k)) & 0x7FFFFFFF)
+            digest = hashlib.sha256(f"{self.seed}:{s.key or ''}:{n}".encode()).digest()
+            gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") >> 1)
             idx = torch.randperm(n, generator=gen)[:k].sort().values.to(s.tokens.device)
             out.append(Pruned(idx, span_energy(s.tokens, s.tokens[idx])))
         return out
@@ -229,10 +233,12 @@ class DivPrune:
 PRUNERS = ("resprune", "none", "random", "uniform", "pool", "divprune")
 
 
-def build_pruner(method: str, *, alpha: float = 1.0, seed: int = 0) -> Pruner:
+def build_pruner(
+    method: str, *, alpha: float = 1.0, seed: int = 0, relevance_floor: float = RELEVANCE_FLOOR
+) -> Pruner:
     """The pruner registered under ``method`` (see PRUNERS)."""
     if method == "resprune":
-        return ResPrune(alpha)
+        return ResPrune(alpha, relevance_floor)
     if method == "random":
         return RandomPrune(seed)
     simple = {"none": KeepAll, "uniform": UniformPrune, "pool": PoolPrune, "divprune": DivPrune}

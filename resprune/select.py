@@ -1,23 +1,51 @@
 """ResPrune's token selector: greedy subspace expansion by text-modulated residual energy.
 
 With S the kept set and P_S the projector onto span{v_j : j in S}, each step adds the token
-with the largest ``g(r_i) * ||v_i - P_S v_i||^2`` where ``g(r) = (max(r, 0) + eps) ** alpha``.
+with the largest ``g(r_i) * ||v_i - P_S v_i||^2`` where ``g(r) = max(r, floor) ** alpha``.
 Scaling each token by ``sqrt(g(r_i))`` turns this into greedy column-pivoted QR, computed here
-as incremental Gram-Schmidt in float32: after picking the unit residual q, every token's
-energy drops by ``<q, y>^2``. The projections ``<q, y>`` come from the Gram matrix (one
-batched GEMM, O(B N^2 D)), so the loop over the k steps costs O(B N k) per step instead of
-another memory-bound pass over all tokens; batched over images, no loop over images.
+as pivoted Cholesky of the weighted Gram matrix in float32: after picking the unit residual
+q, every token's energy drops by ``<q, y>^2``. One batched GEMM builds the Gram matrix (bf16
+inputs on CUDA multiply exactly with float32 accumulation), the relevance weights scale its
+rows and columns, and each of the k steps then costs O(B N k), batched over images.
+
+Rank exhaustion. When k exceeds the numerical rank of an image's tokens (a blank image,
+repeated patches), the residual energies left are round-off, and picking by them would be
+decided by noise: by the batch-mates' padding and the GEMM's tiling. A token is *spent* when
+its unweighted residual energy is at most ``SPENT_TOL * ||x_i|| * max_j ||x_j||`` over the
+image's own valid tokens: the scale of the round-off its projections carry (measured at up to
+1e-4 after the rank is spent, for ranks 4 to 500 at D = 4096), so the threshold never depends
+on the batch or on the relevance weights. Spent tokens are never picked by energy. Once every
+remaining token of an image is spent, each further pick is the free valid token farthest (in
+token index) from every token picked so far, ties to the lowest index: deterministic,
+independent of the batch and spread over the image. While the rank lasts, the picks are those
+of pivoted QR.
+
+Prefix consistency. Every step depends only on the steps before it, never on k, so the first
+k' picks of a run to k are the picks of a run to k'. `select_prefixes` uses that to serve
+rows with different budgets (LLaVA-NeXT's crops) from one call at the largest k.
+
+On CUDA the k-step loop (about 15 small kernels per step) is captured once per shape bucket
+in a CUDA graph and replayed: batch padded to a power of two, tokens to a multiple of 64, k to
+a multiple of 16 (picks of a padded call equal the unpadded ones: padding is masked, and a
+longer run's prefix is the shorter run). The loop never synchronises with the host. On the
+CPU the same loop runs eagerly.
 
 This module knows nothing about models, questions or text: relevance arrives as numbers.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-RELEVANCE_EPS = 1e-6
+from resprune.floor import RELEVANCE_FLOOR, check_relevance_floor
+
+SPENT_TOL = 1e-3  # residual energy share at float32 round-off (see the docstring)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+_TOKEN_BUCKET, _K_BUCKET, _MAX_GRAPHS = 64, 16, 6
 
 
 @dataclass(frozen=True)
@@ -28,11 +56,13 @@ class Selection:
     retained_energy: torch.Tensor  # float32 [] or [B]
 
 
-def relevance_weights(relevance: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``g(r) = (clamp(r, 0) + eps) ** alpha``; alpha = 0 gives all ones."""
+def relevance_weights(
+    relevance: torch.Tensor, alpha: float, floor: float = RELEVANCE_FLOOR
+) -> torch.Tensor:
+    """``g(r) = max(r, floor) ** alpha``: r ** alpha above the floor; alpha = 0 gives all ones."""
     if alpha == 0:
         return torch.ones_like(relevance, dtype=torch.float32)
-    return (relevance.float().clamp_min(0) + RELEVANCE_EPS).pow(alpha)
+    return relevance.float().clamp_min(floor).pow(alpha)
 
 
 def select_tokens(
@@ -42,6 +72,7 @@ def select_tokens(
     relevance: torch.Tensor | None = None,
     alpha: float = 1.0,
     mask: torch.Tensor | None = None,
+    relevance_floor: float = RELEVANCE_FLOOR,
 ) -> Selection:
     """Select ``k`` tokens per image by greedy residual-energy subspace expansion.
 
@@ -51,39 +82,95 @@ def select_tokens(
         relevance: None (r = 1) or [N] / [B, N] text relevance r_i.
         alpha: exponent of the relevance modulation; 0 ignores relevance.
         mask: None or bool [B, N] (or [N]), True for valid tokens; padding is never kept.
+        relevance_floor: relevance below it counts as the floor, ``g(r) = max(r, floor) ** alpha``.
     """
-    single = tokens.dim() == 2
-    x, r, m = _validate(tokens, k, relevance, mask)
-    w = None if r is None or alpha == 0 else relevance_weights(r, alpha)
-    y = x if w is None else x * w.sqrt().unsqueeze(-1)
-    chosen, coef = _greedy_pivots(y, m, k)
-    indices = chosen.sort(dim=-1).values
-    retained = _retained_energy(x, m, coef, w)
-    if single:
+    check_relevance_floor(alpha, relevance_floor)
+    x, r, m = _validate(tokens, relevance, mask)
+    _check_budgets(m, [k] * x.shape[0])
+    order, retained = _select(x, r, (alpha, relevance_floor), m, [k] * x.shape[0])
+    indices = order.sort(dim=-1).values
+    if tokens.dim() == 2:
         return Selection(indices[0], retained[0])
     return Selection(indices, retained)
 
 
+def select_prefixes(
+    tokens: torch.Tensor,
+    ks: Sequence[int],
+    *,
+    relevance: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    mask: torch.Tensor | None = None,
+    relevance_floor: float = RELEVANCE_FLOOR,
+) -> list[Selection]:
+    """`select_tokens` with a budget per image: one run to ``max(ks)``, row b keeps ``ks[b]``.
+
+    Equal to one `select_tokens` call per distinct budget (greedy picks are prefix-consistent).
+    Arguments as for `select_tokens` with tokens [B, N, D]; returns one Selection per image.
+    """
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
+        raise ValueError("tokens must be a [B, N, D] tensor")
+    check_relevance_floor(alpha, relevance_floor)
+    x, r, m = _validate(tokens, relevance, mask)
+    _check_budgets(m, ks)
+    order, retained = _select(x, r, (alpha, relevance_floor), m, list(ks))
+    return [Selection(order[b, :k].sort().values, retained[b]) for b, k in enumerate(ks)]
+
+
+def _select(
+    x: torch.Tensor,
+    r: torch.Tensor | None,
+    g: tuple[float, float],
+    mask: torch.Tensor,
+    ks: list[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick order [B, max k] and the energy share retained by each row's first ks[b] picks.
+
+    ``g`` = (alpha, relevance floor) of the relevance weights.
+    """
+    alpha, floor = g
+    w = None if r is None or alpha == 0 else relevance_weights(r, alpha, floor)
+    gram_x = _gram(x)
+    energy_x = torch.diagonal(gram_x, dim1=1, dim2=2)
+    norm = energy_x.clamp_min(0.0).sqrt()
+    spent_below = SPENT_TOL * norm * norm.masked_fill(~mask, 0.0).amax(-1, keepdim=True)
+    gram = gram_x
+    if w is not None:
+        gram = gram_x * (w.sqrt()[:, :, None] * w.sqrt()[:, None, :])
+        spent_below = spent_below * w
+    order, coef = _run_greedy(gram, mask, spent_below, max(ks))
+    budgets = torch.tensor(ks, device=x.device)
+    return order, _retained_energy(energy_x, mask, coef, w, budgets)
+
+
 def _validate(
-    tokens: torch.Tensor, k: int, relevance: torch.Tensor | None, mask: torch.Tensor | None
+    tokens: torch.Tensor, relevance: torch.Tensor | None, mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     if not isinstance(tokens, torch.Tensor) or not tokens.is_floating_point():
         raise ValueError(f"tokens must be a float tensor, got {type(tokens).__name__}")
     if tokens.dim() not in (2, 3):
         raise ValueError(f"tokens must be [N, D] or [B, N, D], got shape {tuple(tokens.shape)}")
-    x = (tokens if tokens.dim() == 3 else tokens.unsqueeze(0)).float()
+    x = tokens if tokens.dim() == 3 else tokens.unsqueeze(0)
     b, n, _ = x.shape
     m = _batched(mask, "mask", (b, n), tokens.dim())
     m = torch.ones(b, n, dtype=torch.bool, device=x.device) if m is None else m.bool()
-    if not torch.isfinite(x[m]).all():
+    m = m.to(x.device)
+    if not torch.isfinite(x).logical_or(~m[..., None]).all():
         raise ValueError("tokens contains NaN or inf among the valid tokens")
-    valid = int(m.sum(-1).min()) if b else 0
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k > valid:
-        raise ValueError(f"k must be an int in [1, {valid}] (valid tokens per image), got {k!r}")
     r = _batched(relevance, "relevance", (b, n), tokens.dim())
-    if r is not None and not torch.isfinite(r.float()[m]).all():
+    if r is not None and not torch.isfinite(r.float()).logical_or(~m.to(r.device)).all():
         raise ValueError("relevance contains NaN or inf")
-    return x, (None if r is None else r.to(x.device)), m.to(x.device)
+    return x, (None if r is None else r.to(x.device)), m
+
+
+def _check_budgets(mask: torch.Tensor, ks: Sequence[int]) -> None:
+    if len(ks) != mask.shape[0]:
+        raise ValueError(f"got {len(ks)} budgets for {mask.shape[0]} images")
+    for k, valid in zip(ks, mask.sum(-1).tolist(), strict=True):
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= valid:
+            raise ValueError(
+                f"k must be an int in [1, {valid}] (valid tokens per image), got {k!r}"
+            )
 
 
 def _batched(
@@ -98,51 +185,131 @@ def _batched(
     return v
 
 
-def _greedy_pivots(
-    y: torch.Tensor, mask: torch.Tensor, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy pivoted Gram-Schmidt on the Gram matrix (pivoted Cholesky).
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """``x x^T`` in float32; half-precision inputs on CUDA multiply exactly, accumulate in fp32."""
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        return torch.bmm(x, x.transpose(1, 2), out_dtype=torch.float32)
+    x = x.float()
+    return torch.bmm(x, x.transpose(1, 2))
 
-    Returns the pick order [B, k] and the coefficients ``c[b, i, s] = <q_s, y_i>`` [B, N, k]
-    of every token on the orthonormal basis built so far. One batched GEMM builds the Gram
-    matrix; each step then costs O(N k) instead of another O(N D) pass over the tokens.
+
+def _greedy_pivots(
+    gram: torch.Tensor, mask: torch.Tensor, spent_below: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy pivoted Cholesky of ``gram`` [B, N, N] with the rank-exhaustion rule.
+
+    A token whose residual energy is at most ``spent_below`` [B, N] is spent (round-off).
+    Returns the pick order [B, k] and ``c[b, s, i] = <q_s, y_i>`` [B, k, N], the coefficients
+    of every token on the orthonormal basis (zero rows for picks made after exhaustion).
+    Pure tensor code with no host synchronisation, so a CUDA graph can capture it.
     """
-    b, n, _ = y.shape
-    rows = torch.arange(b, device=y.device)
-    gram = torch.bmm(y, y.transpose(1, 2))  # [B, N, N]
+    b, n, _ = gram.shape
     blocked = ~mask  # padding, then every picked token
-    energy = torch.diagonal(gram, dim1=1, dim2=2).clone().masked_fill(blocked, -1.0)
-    chosen = torch.empty(b, k, dtype=torch.long, device=y.device)
-    coef = torch.zeros(b, n, k, dtype=y.dtype, device=y.device)
+    energy = torch.diagonal(gram, dim1=1, dim2=2).masked_fill(blocked, -1.0)
+    position = torch.arange(n, device=gram.device, dtype=torch.float32)
+    gap = torch.full((b, n), float(n + 1), device=gram.device)  # index distance to the picks
+    chosen = torch.zeros(b, k, dtype=torch.long, device=gram.device)
+    coef = torch.zeros(b, k, n, dtype=gram.dtype, device=gram.device)
     for step in range(k):
-        pick = energy.argmax(dim=-1)  # first maximum: ties break to the lowest index
-        chosen[:, step] = pick
-        resid = energy[rows, pick].clamp_min(0.0)
-        col = (
-            gram[rows, :, pick]
-            - torch.bmm(coef[:, :, :step], coef[rows, pick, :step, None])[..., 0]
-        )
-        # a residual at float32 round-off of its token adds no direction (rank exhausted)
-        alive = resid > 1e-8 * gram[rows, pick, pick]
-        col = torch.where(alive[:, None], col / resid.clamp_min(1e-30).sqrt()[:, None], 0.0)
-        coef[:, :, step] = col
-        blocked[rows, pick] = True
+        live = energy > spent_below
+        has_live = live.any(-1, keepdim=True)
+        by_energy = energy.masked_fill(~live, -1.0)
+        score = torch.where(has_live, by_energy, gap.masked_fill(blocked, -1.0))
+        pick = score.argmax(dim=-1, keepdim=True)  # first maximum: ties to the lowest index
+        chosen[:, step] = pick[:, 0]
+        resid = energy.gather(1, pick).clamp_min(1e-30)
+        picked = coef[:, :step].gather(2, pick[:, None, :].expand(b, step, 1))  # [B, step, 1]
+        row = gram.gather(1, pick[:, :, None].expand(b, 1, n))[:, 0]
+        col = row - torch.bmm(picked.transpose(1, 2), coef[:, :step])[:, 0]
+        col = torch.where(has_live, col / resid.sqrt(), 0.0)
+        coef[:, step] = col
+        blocked.scatter_(1, pick, True)
+        gap = torch.minimum(gap, (position - pick).abs())
         energy = (energy - col * col).clamp_min(0.0).masked_fill(blocked, -1.0)
     return chosen, coef
 
 
+def _bucket(b: int, n: int, k: int) -> tuple[int, int, int]:
+    """Padded (batch, tokens, k) of the CUDA-graph bucket holding a call of this shape."""
+    nb = -(-n // _TOKEN_BUCKET) * _TOKEN_BUCKET
+    bb = next((c for c in _BATCH_BUCKETS if c >= b), b)
+    return bb, nb, -(-k // _K_BUCKET) * _K_BUCKET
+
+
+def _pad_to_bucket(
+    gram: torch.Tensor, mask: torch.Tensor, spent_below: torch.Tensor, k: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], int]:
+    """The loop's inputs zero-padded to their bucket (padding invalid), and the bucket's k."""
+    b, n, _ = gram.shape
+    bb, nb, kb = _bucket(b, n, k)
+    pad = torch.nn.functional.pad
+    rows = (0, nb - n, 0, bb - b)
+    return (pad(gram, (0, nb - n, *rows)), pad(mask, rows), pad(spent_below, rows)), kb
+
+
+class _CapturedGreedy:
+    """`_greedy_pivots` captured in a CUDA graph for one bucket; a call copies inputs in."""
+
+    def __init__(self, b: int, n: int, k: int, device: torch.device):
+        self.inputs = (
+            torch.zeros(b, n, n, device=device),
+            torch.zeros(b, n, dtype=torch.bool, device=device),
+            torch.zeros(b, n, device=device),
+        )
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the capture, as torch.cuda.graphs asks
+            _greedy_pivots(*self.inputs, k)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = _greedy_pivots(*self.inputs, k)
+
+    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for static, value in zip(self.inputs, inputs, strict=True):
+            static.copy_(value)
+        self.graph.replay()
+        return self.outputs[0].clone(), self.outputs[1].clone()
+
+
+_GRAPHS: OrderedDict[tuple, _CapturedGreedy] = OrderedDict()
+
+
+def _run_greedy(
+    gram: torch.Tensor, mask: torch.Tensor, spent_below: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The greedy loop: eager on the CPU, a replayed CUDA graph per shape bucket on CUDA."""
+    if not gram.is_cuda:
+        return _greedy_pivots(gram, mask, spent_below, k)
+    b, n, _ = gram.shape
+    padded, kb = _pad_to_bucket(gram, mask, spent_below, k)
+    key = (gram.device, *padded[1].shape, kb)
+    if key not in _GRAPHS:
+        if len(_GRAPHS) >= _MAX_GRAPHS:
+            _GRAPHS.popitem(last=False)
+        _GRAPHS[key] = _CapturedGreedy(*padded[1].shape, kb, gram.device)
+    _GRAPHS.move_to_end(key)
+    chosen, coef = _GRAPHS[key](*padded)
+    return chosen[:b, :k], coef[:b, :k, :n]
+
+
 def _retained_energy(
-    x: torch.Tensor, mask: torch.Tensor, coef: torch.Tensor, weights: torch.Tensor | None
+    energy_x: torch.Tensor,
+    mask: torch.Tensor,
+    coef: torch.Tensor,
+    weights: torch.Tensor | None,
+    ks: torch.Tensor,
 ) -> torch.Tensor:
-    """``1 - sum_i E_S(x_i) / sum_i ||x_i||^2`` over valid tokens (x unscaled).
+    """``1 - sum_i E_S(x_i) / sum_i ||x_i||^2`` over valid tokens, S = row b's first ks[b] picks.
 
     The span of the kept scaled tokens equals the span of the kept tokens, so the energy of
     x_i inside it is the captured energy of y_i divided by its weight.
     """
-    captured = coef.pow(2).sum(-1)  # [B, N] = ||P_S y_i||^2
+    first = torch.arange(coef.shape[1], device=coef.device) < ks[:, None]  # [B, k]
+    captured = (coef.pow(2) * first[:, :, None]).sum(1)  # [B, N] = ||P_S y_i||^2
     if weights is not None:
         captured = captured / weights
     captured = (captured * mask).sum(-1)
-    total = ((x * x).sum(-1) * mask).sum(-1)
+    total = (energy_x * mask).sum(-1)
     share = (captured / total.clamp_min(1e-30)).clamp_max(1.0)  # float32 round-off above 1
     return torch.where(total > 0, share, torch.ones_like(total))

@@ -1,9 +1,11 @@
 """Tiny random-weight checkpoints of each supported family, written offline in the hub layout.
 
-The folder holds config.json, model.safetensors, a byte-level BPE tokenizer trained on a small
-corpus, the PIL image processor, and a realistic chat template (LLaVA-1.5 "USER: <image>\\n...
-ASSISTANT:"; Qwen im_start/im_end). Sizes are parameters, so the benchmark can build a larger,
-LLM-dominated model with the same code. Non-goal: meaningful outputs (weights are random).
+The folder holds config.json (marked ``"resprune_tiny_random": true``, which ``VLM.describe``
+reports so run summaries and cost reports can say so), model.safetensors, a byte-level BPE
+tokenizer trained on a small corpus, the PIL image processor, and a realistic chat template
+(LLaVA-1.5 "USER: <image>\\n... ASSISTANT:"; Qwen im_start/im_end). Sizes are parameters, so
+the benchmark can build a larger, LLM-dominated model with the same code. Non-goal:
+meaningful outputs (weights are random).
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ def build_tiny_checkpoint(
         config, processor = _qwen(tokenizer, text, vision)
     else:
         config, processor = _llava(family, tokenizer, text, vision)
+    config.resprune_tiny_random = True  # read back by VLM.describe()
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

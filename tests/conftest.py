@@ -1,8 +1,11 @@
-"""Shared fixtures: a real S3 server on loopback, tiny images, and test-tier markers."""
+"""Shared fixtures: a real S3 server on loopback, one Ray session and one tiny checkpoint for
+the whole run (each costs seconds to start or build), and test-tier markers."""
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -25,14 +28,39 @@ def s3_server() -> S3Server:
 
 @pytest.fixture(scope="module")
 def ray_session(s3_server: S3Server):
-    """One in-process Ray session per module (a logical GPU), started after the S3 server
-    so Ray workers inherit its AWS_* environment. Modules opt in with usefixtures."""
+    """An in-process Ray session (a logical GPU) shared by the modules that opt in with
+    usefixtures: the first starts it, later ones reuse it (a module that needs its own Ray
+    shuts it down first). Started after the S3 server so workers inherit its AWS_* env."""
     import ray
 
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, object_store_memory=300_000_000)
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, object_store_memory=300_000_000)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
+    return
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray_only_where_asked(request: pytest.FixtureRequest) -> None:
+    """Stop the shared Ray session before a module that does not ask for it."""
+    ray = sys.modules.get("ray")
+    items = [i for i in request.session.items if i.module is request.module]
+    asked = any("ray_session" in i.fixturenames for i in items)
+    if ray is not None and ray.is_initialized() and not asked:
+        ray.shutdown()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight LLaVA checkpoint (default sizes), built once; treat as read-only."""
+    from resprune.tiny import build_tiny_checkpoint
+
+    return build_tiny_checkpoint("llava", tmp_path_factory.mktemp("tiny-llava"))
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 
@@ -142,3 +143,18 @@ def test_qwen_processor_gotcha_is_handled(qwen_dir):
     item = pre.prepare(images()[1], "How many cars?")
     n_image = int((item.input_ids == pre.processor.image_token_id).sum())
     assert n_image == int(item.image_grid_thw.prod()) // 4
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_attention_implementation_reaches_the_model(qwen_dir, attn):
+    vlm = load_vlm(str(qwen_dir), attn_implementation=attn)
+    assert vlm.model.config._attn_implementation == attn
+    assert vlm.model.config.vision_config._attn_implementation == attn
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="flash_attn here")
+def test_flash_attention_without_flash_attn_is_one_clear_error(qwen_dir):
+    with pytest.raises(ImportError, match=r"^model\.attn_implementation: flash_attention_2 needs"):
+        load_vlm(str(qwen_dir), attn_implementation="flash_attention_2")
+    with pytest.raises(ValueError, match="attn_implementation must be one of"):
+        load_vlm(str(qwen_dir), attn_implementation="flash")

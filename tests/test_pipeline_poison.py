@@ -24,6 +24,7 @@ def ray_session():
         "worker_process_setup_hook": "tests.poison.install",
         "env_vars": {"PYTHONPATH": str(ASSETS.parents[2])},
     }  # workers import `tests` too
+    ray.shutdown()  # a session shared by earlier modules lacks the setup hook
     ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, runtime_env=env,
              object_store_memory=300_000_000)  # fmt: skip
     ray.data.DataContext.get_current().enable_progress_bars = False

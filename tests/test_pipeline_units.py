@@ -11,10 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import commit
-from pipeline.answer_stage import pack
+from pipeline.answer_stage import pack, shadow_batch
 from pipeline.columns import output_schema
 from pipeline.plan import make_plan
-from pipeline.preprocess import in_shadow
 from pipeline.spec import fingerprint, parse_spec
 from pipeline.storage import StorageError, filesystem, redact
 
@@ -79,12 +78,13 @@ def test_pack_respects_budget_and_cap() -> None:
     assert pack([100, 1], budget=50, max_items=4) == [[0], [1]]  # oversize items go alone
 
 
-def test_shadow_is_seeded_and_near_the_fraction() -> None:
-    ids = [f"id-{i}" for i in range(4000)]
-    picked = [i for i in ids if in_shadow(i, 0.1, 0)]
+def test_shadow_batches_are_seeded_and_near_the_fraction() -> None:
+    batches = [[f"id-{i}-{j}" for j in range(4)] for i in range(4000)]
+    picked = [b for b in batches if shadow_batch(b, 0.1, 0)]
     assert 300 < len(picked) < 500
-    assert picked == [i for i in ids if in_shadow(i, 0.1, 0)]
-    assert not any(in_shadow(i, 0.0, 0) for i in ids)
+    assert all(shadow_batch(b[::-1], 0.1, 0) for b in picked)  # by membership, not order
+    assert picked != [b for b in batches if shadow_batch(b, 0.1, 1)]  # the seed matters
+    assert not any(shadow_batch(b, 0.0, 0) for b in batches)
 
 
 def test_redact_and_uri_credentials(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -53,6 +53,29 @@ def test_resprune_batches_mixed_sizes_and_budgets_like_single_calls():
         assert p.indices.tolist() == pruner.prune([s], [k])[0].indices.tolist()
 
 
+def test_resprune_one_call_for_all_budgets_equals_one_call_per_budget():
+    """LLaVA-NeXT's crops: budgets differ per crop; truncated prefixes equal per-k calls."""
+    text = torch.randn(3, 96, generator=torch.Generator().manual_seed(1))
+    sets = [
+        _grid_set(r, c, seed=20 + i, text=text)
+        for i, (r, c) in enumerate([(24, 24), (24, 24), (12, 24), (24, 12), (6, 24)])
+    ]
+    ks = [70, 70, 35, 35, 9]
+    got = build_pruner("resprune", alpha=1.0).prune(sets, ks)
+    for k in set(ks):
+        rows = [b for b, kk in enumerate(ks) if kk == k]
+        n = max(len(sets[b].tokens) for b in rows)
+        x, rel = torch.zeros(len(rows), n, 96), torch.ones(len(rows), n)
+        mask = torch.zeros(len(rows), n, dtype=torch.bool)
+        for j, b in enumerate(rows):
+            m = len(sets[b].tokens)
+            x[j, :m], rel[j, :m], mask[j, :m] = sets[b].tokens, got[b].relevance, True
+        want = select_tokens(x, k, relevance=rel, alpha=1.0, mask=mask)
+        for j, b in enumerate(rows):
+            assert got[b].indices.tolist() == want.indices[j].tolist()
+            assert got[b].retained_energy == pytest.approx(want.retained_energy[j].item(), abs=1e-6)
+
+
 def test_random_is_seeded():
     s = _grid_set(seed=8)
     a = build_pruner("random", seed=1).prune([s], [50])[0].indices
@@ -137,3 +160,16 @@ def test_token_relevance_is_max_cosine_and_falls_back_to_one():
     assert token_relevance(v, t).tolist() == pytest.approx([1.0, 0.0, 0.5**0.5])
     assert token_relevance(v, None).tolist() == [1.0, 1.0, 1.0]
     assert token_relevance(v, torch.zeros(0, 2)).tolist() == [1.0, 1.0, 1.0]
+
+
+def test_random_draws_per_image_by_key_and_nests_across_budgets():
+    tokens = _grid_set(seed=8).tokens
+    a, b = TokenSet(tokens, key="item-a#0"), TokenSet(tokens, key="item-b#0")
+    pruner = build_pruner("random", seed=3)
+    alone = pruner.prune([a], [50])[0].indices
+    in_batch = pruner.prune([b, a, b], [50, 50, 30])
+    assert torch.equal(in_batch[1].indices, alone)  # same id: same mask, whatever the batch
+    assert not torch.equal(in_batch[0].indices, alone)  # another id: another mask
+    assert set(in_batch[2].indices.tolist()) <= set(in_batch[0].indices.tolist())
+    other_seed = build_pruner("random", seed=4).prune([a], [50])[0].indices
+    assert not torch.equal(other_seed, alone)

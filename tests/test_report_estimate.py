@@ -9,12 +9,14 @@ import pytest
 
 from pipeline.report.estimate import (
     LlmShape,
+    ShadowBatches,
     agreement,
-    bootstrap_ratios,
     flops_scaled_seconds,
     generation_flops,
     normalize_answer,
     percentile_ci,
+    size_bucket,
+    stratified_unpruned,
     time_ratio,
     token_f1,
 )
@@ -35,37 +37,100 @@ def test_time_ratio_is_a_ratio_of_sums() -> None:
     assert time_ratio(np.array([]), np.array([])) is None
 
 
-def _sample(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _one_bucket(pruned: np.ndarray, unpruned: np.ndarray) -> ShadowBatches:
+    n = len(pruned)
+    return ShadowBatches(pruned, unpruned, np.ones(n, np.int64), np.full(n, "r", object))
+
+
+def _sample(n: int, seed: int) -> ShadowBatches:
     rng = np.random.default_rng(seed)
     pruned = rng.uniform(0.5, 1.5, n)
-    return pruned, pruned * rng.normal(2.0, 0.3, n)
+    return _one_bucket(pruned, pruned * rng.normal(2.0, 0.3, n))
+
+
+def _ratio_ci(shadow: ShadowBatches, seed: int = 0) -> tuple[float, list[float]]:
+    """The estimate for 1 s of used time: the ratio and its interval."""
+    est = stratified_unpruned({1: 1.0}, shadow, seed=seed)
+    return est.estimate_s, percentile_ci(est.boots_s)
 
 
 def test_bootstrap_ci_shrinks_as_the_shadow_sample_grows() -> None:
     widths = []
     for n in (10, 100, 1000):
-        pruned, unpruned = _sample(n, seed=n)
-        lo, hi = percentile_ci(bootstrap_ratios(pruned, unpruned, seed=0))
-        assert lo <= time_ratio(pruned, unpruned) <= hi
+        shadow = _sample(n, seed=n)
+        ratio, (lo, hi) = _ratio_ci(shadow)
+        assert ratio == pytest.approx(time_ratio(shadow.pruned_s, shadow.unpruned_s))
+        assert lo <= ratio <= hi
         widths.append(hi - lo)
     assert widths[0] > widths[1] > widths[2]
 
 
 def test_bootstrap_ci_matches_the_delta_method_for_a_large_sample() -> None:
-    pruned, unpruned = _sample(2000, seed=7)
-    r = unpruned.sum() / pruned.sum()
-    se = math.sqrt(np.sum((unpruned - r * pruned) ** 2)) / pruned.sum()  # linearised ratio SE
-    lo, hi = percentile_ci(bootstrap_ratios(pruned, unpruned, seed=1))
+    shadow = _sample(2000, seed=7)
+    p, u = shadow.pruned_s, shadow.unpruned_s
+    r = u.sum() / p.sum()
+    se = math.sqrt(np.sum((u - r * p) ** 2)) / p.sum()  # linearised ratio SE
+    _, (lo, hi) = _ratio_ci(shadow, seed=1)
     assert lo == pytest.approx(r - 1.96 * se, abs=0.25 * se)
     assert hi == pytest.approx(r + 1.96 * se, abs=0.25 * se)
 
 
-def test_bootstrap_is_seeded_and_needs_two_items() -> None:
-    pruned, unpruned = _sample(50, seed=3)
-    a = bootstrap_ratios(pruned, unpruned, seed=5)
-    assert np.array_equal(a, bootstrap_ratios(pruned, unpruned, seed=5))
-    assert bootstrap_ratios(pruned[:1], unpruned[:1]) is None
+def test_bootstrap_is_seeded_and_needs_two_batches() -> None:
+    shadow = _sample(50, seed=3)
+    a = stratified_unpruned({1: 1.0}, shadow, seed=5).boots_s
+    assert np.array_equal(a, stratified_unpruned({1: 1.0}, shadow, seed=5).boots_s)
+    one = _one_bucket(shadow.pruned_s[:1], shadow.unpruned_s[:1])
+    assert stratified_unpruned({1: 1.0}, one).boots_s is None
     assert percentile_ci(None) is None
+
+
+TRUE_RATIO = {1: 3.0, 2: 2.6, 4: 2.0, 8: 1.6, 16: 1.3}  # decode is memory-bound at batch 1
+
+
+def _population(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`n` batches: size, pruned seconds and unpruned seconds with per-batch noise (shared by
+    the batch's items: the cluster the bootstrap must respect)."""
+    sizes = rng.choice([1, 2, 4, 8, 16], size=n, p=[0.1, 0.1, 0.2, 0.2, 0.4])
+    pruned = sizes * 0.05 * rng.lognormal(0.0, 0.3, n)
+    ratio = np.vectorize(TRUE_RATIO.get)(sizes)
+    return sizes, pruned, pruned * ratio * rng.lognormal(0.0, 0.15, n)
+
+
+def _estimate(sizes, pruned, unpruned, shadow: np.ndarray, seed: int, *, per_item: bool = False):
+    seconds = {int(b): float(pruned[sizes == b].sum()) for b in np.unique(sizes)}
+    s, p, u = sizes[shadow], pruned[shadow], unpruned[shadow]
+    if per_item:  # the naive bootstrap: every item its own cluster with its share of the time
+        s, p, u = (np.repeat(x / (1 if x is s else s), s) for x in (s, p, u))
+    batches = ShadowBatches(p, u, size_bucket(s), np.full(len(p), "r", object))
+    return stratified_unpruned(seconds, batches, n_boot=1000, seed=seed)
+
+
+def test_the_estimate_recovers_a_ratio_that_depends_on_batch_size() -> None:
+    rng = np.random.default_rng(0)
+    sizes, pruned, unpruned = _population(rng, 4000)
+    # small batches are over-sampled, as in a shadow pass that answered pairs in sub-batches
+    weight = np.where(sizes <= 2, 5.0, 1.0)
+    shadow = rng.choice(len(sizes), 400, replace=False, p=weight / weight.sum())
+    est = _estimate(sizes, pruned, unpruned, shadow, seed=0)
+    truth = unpruned.sum()
+    assert est.estimate_s == pytest.approx(truth, rel=0.02)
+    assert {b["bucket"]: b["ratio"] for b in est.buckets} == pytest.approx(TRUE_RATIO, rel=0.05)
+    pooled = time_ratio(pruned[shadow], unpruned[shadow]) * pruned.sum()
+    assert abs(pooled / truth - 1) > 0.05  # one pooled ratio would miss it
+
+
+def test_interval_covers_the_truth_on_clustered_data() -> None:
+    def covers(seed: int, per_item: bool) -> bool:
+        rng = np.random.default_rng(seed)
+        sizes, pruned, unpruned = _population(rng, 600)
+        shadow = rng.choice(len(sizes), 60, replace=False)
+        est = _estimate(sizes, pruned, unpruned, shadow, seed, per_item=per_item)
+        lo, hi = percentile_ci(est.boots_s)
+        return lo <= unpruned.sum() <= hi
+
+    assert np.mean([covers(seed, False) for seed in range(200)]) >= 0.90
+    # the contrast: items resampled apart (as if independent) give far too narrow intervals
+    assert np.mean([covers(seed, True) for seed in range(50)]) < 0.75
 
 
 def _flops_by_loop(shape: LlmShape, prompt: int, new: int) -> float:

@@ -10,7 +10,7 @@ import pytest
 from pipeline.__main__ import main as pipeline_main
 from pipeline.report import write_report
 from pipeline.report.load import filesystem
-from tests.report_helpers import rows, run_json, write_output
+from tests.report_helpers import SHAPE, rows, run_json, write_output
 
 CONTRACT_KEYS = {
     "gpu_hours_used",
@@ -75,14 +75,18 @@ def test_estimate_equals_a_hand_computation(output_uri: str) -> None:
     assert {"md", "html", "json", "hours.svg"} <= set(written)
 
 
-def test_ratio_uses_the_side_by_side_pruned_timing(tmp_path) -> None:
+def test_failed_attempts_count_as_used_and_once_without_pruning(tmp_path) -> None:
     uri = str(tmp_path / "out")
     data = _small_table()
-    data["shadow_pruned_gpu_seconds"] = [1.5, 2.0, None, None, None]  # re-timed beside unpruned
+    data["failed_gpu_seconds"] = [0.0, 0.0, 0.0, 0.5, 2.0]  # a split batch, an error item
     write_output(uri, data, [run_json()])
-    report = json.loads(_read(write_report(uri)["json"]))
-    used_h = (1 + 2 + 3 + 4) / 3600
-    assert report["gpu_hours_unpruned_est"] == pytest.approx(used_h * (3 + 4) / (1.5 + 2))
+    written = write_report(uri)
+    report = json.loads(_read(written["json"]))
+    answered, failed = (1 + 2 + 3 + 4) / 3600, 2.5 / 3600
+    assert report["gpu_hours_used"] == pytest.approx(answered + failed)
+    assert report["gpu_hours_failed"] == pytest.approx(failed)
+    assert report["gpu_hours_unpruned_est"] == pytest.approx(answered * 7 / 3 + failed)
+    assert "failed attempts" in _read(written["md"])
 
 
 def test_unknown_price_is_reported_as_unknown(tmp_path) -> None:
@@ -192,7 +196,8 @@ def test_markdown_shows_the_json_numbers(tmp_path) -> None:
     assert _number(saved[1]) == pytest.approx(report["gpu_hours_saved"], rel=1e-3)
     assert _number(saved[3]) == pytest.approx(report["usd_saved"], abs=0.005)
     assert f"items ok {report['items_ok']}, items error {report['items_error']}" in md
-    assert f"over {report['shadow_items']} shadow item(s);" in md
+    n = f"over {report['shadow_items']} shadow item(s) in {report['shadow_batches']} batch(es)"
+    assert n in md
     assert f"Exact match: {100 * report['answer_agreement']['exact_match']:.1f}%" in md
 
 
@@ -200,14 +205,20 @@ def test_untrusted_answers_are_escaped(tmp_path) -> None:
     uri = str(tmp_path / "out")
     data = rows(3, shadow=3)
     evil = '<script>alert("x")</script> | ![img](http://evil.example/a.png) <img src=x onerror=1>'
-    data["answer"] = [evil, "fine", "fine"]
-    write_output(uri, data, [run_json()])
+    data["answer"] = [evil, "nul\x00 esc\x1b[2J bidi\u202eevil line\u2028sep", "fine"]
+    tiny = run_json(model_shape={**SHAPE, "tiny_random": True})
+    write_output(uri, data, [tiny])
     written = write_report(uri)
     html, md = _read(written["html"]), _read(written["md"])
     assert "<script>" not in html and "<img" not in html and "&lt;script&gt;" in html
     assert "Content-Security-Policy" in html and "<svg" in html  # charts inline
     assert not re.search(r"""(src|href)\s*=\s*["'](?!#|data:)""", html), "an external resource"
     assert "<script>" not in md and "![img]" not in md and "\\<script\\>" in md
+    for text in (html, md):  # control characters become visible escapes, never raw bytes
+        assert not any(c in text for c in "\x00\x1b\u202e\u2028")
+    assert "nul\\x00 esc\\x1b[2J bidi\\u202eevil line sep" in html  # U+2028 is a space
+    assert "nul\\\\x00 esc\\\\x1b\\[2J" in md  # backslashes escaped for Markdown
+    assert "tiny random-weight test models" in md and "tiny random-weight" in html
 
 
 def test_cli_prints_markdown_and_writes_only_the_asked_formats(tmp_path, capsys) -> None:

@@ -17,7 +17,6 @@ from pipeline import demo, runner
 from pipeline.__main__ import main as pipeline_main
 from pipeline.report.load import filesystem
 from pipeline.spec import load_spec
-from resprune.tiny import build_tiny_checkpoint
 
 DATE = "2026-11-24"
 PRICE = 2.0
@@ -27,11 +26,13 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 @pytest.fixture(scope="module")
-def model_and_input(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def model_and_input(
+    tmp_path_factory: pytest.TempPathFactory, tiny_llava: Path
+) -> tuple[Path, Path]:
     """A tiny random-weight LLaVA and the demo's input (6 good rows, 2 bad)."""
     root = tmp_path_factory.mktemp("report-e2e")
     demo.write_input(root / "input")
-    return build_tiny_checkpoint("llava", root / "model"), root / "input"
+    return tiny_llava, root / "input"
 
 
 def _expected(uri: str) -> dict[str, float]:
@@ -39,17 +40,37 @@ def _expected(uri: str) -> dict[str, float]:
     fs, root = filesystem(uri)
     table = pads.dataset(root, filesystem=fs, format="parquet").to_table()
     ok = pc.equal(table["status"], "ok")
+    table = table.append_column(
+        "bucket", pc.power(2, pc.floor(pc.log2(pc.cast(table["batch_size"], "float64"))))
+    )
+    answered = table.filter(pc.is_valid(table["gpu_seconds"]))
+    hours = answered.group_by("bucket").aggregate([("gpu_seconds", "sum")])
     shadow = table.filter(
         pc.and_(pc.and_(ok, table["shadow"]), pc.is_valid(table["shadow_gpu_seconds"]))
     )
-    used = pc.sum(table["gpu_seconds"]).as_py() / 3600
-    unpruned = pc.sum(shadow["shadow_gpu_seconds"]).as_py()
-    ratio = unpruned / pc.sum(shadow["shadow_pruned_gpu_seconds"]).as_py()  # timed side by side
+    per_batch = shadow.group_by(["batch_id", "bucket"]).aggregate(
+        [("gpu_seconds", "sum"), ("shadow_gpu_seconds", "sum")]
+    )
+    by_bucket = (
+        per_batch.group_by("bucket")
+        .aggregate(
+            [("gpu_seconds_sum", "sum"), ("shadow_gpu_seconds_sum", "sum"), ("batch_id", "count")]
+        )
+        .to_pylist()
+    )
+    pooled = pc.sum(shadow["shadow_gpu_seconds"]).as_py() / pc.sum(shadow["gpu_seconds"]).as_py()
+    ratio = {  # a bucket's own ratio from 3 shadow batches on, else the pooled one
+        b["bucket"]: b["shadow_gpu_seconds_sum_sum"] / b["gpu_seconds_sum_sum"]
+        for b in by_bucket
+        if b["batch_id_count"] >= 3
+    }
+    failed = pc.sum(table["failed_gpu_seconds"]).as_py() or 0.0
+    unpruned = sum(h["gpu_seconds_sum"] * ratio.get(h["bucket"], pooled) for h in hours.to_pylist())
     (run_file,) = fs.glob(f"{root}/_runs/*.json")
     run = json.loads(fs.cat_file(run_file))
     return {
-        "used": used,
-        "ratio": ratio,
+        "used": (pc.sum(table["gpu_seconds"]).as_py() + failed) / 3600,
+        "unpruned": (unpruned + failed) / 3600,
         "shadow": shadow.num_rows,
         "ok": pc.sum(ok).as_py(),
         "billed": run["actor_seconds"] / 3600,
@@ -97,10 +118,11 @@ def test_report_on_a_real_run(
         assert report["shadow_items"] == report["items_ok"]
     assert report["gpu_hours_used"] == pytest.approx(want["used"])
     assert report["gpu_hours_billed"] == pytest.approx(want["billed"])
-    assert report["gpu_hours_unpruned_est"] == pytest.approx(want["used"] * want["ratio"])
-    saved = want["used"] * (want["ratio"] - 1)
+    assert report["gpu_hours_unpruned_est"] == pytest.approx(want["unpruned"])
+    saved = want["unpruned"] - want["used"]
     assert report["usd_saved"] == pytest.approx(saved * PRICE)
     assert report["gpu_hours_unpruned_flops"] is not None  # model_shape came through
+    assert report["tiny_random_model"] is True  # resprune.tiny marked its config
     assert report["runs"][0]["run_id"] == doc["run_id"]
     assert report["profile"]["errors_by_cause"]  # the demo's two bad rows
     html = _read(f"{out}/_report/report.html")

@@ -8,12 +8,13 @@ import scipy.linalg
 import torch
 
 from resprune import select_tokens
+from resprune.select import _bucket, _greedy_pivots, _pad_to_bucket, select_prefixes
 
 
 def _weights(rel: np.ndarray | None, alpha: float) -> np.ndarray:
     if rel is None or alpha == 0:
         return np.ones(1)
-    return (np.clip(rel, 0, None) + 1e-6) ** alpha
+    return np.maximum(rel, 1e-6) ** alpha  # the default relevance floor
 
 
 def _reference_indices(x: np.ndarray, k: int, rel=None, alpha=1.0) -> list[int]:
@@ -140,3 +141,151 @@ def test_non_finite_tokens_are_rejected():
         select_tokens(x, 2)
     with pytest.raises(ValueError, match="tokens must be"):
         select_tokens(torch.randn(2, 3, 4, 5), 1)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 2.0, -1.0])
+def test_relevance_below_the_floor_counts_as_the_floor(alpha):
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((60, 16))
+    rel = rng.uniform(-0.5, 1.0, 60)
+    sel = select_tokens(
+        torch.tensor(x, dtype=torch.float32), 10, relevance=torch.tensor(rel), alpha=alpha,
+        relevance_floor=0.2,
+    )  # fmt: skip
+    y = x * np.sqrt(np.maximum(rel, 0.2) ** alpha)[:, None]  # g(r) = max(r, floor)^alpha
+    _, _, piv = scipy.linalg.qr(y.T, pivoting=True, mode="economic")
+    assert sel.indices.tolist() == sorted(piv[:10].tolist())
+
+
+@pytest.mark.parametrize(
+    ("alpha", "floor", "message"),
+    [(1.0, 0.0, "relevance_floor must be in"), (1.0, 1.5, "relevance_floor must be in"),
+     (-6.0, 1e-6, "float32 overflow"), (float("nan"), 0.1, "alpha must be finite")],
+)  # fmt: skip
+def test_bad_floor_or_alpha_is_refused(alpha, floor, message):
+    with pytest.raises(ValueError, match=message):
+        select_tokens(torch.randn(10, 4), 2, alpha=alpha, relevance_floor=floor)
+
+
+# ---- rank exhaustion: picks after the rank is spent are deterministic and spread
+
+
+def _exhausted_images(d=32) -> dict[str, tuple[torch.Tensor, int]]:
+    """Token sets whose numerical rank is below k: (tokens [N, D], rank)."""
+    gen = torch.Generator().manual_seed(11)
+    blank = torch.randn(1, d, generator=gen).expand(144, d).clone()  # one token, repeated
+    tile = torch.randn(4, d, generator=gen) * torch.tensor([1.0, 2.0, 3.0, 4.0])[:, None]
+    tiled = tile[torch.arange(144) % 4]  # a 4-token patch tiled over the image
+    low = torch.randn(144, 6, generator=gen) @ torch.randn(6, d, generator=gen)
+    return {"blank": (blank, 1), "tiled": (tiled, 4), "low_rank": (low, 6)}
+
+
+def _farthest_walk(n: int, picked: list[int], count: int) -> list[int]:
+    """Reference rule: repeatedly take the free index farthest from every pick, lowest first."""
+    picked = list(picked)
+    for _ in range(count):
+        free = [i for i in range(n) if i not in picked]
+        gaps = [min((abs(i - p) for p in picked), default=n + 1) for i in free]
+        picked.append(free[gaps.index(max(gaps))])
+    return picked
+
+
+@pytest.mark.parametrize("name", ["blank", "tiled", "low_rank"])
+def test_rank_exhausted_picks_follow_qr_then_spread(name):
+    x, rank = _exhausted_images()[name]
+    _, _, piv = scipy.linalg.qr(x.double().numpy().T, pivoting=True, mode="economic")
+    at_rank = select_tokens(x, rank).indices.tolist()
+    assert at_rank == sorted(piv[:rank].tolist())  # pivoted QR while the rank lasts
+    k = 24
+    got = select_tokens(x, k).indices.tolist()
+    want = _farthest_walk(x.shape[0], at_rank, k - rank)
+    assert got == sorted(want)
+    assert max(b - a for a, b in itertools.pairwise([0, *got, x.shape[0] - 1])) <= 2 * 144 // k
+    assert select_tokens(x, k).retained_energy.item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_rank_exhausted_picks_do_not_depend_on_batch_mates_or_padding():
+    images = _exhausted_images()
+    gen = torch.Generator().manual_seed(5)
+    mates = [torch.randn(n, 32, generator=gen) * s for n, s in [(200, 5.0), (90, 0.01)]]
+    sets = [mates[0], images["blank"][0], mates[1], images["tiled"][0], images["low_rank"][0]]
+    rel = [torch.rand(len(s), generator=gen) for s in sets]
+    n_max = max(len(s) for s in sets)
+    x = torch.full((len(sets), n_max, 32), 7.0)  # loud padding
+    r, mask = torch.rand(len(sets), n_max), torch.zeros(len(sets), n_max, dtype=torch.bool)
+    for b, s in enumerate(sets):
+        x[b, : len(s)], r[b, : len(s)], mask[b, : len(s)] = s, rel[b], True
+    k = 40
+    batched = select_tokens(x, k, relevance=r, mask=mask)
+    for b, s in enumerate(sets):
+        alone = select_tokens(s, k, relevance=rel[b])
+        assert batched.indices[b].tolist() == alone.indices.tolist(), b
+
+
+def test_zero_image_is_spread_without_nan():
+    sel = select_tokens(torch.zeros(2, 50, 8), 5)
+    assert sel.indices.tolist() == [sorted(_farthest_walk(50, [], 5))] * 2
+    assert sel.retained_energy.tolist() == [1.0, 1.0]
+
+
+# ---- prefix consistency and the CUDA bucket padding
+
+
+def test_select_prefixes_equals_one_call_per_budget():
+    gen = torch.Generator().manual_seed(9)
+    lengths, ks = [60, 45, 60, 144, 52], [7, 19, 3, 30, 19]
+    sets = [torch.randn(n, 24, generator=gen) for n in lengths[:3]]
+    sets += [_exhausted_images(24)["tiled"][0], torch.randn(52, 24, generator=gen)]
+    x = torch.zeros(len(sets), max(lengths), 24)
+    mask = torch.zeros(len(sets), max(lengths), dtype=torch.bool)
+    rel = torch.rand(len(sets), max(lengths), generator=gen)
+    for b, s in enumerate(sets):
+        x[b, : len(s)], mask[b, : len(s)] = s, True
+    got = select_prefixes(x, ks, relevance=rel, mask=mask)
+    for k in set(ks):
+        rows = [b for b, kk in enumerate(ks) if kk == k]
+        want = select_tokens(x[rows], k, relevance=rel[rows], mask=mask[rows])
+        for j, b in enumerate(rows):
+            assert got[b].indices.tolist() == want.indices[j].tolist()
+            assert got[b].retained_energy.item() == pytest.approx(
+                want.retained_energy[j].item(), abs=1e-6
+            )
+    with pytest.raises(ValueError, match="k must be"):
+        select_prefixes(x, [7, 46, 3, 30, 19], mask=mask)  # 46 > 45 valid tokens
+
+
+def test_bucket_padding_keeps_the_picks():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 70, 16, generator=gen)
+    x[1] = _exhausted_images(16)["tiled"][0][:70]
+    mask = torch.arange(70)[None] < torch.tensor([70, 70, 41])[:, None]
+    gram = torch.bmm(x, x.transpose(1, 2))
+    spent = torch.full((3, 70), 1e-4)
+    assert _bucket(3, 70, 20) == (4, 128, 32)
+    padded, kb = _pad_to_bucket(gram, mask, spent, 20)
+    assert [tuple(t.shape) for t in padded] == [(4, 128, 128), (4, 128), (4, 128)]
+    order, coef = _greedy_pivots(gram, mask, spent, 20)
+    order_b, coef_b = _greedy_pivots(*padded, kb)
+    assert torch.equal(order_b[:3, :20], order)
+    torch.testing.assert_close(coef_b[:3, :20, :70], coef)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_picks_equal_cpu_and_scipy(dtype):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 300, 64))
+    x[1] = _exhausted_images(64)["tiled"][0].repeat(3, 1)[:300].numpy()
+    rel = rng.uniform(-0.3, 1.0, (4, 300))
+    t = torch.tensor(x, dtype=torch.float32).to(dtype)
+    mask = torch.ones(4, 300, dtype=torch.bool)
+    mask[2, 250:] = False
+    cpu = select_prefixes(t, [40, 40, 20, 64], relevance=torch.tensor(rel), mask=mask)
+    for _ in range(2):  # the second call replays the captured graph
+        gpu = select_prefixes(
+            t.cuda(), [40, 40, 20, 64], relevance=torch.tensor(rel).cuda(), mask=mask.cuda()
+        )
+        assert [g.indices.tolist() for g in gpu] == [c.indices.tolist() for c in cpu]
+    y = t[0].double().numpy()
+    assert gpu[0].indices.tolist() == _reference_indices(y, 40, rel[0], 1.0)

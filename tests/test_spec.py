@@ -122,3 +122,29 @@ def test_bad_model_path_and_unreachable_storage_fail_in_one_line(
     assert cli(["run", str(write(tmp_path, dead)), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: storage unreachable") and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    ("pruning", "message"),
+    [({"relevance_floor": 0}, "relevance_floor"), ({"alpha": -6}, "float32 overflow"),
+     ({"alpha": -11, "relevance_floor": 1e-3}, "float32 overflow")],
+)  # fmt: skip
+def test_relevance_floor_and_negative_alpha_are_validated(pruning, message) -> None:
+    assert parse_spec(MINIMAL | {"pruning": {"alpha": -2.0}}).pruning.relevance_floor == 1e-6
+    with pytest.raises(SpecError, match=message):
+        parse_spec(MINIMAL | {"pruning": pruning})
+
+
+def test_fingerprint_records_the_word_extractor_when_text_is_used(monkeypatch) -> None:
+    from pipeline import spec as spec_module
+
+    def fingerprints(pruning: dict) -> set[str]:
+        found = set()
+        for extractor in ("spacy", "stopwords"):
+            monkeypatch.setattr(spec_module, "active_extractor", lambda e=extractor: e)
+            found.add(spec_module.fingerprint(parse_spec(MINIMAL | {"pruning": pruning})))
+        return found
+
+    assert len(fingerprints({"method": "resprune"})) == 2
+    assert len(fingerprints({"method": "resprune", "alpha": 0})) == 1
+    assert len(fingerprints({"method": "uniform"})) == 1

@@ -85,14 +85,16 @@ def real_rows(positions: torch.Tensor, item_index: int, length: int) -> torch.Te
     return positions[..., item_index, -length:]
 
 
-def assert_pruned_counts(results, items, k: int, selectable: list[int] | None = None) -> None:
-    """Kept counts, prompt lengths and indices of pruned results (k selected per image).
+def assert_pruned_counts(results, items, k: int) -> None:
+    """Kept counts, prompt lengths and indices of pruned results (budget k per image).
 
-    ``selectable``: visual tokens offered to the pruner per item (default: all of them).
+    Without layout rows exactly min(k, N) tokens are kept; with LLaVA-NeXT's newlines the
+    kept tokens and their newlines together stay within k.
     """
-    selectable = selectable or [r.visual_tokens for r in results]
-    for r, it, n in zip(results, items, selectable, strict=True):
-        assert r.kept_tokens - r.kept_newlines == min(k, n)
+    for r, it in zip(results, items, strict=True):
+        if r.kept_newlines == 0:
+            assert r.kept_tokens == min(k, r.visual_tokens)
+        assert r.kept_tokens <= min(k, r.visual_tokens)
         assert r.prompt_tokens_unpruned == len(it.input_ids)
         assert r.prompt_tokens == r.prompt_tokens_unpruned - (r.visual_tokens - r.kept_tokens)
         idx = r.kept_indices

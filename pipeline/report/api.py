@@ -33,7 +33,7 @@ FORMATS = ("md", "html", "json")
 def _price_source(runs: Sequence[Run], price: float | None) -> tuple[Any, str]:
     if price is not None:
         return price, "--price"
-    prices = {r.price(None) for r in runs if r.stats.gpu_seconds or r.info.get("actor_seconds")}
+    prices = {r.price(None) for r in runs if r.stats.used_seconds or r.info.get("actor_seconds")}
     if not prices or None in prices:
         return "unknown", "no price given and not in every run summary; never guessed"
     return (prices.pop(), "run summary") if len(prices) == 1 else ("mixed", "run summaries")
@@ -52,6 +52,9 @@ def build_report(
     report.update(scope_summary(runs, price=price, seed=seed))
     report["price"], report["price_source"] = _price_source(runs, price)
     report["config"] = {k: newest.info.get(k) for k in CONFIG_KEYS}
+    report["tiny_random_model"] = any(
+        (r.info.get("model_shape") or {}).get("tiny_random") for r in runs
+    )
     report["quality"] = {**report["answer_agreement"], "worst": worst_disagreements(total)}
     report["profile"] = profile(total)
     report["nights"] = [

@@ -12,7 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.report.estimate import MIN_BATCHES
+
 UNKNOWN = "unknown"
+TINY = (
+    "The checkpoint is one of this project's tiny random-weight test models (resprune.tiny): "
+    "the answers are noise and the times describe a toy model, not a real VLM."
+)
 NO_SUMMARY = "their actors' time is missing from the billed hours."
 NO_SHADOW = (
     "No shadow items: the measured estimate is unknown; only the FLOPs-based estimate is shown:"
@@ -26,10 +32,17 @@ STAGE_NAMES = {
 METHOD = (
     "GPU hours used = sum of per-item GPU seconds (batch device time apportioned to items); "
     "billed = the actors' held time from the run summaries.",
-    "Time ratio = sum of unpruned / sum of pruned GPU seconds over the shadow items "
-    "(answered both ways on the same actor); unpruned estimate = GPU hours used x ratio, "
-    "per GPU type.",
-    "95% CI: percentile bootstrap over shadow items (2000 seeded resamples of the ratio of sums).",
+    "Shadow sample: a seeded share of the model batches (cost.shadow_fraction) is answered again "
+    "without pruning, right after its pruned pass on the same actor and packed by the same "
+    "rules, so the ratio is measured in the main pass's own batch regime.",
+    "Time ratio = sum of unpruned / sum of pruned GPU seconds over the shadow batches, per GPU "
+    "type and batch-size bucket (1, 2-3, 4-7, ...); each bucket's GPU hours are scaled by its "
+    f"own ratio when it has at least {MIN_BATCHES} shadow batches, else by the pooled ratio.",
+    "Failed attempts (a batch that raised and was retried item by item, an error item's share "
+    "of its batch, an unpruned shadow pass that failed) count as GPU hours used, and once, "
+    "unscaled, in the estimate without pruning.",
+    "95% CI: percentile bootstrap (2000 seeded draws) that resamples runs, then whole shadow "
+    "batches within them: items of one batch share one time and are never resampled apart.",
     "FLOPs cross-check: decoder matmuls + causal attention for the prompt (pruned vs unpruned "
     "prompt tokens) + decode steps + LM head, applied to the generate stage's share of GPU time.",
     "Quality: exact match and token F1 between pruned and unpruned answers after lower-casing "
@@ -130,6 +143,13 @@ def _headline(r: dict[str, Any]) -> list[Block]:
         missing = ", ".join(r["runs_without_summary"])
         text = f"Rows of run(s) {missing} have no _runs/*.json summary: {NO_SUMMARY}"
         out.append(Block("note", text))
+    if r.get("gpu_hours_failed"):
+        text = (
+            f"GPU hours used include {num(r['gpu_hours_failed'])} h of failed attempts (batches "
+            "that raised and were retried item by item, error items' share of their batch, "
+            "unpruned shadow passes that failed); the estimate without pruning counts them once."
+        )
+        out.append(Block("note", text))
     counted, rows = r.get("items_processed_by_runs"), r["items_ok"] + r["items_error"]
     if counted is not None and counted != rows:
         text = f"The run summaries count {counted} processed items; the results hold {rows} rows."
@@ -137,11 +157,53 @@ def _headline(r: dict[str, Any]) -> list[Block]:
     flops = f"FLOPs ratio {ratio(r['flops_ratio'])} ({r['flops_scaling'] or 'shape unknown'})"
     if r["shadow_items"]:
         measured = f"Time ratio unpruned/pruned: {ratio(r['time_ratio'])}"
-        few = " (a 95% CI needs at least 2)" if r["shadow_items"] < 2 else ""
-        out.append(Block("p", f"{measured} over {r['shadow_items']} shadow item(s){few}; {flops}."))
+        n = f"{r['shadow_items']} shadow item(s) in {r['shadow_batches']} batch(es)"
+        few = " (a 95% CI needs at least 2 batches)" if r["shadow_batches"] < 2 else ""
+        out.append(Block("p", f"{measured} over {n}{few}; {flops}."))
+        out += _measured_vs_flops(r)
     else:
         out.append(Block("note", f"{NO_SHADOW} {flops}."))
-    return [*out, Block("chart", "hours.svg")]
+    return [*out, *_buckets(r), Block("chart", "hours.svg")]
+
+
+def _measured_vs_flops(r: dict[str, Any]) -> list[Block]:
+    """Why the measured ratio is below the FLOPs ratio, with the stage times that show it."""
+    stages = r["profile"]["stage_seconds"]
+    device = sum(stages.get(k, 0.0) for k in ("vision_s", "select_s", "generate_s"))
+    if not r.get("flops_ratio") or not r.get("time_ratio") or device <= 0:
+        return []
+    share = {k: stages.get(k, 0.0) / device for k in ("vision_s", "select_s", "generate_s")}
+    batch_s = (r["gpu_hours_used"] - (r.get("gpu_hours_failed") or 0.0)) * 3600
+    outside = (
+        f" {pct(1 - device / batch_s)} of the batches' time falls outside these stages "
+        "(padding, copies, bookkeeping) and is not in the FLOPs model either."
+        if batch_s > device * 1.01
+        else ""
+    )
+    text = (
+        f"Why measured ({ratio(r['time_ratio'])}) and FLOPs ({ratio(r['flops_ratio'])}) differ: "
+        "the FLOPs model counts only the language model's arithmetic. Of the device time, the "
+        f"vision encoder took {pct(share['vision_s'])} (the same with or without pruning), "
+        f"token selection {pct(share['select_s'])} (pruning's own cost) and generation "
+        f"{pct(share['generate_s'])}; within generation, decode steps are bound by memory "
+        "bandwidth and per-step overheads (kernel launches, sampling, cache updates) that "
+        "fewer prompt tokens do not shrink, so time falls by much less than FLOPs." + outside
+    )
+    return [Block("p", text)]
+
+
+def _buckets(r: dict[str, Any]) -> list[Block]:
+    rows = r.get("ratio_by_batch_size") or []
+    if not rows:
+        return []
+    source = {True: "own shadow batches", False: "pooled (too few shadow batches)"}
+    columns = [("GPU type", _col("gpu_type", str)), ("batch size", _col("label", str)),
+               ("GPU hours", lambda b: num(b["gpu_seconds"] / 3600)),
+               ("shadow batches", _col("shadow_batches", str)),
+               ("time ratio", _col("ratio", ratio)),
+               ("ratio from", lambda b: source[b["own_ratio"]])]  # fmt: skip
+    return [Block("p", "Time ratio by batch size (applied to that size's hours):"),
+            _table(rows, columns)]  # fmt: skip
 
 
 def _gpu_types(r: dict[str, Any]) -> list[Block]:
@@ -223,6 +285,8 @@ def blocks(report: dict[str, Any], charts: set[str]) -> list[Block]:
         f"items ok {report['items_ok']}, items error {report['items_error']}."
     )
     out = [Block("h1", f"Cost report: {report['source_uri']}"), Block("p", intro)]
+    if report.get("tiny_random_model"):
+        out.append(Block("note", TINY))
     for part in (_headline, _gpu_types, _quality, _profile, _nights, _runs):
         out += part(report)
     out += [Block("h2", "Method"), *(Block("p", line) for line in METHOD)]

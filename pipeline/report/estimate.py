@@ -1,7 +1,8 @@
 """Pure estimators behind the cost report: numbers in, numbers out; no I/O, no formatting.
 
 - Measured time ratio on the shadow sample (sum of unpruned GPU seconds over sum of pruned
-  GPU seconds, same items, same actor) with a seeded percentile bootstrap over items.
+  GPU seconds, same batches, same actor), one per batch-size bucket applied to that bucket's
+  GPU seconds, with a seeded percentile bootstrap over whole batches (and runs).
 - A FLOPs model of the LLM (prefill with causal attention, decode, LM head) from the run's
   `model_shape`, as a cross-check: it assumes time proportional to FLOPs, which overstates
   savings where decode is memory-bound.
@@ -14,13 +15,14 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 N_BOOT = 2000
+MIN_BATCHES = 3  # shadow batches a batch-size bucket needs to use its own ratio
 _BOOT_CELLS = 4_000_000  # resample indices drawn per chunk (bounds memory)
 _NON_WORD = re.compile(r"[^\w\s]|_")
 
@@ -31,23 +33,136 @@ def time_ratio(pruned_s: np.ndarray, unpruned_s: np.ndarray) -> float | None:
     return float(np.sum(unpruned_s)) / total if len(pruned_s) and total > 0 else None
 
 
-def bootstrap_ratios(
-    pruned_s: np.ndarray, unpruned_s: np.ndarray, *, n_boot: int = N_BOOT, seed: int = 0
-) -> np.ndarray | None:
-    """Ratios of sums over `n_boot` resamples of the items (with replacement); None if n < 2."""
-    n = len(pruned_s)
-    if n < 2 or float(np.sum(pruned_s)) <= 0:
-        return None
-    rng = np.random.default_rng(seed)
-    out = np.empty(n_boot)
-    step = max(1, _BOOT_CELLS // n)
-    for start in range(0, n_boot, step):
-        stop = min(n_boot, start + step)
-        idx = rng.integers(0, n, size=(stop - start, n))
-        out[start:stop] = unpruned_s[idx].sum(axis=1) / np.maximum(
-            pruned_s[idx].sum(axis=1), 1e-300
+@dataclass(frozen=True)
+class ShadowBatches:
+    """The shadow sample as clusters: one entry per model batch (its items share one time).
+
+    ``bucket`` is the batch-size bucket of the pruned batch (see `size_bucket`), ``run`` the
+    run it belongs to; the bootstrap resamples runs, then batches within them.
+    """
+
+    pruned_s: np.ndarray = field(default_factory=lambda: np.empty(0))
+    unpruned_s: np.ndarray = field(default_factory=lambda: np.empty(0))
+    bucket: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    run: np.ndarray = field(default_factory=lambda: np.empty(0, object))
+
+    def __add__(self, other: ShadowBatches) -> ShadowBatches:
+        return ShadowBatches(
+            *(np.concatenate([getattr(self, f), getattr(other, f)]) for f in _BATCH_FIELDS)
         )
+
+    def __len__(self) -> int:
+        return len(self.pruned_s)
+
+
+_BATCH_FIELDS = ("pruned_s", "unpruned_s", "bucket", "run")
+
+
+def size_bucket(sizes: np.ndarray) -> np.ndarray:
+    """Batch-size bucket: the largest power of two <= the size; 0 when the size is unknown."""
+    sizes = np.asarray(sizes, float)
+    known = np.isfinite(sizes) & (sizes >= 1)
+    out = np.zeros(len(sizes), np.int64)
+    out[known] = 2 ** np.floor(np.log2(sizes[known])).astype(np.int64)
     return out
+
+
+def bucket_label(bucket: int) -> str:
+    """Batch sizes a bucket holds, e.g. "4-7"; "unknown" for 0."""
+    if bucket <= 0:
+        return "unknown"
+    return "1" if bucket == 1 else f"{bucket}-{2 * bucket - 1}"
+
+
+@dataclass(frozen=True)
+class Stratified:
+    """Unpruned seconds from one ratio per batch-size bucket, with bootstrap draws."""
+
+    estimate_s: float | None
+    buckets: list[dict[str, Any]]  # bucket, label, seconds, shadow_batches, ratio, own
+    boots_s: np.ndarray | None
+
+
+def stratified_unpruned(
+    seconds: Mapping[int, float], shadow: ShadowBatches, *, n_boot: int = N_BOOT, seed: int = 0
+) -> Stratified:
+    """Each bucket's GPU seconds times the ratio measured on that bucket's shadow batches.
+
+    A bucket with fewer than `MIN_BATCHES` shadow batches (or none) takes the pooled ratio of
+    all shadow batches. The bootstrap resamples runs, then whole batches within each drawn
+    run (items of one batch share one time, so they are never resampled apart).
+    """
+    keys = np.array(sorted(seconds), np.int64)
+    if not len(shadow) or float(shadow.pruned_s.sum()) <= 0 or not len(keys):
+        return Stratified(None, [], None)
+    used = np.array([seconds[k] for k in keys], float)
+    counts = (shadow.bucket[:, None] == keys[None, :]).sum(axis=0)
+    own = counts >= MIN_BATCHES
+    total, ratios = _unpruned_draws(np.ones((1, len(shadow))), shadow, keys, used, own)
+    rows = [
+        {
+            "bucket": int(k),
+            "label": bucket_label(int(k)),
+            "gpu_seconds": float(u),
+            "shadow_batches": int(c),
+            "ratio": float(r),
+            "own_ratio": bool(o),
+        }
+        for k, u, c, r, o in zip(keys, used, counts, ratios[0], own, strict=True)
+    ]
+    boots = None
+    if len(shadow) >= 2:
+        chunks = _cluster_weights(shadow.run, n_boot, seed)
+        boots = np.concatenate([_unpruned_draws(w, shadow, keys, used, own)[0] for w in chunks])
+    return Stratified(float(total[0]), rows, boots)
+
+
+def _cluster_weights(run: np.ndarray, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """Chunks of bootstrap weights (draws x batches): runs drawn, then batches within runs."""
+    rng = np.random.default_rng(seed)
+    labels, index = np.unique(run.astype(str), return_inverse=True)
+    members = [np.flatnonzero(index == r) for r in range(len(labels))]
+    step = max(1, _BOOT_CELLS // len(run))
+    for start in range(0, n_boot, step):
+        size = min(step, n_boot - start)
+        copies = rng.multinomial(len(labels), np.full(len(labels), 1 / len(labels)), size=size)
+        weights = np.zeros((size, len(run)))
+        for r, idx in enumerate(members):
+            weights[:, idx] = _counts(rng, copies[:, r] * len(idx), len(idx))
+        yield weights
+
+
+def _counts(rng: np.random.Generator, draws: np.ndarray, m: int) -> np.ndarray:
+    """Per row d, how often each of `m` batches is picked in `draws[d]` uniform draws."""
+    width = int(draws.max()) if len(draws) else 0
+    picks = rng.integers(0, m, size=(len(draws), width))
+    valid = np.arange(width)[None, :] < draws[:, None]
+    flat = (picks + m * np.arange(len(draws))[:, None])[valid]
+    return np.bincount(flat, minlength=m * len(draws)).reshape(len(draws), m)
+
+
+def _unpruned_draws(
+    weights: np.ndarray,
+    shadow: ShadowBatches,
+    keys: np.ndarray,
+    seconds: np.ndarray,
+    own: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Unpruned seconds per draw (and the per-bucket ratios) for batch weights (draws x n)."""
+    onehot = (shadow.bucket[:, None] == keys[None, :]).astype(float)
+    times = np.column_stack([shadow.pruned_s, shadow.unpruned_s])
+    parts = np.column_stack(
+        [onehot * shadow.pruned_s[:, None], onehot * shadow.unpruned_s[:, None]]
+    )
+    # one product (per bucket, then pooled); einsum, not BLAS: for these thin products a BLAS
+    # thread pool costs more than the arithmetic, badly so on a busy machine
+    sums = np.einsum("dn,nk->dk", weights, np.column_stack([parts, times]))
+    k = len(keys)
+    pruned, unpruned = sums[:, :k], sums[:, k : 2 * k]
+    pooled = sums[:, -1] / np.maximum(sums[:, -2], 1e-300)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = np.where(own & (pruned > 0), unpruned / pruned, pooled[:, None])
+    return ratios @ seconds, ratios
 
 
 def percentile_ci(samples: np.ndarray | None, level: float = 0.95) -> list[float] | None:

@@ -30,6 +30,7 @@ STRING_COLUMNS = (
     "pruner",
     "keep",
     "shadow_answer",
+    "batch_id",
     "run_id",
     "run_date",
 )
@@ -41,12 +42,13 @@ FLOAT_COLUMNS = (
     "prompt_tokens_unpruned",
     "new_tokens",
     "gpu_seconds",
+    "batch_size",
+    "failed_gpu_seconds",
     "preprocess_s",
     "vision_s",
     "select_s",
     "generate_s",
     "shadow_gpu_seconds",
-    "shadow_pruned_gpu_seconds",
     "shadow_new_tokens",
     "shadow_prompt_tokens",
 )

@@ -1,8 +1,10 @@
 """Render report blocks to Markdown (charts linked as files) and to one offline HTML page.
 
 Every data-derived string is escaped: answers and questions come from a model and from
-users, so they may hold Markdown, HTML or script. The HTML page inlines the SVG charts, has
-no external resources, and its Content-Security-Policy forbids scripts and network loads.
+users, so they may hold Markdown, HTML or script, and control characters (NUL, escape
+sequences, bidi overrides), which are shown as visible escapes such as ``\\x00``. The HTML
+page inlines the SVG charts, has no external resources, and its Content-Security-Policy
+forbids scripts and network loads.
 Non-goals: deciding what the report says (see `content.py`).
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import html
 import re
+import unicodedata
 
 from pipeline.report.content import Block
 
@@ -30,8 +33,24 @@ figure { margin: 1em 0; } figure svg { max-width: 100%; height: auto; }
 """
 
 
+_BIDI = {0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)}
+
+
+def _escape_char(ch: str) -> str:
+    code = ord(ch)
+    hidden = unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp") or code in _BIDI
+    if not hidden:
+        return ch
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def visible(text: str) -> str:
+    """One line of text with control and bidi characters shown as escapes (NUL -> \\x00)."""
+    return "".join(_escape_char(ch) for ch in " ".join(str(text).split()))
+
+
 def _clip(text: str) -> str:
-    text = " ".join(str(text).split())
+    text = visible(text)
     return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
 
 
@@ -72,7 +91,7 @@ def _html_cell(text: str) -> str:
 
 
 def _html_table(block: Block) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in block.header)
+    head = "".join(f"<th>{html.escape(visible(h))}</th>" for h in block.header)
     body = "".join("<tr>" + "".join(_html_cell(c) for c in row) + "</tr>" for row in block.rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -88,7 +107,7 @@ def to_html(blocks: list[Block], charts: dict[str, str]) -> str:
     parts = []
     for b in blocks:
         if b.kind in ("h1", "h2"):
-            parts.append(f"<{b.kind}>{html.escape(b.text)}</{b.kind}>")
+            parts.append(f"<{b.kind}>{html.escape(visible(b.text))}</{b.kind}>")
         elif b.kind == "table":
             parts.append(_html_table(b))
         elif b.kind == "chart":
@@ -96,10 +115,10 @@ def to_html(blocks: list[Block], charts: dict[str, str]) -> str:
             parts.append(f'<figure aria-label="{label}">{inline_svg(charts[b.text])}</figure>')
         else:
             css = ' class="note"' if b.kind == "note" else ""
-            parts.append(f"<p{css}>{html.escape(b.text)}</p>")
+            parts.append(f"<p{css}>{html.escape(visible(b.text))}</p>")
     head = (
         f'<meta charset="utf-8"><meta http-equiv="Content-Security-Policy" content="{CSP}">'
-        f"<title>{html.escape(title)}</title><style>{STYLE}</style>"
+        f"<title>{html.escape(visible(title))}</title><style>{STYLE}</style>"
     )
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head>{head}</head><body>\n'

@@ -1,9 +1,11 @@
 """Summable per-run statistics of result rows (datatrove-style: records with `+`).
 
 `RunStats.from_rows` reduces one run's rows to sums, counts and fixed-bin histograms; a night,
-a GPU type or the whole prefix is the `sum()` of its runs. Only the shadow sample is kept
-item by item (it is small, ~1%), because the bootstrap and the worst-disagreement list need
-the items. Non-goals: ratios, intervals and money (see `estimate.py` and `summary.py`).
+a GPU type or the whole prefix is the `sum()` of its runs. GPU seconds are also summed per
+batch-size bucket (the stratified estimate needs them), and failed attempts apart. Only the
+shadow sample is kept in detail (it is small, ~1%): its items for the worst-disagreement
+list, its batches (summed per batch: items of one batch share one time) for the bootstrap.
+Non-goals: ratios, intervals and money (see `estimate.py` and `summary.py`).
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.report.estimate import LlmShape, generation_flops
+from pipeline.report.estimate import LlmShape, ShadowBatches, generation_flops, size_bucket
 
 STAGES = ("preprocess_s", "vision_s", "select_s", "generate_s")
 BINS = np.linspace(0.0, 1.0, 21)  # fixed edges keep histograms summable
-SHADOW_FIELDS = ("ids", "questions", "answers", "shadow_answers", "pruned_s", "unpruned_s")
+SHADOW_FIELDS = ("ids", "questions", "answers", "shadow_answers", "batches")
 
 
 def _nansum(values: np.ndarray) -> float:
@@ -32,19 +34,17 @@ def _hist(values: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Shadow:
-    """The shadow sample item by item: ids, both answers and both GPU times."""
+    """The shadow sample: its items (ids, both answers) and its batches (both GPU times)."""
 
     ids: np.ndarray = field(default_factory=lambda: np.empty(0, object))
     questions: np.ndarray = field(default_factory=lambda: np.empty(0, object))
     answers: np.ndarray = field(default_factory=lambda: np.empty(0, object))
     shadow_answers: np.ndarray = field(default_factory=lambda: np.empty(0, object))
-    pruned_s: np.ndarray = field(default_factory=lambda: np.empty(0))
-    unpruned_s: np.ndarray = field(default_factory=lambda: np.empty(0))
+    batches: ShadowBatches = field(default_factory=ShadowBatches)
 
     def __add__(self, other: Shadow) -> Shadow:
-        return Shadow(
-            *(np.concatenate([getattr(self, f), getattr(other, f)]) for f in SHADOW_FIELDS)
-        )
+        items = (np.concatenate([getattr(self, f), getattr(other, f)]) for f in SHADOW_FIELDS[:4])
+        return Shadow(*items, batches=self.batches + other.batches)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -56,7 +56,9 @@ class RunStats:
 
     items_ok: int = 0
     items_error: int = 0
-    gpu_seconds: float = 0.0
+    gpu_seconds: float = 0.0  # answered items' device time (the pruned work itself)
+    failed_seconds: float = 0.0  # device time of attempts that failed (counted as used)
+    bucket_seconds: Counter = field(default_factory=Counter)  # gpu_seconds by batch-size bucket
     stage_seconds: Counter = field(default_factory=Counter)
     errors_by_cause: Counter = field(default_factory=Counter)
     token_items: int = 0
@@ -82,6 +84,11 @@ class RunStats:
     def __radd__(self, other: Any) -> RunStats:
         return self if other == 0 else NotImplemented
 
+    @property
+    def used_seconds(self) -> float:
+        """GPU seconds used: answered items plus failed attempts."""
+        return self.gpu_seconds + self.failed_seconds
+
     @classmethod
     def from_rows(cls, cols: dict[str, np.ndarray], shape: LlmShape | None = None) -> RunStats:
         """Reduce one run's rows; FLOPs are None when the model shape is unknown."""
@@ -91,6 +98,8 @@ class RunStats:
             items_ok=int(ok.sum()),
             items_error=int((~ok).sum()),
             gpu_seconds=_nansum(cols["gpu_seconds"]),
+            failed_seconds=_nansum(cols["failed_gpu_seconds"]),
+            bucket_seconds=_bucket_seconds(cols),
             stage_seconds=Counter(
                 {s: _nansum(cols[s]) for s in STAGES if np.isfinite(cols[s]).any()}
             ),
@@ -141,12 +150,16 @@ def _add_flops(
     stats.flops_pruned, stats.flops_unpruned = float(pruned.sum()), float(full.sum())
 
 
+def _bucket_seconds(cols: dict[str, np.ndarray]) -> Counter:
+    gpu = cols["gpu_seconds"]
+    have = np.isfinite(gpu)
+    buckets = size_bucket(cols["batch_size"][have])
+    return Counter({int(b): float(gpu[have][buckets == b].sum()) for b in np.unique(buckets)})
+
+
 def _shadow(cols: dict[str, np.ndarray], ok: np.ndarray) -> Shadow:
-    # the pair timed side by side; outputs written before that column fall back to gpu_seconds
-    paired = cols["shadow_pruned_gpu_seconds"]
-    pruned = np.where(np.isfinite(paired), paired, cols["gpu_seconds"])
-    unpruned = cols["shadow_gpu_seconds"]
-    use = cols["shadow"] & ok & np.isfinite(pruned) & np.isfinite(unpruned) & (pruned > 0)
+    pruned, unpruned = cols["gpu_seconds"], cols["shadow_gpu_seconds"]
+    use = cols["shadow"] & ok & np.isfinite(pruned) & np.isfinite(unpruned)
     use &= np.array([a is not None for a in cols["shadow_answer"]], bool)
     pick = {
         "ids": "id",
@@ -155,7 +168,21 @@ def _shadow(cols: dict[str, np.ndarray], ok: np.ndarray) -> Shadow:
         "shadow_answers": "shadow_answer",
     }
     arrays = {k: cols[c][use] for k, c in pick.items()}
-    return Shadow(**arrays, pruned_s=pruned[use], unpruned_s=unpruned[use])
+    return Shadow(**arrays, batches=_batches({k: v[use] for k, v in cols.items()}))
+
+
+def _batches(cols: dict[str, np.ndarray]) -> ShadowBatches:
+    """Shadow rows summed per model batch (rows without a batch id are their own batch)."""
+    keys = [f"b:{b}" if b else f"i:{i}" for b, i in zip(cols["batch_id"], cols["id"], strict=True)]
+    if not keys:
+        return ShadowBatches()
+    _, first, inverse = np.unique(np.array(keys), return_index=True, return_inverse=True)
+    pruned = np.bincount(inverse, weights=cols["gpu_seconds"])
+    unpruned = np.bincount(inverse, weights=cols["shadow_gpu_seconds"])
+    run = np.array([str(r) if r else "unknown" for r in cols["run_id"][first]], dtype=object)
+    keep = pruned > 0
+    bucket = size_bucket(cols["batch_size"][first])
+    return ShadowBatches(pruned[keep], unpruned[keep], bucket[keep], run[keep])
 
 
 def split_by_run(cols: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:

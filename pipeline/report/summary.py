@@ -1,8 +1,10 @@
 """From loaded nights to the report's numbers (the dict that becomes `report.json`).
 
-Pure: runs' summable stats in, a JSON-ready dict out. Per GPU type, the time ratio measured
-on that type's shadow items scales that type's measured GPU hours; scopes (a night, the
-whole prefix) add the types, and their bootstrap samples add draw by draw for the interval.
+Pure: runs' summable stats in, a JSON-ready dict out. Per GPU type and batch-size bucket, the
+time ratio measured on that type's shadow batches of that size scales the GPU hours of that
+size (`estimate.stratified_unpruned`); failed attempts count as used, once, both with and
+without pruning. Scopes (a night, the whole prefix) add the types, and their bootstrap draws
+(whole batches within resampled runs) add draw by draw for the interval.
 Money uses `--price` when given, else each run's own `usd_per_gpu_hour`; any unknown price
 makes the amount unknown (None). Non-goals: reading files, formatting, charts.
 """
@@ -19,9 +21,9 @@ from pipeline.report.estimate import (
     N_BOOT,
     LlmShape,
     agreement,
-    bootstrap_ratios,
     flops_scaled_seconds,
     percentile_ci,
+    stratified_unpruned,
     time_ratio,
     token_f1,
 )
@@ -107,9 +109,9 @@ def _flops_hours(runs: Sequence[Run]) -> tuple[float | None, float | None, str |
             scaled, note = flops_scaled_seconds(
                 s.gpu_seconds, s.stage_seconds, s.flops_unpruned / s.flops_pruned
             )
-            total += scaled
+            total += scaled + s.failed_seconds
         else:
-            total += s.gpu_seconds
+            total += s.used_seconds
     stats = sum((r.stats for r in runs), RunStats())
     ratio = stats.flops_unpruned / stats.flops_pruned if stats.flops_pruned else None
     return total / 3600, ratio, note
@@ -117,24 +119,28 @@ def _flops_hours(runs: Sequence[Run]) -> tuple[float | None, float | None, str |
 
 @dataclass
 class _TypeEstimate:
-    """One GPU type's measured ratio and bootstrap draws, with its hours and priced hours."""
+    """One GPU type's estimate as an effective ratio (unpruned / used hours) and its draws."""
 
     used_h: float
     priced_h: float | None  # sum of hours x price, None when a price is unknown
     ratio: float | None
     boots: np.ndarray | None
+    buckets: list[dict[str, Any]]
 
     @classmethod
     def of(cls, group: Sequence[Run], price: float | None, seed: int) -> _TypeEstimate:
-        """Pool the group's shadow items into one ratio and its bootstrap draws."""
+        """Stratify the group's hours by batch size and scale them by its shadow batches."""
         stats = sum((r.stats for r in group), RunStats())
-        used_h = stats.gpu_seconds / 3600
-        priced = _money(group, price, lambda r: r.stats.gpu_seconds / 3600)
-        if used_h == 0:  # nothing ran on this type: it adds nothing, known or not
-            return cls(0.0, priced, 1.0, np.ones(N_BOOT))
-        pruned, unpruned = stats.shadow.pruned_s, stats.shadow.unpruned_s
-        boots = bootstrap_ratios(pruned, unpruned, seed=seed)
-        return cls(used_h, priced, time_ratio(pruned, unpruned), boots)
+        used_s = stats.used_seconds
+        priced = _money(group, price, lambda r: r.stats.used_seconds / 3600)
+        if used_s == 0:  # nothing ran on this type: it adds nothing, known or not
+            return cls(0.0, priced, 1.0, np.ones(N_BOOT), [])
+        est = stratified_unpruned(stats.bucket_seconds, stats.shadow.batches, seed=seed)
+        if est.estimate_s is None:
+            return cls(used_s / 3600, priced, None, None, est.buckets)
+        failed = stats.failed_seconds  # a failure costs the same with or without pruning
+        boots = None if est.boots_s is None else (est.boots_s + failed) / used_s
+        return cls(used_s / 3600, priced, (est.estimate_s + failed) / used_s, boots, est.buckets)
 
     def unpruned_h(self, ratio: float | np.ndarray | None) -> float | np.ndarray | None:
         """GPU hours without pruning for a ratio (or an array of bootstrap ratios)."""
@@ -158,6 +164,7 @@ def _type_row(gpu_type: str, group: Sequence[Run], est: _TypeEstimate, price: fl
         "gpu_hours_used": est.used_h,
         "gpu_hours_billed": _billed(group),
         "shadow_items": len(stats.shadow),
+        "shadow_batches": len(stats.shadow.batches),
         "time_ratio": est.ratio,
         "gpu_hours_unpruned_est": est.unpruned_h(est.ratio),
         "gpu_hours_unpruned_ci": percentile_ci(est.unpruned_h(est.boots)),
@@ -176,6 +183,9 @@ def _estimate(runs: Sequence[Run], price: float | None, seed: int) -> dict[str, 
         "boot_h": _total([e.unpruned_h(e.boots) for e in ests]),
         "boot_usd": _total([e.usd_saved(e.boots) for e in ests]),
         "per_type": [_type_row(t, g, e, price) for (t, g), e in zip(groups, ests, strict=True)],
+        "buckets": [
+            {"gpu_type": t, **b} for (t, _), e in zip(groups, ests, strict=True) for b in e.buckets
+        ],
     }
 
 
@@ -192,7 +202,7 @@ def _billed(runs: Sequence[Run]) -> float | None:
 def scope_summary(runs: Sequence[Run], *, price: float | None, seed: int = 0) -> dict[str, Any]:
     """The headline numbers (report.json contract keys and more) over a set of runs."""
     stats = sum((r.stats for r in runs), RunStats())
-    used = stats.gpu_seconds / 3600
+    used = stats.used_seconds / 3600
     est = _estimate(runs, price, seed)
     boot_h = est["boot_h"]
     flops_h, flops_ratio, flops_note = _flops_hours(runs)
@@ -201,20 +211,23 @@ def scope_summary(runs: Sequence[Run], *, price: float | None, seed: int = 0) ->
         "items_ok": stats.items_ok,
         "items_error": stats.items_error,
         "gpu_hours_used": used,
+        "gpu_hours_failed": stats.failed_seconds / 3600,
         "gpu_hours_billed": _billed(runs),
         "gpu_hours_unpruned_est": est["unpruned"],
         "gpu_hours_unpruned_ci": percentile_ci(boot_h),
         "gpu_hours_saved": None if est["unpruned"] is None else est["unpruned"] - used,
         "gpu_hours_saved_ci": None if boot_h is None else percentile_ci(boot_h - used),
-        "usd_used": _money(runs, price, lambda r: r.stats.gpu_seconds / 3600),
+        "usd_used": _money(runs, price, lambda r: r.stats.used_seconds / 3600),
         "usd_billed": _money(runs, price, lambda r: _billed([r])),
         "usd_saved": est["usd_saved"] if est["unpruned"] is not None else None,
         "usd_saved_ci": percentile_ci(est["boot_usd"])
         if isinstance(est["boot_usd"], np.ndarray)
         else None,
         "shadow_items": len(shadow),
-        "shadow_gpu_hours": float(shadow.unpruned_s.sum()) / 3600,
-        "time_ratio": time_ratio(shadow.pruned_s, shadow.unpruned_s),
+        "shadow_batches": len(shadow.batches),
+        "shadow_gpu_hours": float(shadow.batches.unpruned_s.sum()) / 3600,
+        "time_ratio": time_ratio(shadow.batches.pruned_s, shadow.batches.unpruned_s),
+        "ratio_by_batch_size": est["buckets"],
         "answer_agreement": agreement(shadow.answers, shadow.shadow_answers),
         "gpu_hours_unpruned_flops": flops_h,
         "flops_ratio": flops_ratio,

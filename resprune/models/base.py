@@ -88,6 +88,8 @@ class VLM:
             "num_kv_heads": text.num_key_value_heads,
             "vocab": text.vocab_size,
             "context": text.max_position_embeddings,
+            # set by resprune.tiny: the weights are random, the answers noise
+            "tiny_random": bool(getattr(self.model.config, "resprune_tiny_random", False)),
         }
 
 

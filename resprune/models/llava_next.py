@@ -7,12 +7,14 @@ coordinates, so unpadding is never re-implemented here. Each high-resolution til
 crop (its surviving rows x cols), so per-crop budgets follow the crops the model was fed.
 
 ``image_newline`` decision: a newline is not a visual token (it is one learned vector, the
-same for every row) and is never offered to the pruner or counted in its budget. It is kept
-exactly for the rows that keep at least one token, and dropped with rows that lose all of
-theirs. Why: the model was trained with a newline closing each row, so kept rows still end
-the way it expects; a row with nothing left has nothing to close; with ``keep = all`` every
-newline stays and the prompt is byte-identical to the stock one (the equality anchor). The
-cost is at most one token per high-resolution row (``kept_newlines`` in the item stats).
+same for every row) and is never offered to the pruner. It is kept exactly for the rows
+that keep at least one token, and dropped with rows that lose all of theirs. Why: the model
+was trained with a newline closing each row, so kept rows still end the way it expects; a
+row with nothing left has nothing to close; with ``keep = all`` every newline stays and the
+prompt is byte-identical to the stock one (the equality anchor). Kept newlines count
+inside the image's budget (`resprune.budget`), so ``keep`` is what the LLM sees and
+pruners with different spatial spreads get the same real budget (``kept_newlines`` in the
+item stats says how much of it went to rows).
 """
 
 from __future__ import annotations
