@@ -50,5 +50,5 @@ def test_processor_between_user_steps(tmp_path: Path, monkeypatch: pytest.Monkey
     assert rows["vqa-cat"]["kept_tokens"] == 8 and rows["vqa-cat"]["run_date"] == "2026-11-24"
     assert rows["vqa-coffee"]["question"] == config.model.default_question
     assert isinstance(rows["vqa-cat"]["hit"], bool)
-    with pytest.raises(StorageError, match=r"missing column\(s\) \['key'\]"):
+    with pytest.raises(StorageError, match=r"missing column\(s\) \['key', 'tag'\]"):
         processor(ray.data.from_arrow(hf.with_format("arrow")[:]))
