@@ -6,7 +6,10 @@ new tokens, so pruned items form proportionally larger batches; ``auto`` sizes i
 GPU memory, see resprune/memory.py), answered, and timed on the device (synchronised wall
 time split over the sub-batch's items; each row names its batch and its size). A sub-batch
 that raises falls back to one item at a time, so one item cannot sink its batch; the failed
-attempt's time stays on its items (``failed_gpu_seconds``). The shadow sample is drawn by
+attempt's time stays on its items (``failed_gpu_seconds``). A systemic fault
+(`pipeline.faults`: a CUDA error, out of memory with one item, ``ERROR_STREAK`` items in a
+row raising) is never written as an answer: the actor exits so Ray restarts it and retries
+the batch, within ``execution.max_task_retries``. The shadow sample is drawn by
 batch: a seeded share of the model batches is answered again unpruned, packed under the same
 size cap and token budget, right after its pruned pass on the same actor, so the time ratio
 compares the main pass's own batches with their unpruned twins (same regime: batch 1 is
@@ -21,20 +24,25 @@ one item at a time, and an item that killed it while answered alone is quarantin
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
+import sys
 import time
 import uuid
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NoReturn
 
 import pyarrow as pa
 import ray
 
+from pipeline import faults
 from pipeline.columns import output_schema
 from pipeline.preprocess import PREPARED
 from pipeline.spec import JobSpec
 from pipeline.storage import redact
 from resprune.items import ItemError, ItemResult, PreparedItem
+
+ERROR_STREAK = 8  # consecutive items the model raised for: the model, not the items, is broken
 
 
 @dataclass(frozen=True)
@@ -101,7 +109,7 @@ class Answerer:
             revision=m.revision, trust_remote_code=m.trust_remote_code,
             endpoint_url=spec.storage.endpoint_url, attn_implementation=m.attn_implementation,
         )  # fmt: skip
-        options = m.vllm.model_dump() if m.engine == "vllm" else {}
+        options = getattr(m, m.engine).model_dump()  # the engine's own settings block
         self.engine = engine(self.vlm, **options)
         p = spec.pruning
         self.pruner = build_pruner(
@@ -114,11 +122,25 @@ class Answerer:
         self.batch_tokens = (
             None if auto_vllm else resolve_batch_tokens(tokens, self.vlm.model, self.vlm.device)
         )
-        self.busy_s = 0.0
+        self.busy_s, self.error_streak = 0.0, 0
         if ledger is not None:
             ledger.actor_started.remote(self.key, self.started, self.vlm.describe())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        try:
+            return self._call(batch)
+        except faults.SystemicFault as exc:
+            self._exit(batch.column("id").to_pylist(), str(exc))
+
+    def _exit(self, ids: list[str], cause: str) -> NoReturn:
+        """Leave the process so Ray restarts the actor (bounded) and retries the batch."""
+        line = redact(cause.strip().splitlines()[0] if cause.strip() else cause)
+        print(f"model actor exits on a systemic fault: {line}", file=sys.stderr, flush=True)
+        if self.ledger is not None:
+            ray.get(self.ledger.systemic_exit.remote(ids, line))
+        os._exit(1)
+
+    def _call(self, batch: pa.Table) -> pa.Table:
         rows = batch.drop_columns([PREPARED]).to_pylist()
         blobs = batch.column(PREPARED).to_pylist()
         todo = [i for i, r in enumerate(rows) if r["status"] == "ok"]
@@ -201,14 +223,26 @@ class Answerer:
             results = answer_batch(self.vlm, items, **kw)
         except Exception as exc:
             lost = self._stop(started) / n
+            if faults.classify(exc, batch_size=n) == faults.SYSTEMIC:
+                raise faults.SystemicFault(f"{type(exc).__name__}: {exc}") from exc
             if n == 1:
-                error = ItemError("model_error", f"{type(exc).__name__}: {exc}")
-                return [Answered(error, 0.0, batch_id, 1, lost)]
+                return [Answered(self._model_error(exc), 0.0, batch_id, 1, lost)]
         else:
+            self.error_streak = 0
             seconds = self._stop(started) / n
             return [Answered(r, seconds, batch_id, n) for r in results]
+        _free_device_memory()
         solo = [a for it in items for a in self._run([it], pruner, keep)]
         return [replace(a, failed_s=a.failed_s + lost) for a in solo]
+
+    def _model_error(self, exc: Exception) -> ItemError:
+        """An item the model raised for alone; many in a row mean the model is broken."""
+        self.error_streak += 1
+        message = f"{type(exc).__name__}: {exc}"
+        if self.error_streak >= ERROR_STREAK:
+            raise faults.SystemicFault(f"the model raised for {ERROR_STREAK} items in a row, "
+                                       f"last: {message}") from exc  # fmt: skip
+        return ItemError("model_error", message)
 
     def _start(self) -> float:
         """Synchronise the device and start the clock."""
@@ -236,6 +270,14 @@ class Answerer:
         visual = int((item.input_ids == self.image_token_id).sum())
         kept = visual if pruner.name == "none" else resolve_keep(keep, visual)
         return n - visual + kept + self.spec.model.max_new_tokens
+
+
+def _free_device_memory() -> None:
+    """Release cached blocks before retrying smaller (after an out-of-memory, say)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _fill(row: dict[str, Any], res: Answered) -> None:

@@ -2,7 +2,9 @@
 
 Plain validation imports neither Ray nor torch: it parses the spec (unknown keys are
 errors; every problem is listed with its key path). ``--deep`` also checks storage, input
-columns, the model path and that the engine is installed (still no Ray, no weights).
+columns, the model path, the output prefix's fingerprint and that the engine is installed
+(still no Ray, no weights). It never writes: no probe, no lease, no recovery (a prefix is
+left byte-identical).
 """
 
 from __future__ import annotations
@@ -32,13 +34,12 @@ def main(args: argparse.Namespace) -> int:
     try:
         spec, run_date = load_spec(args.spec, run_date=args.run_date, overrides=args.overrides)
         if args.deep:
-            from pipeline.checks import ModelPathError, check_engine, check_model_path
+            from pipeline.checks import ModelPathError, check_engine
             from pipeline.plan import make_plan
             from pipeline.storage import StorageError
 
             try:
-                plan = make_plan(spec)
-                check_model_path(spec)
+                plan = make_plan(spec)  # read-only: no lease, no recovery, no write
                 check_engine(spec)
             except (StorageError, ModelPathError) as exc:
                 raise SpecError(str(exc)) from None

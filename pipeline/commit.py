@@ -17,13 +17,15 @@ So a visible result file is always complete and committed, a committed id is nev
 processed again, and an uncommitted one is simply redone.
 
 Writers from a killed run can outlive its driver for a while (orphaned Ray workers). Each run
-takes the prefix's lease (``_manifest/_lease.json``) before recovery, and a writer checks it
-holds the lease just before its commit point; a superseded writer drops its staged file. So
-a rerun started right after a crash is not raced by the old run's last writes (the window
-left is one read and one PUT), and of two runs on one prefix the older stops at its next
-commit. A marker whose file vanished (its staging file was cleaned under it) is dropped by
-`recover`, and its rows are redone. Killed multipart uploads leave
-no object; an S3 lifecycle rule (AbortIncompleteMultipartUpload) reclaims their parts.
+takes the prefix's lease (``_manifest/_lease.json``) after its read-only checks, and a writer
+checks it holds the lease just before its commit point; a superseded writer drops its staged
+file. The check and the marker are two requests, so a writer that passed the check can still
+commit after a new run planned (S3 has no conditional write across two keys). That race is
+closed by id-level de-duplication (`dedupe`): an id held by several committed files stays in
+the most recently committed one and the others are rewritten without it, at the end of each
+run and in every recovery. A marker whose file vanished is dropped by `recover`, and its rows
+are redone. Killed multipart uploads leave no object; an S3 lifecycle rule
+(AbortIncompleteMultipartUpload) reclaims their parts.
 """
 
 from __future__ import annotations
@@ -35,13 +37,17 @@ from collections.abc import Iterable
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data import Datasink
 
-from pipeline.storage import StorageError, exists, join, list_files, read_json, write_json
+from pipeline import faults, prefix
+from pipeline.prefix import MANIFEST, RUNS, STAGING, PrefixState
+from pipeline.spec import StorageSpec
+from pipeline.storage import StorageError, exists, filesystem, join, read_json, write_json
 
-MANIFEST, STAGING, RUNS = "_manifest", "_staging", "_runs"
+__all__ = ["MANIFEST", "RUNS", "STAGING", "CommitSink", "SupersededError", "commit_table"]
 LEASE = "_lease.json"
 
 
@@ -86,31 +92,45 @@ def table_stats(table: pa.Table) -> dict[str, Any]:
 
 
 def commit_table(
-    fs: pafs.FileSystem, root: str, table: pa.Table, run_id: str, fingerprint: str = ""
-) -> dict[str, Any]:
-    """Write one result file through staging -> marker -> final; returns its stats."""
+    fs: pafs.FileSystem, root: str, table: pa.Table, run_id: str, fingerprint: str = "",
+    spec_fields: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Write one result file through staging -> lease check -> marker -> final."""
+    meta = {"run_id": run_id, "spec_fingerprint": fingerprint, "spec_fields": spec_fields or {}}
+    return _publish(fs, root, table, meta, lambda: _check_lease(fs, root, run_id))
+
+
+def _publish(fs: pafs.FileSystem, root: str, table: pa.Table, meta: dict[str, Any],
+             check: Any = None) -> dict[str, Any]:  # fmt: skip
     name = file_name(table.column("id").to_pylist())
     staging = join(root, STAGING, name)
     fs.create_dir(join(root, STAGING), recursive=True)
     pq.write_table(table, staging, filesystem=fs)
     try:
-        _check_lease(fs, root, run_id)
+        if check is not None:
+            check()
     except SupersededError:
         fs.delete_file(staging)
         raise
-    stats = {"file": name, "run_id": run_id, "spec_fingerprint": fingerprint,
-             "committed_at": time.time(), **table_stats(table)}  # fmt: skip
+    stats = {"file": name, **meta, "committed_at": time.time(), **table_stats(table)}
     write_json(fs, join(root, MANIFEST, name + ".json"), stats)
     fs.move(staging, join(root, name))
     return stats
 
 
 class CommitSink(Datasink[list[dict[str, Any]]]):
-    """Ray Data sink: each write task commits its rows in files of at most `rows_per_file`."""
+    """Ray Data sink: each write task commits its rows in files of at most `rows_per_file`.
 
-    def __init__(self, fs: pafs.FileSystem, root: str, *, run_id: str, fingerprint: str,
-                 rows_per_file: int, min_rows_per_file: int):  # fmt: skip
-        self.fs, self.root, self.run_id, self.fingerprint = fs, root, run_id, fingerprint
+    Rows a transient fault left unanswered (status ``deferred``) are not committed: a rerun
+    does them again. The filesystem is built in the worker (its retry policy does not pickle),
+    and a commit that still hits a transient fault is retried whole (names are deterministic).
+    """
+
+    def __init__(self, uri: str, storage: StorageSpec, *, run_id: str, fingerprint: str,
+                 spec_fields: dict[str, Any], rows_per_file: int,
+                 min_rows_per_file: int):  # fmt: skip
+        self.uri, self.storage, self.run_id = uri, storage, run_id
+        self.fingerprint, self.spec_fields = fingerprint, spec_fields
         self.rows_per_file, self._min_rows = rows_per_file, min_rows_per_file
 
     @property
@@ -122,61 +142,79 @@ class CommitSink(Datasink[list[dict[str, Any]]]):
         if not tables:
             return []
         table = pa.concat_tables(tables, promote_options="default")
+        table = table.filter(pc.not_equal(table.column("status"), faults.DEFERRED))
+        fs, root = filesystem(self.uri, self.storage)
         step = self.rows_per_file
-        return [
-            commit_table(self.fs, self.root, table.slice(i, step), self.run_id, self.fingerprint)
-            for i in range(0, table.num_rows, step)
-        ]
+        slices = [table.slice(i, step) for i in range(0, table.num_rows, step)]
+        return [self._commit(fs, root, part) for part in slices]
+
+    def _commit(self, fs: pafs.FileSystem, root: str, table: pa.Table) -> dict[str, Any]:
+        meta = (self.run_id, self.fingerprint, self.spec_fields)
+        return faults.retry(lambda: commit_table(fs, root, table, *meta), what=f"commit to {root}")
 
 
-def recover(fs: pafs.FileSystem, root: str) -> int:
-    """Roll committed files forward and drop uncommitted staging files; returns files fixed."""
-    markers = {p.rsplit("/", 1)[1][: -len(".json")] for p in _markers(fs, root)}
-    staged = {p.rsplit("/", 1)[1]: p for p in _list(fs, join(root, STAGING))}
-    fixed = 0
-    for name, staging in staged.items():
-        if name in markers and not exists(fs, join(root, name)):
-            fs.move(staging, join(root, name))
-        else:
-            fs.delete_file(staging)
-        fixed += 1
-    for name in markers - staged.keys():
-        if not exists(fs, join(root, name)):  # committed, then its staging file was cleaned
-            fs.delete_file(join(root, MANIFEST, name + ".json"))
-            fixed += 1
-    unmarked = [p for p in list_files(fs, root, ".parquet") if p.rsplit("/", 1)[1] not in markers]
-    if unmarked:
+def check_unmarked(state: PrefixState) -> None:
+    """Refuse a prefix holding Parquet results that no marker commits (read-only)."""
+    if state.unmarked:
         raise StorageError(
-            f"{root} holds {len(unmarked)} Parquet file(s) without commit markers "
-            f"(e.g. {unmarked[0]}); refusing to mix runs: use an empty output prefix"
+            f"{state.root} holds {len(state.unmarked)} Parquet file(s) without commit markers "
+            f"(e.g. {state.unmarked[0]}); refusing to mix runs: use an empty output prefix"
         )
-    return fixed
+
+
+def recover(fs: pafs.FileSystem, root: str, state: PrefixState | None = None) -> int:
+    """Roll committed files forward, drop uncommitted staging files and markers whose file
+    vanished, then de-duplicate ids; returns the files fixed. Updates ``state`` in place."""
+    state = state or prefix.scan(fs, root)
+    check_unmarked(state)
+    fixed = 0
+    for name in sorted(state.staged):
+        if name in state.markers and name not in state.visible:
+            fs.move(join(root, STAGING, name), join(root, name))
+            state.visible.add(name)
+        else:
+            fs.delete_file(join(root, STAGING, name))
+        fixed += 1
+    state.staged.clear()
+    for name in sorted(state.markers.keys() - state.visible):
+        fs.delete_file(join(root, MANIFEST, name + ".json"))
+        del state.markers[name]
+        (state.ids or {}).pop(name, None)
+        fixed += 1
+    return fixed + dedupe(fs, root, state)
+
+
+def dedupe(fs: pafs.FileSystem, root: str, state: PrefixState | None = None) -> int:
+    """Rewrite files so each id is committed once (see `prefix.duplicates`); returns files."""
+    state = state or prefix.scan(fs, root)
+    ids = prefix.read_ids(fs, state)
+    lost = prefix.duplicates(ids, state.markers)
+    for name, drop in sorted(lost.items()):
+        old = state.markers.pop(name)
+        kept = [i for i in ids.pop(name) if i not in drop]
+        if kept:
+            table = pq.read_table(join(root, name), filesystem=fs, partitioning=None)
+            table = table.filter(pc.is_in(table.column("id"), value_set=pa.array(kept)))
+            meta = {k: old.get(k) for k in ("run_id", "spec_fingerprint", "spec_fields")}
+            stats = _publish(fs, root, table, meta)
+            state.markers[stats["file"]], ids[stats["file"]] = stats, kept
+            state.visible.add(stats["file"])
+        fs.delete_file(join(root, name))  # file first: a crash here leaves a marker whose
+        fs.delete_file(join(root, MANIFEST, name + ".json"))  # file vanished (recoverable)
+        state.visible.discard(name)
+    return len(lost)
+
+
+def committed_ids(fs: pafs.FileSystem, root: str) -> set[str]:
+    """Ids in committed output (read-only; works before recovery too)."""
+    return prefix.all_ids(fs, prefix.scan(fs, root))
 
 
 def committed_files(fs: pafs.FileSystem, root: str) -> list[str]:
     """Paths of committed result files (after `recover`)."""
-    return [join(root, p.rsplit("/", 1)[1][: -len(".json")]) for p in _markers(fs, root)]
-
-
-def committed_ids(fs: pafs.FileSystem, root: str) -> set[str]:
-    """Ids already in committed output."""
-    files = committed_files(fs, root)
-    if not files:
-        return set()
-    return set(pq.ParquetDataset(files, filesystem=fs).read(columns=["id"]).column(0).to_pylist())
+    return [join(root, name) for name in sorted(prefix.scan(fs, root).markers)]
 
 
 def manifest_stats(fs: pafs.FileSystem, root: str) -> list[dict[str, Any]]:
     """All markers' stats (for totals over every run into this prefix)."""
-    return [read_json(fs, p) for p in _markers(fs, root)]
-
-
-def _markers(fs: pafs.FileSystem, root: str) -> list[str]:
-    return [p for p in _list(fs, join(root, MANIFEST)) if p.endswith(".parquet.json")]
-
-
-def _list(fs: pafs.FileSystem, path: str) -> list[str]:
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return []
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
-    return sorted(i.path for i in infos if i.type == pafs.FileType.File)
+    return list(prefix.scan(fs, root).markers.values())

@@ -7,7 +7,7 @@ explicit mode normalisation (16-bit rescaled, alpha composited on white, CMYK co
 Animated images use their first frame. Non-goal: resizing (the model's processor does it).
 
 Causes: empty, too_large_bytes, undecodable, bomb_or_too_large, bad_aspect, truncated,
-unsupported_mode, fetch_failed.
+unsupported_mode, fetch_failed (documented in `pipeline.faults.ITEM_CAUSES`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from pipeline import faults
 from resprune.items import ItemError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -43,8 +44,9 @@ def decode_image(
     try:
         img.load()
     except (OSError, ValueError, SyntaxError) as exc:
-        cause = "truncated" if "truncated" in str(exc) else "undecodable"
-        raise ItemError(cause, f"decode failed: {exc}") from None
+        if "truncated" in str(exc):
+            raise ItemError("truncated", f"decode failed: {exc}") from None
+        raise ItemError("undecodable", f"decode failed: {exc}") from None
     img = ImageOps.exif_transpose(img) or img
     return to_rgb(img)
 
@@ -86,14 +88,25 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def fetch_bytes(fs: pafs.FileSystem, path: str, *, max_bytes: int) -> bytes:
-    """Read an image file (local or S3), refusing files above the byte cap."""
+    """Read an image file (local or S3), refusing files above the byte cap.
+
+    Transient storage faults are retried (`pipeline.faults.retry`) and, when they persist,
+    raise `TransientFault` (the row is deferred, not failed); a missing or refused file is
+    the item's fault (``fetch_failed``).
+    """
     try:
-        info = fs.get_file_info(path)
-        if info.type != pafs.FileType.File:
-            raise ItemError("fetch_failed", f"{path} does not exist")
-        if info.size is not None and info.size > max_bytes:
-            raise ItemError("too_large_bytes", f"{path} has {info.size} bytes > cap {max_bytes}")
-        with fs.open_input_stream(path) as f:
-            return f.read()
+        return faults.retry(lambda: _read(fs, path, max_bytes), what=f"fetch {path}", attempts=3)
+    except faults.TransientFault:
+        raise
     except OSError as exc:
         raise ItemError("fetch_failed", f"cannot read {path}: {exc}") from None
+
+
+def _read(fs: pafs.FileSystem, path: str, max_bytes: int) -> bytes:
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise ItemError("fetch_failed", f"{path} does not exist")
+    if info.size is not None and info.size > max_bytes:
+        raise ItemError("too_large_bytes", f"{path} has {info.size} bytes > cap {max_bytes}")
+    with fs.open_input_stream(path) as f:
+        return f.read()

@@ -1,9 +1,11 @@
 """Plan a run: list input shards, check them, and subtract what the output already holds.
 
 Runs on the driver before Ray or any model is touched, so whole-job problems (unreachable
-storage, no input files, missing columns, duplicate or null ids, no write access) fail
-fast with one line. Reads only each file's footer and id column. Shards whose ids are all
-committed are dropped from the read; partly committed shards get a row filter.
+storage, no input files, missing columns, duplicate or null ids, a bad model path, output of
+another config, no write access) fail fast with one line, and all but the last before the
+output prefix is touched. Reads only each file's footer and id column. Shards whose ids are all
+committed are dropped from the read; partly committed shards get a row filter. The input's
+formats and column checks are `pipeline.inputs`'.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from pipeline import commit, inputs
-from pipeline.spec import InputSpec, JobSpec, fingerprint
+from pipeline import commit, inputs, prefix
+from pipeline.checks import check_model_path
+from pipeline.spec import InputSpec, JobSpec, fingerprint, fingerprint_fields
 from pipeline.storage import StorageError, filesystem, join, redact
 
 
@@ -46,21 +49,29 @@ class Plan:
 
 
 def make_plan(spec: JobSpec, *, run_id: str | None = None) -> Plan:
-    """Check input, then output storage, and compute the pending work; raises StorageError.
+    """Check input, model path and output, then compute the pending work.
 
-    With ``run_id`` (a run, not a validation) the run takes the output prefix's lease first.
+    Every read-only check (input files and columns, model path, the output prefix's markers
+    and fingerprint) runs first and raises StorageError / ModelPathError. Only with
+    ``run_id`` (a run, not a validation) does it then write: a probe, the prefix's lease, and
+    recovery. Without ``run_id`` nothing is written. The output is listed once per phase.
     """
     in_fs, in_path = filesystem(spec.input.uri, spec.storage)
     out_fs, out_root = filesystem(spec.output.uri, spec.storage)
     try:
         listing = inputs.list_input(in_fs, in_path, spec.input)
         folder = inputs.dataset_folder(in_fs, in_path, spec.input.uri)
-        _probe_write(out_fs, out_root)
+        check_model_path(spec)
+        state = prefix.scan(out_fs, out_root)
+        commit.check_unmarked(state)
+        check_fingerprint(state, spec)
+        recovered = 0
         if run_id is not None:
+            _probe_write(out_fs, out_root)
             commit.take_lease(out_fs, out_root, run_id)
-        recovered = commit.recover(out_fs, out_root)
-        _check_fingerprint(out_fs, out_root, fingerprint(spec))
-        done = commit.committed_ids(out_fs, out_root)
+            state = prefix.scan(out_fs, out_root, known=state.markers)
+            recovered = commit.recover(out_fs, out_root, state)
+        done = prefix.all_ids(out_fs, state)
     except OSError as exc:
         raise StorageError(f"storage unreachable or refused: {redact(str(exc))}") from None
     pending, skip, total, skipped = [], [], 0, 0
@@ -88,15 +99,26 @@ def _input_fields(listing: inputs.InputListing, spec: InputSpec, folder: str) ->
     }  # fmt: skip
 
 
-def _check_fingerprint(fs: pafs.FileSystem, root: str, current: str) -> None:
-    """Refuse to resume into output written with another model/pruning/input config."""
-    other = {m.get("spec_fingerprint") for m in commit.manifest_stats(fs, root)} - {current}
-    if other:
-        found = sorted(map(str, other))[0]
-        raise StorageError(
-            f"{root} holds results of a different job config (fingerprint {found} != {current});"
-            " write to a new output prefix instead of mixing answers"
-        )
+def check_fingerprint(state: prefix.PrefixState, spec: JobSpec) -> None:
+    """Refuse to resume into output written with another model/pruning/input config, naming
+    the fields that differ and how to proceed."""
+    current = fingerprint(spec)
+    other = [m for m in state.markers.values() if m.get("spec_fingerprint") != current]
+    if not other:
+        return
+    theirs, ours = other[0].get("spec_fields") or {}, fingerprint_fields(spec)
+    keys = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    diff = [f"{k} ({_show(ours.get(k))} now, {_show(theirs.get(k))} there)" for k in keys]
+    fields = "; ".join(diff) if theirs else "(not recorded by the version that wrote it)"
+    raise StorageError(
+        f"{state.root} holds results of a different job config (fingerprint "
+        f"{other[0].get('spec_fingerprint')} != {current}); differing fields: {fields}. "
+        "Write to a new output.uri, or rerun with the settings that wrote it."
+    )
+
+
+def _show(value: object) -> str:
+    return "unset" if value is None else repr(value)
 
 
 def _probe_write(fs: pafs.FileSystem, root: str) -> None:

@@ -2,8 +2,10 @@
 
 One instance per CPU actor loads the processor once (no weights). Every input row comes
 out exactly once: a bad row becomes ``status="error"`` with its cause here and never
-reaches the model stage. Images travel as bytes up to this stage; the prepared model
-inputs travel on as a pickled `PreparedItem` in the internal ``_prepared`` column.
+reaches the model stage; a row whose image fetch hit a persisting transient fault becomes
+``status="deferred"`` (`pipeline.faults`), which the commit sink drops so a rerun retries
+it. Images travel as bytes up to this stage; the prepared model inputs travel on as a
+pickled `PreparedItem` in the internal ``_prepared`` column.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from pipeline import faults
 from pipeline.images import decode_image, fetch_bytes
 from pipeline.spec import JobSpec, ProcessorConfig
 from pipeline.storage import filesystem, filesystem_path, is_remote, join, redact
@@ -31,6 +34,16 @@ PRE_SCHEMA = pa.schema(
         ("preprocess_s", pa.float64()), (PREPARED, pa.large_binary()),
     ]
 )  # fmt: skip
+
+
+def _unexpected(row: dict[str, Any], exc: Exception) -> None:
+    """A transient fault defers the row (never committed; the rerun retries it); anything
+    else is this item's fault, named by its exception."""
+    message = redact(f"{type(exc).__name__}: {exc}")
+    if faults.classify(exc) == faults.TRANSIENT:
+        row.update(status=faults.DEFERRED, error_cause=faults.TRANSIENT, error=message)
+    else:
+        row.update(status="error", error_cause="preprocess_error", error=message)
 
 
 def resolve_path(path: str, root: str | None) -> str:
@@ -61,8 +74,8 @@ class Preprocess:
         n = batch.num_rows
         questions = cols.get(inp.question_column or "", [None] * n)
         images = cols[inp.image_column or inp.image_uri_column]
-        faults = cols.get(INPUT_ERROR, [None] * n)
-        rows = [self._row(*r) for r in zip(cols[inp.id_column], questions, images, faults,
+        faults_in = cols.get(INPUT_ERROR, [None] * n)
+        rows = [self._row(*r) for r in zip(cols[inp.id_column], questions, images, faults_in,
                                            strict=True)]  # fmt: skip
         out = pa.Table.from_pylist(rows, schema=PRE_SCHEMA)
         for name in self.passthrough:
@@ -88,9 +101,9 @@ class Preprocess:
             row[PREPARED] = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
         except ItemError as exc:
             row.update(status="error", error_cause=exc.cause, error=redact(exc.message))
-        except Exception as exc:  # the processor's own errors: keep the row, name the cause
-            row.update(status="error", error_cause="invalid_prompt", error=redact(f"{exc}"))
-        if row["status"] == "error":
+        except Exception as exc:  # classified by pipeline.faults
+            _unexpected(row, exc)
+        if row["status"] != "ok":
             row["error"] = f"id={item_id}: {row['error_cause']}: {row['error']}"
         row["preprocess_s"] = time.perf_counter() - t0
         return row

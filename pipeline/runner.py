@@ -21,13 +21,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipeline import summary
-from pipeline.checks import check_model_path
+from pipeline import commit, faults, summary
 from pipeline.commit import CommitSink
 from pipeline.plan import Plan, make_plan
 from pipeline.processor import build_processor
 from pipeline.readers import read_input
-from pipeline.spec import JobSpec, ProcessorConfig, fingerprint
+from pipeline.spec import JobSpec, ProcessorConfig, fingerprint, fingerprint_fields
 
 
 @ray.remote(num_cpus=0)
@@ -42,6 +41,7 @@ class Ledger:
         self.actors: dict[str, dict[str, Any]] = {}
         self.batch_starts: dict[str, int] = {}  # ids whose batch started and never ended
         self.solo_starts: dict[str, int] = {}  # ids answered alone that never ended
+        self.systemic: list[str] = []  # causes of actor exits on systemic faults
 
     def begin_batch(self, ids: list[str]) -> tuple[bool, list[str]]:
         """Start a model batch: (did an earlier attempt of it die?, ids that died alone)."""
@@ -60,6 +60,19 @@ class Ledger:
         for i in ids:
             self.batch_starts.pop(i, None)
             self.solo_starts.pop(i, None)
+
+    def systemic_exit(self, ids: list[str], cause: str) -> None:
+        """An actor exits on a systemic fault: its batch is no poison suspect; keep the cause."""
+        self.end(ids)
+        self.systemic.append(cause)
+
+    def systemic_cause(self) -> str | None:
+        """One line naming the systemic fault(s) of this run, or None."""
+        if not self.systemic:
+            return None
+        return (f"systemic fault, the model actor exited {len(self.systemic)} time(s) and the "
+                f"run could not progress: {self.systemic[-1]}; unanswered rows are left for "
+                "a rerun")  # fmt: skip
 
     def actor_started(self, key: str, started: float, shape: dict[str, Any]) -> None:
         self.actors[key] = {"started": started, "busy_s": 0.0, "shape": shape}
@@ -128,7 +141,6 @@ def run_job(spec: JobSpec, run_date: str, *, progress: bool | None = None) -> di
     """
     run_id, started = new_run_id(spec, run_date), time.time()
     plan = make_plan(spec, run_id=run_id)
-    check_model_path(spec)
     record = summary.Recorder(spec, plan, run_id=run_id, run_date=run_date, started=started)
     if plan.items_pending == 0:
         return record.finish({})
@@ -146,14 +158,20 @@ def _execute(spec: JobSpec, plan: Plan, record: summary.Recorder, *, run_id: str
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty() if progress is None else progress
     ledger = Ledger.remote()
-    sink = CommitSink(plan.out_fs, plan.out_root, run_id=run_id, fingerprint=fingerprint(spec),
-                      rows_per_file=spec.output.rows_per_file,
-                      min_rows_per_file=spec.output.min_rows_per_file)  # fmt: skip
+    sink = CommitSink(
+        spec.output.uri, spec.storage, run_id=run_id, fingerprint=fingerprint(spec),
+        spec_fields=fingerprint_fields(spec), rows_per_file=spec.output.rows_per_file,
+        min_rows_per_file=spec.output.min_rows_per_file,
+    )  # fmt: skip
     try:
         build_dataset(spec, plan, run_id=run_id, run_date=run_date, ledger=ledger).write_datasink(
             sink
         )
     except Exception as exc:
-        record.finish(ray.get(ledger.snapshot.remote()), error=exc)
-        raise
+        cause = ray.get(ledger.systemic_cause.remote())
+        error = faults.SystemicFault(cause) if cause else exc
+        record.finish(ray.get(ledger.snapshot.remote()), error=error)
+        raise error from exc
+    # An orphaned writer of an older run may have committed ids this run also answered.
+    commit.dedupe(plan.out_fs, plan.out_root)
     return record.finish(ray.get(ledger.snapshot.remote()))

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from pipeline.columns import OUTPUT_COLUMNS
+from pipeline.faults import ITEM_CAUSES
 from pipeline.spec import JobSpec
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
@@ -28,6 +29,11 @@ def render() -> dict[str, str]:
              "`pipeline/columns.py`; the job's pass-through columns follow these.", "",
              "| column | Arrow type | meaning |", "| --- | --- | --- |"]  # fmt: skip
     lines += [f"| `{n}` | `{t}` | {d} |" for n, t, d in OUTPUT_COLUMNS]
+    lines += ["", "## Error causes", "", "`error_cause` of `status = \"error\"` rows (item faults,",
+              "decided in `pipeline/faults.py`). Transient and systemic faults never become",
+              "rows: those items are left for the rerun.", "",
+              "| error_cause | meaning |", "| --- | --- |"]  # fmt: skip
+    lines += [f"| `{cause}` | {meaning} |" for cause, meaning in ITEM_CAUSES.items()]
     return {
         "job_spec.schema.json": json.dumps(JobSpec.model_json_schema(), indent=2) + "\n",
         "output.arrow.json": json.dumps({"fields": arrow}, indent=2) + "\n",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -102,6 +103,19 @@ class VllmSpec(_Strict):
     )
 
 
+class TransformersSpec(_Strict):
+    """transformers engine knobs (``model.engine: transformers``); same answers, other speed."""
+
+    cache: Literal["auto", "static", "dynamic"] = Field(
+        "auto",
+        description="KV cache: static (preallocated, bucketed) or dynamic; auto: static on GPU, "
+        "dynamic on CPU.",
+    )
+    compile: bool | None = Field(
+        None, description="Compile the static-cache decode step (CUDA graphs); None: on GPU."
+    )
+
+
 class ModelSpec(_Strict):
     path: str = Field(description="Local folder, s3:// prefix, or hub id of the checkpoint.")
     family: Literal["auto", "llava", "llava_next", "qwen2_5_vl"] = Field(
@@ -129,6 +143,9 @@ class ModelSpec(_Strict):
         "transformers",
         description="What generates from the kept tokens: transformers (reference) or vllm "
         "(needs the vllm extra; LLaVA family; contiguous positions).",
+    )
+    transformers: TransformersSpec = Field(
+        default_factory=TransformersSpec, description="transformers engine settings."
     )
     vllm: VllmSpec = Field(default_factory=VllmSpec, description="vLLM engine settings.")
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
@@ -217,7 +234,14 @@ class ExecutionSpec(_Strict):
         "quarantined (status crashed_worker) instead of failing the run.",
     )
     max_error_fraction: float = Field(
-        1.0, ge=0, le=1, description="Fail the run when more items than this fraction are errors."
+        0.05,
+        ge=0,
+        le=1,
+        description="The run fails (exit 1) when more than this fraction of its items are "
+        "error rows, judged once at least error_fraction_min_items items are done.",
+    )
+    error_fraction_min_items: int = Field(
+        50, ge=1, description="Items a run must have answered before its error fraction is judged."
     )
 
     @field_validator("actors")
@@ -336,16 +360,47 @@ class ProcessorConfig(_Strict):
 def fingerprint(spec: JobSpec) -> str:
     """Hash of the settings that change answers (input columns, model, pruning).
 
-    When the selection reads the question, the word extractor this installation runs
-    (spaCy or stopwords) is part of it too.
+    A local model path counts by where it points, not how it is spelled (relative, absolute,
+    ``~``, trailing slash), so one job run from two working directories resumes. When the
+    selection reads the question, the word extractor this installation runs (spaCy or
+    stopwords) is part of it too.
     """
+    parts = _fingerprinted(spec)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fingerprint_fields(spec: JobSpec) -> dict[str, Any]:
+    """The fingerprinted settings as flat ``section.key -> value`` (stored in markers, so a
+    refusal can name the fields that differ)."""
+    flat: dict[str, Any] = {}
+    for name, value in _fingerprinted(spec).items():
+        if isinstance(value, dict):
+            flat |= {f"{name}.{k}": v for k, v in value.items()}
+        else:
+            flat[name] = value
+    return flat
+
+
+def _fingerprinted(spec: JobSpec) -> dict[str, Any]:
     parts = spec.model_dump(include={"model", "pruning", "input"}, mode="json")
     for where in ("uri", "format", "image_root"):  # where the input lives, not what it means
         parts["input"].pop(where, None)
-    parts["model"].pop("vllm", None)  # throughput knobs
+    for knobs in ("transformers", "vllm"):  # engine throughput settings
+        parts["model"].pop(knobs, None)
+    parts["model"]["path"] = canonical_model_path(spec.model.path)
     if spec.pruning.uses_text:
         parts["relevance_extractor"] = active_extractor()
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return parts
+
+
+def canonical_model_path(path: str) -> str:
+    """A local model folder as an absolute, resolved path; URIs and hub ids as written."""
+    if "://" in path:
+        return path.rstrip("/")
+    local = os.path.expanduser(path)
+    if path.startswith((".", "/", "~")) or os.path.isdir(local):
+        return os.path.realpath(local)
+    return path
 
 
 def load_spec(

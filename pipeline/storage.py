@@ -5,7 +5,9 @@ reads/writes, and scrub credentials out of any text we print or store.
 
 Credentials are never passed to pyarrow explicitly: the S3 filesystem resolves them from the
 environment or the node's identity, so a pickled filesystem (shipped to Ray workers) carries
-only the endpoint and region. Non-goals: caching, retries beyond pyarrow/Ray's own.
+only the endpoint and region. Transient S3 faults are retried by the AWS SDK's default
+strategy with a bound (`S3_ATTEMPTS`) and bounded timeouts; the strategy does not survive
+pickling, so workers build their filesystem from the URI. Non-goal: caching.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pyarrow.fs as pafs
 from pipeline.spec import StorageSpec
 
 _USERINFO = re.compile(r"(\w+://)[^/@\s]+@")
+S3_ATTEMPTS = 6  # AWS SDK retries (5xx, throttling, resets) with 25 ms * 2^n backoff
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
 
 
@@ -45,7 +48,14 @@ def filesystem(uri: str, storage: StorageSpec | None = None) -> tuple[pafs.FileS
             or os.environ.get("AWS_REGION")
             or os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
         )
-        return pafs.S3FileSystem(endpoint_override=endpoint, region=region), filesystem_path(uri)
+        fs = pafs.S3FileSystem(
+            endpoint_override=endpoint,
+            region=region,
+            connect_timeout=10,
+            request_timeout=60,
+            retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=S3_ATTEMPTS),
+        )
+        return fs, filesystem_path(uri)
     return pafs.LocalFileSystem(), filesystem_path(uri)
 
 

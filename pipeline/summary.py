@@ -49,7 +49,7 @@ class Recorder:
         doc = self._header(finished) | self._counts(totals, dict(causes), len(mine), finished)
         doc["relevance_extractors"] = dict(extractors)
         doc |= self._actors(actors, finished)
-        doc["status"] = self._status(totals, error)
+        doc["status"], doc["failure"] = self._status(totals, error)
         doc["error"] = redact(f"{type(error).__name__}: {error}") if error else None
         doc["unreadable_shards"] = self.plan.bad_shards
         write_json(
@@ -96,20 +96,34 @@ class Recorder:
             "model_shape": shapes[0] if shapes else None,
         }
 
-    def _status(self, t: dict[str, Any], error: BaseException | None) -> str:
-        if error is not None or t["rows"] < self.plan.items_pending or self.plan.bad_shards:
-            return "failed"  # an unreadable shard's items are unanswered: not finished
-        limit = self.spec.execution.max_error_fraction
-        return "failed" if t["rows"] and t["items_error"] / t["rows"] > limit else "finished"
+    def _status(self, t: dict[str, Any], error: BaseException | None) -> tuple[str, str | None]:
+        """("finished" | "failed", why it failed)."""
+        if error is not None:
+            return "failed", redact(f"{type(error).__name__}: {error}".splitlines()[0])
+        left = self.plan.items_pending - t["rows"]
+        if left > 0:
+            return "failed", (f"{left} item(s) left unanswered (transient faults); rerun the "
+                              "same command to retry them")  # fmt: skip
+        if self.plan.bad_shards:  # their items are unanswered: the run is not finished
+            first = next(iter(self.plan.bad_shards.values()))
+            return "failed", (f"{len(self.plan.bad_shards)} unreadable input shard(s) skipped "
+                              f"(replace and rerun), e.g. {first}")  # fmt: skip
+        ex = self.spec.execution
+        if t["rows"] >= ex.error_fraction_min_items and t["items_error"] / t["rows"] > (
+            ex.max_error_fraction
+        ):
+            return "failed", (f"error fraction {t['items_error'] / t['rows']:.3f} > "
+                              f"execution.max_error_fraction {ex.max_error_fraction}")  # fmt: skip
+        return "finished", None
 
 
 def one_line(doc: dict[str, Any]) -> str:
     """The human summary printed at the end of `pipeline run`."""
-    bad = doc.get("unreadable_shards") or {}
     return (
         f"{doc['name']} {doc['run_date']} {doc['status']}: {doc['items_ok']} ok, "
         f"{doc['items_error']} error, {doc['items_skipped']} skipped of {doc['items_total']} "
         f"in {doc['wall_seconds']:.1f}s ({doc['items_per_second']:.2f} items/s), "
         f"gpu {doc['gpu_seconds']:.1f}s, actors {doc['actor_seconds']:.1f}s -> "
         f"{doc['output_uri']} (summary _runs/{doc['run_id']}.json)"
-    ) + "".join(f"\n  unreadable input shard, skipped: {why}" for why in bad.values())
+        + (f"; failed: {doc['failure']}" if doc.get("failure") else "")
+    )

@@ -100,7 +100,12 @@ def test_vllm_needs_contiguous_positions():
     model = {"path": "m/", "engine": "vllm", "vllm": {"max_num_seqs": 8}}
     ok = parse_spec(MINIMAL | {"model": model, "pruning": {"position_policy": "contiguous"}})
     assert ok.model.vllm.max_num_seqs == 8 and ok.model.vllm.max_model_len is None
-    assert parse_spec(MINIMAL).model.engine == "transformers"
+    default = parse_spec(MINIMAL).model
+    assert (default.engine, default.transformers.cache, default.transformers.compile) == (
+        "transformers", "auto", None,
+    )  # fmt: skip
+    with pytest.raises(SpecError, match=r"model\.transformers\.cache"):
+        parse_spec(MINIMAL | {"model": {"path": "m/", "transformers": {"cache": "paged"}}})
 
 
 @NO_VLLM

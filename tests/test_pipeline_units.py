@@ -96,7 +96,7 @@ def test_redact_and_uri_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _spec(tmp_path: Path, **inp) -> object:
     inp = {"uri": str(tmp_path / "in")} | inp
-    return parse_spec({"name": "t", "input": inp, "model": {"path": "m"},
+    return parse_spec({"name": "t", "input": inp, "model": {"path": "org/m"},
                        "output": {"uri": str(tmp_path / "out")}})  # fmt: skip
 
 

@@ -2,50 +2,130 @@
 
 The kept features go in as ``mm_encoder_outputs``, so the model's own merge places them in
 the cut image-token run; explicit ``position_ids`` carry the kept tokens' positions (for
-M-RoPE, row 0 is the 1-D text position transformers builds the causal mask from). A whole
-batch fails together: ``generate`` raising is a batch failure.
+M-RoPE, row 0 is the 1-D text position transformers builds the causal mask from).
+
+KV cache: ``dynamic`` (transformers' default, grows by concatenation) or ``static`` (one
+preallocated `StaticCache`, reset and reused while the batch's bucket stays the same, so its
+tensors keep their addresses). On CUDA the static cache comes with transformers' compiled
+decode step (``torch.compile``, mode ``reduce-overhead``: CUDA graphs); the prefill runs
+eagerly, so ``mm_encoder_outputs`` and the explicit positions work as in the dynamic path.
+To keep the number of compiled shapes small over a long job, the batch is bucketed (1, 2, 4,
+8, then multiples of 8; extra rows are copies of the first plan, dropped afterwards) and the
+cache length is rounded up to a multiple of `LENGTH_BUCKET`; a few recent caches are kept
+(`max_caches`) so alternating batch shapes (main pass, shadow pairs) do not reallocate.
+A whole batch fails together: ``generate`` raising is a batch failure.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
+from transformers import CompileConfig, StaticCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from resprune.engines.base import Generation, Plan
 from resprune.items import ItemError
 from resprune.models.base import VLM
 
+CACHES = ("auto", "static", "dynamic")
+LENGTH_BUCKET = 256
+RECOMPILE_LIMIT = 64  # compiled (batch, cache length) shapes per process before eager fallback
+
 
 class TransformersEngine:
-    """Greedy batched ``generate`` of the VLM's own language model."""
+    """Greedy batched ``generate`` of the VLM's own language model.
+
+    ``cache``: ``static``, ``dynamic`` or ``auto`` (static on CUDA, dynamic elsewhere).
+    ``compile``: compile the static-cache decode step (default: on CUDA). ``bucket``: round
+    batch and cache length up to buckets (default: when compiling). ``compile_config``:
+    transformers' `CompileConfig` for the decode step (default: CUDA graphs, static shapes).
+    """
 
     name = "transformers"
 
-    def __init__(self, vlm: VLM):
+    def __init__(
+        self,
+        vlm: VLM,
+        *,
+        cache: str = "auto",
+        compile: bool | None = None,
+        bucket: bool | None = None,
+        compile_config: CompileConfig | None = None,
+        max_caches: int = 2,
+    ):
+        if cache not in CACHES:
+            raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
+        cuda = vlm.device.type == "cuda"
         self.vlm = vlm
+        self.static = cache == "static" or (cache == "auto" and cuda)
+        self.compile = self.static and (cuda if compile is None else compile)
+        self.bucket = self.static and (self.compile if bucket is None else bucket)
+        self.compile_config = compile_config or CompileConfig(dynamic=False)
+        if self.compile and not cuda:
+            self.compile_config._compile_all_devices = True  # transformers compiles on CUDA only
+        if self.compile:
+            limit = torch._dynamo.config.recompile_limit
+            torch._dynamo.config.recompile_limit = max(limit, RECOMPILE_LIMIT)
+        self.max_caches = max_caches
+        self._caches: OrderedDict[tuple[int, int], StaticCache] = OrderedDict()
 
     def generate(self, plans: Sequence[Plan], max_new_tokens: int) -> list[Generation | ItemError]:
         """One left-padded ``generate`` over ``plans``; answers cut after the first EOS."""
         if not plans:
             return []
-        vlm, model = self.vlm, self.vlm.model
-        ids, mask, positions = left_pad(vlm, plans)
+        rows = list(plans)
+        if self.bucket:
+            rows += [plans[0]] * (batch_bucket(len(plans)) - len(plans))
+        ids, mask, positions = left_pad(self.vlm, rows)
+        out = self._generate(rows, ids, mask, positions, max_new_tokens)
+        return decode(self.vlm, out[: len(plans), ids.shape[1] :].cpu())
+
+    def _generate(self, rows, ids, mask, positions, max_new_tokens: int) -> torch.Tensor:
+        model = self.vlm.model
         if hasattr(model.model, "rope_deltas"):
             model.model.rope_deltas = None  # cached M-RoPE state from an earlier call
-        out = model.generate(
+        kwargs: dict = {}
+        if self.static:
+            kwargs["past_key_values"] = self._static_cache(len(rows), ids.shape[1] + max_new_tokens)
+            if self.compile:
+                kwargs["compile_config"] = self.compile_config
+            else:
+                kwargs["disable_compile"] = True
+        features = BaseModelOutputWithPooling(pooler_output=[p.features for p in rows])
+        return model.generate(
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            mm_encoder_outputs={
-                "image": BaseModelOutputWithPooling(pooler_output=[p.features for p in plans])
-            },
+            mm_encoder_outputs={"image": features},
             max_new_tokens=max_new_tokens,
             do_sample=False,
-            pad_token_id=pad_id(vlm),
+            pad_token_id=pad_id(self.vlm),
+            **kwargs,
         )
-        return decode(vlm, out[:, ids.shape[1] :].cpu())
+
+    def _static_cache(self, batch: int, length: int) -> StaticCache:
+        """A reset static cache for ``batch`` rows of ``length`` tokens (bucketed), reused."""
+        if self.bucket:
+            length = -(-length // LENGTH_BUCKET) * LENGTH_BUCKET
+        key = (batch, length)
+        cache = self._caches.pop(key, None)
+        if cache is None:
+            while len(self._caches) >= self.max_caches:
+                self._caches.popitem(last=False)  # least recently used
+            config = self.vlm.model.config.get_text_config(decoder=True)
+            cache = StaticCache(config=config, max_cache_len=length)
+        cache.reset()
+        self._caches[key] = cache
+        return cache
+
+
+def batch_bucket(n: int) -> int:
+    """Rows a batch of ``n`` is padded to: 1, 2, 4, 8, then the next multiple of 8."""
+    if n <= 8:
+        return 1 << (n - 1).bit_length()
+    return -(-n // 8) * 8
 
 
 def decode(vlm: VLM, new: torch.Tensor) -> list[Generation | ItemError]:

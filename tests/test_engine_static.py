@@ -1,0 +1,130 @@
+"""The transformers engine's static KV cache: bucketed, reused, compiled, and exact.
+
+Keep-all through the static, bucketed path equals stock `generate`; static equals dynamic for
+pruned batches of mixed sizes; padding rows to a bucket changes no real row; positions (M-RoPE
+included) are the dynamic path's; the compiled decode step (dynamo, eager backend on CPU)
+gives the same ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import CompileConfig
+
+from resprune.answer import answer_batch
+from resprune.engines.hf import LENGTH_BUCKET, TransformersEngine, batch_bucket
+from resprune.pruners import build_pruner
+from tests.test_engines import Recording
+from tests.vlm_helpers import captured_positions, prepared, stock_generate, tiny_vlm
+
+NEW = 6
+
+
+@pytest.fixture(scope="module", params=["llava", "llava_next", "qwen2_5_vl"])
+def family(request, tmp_path_factory):
+    vlm, pre = tiny_vlm(request.param, tmp_path_factory)
+    return vlm, prepared(pre)
+
+
+@pytest.fixture(scope="module")
+def mixed_plans(family):
+    """Five kept sequences of different lengths: three items at keep 8, then keep 24 and 30%."""
+    vlm, items = family
+    rec = Recording(vlm)
+    for keep, subset in ((8, items), (24, items[1:2]), (0.3, items[:1])):
+        answer_batch(vlm, subset, pruner=build_pruner("resprune"), keep=keep, max_new_tokens=1,
+                     engine=rec)  # fmt: skip
+    return [p for call in rec.plans for p in call]
+
+
+def ids(generations) -> list[list[int]]:
+    return [g.token_ids for g in generations]
+
+
+def test_keep_all_static_bucketed_equals_stock_generate(family):
+    vlm, items = family
+    engine = TransformersEngine(vlm, cache="static", bucket=True)
+    results = answer_batch(vlm, items, pruner=None, keep=1.0, max_new_tokens=NEW, engine=engine)
+    assert [r.answer_ids for r in results] == stock_generate(vlm, items, NEW)
+    ((batch, length),) = engine._caches  # 3 items ran as a bucket of 4 rows
+    assert batch == 4 and length % LENGTH_BUCKET == 0
+    assert length >= max(r.prompt_tokens for r in results) + NEW
+
+
+def test_static_equals_dynamic_for_mixed_pruned_batch(family, mixed_plans):
+    vlm, _ = family
+    assert len({p.features.shape[0] for p in mixed_plans}) >= 3  # really mixed sizes
+    dynamic = ids(TransformersEngine(vlm, cache="dynamic").generate(mixed_plans, 8))
+    static = ids(TransformersEngine(vlm, cache="static").generate(mixed_plans, 8))
+    bucketed = TransformersEngine(vlm, cache="static", bucket=True)
+    assert static == dynamic
+    assert ids(bucketed.generate(mixed_plans, 8)) == dynamic  # 5 rows padded to 8
+    assert [key[0] for key in bucketed._caches] == [8]
+
+
+def test_bucket_rows_do_not_change_real_rows(family, mixed_plans):
+    """Each row alone (padded to its bucket with copies of itself) gives the batch's ids."""
+    vlm, _ = family
+    engine = TransformersEngine(vlm, cache="static", bucket=True)
+    together = ids(engine.generate(mixed_plans, 5))
+    alone = [ids(engine.generate(mixed_plans[i : i + 1], 5))[0] for i in (0, 3)]
+    assert alone == [together[0], together[3]]
+    three = ids(engine.generate(mixed_plans[:3], 5))  # 3 rows padded to 4
+    assert three == together[:3]
+
+
+def test_static_positions_equal_dynamic(family, mixed_plans):
+    """Prefill and decode positions of the real rows (M-RoPE: all 4 rows) are the same."""
+    vlm, _ = family
+    plans = mixed_plans[:3]
+    seen = []
+    for engine in (TransformersEngine(vlm, cache="dynamic"),
+                   TransformersEngine(vlm, cache="static", bucket=True)):  # fmt: skip
+        with captured_positions(vlm) as calls:
+            engine.generate(plans, 4)
+        seen.append([c[..., : len(plans), :] for c in calls])
+    dynamic, static = seen
+    assert len(dynamic) == len(static) >= 4
+    assert all(torch.equal(a, b) for a, b in zip(dynamic, static, strict=True))
+
+
+def test_caches_are_reused_and_bounded(family, mixed_plans):
+    vlm, _ = family
+    engine = TransformersEngine(vlm, cache="static", bucket=True, max_caches=2)
+    engine.generate(mixed_plans[:3], 2)
+    first = next(iter(engine._caches.values()))
+    engine.generate(mixed_plans[1:3], 2)  # rows padded to the next bucket (2): a second cache
+    engine.generate(mixed_plans[:3], 2)  # the first bucket again: the same cache object, reset
+    assert len(engine._caches) == 2 and list(engine._caches.values())[-1] is first
+    engine.generate(mixed_plans[:1], 2)
+    assert [key[0] for key in engine._caches] == [4, 1]  # the 2-row cache was evicted
+
+
+def test_compiled_decode_equals_stock_generate(family):
+    """The compiled decode step (dynamo; eager backend, as CPUs have no CUDA graphs)."""
+    vlm, items = family
+    if vlm.family != "qwen2_5_vl":
+        pytest.skip("one family is enough for the compile path on CPU (~10 s)")
+    config = CompileConfig(backend="eager", mode=None, dynamic=False)
+    engine = TransformersEngine(vlm, cache="static", compile=True, compile_config=config)
+    results = answer_batch(vlm, items, pruner=None, keep=1.0, max_new_tokens=NEW, engine=engine)
+    assert [r.answer_ids for r in results] == stock_generate(vlm, items, NEW)
+    assert hasattr(vlm.model, "_compiled_call")  # transformers took the compiled decode path
+
+
+def test_defaults_per_device(family):
+    vlm, _ = family
+    cpu = TransformersEngine(vlm)
+    assert (cpu.static, cpu.compile, cpu.bucket) == (False, False, False)
+    cuda = TransformersEngine(dataclasses.replace(vlm, device=torch.device("cuda")))
+    assert (cuda.static, cuda.compile, cuda.bucket) == (True, True, True)
+    with pytest.raises(ValueError, match="cache must be one of"):
+        TransformersEngine(vlm, cache="paged")
+
+
+def test_batch_buckets():
+    sizes = [1, 2, 3, 4, 5, 8, 9, 16, 17, 33]
+    assert [batch_bucket(n) for n in sizes] == [1, 2, 4, 4, 8, 8, 16, 16, 24, 40]

@@ -1,0 +1,94 @@
+"""The fault taxonomy: classification, bounded retries, and the documented error-cause enum."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from pipeline import faults
+from pipeline.faults import ITEM, ITEM_CAUSES, SYSTEMIC, TRANSIENT, classify
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class OutOfMemoryError(RuntimeError):
+    """Named like torch.OutOfMemoryError (classified by name: no CUDA build needed)."""
+
+
+@pytest.mark.parametrize(
+    ("exc", "batch", "kind"),
+    [
+        (OSError("AWS Error SLOW_DOWN during GetObject operation: Please reduce your rate"), 1,
+         TRANSIENT),
+        (OSError("AWS Error UNKNOWN (HTTP status 503) during HeadObject operation"), 1, TRANSIENT),
+        (OSError("AWS Error NETWORK_CONNECTION: curlCode: 56, Connection reset by peer"), 1,
+         TRANSIENT),
+        (ConnectionResetError(104, "Connection reset by peer"), 1, TRANSIENT),
+        (TimeoutError("timed out"), 1, TRANSIENT),
+        (OSError("Path does not exist 'bucket/x.jpg'"), 1, ITEM),
+        (OSError("AWS Error ACCESS_DENIED during GetObject operation"), 1, ITEM),
+        (RuntimeError("CUDA error: device-side assert triggered"), 4, SYSTEMIC),
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), 1, SYSTEMIC),
+        (OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), 1, SYSTEMIC),
+        (OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), 8, ITEM),
+        (ValueError("shapes do not match"), 1, ITEM),
+    ],
+)  # fmt: skip
+def test_classify(exc: BaseException, batch: int, kind: str) -> None:
+    assert classify(exc, batch_size=batch) == kind
+
+
+def test_retry_is_bounded_and_only_for_transient_faults() -> None:
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError("AWS Error SLOW_DOWN")
+        return "ok"
+
+    assert faults.retry(flaky, what="x", base_s=0.001) == "ok" and len(calls) == 3
+
+    def reset() -> None:
+        calls.append(1)
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    calls.clear()
+    with pytest.raises(faults.TransientFault, match="still failing after 4 attempts"):
+        faults.retry(reset, what="x", attempts=4, base_s=0.001)
+    assert len(calls) == 4
+
+    def missing() -> None:
+        calls.append(1)
+        raise FileNotFoundError("no such key")
+
+    calls.clear()
+    with pytest.raises(FileNotFoundError):
+        faults.retry(missing, what="x", base_s=0.001)
+    assert len(calls) == 1
+
+
+def _emitted_causes() -> set[str]:
+    """Every literal cause the code can write: ItemError("...") and error_cause="..."."""
+    pattern = re.compile(r'ItemError\(\s*"(\w+)"|error_cause="(\w+)"')
+    found = set()
+    for path in [*ROOT.glob("pipeline/**/*.py"), *ROOT.glob("resprune/**/*.py")]:
+        for match in pattern.finditer(path.read_text()):
+            found.add(match.group(1) or match.group(2))
+    return found
+
+
+def _documented(path: Path, heading: str) -> list[str]:
+    text = path.read_text()
+    section = text[text.index(heading) :].split("\n#", 1)[0]
+    return re.findall(r"^\| `(\w+)` \|", section, flags=re.M)
+
+
+def test_error_causes_emitted_equal_the_documented_enum() -> None:
+    assert _emitted_causes() == set(ITEM_CAUSES)
+    assert _documented(ROOT / "schemas" / "output_columns.md", "## Error causes") == list(
+        ITEM_CAUSES
+    )
+    assert _documented(ROOT / "README.md", "### Error causes") == list(ITEM_CAUSES)
