@@ -92,7 +92,7 @@ class Preprocess:
         }
         try:
             if fault:  # the reader found the sample unusable (e.g. a .json member that is not)
-                raise ItemError("invalid_text", fault)
+                raise ItemError("bad_member", fault)
             img = decode_image(self._bytes(image), **self._caps())
             row["image_width"], row["image_height"] = img.size
             item = self.pre.prepare(img, row["question"])

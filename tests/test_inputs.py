@@ -147,7 +147,7 @@ def img2dataset_shards(folder: Path) -> dict[str, str]:
     cut = write_shard(folder / "00002.tar", [sample("000020000", jpg["coffee.jpg"], meta, "c")])
     (folder / "00002.tar").write_bytes(cut[: len(cut) // 2])
     return {"000000000": "ok", "000000001": "ok", "000010000": "undecodable",
-            "000010001": "invalid_text", "000010002": "ok"}  # fmt: skip
+            "000010001": "bad_member", "000010002": "ok"}  # fmt: skip
 
 
 def test_webdataset_local_faults_and_resume(
@@ -169,7 +169,7 @@ def test_webdataset_local_faults_and_resume(
             for k, r in got.items()} == expect  # fmt: skip
     assert got["000000000"]["question"] == "Which animal?" and got["000000000"]["txt"] == "a cat"
     assert got["000000001"]["question"] == spec.model.default_question
-    assert got["000010001"]["error"].startswith("id=000010001: invalid_text: member 000010001.json")
+    assert got["000010001"]["error"].startswith("id=000010001: bad_member: member 000010001.json")
     # A crash before one file's commit point: drop it; and the shard is re-uploaded whole.
     lost = commit.committed_files(pafs.LocalFileSystem(), str(out))[0]
     lost_ids = set(output(lost))
