@@ -101,6 +101,17 @@ class VllmSpec(_Strict):
     max_model_len: int | None = Field(
         None, ge=1, description="Context length vLLM reserves per sequence (None: the model's)."
     )
+    kv_cache_memory_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="KV cache size in bytes, instead of sizing it from gpu_memory_utilization "
+        "(None: from the utilisation on GPUs, 512 MiB on CPU).",
+    )
+    enforce_eager: bool | None = Field(
+        None,
+        description="Skip CUDA graphs and compilation: faster start, slower decode "
+        "(None: off on GPUs, on for CPU).",
+    )
 
 
 class TransformersSpec(_Strict):
@@ -321,6 +332,16 @@ class JobSpec(_Strict):
         _check_engine_positions(self.model, self.pruning)
         return self
 
+    @model_validator(mode="after")
+    def _engine_family(self) -> JobSpec:
+        from resprune.engines.vllm_plugin import vllm_refusal
+
+        family = self.model.family
+        refusal = vllm_refusal(family) if self.model.engine == "vllm" and family != "auto" else None
+        if refusal:
+            raise ValueError(refusal)
+        return self
+
 
 def _check_engine_positions(model: ModelSpec, pruning: PruningSpec) -> None:
     policy = pruning.position_policy
@@ -404,11 +425,15 @@ def canonical_model_path(path: str) -> str:
 
 
 def load_spec(
-    path: str | Path, *, run_date: str | None = None, overrides: list[str] | tuple[str, ...] = ()
+    path: str | Path,
+    *,
+    run_date: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    kind: type[JobSpec] | None = None,
 ) -> tuple[JobSpec, str]:
     """Parse a job YAML, apply ``key.path=value`` overrides and render ``{run_date}``.
 
-    Returns the spec and the run date used (default: today, UTC).
+    Returns the spec (a ``kind``, default JobSpec) and the run date used (default: today, UTC).
     """
     try:
         raw = yaml.safe_load(Path(path).read_text())
@@ -419,16 +444,18 @@ def load_spec(
     for item in overrides:
         _apply_override(raw, item)
     date = _run_date(run_date)
-    spec = parse_spec(raw, source=str(path))
+    spec = parse_spec(raw, source=str(path), kind=kind)
     spec.input.uri = spec.input.uri.replace("{run_date}", date)
     spec.output.uri = spec.output.uri.replace("{run_date}", date)
     return spec, date
 
 
-def parse_spec(raw: dict[str, Any], *, source: str = "spec") -> JobSpec:
-    """Validate a raw mapping; all errors are reported in one SpecError."""
+def parse_spec(
+    raw: dict[str, Any], *, source: str = "spec", kind: type[JobSpec] | None = None
+) -> JobSpec:
+    """Validate a raw mapping as a ``kind`` (default JobSpec); all errors in one SpecError."""
     try:
-        return JobSpec.model_validate(raw)
+        return (kind or JobSpec).model_validate(raw)
     except ValidationError as exc:
         lines = [f"{source}: {exc.error_count()} problem(s) in the job spec:"]
         for err in exc.errors():
