@@ -57,7 +57,7 @@ class Processor:
         ds = ds.map_batches(
             Preprocess, fn_constructor_kwargs={"spec": cfg, "passthrough": passthrough.names},
             batch_size=ex.preprocess_batch_size, batch_format="pyarrow", num_cpus=1,
-            compute=_pool(ex.preprocess_concurrency or (1, _spare_cpus(cfg))),
+            compute=actor_pool(ex.preprocess_concurrency or (1, spare_cpus(cfg))),
             udf_modifying_row_count=False,
         )  # fmt: skip
         kwargs = {"spec": cfg, "run_id": self.run_id, "run_date": self.run_date,
@@ -107,20 +107,20 @@ def _answer_stage(ds: ray.data.Dataset, cfg: ProcessorConfig, kwargs: dict) -> r
     return ds.map_batches(
         Answerer, fn_constructor_kwargs=kwargs, batch_size=ex.batch_size,
         batch_format="pyarrow", num_gpus=ex.gpus_per_actor, num_cpus=ex.cpus_per_actor,
-        compute=_pool(ex.actors), udf_modifying_row_count=False,
+        compute=actor_pool(ex.actors), udf_modifying_row_count=False,
         # Bound retries so a batch that kills its actor fails the run instead of looping
         # forever (RELIABILITY.md §1.8); Ray 2.60 has no named parameter for these yet.
         max_restarts=ex.max_task_retries, max_task_retries=ex.max_task_retries,
     )  # fmt: skip
 
 
-def _pool(size: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
+def actor_pool(size: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
     """A fixed (int) or autoscaling ([min, max]) actor pool."""
     lo, hi = (size, size) if isinstance(size, int) else size
     return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi)
 
 
-def _spare_cpus(cfg: ProcessorConfig) -> int:
+def spare_cpus(cfg: ProcessorConfig | JobSpec) -> int:
     """CPU actors for preprocessing: what the model actors leave, minus one for read/write."""
     ex = cfg.execution
     actors = ex.actors if isinstance(ex.actors, int) else ex.actors[1]
