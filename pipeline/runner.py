@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import sys
 import time
 import uuid
 from typing import Any
@@ -23,6 +22,7 @@ import ray
 
 from pipeline import commit, faults, summary
 from pipeline.commit import CommitSink
+from pipeline.console import quiet, show_progress
 from pipeline.plan import Plan, make_plan
 from pipeline.processor import build_processor
 from pipeline.readers import read_input
@@ -123,7 +123,11 @@ def ensure_ray(spec: JobSpec) -> bool:
             f"execution.gpus_per_actor={spec.execution.gpus_per_actor} but this machine has "
             f"{gpus} GPU(s); set --set execution.gpus_per_actor=0 to run the model on CPU"
         )
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), num_gpus=gpus, include_dashboard=False)
+    cpus = max(4, os.cpu_count() or 1)  # at least 4 slots: reading, CPU and model stages overlap
+    # worker start-up may use the slots we declare (Ray's default is the physical core count,
+    # and it warns on every run of a small machine otherwise)
+    ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False,
+             _system_config={"worker_maximum_startup_concurrency": cpus})  # fmt: skip
     return True
 
 
@@ -139,6 +143,7 @@ def run_job(spec: JobSpec, run_date: str, *, progress: bool | None = None) -> di
     ``progress``: Ray Data's progress bars; None shows them only on a terminal (elsewhere
     they would print as dozens of snapshot lines).
     """
+    quiet(progress=show_progress(progress))
     run_id, started = new_run_id(spec, run_date), time.time()
     plan = make_plan(spec, run_id=run_id)
     record = summary.Recorder(spec, plan, run_id=run_id, run_date=run_date, started=started)
@@ -156,7 +161,7 @@ def _execute(spec: JobSpec, plan: Plan, record: summary.Recorder, *, run_id: str
              run_date: str, progress: bool | None) -> dict[str, Any]:  # fmt: skip
     """Execute the chain into the commit sink and finish the summary (also on failure)."""
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty() if progress is None else progress
+    ctx.enable_progress_bars = show_progress(progress)
     ledger = Ledger.remote()
     sink = CommitSink(
         spec.output.uri, spec.storage, run_id=run_id, fingerprint=fingerprint(spec),
