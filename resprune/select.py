@@ -114,7 +114,12 @@ def select_prefixes(
     x, r, m = _validate(tokens, relevance, mask)
     _check_budgets(m, ks)
     order, retained = _select(x, r, (alpha, relevance_floor), m, list(ks))
-    return [Selection(order[b, :k].sort().values, retained[b]) for b, k in enumerate(ks)]
+    beyond = (
+        torch.arange(order.shape[1], device=order.device)
+        >= torch.tensor(ks, device=order.device)[:, None]
+    )
+    order = order.masked_fill(beyond, x.shape[1]).sort(dim=-1).values  # kept first, ascending
+    return [Selection(order[b, :k], retained[b]) for b, k in enumerate(ks)]
 
 
 def _select(
@@ -132,6 +137,8 @@ def _select(
     w = None if r is None or alpha == 0 else relevance_weights(r, alpha, floor)
     gram_x = _gram(x)
     energy_x = torch.diagonal(gram_x, dim1=1, dim2=2)
+    if not torch.isfinite(energy_x).logical_or(~mask).all():  # ||x_i||^2 of a NaN/inf token
+        raise ValueError("tokens contains NaN or inf among the valid tokens (or overflows float32)")
     norm = energy_x.clamp_min(0.0).sqrt()
     spent_below = SPENT_TOL * norm * norm.masked_fill(~mask, 0.0).amax(-1, keepdim=True)
     gram = gram_x
@@ -155,8 +162,6 @@ def _validate(
     m = _batched(mask, "mask", (b, n), tokens.dim())
     m = torch.ones(b, n, dtype=torch.bool, device=x.device) if m is None else m.bool()
     m = m.to(x.device)
-    if not torch.isfinite(x).logical_or(~m[..., None]).all():
-        raise ValueError("tokens contains NaN or inf among the valid tokens")
     r = _batched(relevance, "relevance", (b, n), tokens.dim())
     if r is not None and not torch.isfinite(r.float()).logical_or(~m.to(r.device)).all():
         raise ValueError("relevance contains NaN or inf")

@@ -12,6 +12,7 @@ import dataclasses
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from transformers import CompileConfig
 
 from resprune.answer import answer_batch
@@ -49,7 +50,7 @@ def test_keep_all_static_bucketed_equals_stock_generate(family):
     engine = TransformersEngine(vlm, cache="static", bucket=True)
     results = answer_batch(vlm, items, pruner=None, keep=1.0, max_new_tokens=NEW, engine=engine)
     assert [r.answer_ids for r in results] == stock_generate(vlm, items, NEW)
-    ((batch, length),) = engine._caches  # 3 items ran as a bucket of 4 rows
+    ((batch, length),) = engine.pool.caches  # 3 items ran as a bucket of 4 rows
     assert batch == 4 and length % LENGTH_BUCKET == 0
     assert length >= max(r.prompt_tokens for r in results) + NEW
 
@@ -62,7 +63,7 @@ def test_static_equals_dynamic_for_mixed_pruned_batch(family, mixed_plans):
     bucketed = TransformersEngine(vlm, cache="static", bucket=True)
     assert static == dynamic
     assert ids(bucketed.generate(mixed_plans, 8)) == dynamic  # 5 rows padded to 8
-    assert [key[0] for key in bucketed._caches] == [8]
+    assert [key[0] for key in bucketed.pool.caches] == [8]
 
 
 def test_bucket_rows_do_not_change_real_rows(family, mixed_plans):
@@ -91,28 +92,47 @@ def test_static_positions_equal_dynamic(family, mixed_plans):
     assert all(torch.equal(a, b) for a, b in zip(dynamic, static, strict=True))
 
 
-def test_caches_are_reused_and_bounded(family, mixed_plans):
+def test_cache_pool_shares_memory_and_keeps_addresses(family, mixed_plans):
+    """Every shape's cache views the same buffers: fixed addresses, the largest shape's size."""
     vlm, _ = family
-    engine = TransformersEngine(vlm, cache="static", bucket=True, max_caches=2)
-    engine.generate(mixed_plans[:3], 2)
-    first = next(iter(engine._caches.values()))
-    engine.generate(mixed_plans[1:3], 2)  # rows padded to the next bucket (2): a second cache
-    engine.generate(mixed_plans[:3], 2)  # the first bucket again: the same cache object, reset
-    assert len(engine._caches) == 2 and list(engine._caches.values())[-1] is first
-    engine.generate(mixed_plans[:1], 2)
-    assert [key[0] for key in engine._caches] == [4, 1]  # the 2-row cache was evicted
+    engine = TransformersEngine(vlm, cache="static", bucket=True)
+    pool = engine.pool
+
+    def first_layer(key):
+        return pool.caches[key].layers[0].keys
+
+    engine.generate(mixed_plans[:3], 2)  # 3 rows -> bucket 4
+    ((four, length),) = pool.caches
+    assert four == 4
+    address, size = first_layer((4, length)).data_ptr(), pool.buffers[0][0].numel()
+    cache = pool.caches[(4, length)]
+    engine.generate(mixed_plans[1:3], 2)  # 2 rows: its own cache, the same memory
+    assert first_layer((2, length)).data_ptr() == address
+    assert pool.buffers[0][0].numel() == size == first_layer((4, length)).numel()
+    engine.generate(mixed_plans[:3], 2)  # the 4-row shape again: same object, same address
+    assert pool.caches[(4, length)] is cache and first_layer((4, length)).data_ptr() == address
+    engine.generate(mixed_plans, 2)  # 5 rows -> 8: buffers grow to the new largest shape
+    ((eight, longest),) = pool.caches  # the smaller shapes' views went with the old buffers
+    assert eight == 8 and longest >= length
+    assert pool.buffers[0][0].numel() == first_layer((8, longest)).numel() >= 2 * size
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl"], indirect=True)  # M-RoPE: the hardest case
 def test_compiled_decode_equals_stock_generate(family):
     """The compiled decode step (dynamo; eager backend, as CPUs have no CUDA graphs)."""
     vlm, items = family
-    if vlm.family != "qwen2_5_vl":
-        pytest.skip("one family is enough for the compile path on CPU (~10 s)")
     config = CompileConfig(backend="eager", mode=None, dynamic=False)
     engine = TransformersEngine(vlm, cache="static", compile=True, compile_config=config)
     results = answer_batch(vlm, items, pruner=None, keep=1.0, max_new_tokens=NEW, engine=engine)
     assert [r.answer_ids for r in results] == stock_generate(vlm, items, NEW)
     assert hasattr(vlm.model, "_compiled_call")  # transformers took the compiled decode path
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1 and not counters["graph_break"]  # one whole graph per decode step
+    pruned = dict(pruner=build_pruner("resprune"), keep=8, max_new_tokens=NEW)
+    again = answer_batch(vlm, items, engine=engine, **pruned)  # another batch, same bucket
+    assert counters["stats"]["unique_graphs"] == graphs  # no recompile
+    dynamic = answer_batch(vlm, items, engine=TransformersEngine(vlm, cache="dynamic"), **pruned)
+    assert [r.answer_ids for r in again] == [r.answer_ids for r in dynamic]
 
 
 def test_defaults_per_device(family):

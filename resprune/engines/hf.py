@@ -4,21 +4,19 @@ The kept features go in as ``mm_encoder_outputs``, so the model's own merge plac
 the cut image-token run; explicit ``position_ids`` carry the kept tokens' positions (for
 M-RoPE, row 0 is the 1-D text position transformers builds the causal mask from).
 
-KV cache: ``dynamic`` (transformers' default, grows by concatenation) or ``static`` (one
-preallocated `StaticCache`, reset and reused while the batch's bucket stays the same, so its
-tensors keep their addresses). On CUDA the static cache comes with transformers' compiled
-decode step (``torch.compile``, mode ``reduce-overhead``: CUDA graphs); the prefill runs
-eagerly, so ``mm_encoder_outputs`` and the explicit positions work as in the dynamic path.
-To keep the number of compiled shapes small over a long job, the batch is bucketed (1, 2, 4,
-8, then multiples of 8; extra rows are copies of the first plan, dropped afterwards) and the
-cache length is rounded up to a multiple of `LENGTH_BUCKET`; a few recent caches are kept
-(`max_caches`) so alternating batch shapes (main pass, shadow pairs) do not reallocate.
+KV cache: ``dynamic`` (transformers' default, grows by concatenation) or ``static``
+(preallocated, from a `CachePool`: fixed addresses per shape, memory of the largest shape).
+On CUDA the static cache comes with transformers' compiled decode step (``torch.compile``,
+mode ``reduce-overhead``: CUDA graphs); the prefill runs eagerly, so ``mm_encoder_outputs``
+and the explicit positions work as in the dynamic path. To keep the number of compiled
+shapes small over a long job, the batch is bucketed (1, 2, 4, 8, then multiples of 8; extra
+rows are copies of the first plan, dropped afterwards) and the cache length is rounded up to
+a multiple of `LENGTH_BUCKET`.
 A whole batch fails together: ``generate`` raising is a batch failure.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -26,6 +24,7 @@ from transformers import CompileConfig, StaticCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from resprune.engines.base import Generation, Plan
+from resprune.engines.static_cache import CachePool
 from resprune.items import ItemError
 from resprune.models.base import VLM
 
@@ -53,7 +52,6 @@ class TransformersEngine:
         compile: bool | None = None,
         bucket: bool | None = None,
         compile_config: CompileConfig | None = None,
-        max_caches: int = 2,
     ):
         if cache not in CACHES:
             raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
@@ -68,8 +66,9 @@ class TransformersEngine:
         if self.compile:
             limit = torch._dynamo.config.recompile_limit
             torch._dynamo.config.recompile_limit = max(limit, RECOMPILE_LIMIT)
-        self.max_caches = max_caches
-        self._caches: OrderedDict[tuple[int, int], StaticCache] = OrderedDict()
+        model = vlm.model
+        text = model.config.get_text_config(decoder=True)
+        self.pool = CachePool(text, model.dtype, vlm.device) if self.static else None
 
     def generate(self, plans: Sequence[Plan], max_new_tokens: int) -> list[Generation | ItemError]:
         """One left-padded ``generate`` over ``plans``; answers cut after the first EOS."""
@@ -106,19 +105,10 @@ class TransformersEngine:
         )
 
     def _static_cache(self, batch: int, length: int) -> StaticCache:
-        """A reset static cache for ``batch`` rows of ``length`` tokens (bucketed), reused."""
+        """A reset static cache for ``batch`` rows of ``length`` tokens (bucketed)."""
         if self.bucket:
             length = -(-length // LENGTH_BUCKET) * LENGTH_BUCKET
-        key = (batch, length)
-        cache = self._caches.pop(key, None)
-        if cache is None:
-            while len(self._caches) >= self.max_caches:
-                self._caches.popitem(last=False)  # least recently used
-            config = self.vlm.model.config.get_text_config(decoder=True)
-            cache = StaticCache(config=config, max_cache_len=length)
-        cache.reset()
-        self._caches[key] = cache
-        return cache
+        return self.pool.get(batch, length)
 
 
 def batch_bucket(n: int) -> int:
