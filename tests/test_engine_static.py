@@ -127,11 +127,10 @@ def test_compiled_decode_equals_stock_generate(family):
     assert hasattr(vlm.model, "_compiled_call")  # transformers took the compiled decode path
     graphs = counters["stats"]["unique_graphs"]
     assert graphs >= 1 and not counters["graph_break"]  # one whole graph per decode step
-    pruned = dict(pruner=build_pruner("resprune"), keep=8, max_new_tokens=NEW)
-    again = answer_batch(vlm, items, engine=engine, **pruned)  # another batch, same bucket
-    assert counters["stats"]["unique_graphs"] == graphs  # no recompile
-    dynamic = answer_batch(vlm, items, engine=TransformersEngine(vlm, cache="dynamic"), **pruned)
-    assert [r.answer_ids for r in again] == [r.answer_ids for r in dynamic]
+    flipped = items[::-1]  # another batch of the same shape: no recompile, rows follow
+    again = answer_batch(vlm, flipped, pruner=None, keep=1.0, max_new_tokens=NEW, engine=engine)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert [r.answer_ids for r in again] == [r.answer_ids for r in results][::-1]
 
 
 def test_defaults_per_device(family):
