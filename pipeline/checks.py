@@ -11,7 +11,15 @@ import os
 import re
 
 from pipeline.spec import JobSpec
-from pipeline.storage import StorageError, exists, filesystem, is_remote, join, redact
+from pipeline.storage import (
+    StorageError,
+    exists,
+    filesystem,
+    is_remote,
+    join,
+    read_json,
+    redact,
+)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -41,9 +49,27 @@ def check_model_path(spec: JobSpec) -> None:
 
 
 def check_engine(spec: JobSpec) -> None:
-    """Raise ModelPathError with one clear line when model.engine is not installed here."""
+    """Raise ModelPathError with one clear line when model.engine is not installed here, or
+    cannot take the checkpoint's family (read from config.json of a folder or S3 prefix)."""
     from resprune.engines import engine_problem
+    from resprune.engines.vllm_plugin import vllm_refusal
 
     problem = engine_problem(spec.model.engine)
     if problem:
         raise ModelPathError(problem)
+    family = _model_type(spec) if spec.model.engine == "vllm" else None
+    refusal = vllm_refusal(family) if family else None
+    if refusal:
+        raise ModelPathError(f"model.path {spec.model.path}: {refusal}")
+
+
+def _model_type(spec: JobSpec) -> str | None:
+    """config.json's model_type for a folder or S3 prefix; None for hub ids or unreadable."""
+    path = spec.model.path
+    if not (is_remote(path) or os.path.isdir(path)):
+        return None
+    try:
+        fs, root = filesystem(path, spec.storage)
+        return read_json(fs, join(root, "config.json")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None

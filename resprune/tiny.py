@@ -11,9 +11,11 @@ meaningful outputs (weights are random).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForImageTextToText,
@@ -115,6 +117,8 @@ def build_tiny_checkpoint(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out)
+    if not qwen:
+        _save_vision_keys_like_llava_hub(out)
     if qwen:
         _save_like_qwen_hub(processor, out)
     else:
@@ -234,6 +238,21 @@ def _qwen(tokenizer, text: dict, vision: dict):
         image_processor=ip, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE
     )
     return config, processor
+
+
+def _save_vision_keys_like_llava_hub(out: Path) -> None:
+    """Rename ``vision_tower.*`` to the llava-hf repos' ``vision_tower.vision_model.*``.
+
+    transformers saves the CLIP tower without its ``vision_model`` level and loads both
+    layouts; vLLM's loader knows only the hub's.
+    """
+    path = out / "model.safetensors"
+    tensors = load_file(path)
+    renamed = {
+        re.sub(r"^vision_tower\.(?!vision_model\.)", "vision_tower.vision_model.", key): value
+        for key, value in tensors.items()
+    }
+    save_file(renamed, path, metadata={"format": "pt"})
 
 
 def _save_like_qwen_hub(processor: ImageOnlyQwen2_5_VLProcessor, out: Path) -> None:
