@@ -21,7 +21,9 @@ from pipeline.checks import check_model_path
 from pipeline.eval.spec import EvalSpec, configurations, job_of
 from pipeline.plan import Plan, make_plan
 from pipeline.preprocess import Preprocess
-from pipeline.runner import _pool, _spare_cpus, ensure_ray, new_run_id
+from pipeline.processor import actor_pool, spare_cpus
+from pipeline.readers import read_input
+from pipeline.runner import ensure_ray, new_run_id
 from pipeline.spec import JobSpec, PruningSpec
 
 CONFIG = "config"
@@ -74,22 +76,19 @@ def answer_all(spec: EvalSpec, run_date: str, *, progress: bool = False) -> pa.T
 def _dataset(job: JobSpec, plan: Plan, configs: list[tuple[str, PruningSpec]],
              **ids: Any) -> ray.data.Dataset:  # fmt: skip
     """The job's read and CPU stages, then the all-configurations model stage."""
-    inp, ex = job.input, job.execution
+    ex = job.execution
     passthrough = list(plan.passthrough.names)
-    cols = [inp.id_column, inp.image_column or inp.image_uri_column, *passthrough]
-    if plan.has_question:
-        cols.append(inp.question_column)
-    ds = ray.data.read_parquet(plan.pending_files, filesystem=plan.in_fs, columns=cols)
+    ds = read_input(job.input, plan)  # any input format the job reads
     ds = ds.repartition(target_num_rows_per_block=ex.batch_size)
     ds = ds.map_batches(
         Preprocess, fn_constructor_kwargs={"spec": job, "passthrough": passthrough},
         batch_size=ex.preprocess_batch_size, batch_format="pyarrow", num_cpus=1,
-        compute=_pool(ex.preprocess_concurrency or (1, _spare_cpus(job))),
+        compute=actor_pool(ex.preprocess_concurrency or (1, spare_cpus(job))),
         udf_modifying_row_count=False,
     )  # fmt: skip
     return ds.map_batches(
         EvalAnswerer, batch_size=ex.batch_size, batch_format="pyarrow",
         fn_constructor_kwargs={"spec": job, "configs": configs, "passthrough": plan.passthrough,
                                **ids},
-        num_gpus=ex.gpus_per_actor, num_cpus=ex.cpus_per_actor, compute=_pool(ex.actors),
+        num_gpus=ex.gpus_per_actor, num_cpus=ex.cpus_per_actor, compute=actor_pool(ex.actors),
     )  # fmt: skip
