@@ -15,7 +15,7 @@ VLLM_FLAGS  := --compile-bytecode --python $(VLLM_VENV)/bin/python $(if $(FIND_L
 
 $(STAMP): pyproject.toml requirements-ci.txt
 	@echo "make: setting up $(VENV): torch (CPU build), Ray, transformers and the project,"
-	@echo "make: about 75 s the first time (longer when uv must download); later runs skip this"
+	@echo "make: 1-2 min the first time (longer when uv must download); later runs skip this"
 	@$(PY) -m uv --version >/dev/null 2>&1 || $(PY) -m pip install -q uv
 	@test -x $(VENV)/bin/python || $(UV) venv -q $(VENV)
 	@$(UV) pip install -q $(UV_FLAGS) -c requirements-ci.txt "torch==2.13.0+cpu" -e ".[dev]"
