@@ -1,16 +1,17 @@
-"""Benchmark: the transformers engine vs the vLLM engine on the same pruned items, side by side.
+"""Benchmark: generation engines side by side on the same kept sequences (same run, same items).
 
-Random weights, LLaVA-1.5 geometry (336 px, patch 14: 576 visual tokens) with a small vision
-tower and a text model large enough that generation dominates. Both engines get the same
-prepared items, the same ResPrune selection (keep, contiguous positions) and the same
-``max_new_tokens``; each runs in its own subprocess (vLLM's CPU backend pins the threads of
-the process it runs in). Per engine: start-up time, then ``answer_batch`` over all items in
-batches of ``--batch`` (one warm-up pass discarded, min over ``--repeats``): items/s, time per
-item, and its vision / selection / generation split. Greedy ids are compared across engines.
-Prints a table and, last, one JSON line. Not a test: numbers go to bench/RESULTS.md.
+One random-weight LLaVA-1.5-geometry model (LLM-dominated, as in bench/generate.py); per
+(batch, keep) config, selection runs once and every engine variant generates from the same
+plans: wall time of ``engine.generate`` with ``--new-tokens`` tokens (EOS off, so every
+variant decodes the same count) and with 1 token (the prefill), decode ms per step from the
+two, items/s, the ratio to the dynamic-cache baseline, and whether the ids equal the
+baseline's. Variants: ``dynamic`` (transformers' default cache), ``static`` (preallocated
+cache, exact shapes), ``static+bucket`` (batch and cache length rounded up to buckets: the
+GPU configuration; on CUDA ``static*`` also compile the decode step). Timings are the min
+over ``--repeats`` after one warm-up call per shape. Prints a table and, last, one JSON line.
 
-    make bench-engines                 # = .venv-vllm/bin/python bench/engines.py (~4 min, 2 cores)
-    .venv-vllm/bin/python bench/engines.py --items 8 --new-tokens 8   # quick look
+    .venv/bin/python bench/engines.py            # text 1024 x 8 layers
+    .venv/bin/python bench/engines.py --quick    # text 512 x 4 layers, batch 8 only
 """
 
 # ruff: noqa: E402  (sys.path is fixed before the other imports)
@@ -24,134 +25,132 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
 import json
-import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(sys.path[0])
-IMAGES = sorted((ROOT / "pipeline/assets/images").glob("*.[jp][pn]g"))
-QUESTIONS = [
-    "What is the astronaut holding?",
-    "Describe the man with the camera.",
-    "What color is the cat?",
-    "What is in the coffee cup?",
-]
-ENGINES = ("transformers", "vllm")
+import torch
+from PIL import Image
+
+from bench.generate import IMAGES, QUESTIONS
+from resprune.answer import answer_batch
+from resprune.engines import Engine, Generation
+from resprune.engines.hf import TransformersEngine
+from resprune.loading import load_preprocessor, load_vlm
+from resprune.models.base import sync
+from resprune.pruners import build_pruner
+from resprune.tiny import build_tiny_checkpoint
+
+VARIANTS: dict[str, Callable[..., Engine]] = {
+    "dynamic": lambda vlm: TransformersEngine(vlm, cache="dynamic"),
+    "static": lambda vlm: TransformersEngine(vlm, cache="static", bucket=False),
+    "static+bucket": lambda vlm: TransformersEngine(vlm, cache="static", bucket=True),
+}
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--items", type=int, default=32)
-    p.add_argument("--batch", type=int, default=16, help="items per answer_batch call")
-    p.add_argument("--keep", type=int, default=64)
+    p.add_argument("--quick", action="store_true", help="smaller text model, batch 8 only")
+    p.add_argument("--text-hidden", type=int, default=1024)
+    p.add_argument("--text-layers", type=int, default=8)
+    p.add_argument("--text-intermediate", type=int, default=2752)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--keeps", type=int, nargs="+", default=[64, 0], help="0: keep all")
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--text-hidden", type=int, default=512)
-    p.add_argument("--text-layers", type=int, default=4)
-    p.add_argument("--text-intermediate", type=int, default=1376)
-    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--engines", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=2, help="timings are the min over repeats")
-    p.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
-    p.add_argument("--model", help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
-    return p.parse_args()
+    args = p.parse_args()
+    if args.quick:
+        args.text_hidden, args.text_layers, args.text_intermediate = 512, 4, 1376
+        args.batch_sizes = [8]
+    return args
 
 
-def build_model(args: argparse.Namespace, folder: Path) -> Path:
-    from resprune.tiny import build_tiny_checkpoint
+class Capture:
+    """An engine that only keeps the plans it is given (selection runs once per config)."""
 
-    return build_tiny_checkpoint(
-        "llava",
-        folder,
-        text_hidden=args.text_hidden,
-        text_layers=args.text_layers,
-        text_intermediate=args.text_intermediate,
-        heads=args.heads,
-        kv_heads=args.heads,
-        vision_hidden=64,
-    )
+    name = "capture"
+
+    def generate(self, plans, max_new_tokens):
+        self.plans = list(plans)
+        return [Generation("", [0]) for _ in plans]
 
 
-def worker(args: argparse.Namespace) -> dict:
-    """One engine in this process: start it, then time answer_batch over the items."""
-    from PIL import Image
+def plans_for(vlm, pre, batch: int, keep: int) -> list:
+    pictures = [Image.open(p).convert("RGB") for p in IMAGES]
+    items = [pre.prepare(pictures[i % len(pictures)], QUESTIONS[i % 8]) for i in range(batch)]
+    capture = Capture()
+    pruner = build_pruner("resprune") if keep else None
+    answer_batch(vlm, items, pruner=pruner, keep=keep or 1.0, max_new_tokens=1, engine=capture)
+    return capture.plans
 
-    from resprune.answer import answer_batch
-    from resprune.engines import build_engine
-    from resprune.loading import load_preprocessor, load_vlm
-    from resprune.pruners import build_pruner
 
-    pre = load_preprocessor(args.model)
-    pairs = [(IMAGES[i % len(IMAGES)], QUESTIONS[i % len(QUESTIONS)]) for i in range(args.items)]
-    items = [pre.prepare(Image.open(path).convert("RGB"), q) for path, q in pairs]
-    vlm = load_vlm(args.model)
-    t0 = time.perf_counter()
-    engine = build_engine(args.worker, vlm)
-    start_s = time.perf_counter() - t0
-    kw = {"pruner": build_pruner("resprune"), "keep": args.keep, "engine": engine}
-    kw |= {"max_new_tokens": args.new_tokens, "position_policy": "contiguous"}
-    batches = [items[i : i + args.batch] for i in range(0, len(items), args.batch)]
-    answer_batch(vlm, batches[0], **kw)  # warm-up, discarded
-    best, results = float("inf"), []
-    for _ in range(args.repeats):
+def timed(vlm, engine: Engine, plans: list, new: int, repeats: int) -> tuple[float, list]:
+    """Min wall seconds of ``engine.generate`` over ``repeats`` (after one warm-up call)."""
+    out = engine.generate(plans, new)
+    best = float("inf")
+    for _ in range(repeats):
+        sync(vlm.device)
         t0 = time.perf_counter()
-        results = [r for b in batches for r in answer_batch(vlm, b, **kw)]
+        out = engine.generate(plans, new)
+        sync(vlm.device)
         best = min(best, time.perf_counter() - t0)
-    split = {k: sum(getattr(r, k) for r in results) / len(results) for k in SPLIT}
-    return {
-        "engine": args.worker,
-        "start_s": start_s,
-        "seconds": best,
-        "items": len(items),
-        "new_tokens": sum(r.new_tokens for r in results),
-        "ids": [r.answer_ids for r in results],
-        **split,
-    }
+    return best, [g.token_ids for g in out]
 
 
-SPLIT = ("vision_s", "select_s", "generate_s")
+def run_config(vlm, pre, args, batch: int, keep: int) -> list[dict]:
+    plans = plans_for(vlm, pre, batch, keep)
+    rows, base = [], None
+    for name in args.engines:
+        engine = VARIANTS[name](vlm)
+        prefill_s, _ = timed(vlm, engine, plans, 1, args.repeats)
+        e2e_s, ids = timed(vlm, engine, plans, args.new_tokens, args.repeats)
+        row = {"batch": batch, "keep": keep or "all", "engine": name,
+               "prompt_len": max(len(p.ids) for p in plans), "prefill_s": prefill_s,
+               "e2e_s": e2e_s, "decode_ms_step": 1e3 * (e2e_s - prefill_s) / (args.new_tokens - 1),
+               "items_per_s": batch / e2e_s, "ms_per_item": 1e3 * e2e_s / batch}  # fmt: skip
+        base = base or (row, ids)
+        row["speedup_vs_dynamic"] = base[0]["e2e_s"] / e2e_s
+        row["ids_equal_baseline"] = ids == base[1]
+        rows.append(row)
+        print(f"  done batch={batch} keep={keep or 'all'} {name}", file=sys.stderr, flush=True)
+    return rows
 
 
-def run_engine(engine: str, model: Path, args: argparse.Namespace) -> dict:
-    out = model.parent / f"{engine}.json"
-    cmd = [sys.executable, __file__, "--worker", engine, "--model", str(model), "--out", str(out)]
-    for key in ("items", "batch", "keep", "new_tokens", "repeats"):
-        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"{engine} worker failed:\n{done.stderr[-3000:]}")
-    return json.loads(out.read_text())
-
-
-def report(rows: dict[str, dict], args: argparse.Namespace) -> None:
-    shape = f"text {args.text_hidden} x {args.text_layers} layers, keep {args.keep} of 576"
-    run = f"{args.items} items, batch {args.batch}, {args.new_tokens} new tokens, greedy, CPU"
-    print(f"LLaVA-1.5 geometry, {shape}, {run}")
-    print("| engine | start s | items/s | ms/item | vision ms | select ms | generate ms |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for name, r in rows.items():
-        per = 1000 * r["seconds"] / r["items"]
-        cells = [f"{r['start_s']:.1f}", f"{r['items'] / r['seconds']:.2f}", f"{per:.1f}"]
-        cells += [f"{1000 * r[k]:.1f}" for k in SPLIT]
-        print(f"| {name} | {' | '.join(cells)} |")
-    t, v = rows["transformers"], rows["vllm"]
-    same = sum(a == b for a, b in zip(t["ids"], v["ids"], strict=True))
-    ratio = t["seconds"] / v["seconds"]
-    print(f"vllm / transformers throughput: {ratio:.2f}x; greedy ids equal: {same}/{t['items']}")
-    summary = {k: {x: r[x] for x in r if x != "ids"} for k, r in rows.items()}
-    print(json.dumps({"throughput_ratio": ratio, "ids_equal": same, "engines": summary}))
+def print_table(rows: list[dict]) -> None:
+    cols = [("batch", "{:>5}"), ("keep", "{:>4}"), ("engine", "{:>13}"), ("prompt_len", "{:>6}"),
+            ("prefill_s", "{:>8.3f}"), ("e2e_s", "{:>7.3f}"), ("decode_ms_step", "{:>8.2f}"),
+            ("ms_per_item", "{:>8.1f}"), ("items_per_s", "{:>7.2f}"),
+            ("speedup_vs_dynamic", "{:>7.2f}"), ("ids_equal_baseline", "{!s:>5}")]  # fmt: skip
+    print(" | ".join(name for name, _ in cols))
+    for r in rows:
+        print(" | ".join(fmt.format(r[name]) for name, fmt in cols))
 
 
 def main() -> None:
     args = parse_args()
-    if args.worker:
-        Path(args.out).write_text(json.dumps(worker(args)))
-        return
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_model(args, Path(tmp) / "llava")
-        rows = {name: run_engine(name, model, args) for name in ENGINES}
-    report(rows, args)
+        path = build_tiny_checkpoint(
+            "llava", Path(tmp) / "m", text_hidden=args.text_hidden, text_layers=args.text_layers,
+            text_intermediate=args.text_intermediate, heads=8, kv_heads=8, vision_hidden=128,
+            vision_layers=2, image_size=336,
+        )  # fmt: skip
+        vlm = load_vlm(str(path), dtype=args.dtype, device=args.device)
+        vlm.model.generation_config.eos_token_id = None  # decode exactly new_tokens everywhere
+        pre = load_preprocessor(str(path))
+        rows = [r for b in args.batch_sizes for k in args.keeps
+                for r in run_config(vlm, pre, args, b, k)]  # fmt: skip
+    shape = vlm.describe()
+    print(
+        f"model: {shape['parameters']:,} parameters, text hidden {shape['hidden_size']} x "
+        f"{shape['num_layers']} layers; device {args.device}, {args.dtype}, {os.cpu_count()} "
+        f"CPUs, torch threads {torch.get_num_threads()}, {args.new_tokens} new tokens"
+    )
+    print_table(rows)
+    print(json.dumps({"model": shape, "new_tokens": args.new_tokens, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ COMMANDS = {
     "validate": ("pipeline.cli_validate", "Check a job spec without running it."),
     "submit": ("pipeline.submit", "Submit a job spec to a Ray cluster through the Jobs SDK."),
     "report": ("pipeline.report.cli", "Write the cost report of a run's output."),
+    "eval": ("pipeline.eval.cli", "Answer a labelled set under several pruners; score; gate."),
     "render-k8s": ("pipeline.k8s", "Render KubeRay manifests for a job spec into infra/."),
     "demo": ("pipeline.demo", "Run the whole job on the bundled sample (local Ray, tiny model)."),
     "schemas": ("pipeline.schemas", "Regenerate the JSON/Arrow schemas in schemas/."),

@@ -86,8 +86,8 @@ class Answerer:
     """Map prepared rows to output rows (same rows, same order) with the job's model."""
 
     def __init__(self, spec: JobSpec, *, run_id: str, run_date: str, passthrough: pa.Schema,
-                 ledger: Any = None, vlm: Any = None):  # fmt: skip
-        """Load the model (or share ``vlm``, already loaded: `pipeline eval` answers every
+                 ledger: Any = None, share: Answerer | None = None):  # fmt: skip
+        """Load the model and engine, or reuse ``share``'s (`pipeline eval` answers every
         configuration with one model per actor)."""
         import torch
 
@@ -104,13 +104,13 @@ class Answerer:
         gpu = spec.execution.gpus_per_actor > 0 and torch.cuda.is_available()
         self.device = "cuda" if gpu else "cpu"
         m = spec.model
-        self.vlm = vlm or load_vlm(
+        self.vlm = share.vlm if share else load_vlm(
             m.path, family=m.family, dtype=m.dtype if gpu else "float32", device=self.device,
             revision=m.revision, trust_remote_code=m.trust_remote_code,
             endpoint_url=spec.storage.endpoint_url, attn_implementation=m.attn_implementation,
         )  # fmt: skip
         options = getattr(m, m.engine).model_dump()  # the engine's own settings block
-        self.engine = engine(self.vlm, **options)
+        self.engine = share.engine if share else engine(self.vlm, **options)
         p = spec.pruning
         self.pruner = build_pruner(
             p.method, alpha=p.alpha, seed=p.seed, relevance_floor=p.relevance_floor

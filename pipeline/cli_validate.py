@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from pipeline.cli_run import add_common
 from pipeline.spec import SpecError, load_spec
 from pipeline.storage import redact
+
+if TYPE_CHECKING:
+    from pipeline.plan import Plan
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,8 +44,17 @@ def main(args: argparse.Namespace) -> int:
             except (StorageError, ModelPathError) as exc:
                 raise SpecError(str(exc)) from None
             print(f"storage ok: {plan.items_pending} of {plan.items_total} items pending")
+            print(describe_input(plan))
     except SpecError as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     print(f"ok: {args.spec} (name={spec.name}, run_date={run_date}, output={spec.output.uri})")
     return 0
+
+
+def describe_input(plan: Plan) -> str:
+    """The detected input format and image encoding, and any unreadable shards."""
+    lines = [f"input: {plan.input_format}, {plan.files_total} file(s); images: "
+             f"{plan.image_encoding}"]  # fmt: skip
+    lines += [f"unreadable shard (skipped): {why}" for why in plan.bad_shards.values()]
+    return "\n".join(lines)

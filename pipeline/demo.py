@@ -68,9 +68,10 @@ def write_input(folder: Path) -> int:
 
 def main(args: argparse.Namespace) -> int:
     """Prepare model and input, run (or resume) the job, print where results and report are."""
-    from pipeline import runner, summary
+    from pipeline import console, runner, summary
     from pipeline.spec import load_spec
 
+    console.quiet(progress=console.show_progress(None))
     out = Path(args.out)
     _prepare(out, fresh=args.fresh)
     overrides = []  # the default folder is the spec's own: run it as written

@@ -37,6 +37,7 @@ ITEM_CAUSES: dict[str, str] = {
     "bad_aspect": "the image is thinner than execution.max_aspect_ratio allows",
     "unsupported_mode": "the pixel mode cannot be converted to RGB",
     "fetch_failed": "the image URI does not exist or refuses access (not a transient fault)",
+    "bad_member": "a WebDataset sample's .json or text member is not valid JSON / UTF-8",
     "bad_question": "the question cannot be tokenized",
     "bad_image": "the model's processor rejected the image",
     "prompt_too_long": "the prompt (plus new tokens) does not fit the model's context",

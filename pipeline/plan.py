@@ -4,7 +4,8 @@ Runs on the driver before Ray or any model is touched, so whole-job problems (un
 storage, no input files, missing columns, duplicate or null ids, a bad model path, output of
 another config, no write access) fail fast with one line, and all but the last before the
 output prefix is touched. Reads only each file's footer and id column. Shards whose ids are all
-committed are dropped from the read; partly committed shards get a row filter.
+committed are dropped from the read; partly committed shards get a row filter. The input's
+formats and column checks are `pipeline.inputs`'.
 """
 
 from __future__ import annotations
@@ -14,13 +15,11 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-from pipeline import commit, prefix
+from pipeline import commit, inputs, prefix
 from pipeline.checks import check_model_path
-from pipeline.columns import OUTPUT_COLUMNS
 from pipeline.spec import InputSpec, JobSpec, fingerprint, fingerprint_fields
-from pipeline.storage import StorageError, filesystem, join, list_files, redact
+from pipeline.storage import StorageError, filesystem, join, redact
 
 
 @dataclass
@@ -38,6 +37,10 @@ class Plan:
     passthrough: pa.Schema = field(default_factory=lambda: pa.schema([]))
     has_question: bool = True
     recovered_files: int = 0
+    input_format: str = "parquet"
+    image_encoding: str = "encoded bytes"
+    bad_shards: dict[str, str] = field(default_factory=dict)  # unreadable shard -> why
+    dataset_folder: str = ""
 
     @property
     def items_pending(self) -> int:
@@ -56,10 +59,8 @@ def make_plan(spec: JobSpec, *, run_id: str | None = None) -> Plan:
     in_fs, in_path = filesystem(spec.input.uri, spec.storage)
     out_fs, out_root = filesystem(spec.output.uri, spec.storage)
     try:
-        files = list_files(in_fs, in_path, ".parquet")
-        if not files:
-            raise StorageError(f"no Parquet files under {spec.input.uri}")
-        per_file, schema = _read_ids(in_fs, files, spec.input)
+        listing = inputs.list_input(in_fs, in_path, spec.input)
+        folder = inputs.dataset_folder(in_fs, in_path, spec.input.uri)
         check_model_path(spec)
         state = prefix.scan(out_fs, out_root)
         commit.check_unmarked(state)
@@ -74,64 +75,28 @@ def make_plan(spec: JobSpec, *, run_id: str | None = None) -> Plan:
     except OSError as exc:
         raise StorageError(f"storage unreachable or refused: {redact(str(exc))}") from None
     pending, skip, total, skipped = [], [], 0, 0
-    for path, ids in per_file.items():
+    for path, ids in listing.ids.items():
         total += len(ids)
         hit = [i for i in ids if i in done]
         skipped += len(hit)
         if len(hit) < len(ids):
             pending.append(path)
             skip += hit
-    question = spec.input.question_column
     return Plan(
-        in_fs, out_fs, out_root, len(files), pending, total, skipped, skip,
-        passthrough=pa.schema([schema.field(c) for c in spec.input.passthrough_columns]),
-        has_question=bool(question) and question in schema.names, recovered_files=recovered,
+        in_fs, out_fs, out_root, len(listing.files) + len(listing.bad_shards), pending, total,
+        skipped, skip, recovered_files=recovered, **_input_fields(listing, spec.input, folder),
     )  # fmt: skip
 
 
-def _read_ids(
-    fs: pafs.FileSystem, files: list[str], spec: InputSpec
-) -> tuple[dict[str, list[str]], pa.Schema]:
-    """Each file's ids, after checking columns, types and uniqueness across files."""
-    per_file: dict[str, list[str]] = {}
-    seen: set[str] = set()
-    schema = pa.schema([])
-    for path in files:
-        try:
-            pf = pq.ParquetFile(fs.open_input_file(path))
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise StorageError(f"cannot read input {path}: {redact(str(exc))}") from None
-        schema = pf.schema_arrow
-        _check_columns(path, schema, spec)
-        ids = pf.read(columns=[spec.id_column]).column(0).to_pylist()
-        if any(i is None or i == "" for i in ids):
-            raise StorageError(f"{path}: column {spec.id_column!r} has null or empty ids")
-        dup = seen.intersection(ids) or (len(set(ids)) < len(ids) and {"(within the file)"})
-        if dup:
-            raise StorageError(
-                f"{path}: duplicate ids in {spec.id_column!r}, e.g. {sorted(dup)[0]}"
-            )
-        seen.update(ids)
-        per_file[path] = ids
-    return per_file, schema
-
-
-def _check_columns(path: str, schema: pa.Schema, spec: InputSpec) -> None:
-    image_col = spec.image_column or spec.image_uri_column
-    needed = [spec.id_column, image_col, *spec.passthrough_columns]
-    missing = [c for c in needed if c not in schema.names]
-    if missing:
-        raise StorageError(f"{path}: missing column(s) {missing}; it has {schema.names}")
-    expected = {spec.id_column: _is_text, spec.question_column: _is_text,
-                spec.image_uri_column: _is_text, spec.image_column: _is_bytes}  # fmt: skip
-    wrong = [f"{c} ({schema.field(c).type})" for c, ok in expected.items()
-             if c and c in schema.names and not ok(schema.field(c).type)]  # fmt: skip
-    if wrong:
-        raise StorageError(f"{path}: wrong column type(s) {wrong}: ids, questions and URIs are "
-                           "strings, images are binary")  # fmt: skip
-    clash = sorted(set(spec.passthrough_columns) & {name for name, _, _ in OUTPUT_COLUMNS})
-    if clash:
-        raise StorageError(f"passthrough column(s) {clash} clash with output columns")
+def _input_fields(listing: inputs.InputListing, spec: InputSpec, folder: str) -> dict:
+    """The plan's fields that describe the input (format, columns, image encoding)."""
+    schema, question = listing.schema, spec.question_column
+    return {
+        "passthrough": pa.schema([schema.field(c) for c in spec.passthrough_columns]),
+        "has_question": bool(question) and question in schema.names,
+        "input_format": listing.format, "image_encoding": listing.image_encoding,
+        "bad_shards": listing.bad_shards, "dataset_folder": folder,
+    }  # fmt: skip
 
 
 def check_fingerprint(state: prefix.PrefixState, spec: JobSpec) -> None:
@@ -154,14 +119,6 @@ def check_fingerprint(state: prefix.PrefixState, spec: JobSpec) -> None:
 
 def _show(value: object) -> str:
     return "unset" if value is None else repr(value)
-
-
-def _is_text(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t)
-
-
-def _is_bytes(t: pa.DataType) -> bool:
-    return pa.types.is_binary(t) or pa.types.is_large_binary(t)
 
 
 def _probe_write(fs: pafs.FileSystem, root: str) -> None:

@@ -10,6 +10,7 @@ pickled `PreparedItem` in the internal ``_prepared`` column.
 
 from __future__ import annotations
 
+import os
 import pickle
 import time
 from typing import Any
@@ -18,8 +19,9 @@ import pyarrow as pa
 
 from pipeline import faults
 from pipeline.images import decode_image, fetch_bytes
-from pipeline.spec import JobSpec
-from pipeline.storage import filesystem, filesystem_path, is_remote, redact
+from pipeline.spec import JobSpec, ProcessorConfig
+from pipeline.storage import filesystem, filesystem_path, is_remote, join, redact
+from pipeline.webdataset import INPUT_ERROR
 from resprune.items import ItemError
 
 PREPARED = "_prepared"
@@ -44,10 +46,17 @@ def _unexpected(row: dict[str, Any], exc: Exception) -> None:
         row.update(status="error", error_cause="preprocess_error", error=message)
 
 
+def resolve_path(path: str, root: str | None) -> str:
+    """A relative image path resolved against ``root`` (s3:// or local); others unchanged."""
+    if root is None or is_remote(path) or path.startswith("file://") or os.path.isabs(path):
+        return path
+    return join(root, path)
+
+
 class Preprocess:
     """Map a batch of input rows to prepared rows (same rows, same order)."""
 
-    def __init__(self, spec: JobSpec, passthrough: list[str]):
+    def __init__(self, spec: ProcessorConfig | JobSpec, passthrough: list[str]):
         from resprune.loading import load_preprocessor
 
         self.spec, self.passthrough = spec, passthrough
@@ -65,14 +74,15 @@ class Preprocess:
         n = batch.num_rows
         questions = cols.get(inp.question_column or "", [None] * n)
         images = cols[inp.image_column or inp.image_uri_column]
-        ids = cols[inp.id_column]
-        rows = [self._row(*r) for r in zip(ids, questions, images, strict=True)]
+        faults_in = cols.get(INPUT_ERROR, [None] * n)
+        rows = [self._row(*r) for r in zip(cols[inp.id_column], questions, images, faults_in,
+                                           strict=True)]  # fmt: skip
         out = pa.Table.from_pylist(rows, schema=PRE_SCHEMA)
         for name in self.passthrough:
             out = out.append_column(batch.schema.field(name), batch.column(name))
         return out
 
-    def _row(self, item_id: str, question: Any, image: Any) -> dict[str, Any]:
+    def _row(self, item_id: str, question: Any, image: Any, fault: str | None) -> dict[str, Any]:
         t0 = time.perf_counter()
         q = question if isinstance(question, str) and question.strip() else None
         row: dict[str, Any] = {
@@ -81,6 +91,8 @@ class Preprocess:
             "status": "ok",
         }
         try:
+            if fault:  # the reader found the sample unusable (e.g. a .json member that is not)
+                raise ItemError("bad_member", fault)
             img = decode_image(self._bytes(image), **self._caps())
             row["image_width"], row["image_height"] = img.size
             item = self.pre.prepare(img, row["question"])
@@ -97,14 +109,24 @@ class Preprocess:
         return row
 
     def _bytes(self, image: Any) -> bytes | None:
-        if not self.spec.input.image_uri_column or image is None:
+        """Encoded bytes of a row's image: the bytes themselves, the datasets ``Image()``
+        struct's bytes (else its path), or the file a path column names."""
+        if isinstance(image, dict):
+            if image.get("bytes"):
+                return image["bytes"]
+            image = image.get("path")
+        elif not self.spec.input.image_uri_column:
             return image
-        remote = is_remote(image)
+        if not image:
+            return None
+        uri = resolve_path(image, self.spec.input.image_root)
+        remote = is_remote(uri)
         if remote not in self.fs_cache:
-            self.fs_cache[remote] = filesystem(image, self.spec.storage)[0]
-        path = filesystem_path(image)
+            self.fs_cache[remote] = filesystem(uri, self.spec.storage)[0]
         return fetch_bytes(
-            self.fs_cache[remote], path, max_bytes=self.spec.execution.max_image_bytes
+            self.fs_cache[remote],
+            filesystem_path(uri),
+            max_bytes=self.spec.execution.max_image_bytes,
         )
 
     def _caps(self) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Compose and run the job: plan -> one lazy Ray Data chain -> committed Parquet -> summary.
 
-`build_dataset` is the only place where concurrency, GPUs and batch sizes are set.
+`build_dataset` chains the input reader and the stage API's processor (`pipeline.processor`,
+where concurrency, GPUs and batch sizes are set).
 `run_job` is the driver: it plans (fails fast on whole-job problems before any model is
 loaded), connects to Ray or starts a local cluster, executes the chain into `CommitSink`,
 and writes ``_runs/<run_id>.json``. Non-goals: scheduling, retries of the whole job (a
@@ -11,10 +12,8 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import sys
 import time
 import uuid
-import warnings
 from typing import Any
 
 import pyarrow as pa
@@ -22,11 +21,12 @@ import pyarrow.compute as pc
 import ray
 
 from pipeline import commit, faults, summary
-from pipeline.answer_stage import Answerer
 from pipeline.commit import CommitSink
+from pipeline.console import quiet, show_progress
 from pipeline.plan import Plan, make_plan
-from pipeline.preprocess import Preprocess
-from pipeline.spec import JobSpec, fingerprint, fingerprint_fields
+from pipeline.processor import build_processor
+from pipeline.readers import read_input
+from pipeline.spec import JobSpec, ProcessorConfig, fingerprint, fingerprint_fields
 
 
 @ray.remote(num_cpus=0)
@@ -90,59 +90,15 @@ def _drop_ids(batch: pa.Table, *, column: str, ids: list[str]) -> pa.Table:
 
 def build_dataset(spec: JobSpec, plan: Plan, *, run_id: str, run_date: str,
                   ledger: Any = None) -> ray.data.Dataset:  # fmt: skip
-    """The lazy chain: read (needed columns) -> CPU preprocess -> model actors."""
-    inp, ex = spec.input, spec.execution
-    passthrough = list(plan.passthrough.names)
-    cols = [inp.id_column, inp.image_column or inp.image_uri_column, *passthrough]
-    if plan.has_question:
-        cols.append(inp.question_column)
-    # partitioning=None: `key=value` folders (dt=..., run_date=...) are not columns.
-    ds = ray.data.read_parquet(
-        plan.pending_files, filesystem=plan.in_fs, columns=cols, partitioning=None
-    )
+    """The lazy chain: read the pending rows -> drop committed ids -> the stage API's processor."""
+    ds = read_input(spec.input, plan)
     if plan.skip_ids:
-        ds = ds.map_batches(_drop_ids, batch_format="pyarrow",
-                            fn_kwargs={"column": inp.id_column, "ids": plan.skip_ids})  # fmt: skip
-    # One model batch per block: each model task's rows commit on their own, so a crash
-    # loses at most the batches in flight, and the actor pool gets enough blocks.
-    ds = ds.repartition(target_num_rows_per_block=ex.batch_size)
-    ds = ds.map_batches(
-        Preprocess, fn_constructor_kwargs={"spec": spec, "passthrough": passthrough},
-        batch_size=ex.preprocess_batch_size, batch_format="pyarrow", num_cpus=1,
-        compute=_pool(ex.preprocess_concurrency or (1, _spare_cpus(spec))),
-        udf_modifying_row_count=False,
-    )  # fmt: skip
-    kwargs = {"spec": spec, "run_id": run_id, "run_date": run_date,
-              "passthrough": plan.passthrough, "ledger": ledger}  # fmt: skip
-    with warnings.catch_warnings():  # the retry bounds below go through ray_remote_args
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        return _answer_stage(ds, spec, kwargs)
-
-
-def _answer_stage(ds: ray.data.Dataset, spec: JobSpec, kwargs: dict) -> ray.data.Dataset:
-    ex = spec.execution
-    return ds.map_batches(
-        Answerer, fn_constructor_kwargs=kwargs, batch_size=ex.batch_size,
-        batch_format="pyarrow", num_gpus=ex.gpus_per_actor, num_cpus=ex.cpus_per_actor,
-        compute=_pool(ex.actors), udf_modifying_row_count=False,
-        # Bound retries so a batch that kills its actor fails the run instead of looping
-        # forever (RELIABILITY.md §1.8); Ray 2.60 has no named parameter for these yet.
-        max_restarts=ex.max_task_retries, max_task_retries=ex.max_task_retries,
-    )  # fmt: skip
-
-
-def _pool(size: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
-    """A fixed (int) or autoscaling ([min, max]) actor pool."""
-    lo, hi = (size, size) if isinstance(size, int) else size
-    return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi)
-
-
-def _spare_cpus(spec: JobSpec) -> int:
-    """CPU actors for preprocessing: what the model actors leave, minus one for read/write."""
-    ex = spec.execution
-    actors = ex.actors if isinstance(ex.actors, int) else ex.actors[1]
-    total = ray.cluster_resources().get("CPU", 1)
-    return max(1, int(total - actors * ex.cpus_per_actor - 1))
+        skip = {"column": spec.input.id_column, "ids": plan.skip_ids}
+        ds = ds.map_batches(_drop_ids, batch_format="pyarrow", fn_kwargs=skip)
+    config = ProcessorConfig.from_job(spec, dataset_folder=plan.dataset_folder)
+    processor = build_processor(config, passthrough=plan.passthrough, run_id=run_id,
+                                run_date=run_date, ledger=ledger)  # fmt: skip
+    return processor(ds)
 
 
 def ensure_ray(spec: JobSpec) -> bool:
@@ -167,7 +123,11 @@ def ensure_ray(spec: JobSpec) -> bool:
             f"execution.gpus_per_actor={spec.execution.gpus_per_actor} but this machine has "
             f"{gpus} GPU(s); set --set execution.gpus_per_actor=0 to run the model on CPU"
         )
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), num_gpus=gpus, include_dashboard=False)
+    cpus = max(4, os.cpu_count() or 1)  # at least 4 slots: reading, CPU and model stages overlap
+    # worker start-up may use the slots we declare (Ray's default is the physical core count,
+    # and it warns on every run of a small machine otherwise)
+    ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False,
+             _system_config={"worker_maximum_startup_concurrency": cpus})  # fmt: skip
     return True
 
 
@@ -183,6 +143,7 @@ def run_job(spec: JobSpec, run_date: str, *, progress: bool | None = None) -> di
     ``progress``: Ray Data's progress bars; None shows them only on a terminal (elsewhere
     they would print as dozens of snapshot lines).
     """
+    quiet(progress=show_progress(progress))
     run_id, started = new_run_id(spec, run_date), time.time()
     plan = make_plan(spec, run_id=run_id)
     record = summary.Recorder(spec, plan, run_id=run_id, run_date=run_date, started=started)
@@ -200,7 +161,7 @@ def _execute(spec: JobSpec, plan: Plan, record: summary.Recorder, *, run_id: str
              run_date: str, progress: bool | None) -> dict[str, Any]:  # fmt: skip
     """Execute the chain into the commit sink and finish the summary (also on failure)."""
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = sys.stderr.isatty() if progress is None else progress
+    ctx.enable_progress_bars = show_progress(progress)
     ledger = Ledger.remote()
     sink = CommitSink(
         spec.output.uri, spec.storage, run_id=run_id, fingerprint=fingerprint(spec),

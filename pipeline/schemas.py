@@ -1,6 +1,7 @@
 """`python -m pipeline schemas [--check]`: regenerate (or check) the files in schemas/.
 
 Writes ``job_spec.schema.json`` (the pydantic JSON schema of `JobSpec`),
+``eval_spec.schema.json`` (of `EvalSpec`, the ``pipeline eval`` file),
 ``output.arrow.json`` (the output Arrow schema, pass-through columns excluded) and
 ``output_columns.md`` (the column reference). A test fails when they are stale.
 """
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 from pipeline.columns import OUTPUT_COLUMNS
+from pipeline.eval.spec import EvalSpec
 from pipeline.faults import ITEM_CAUSES
 from pipeline.spec import JobSpec
 
@@ -36,6 +38,7 @@ def render() -> dict[str, str]:
     lines += [f"| `{cause}` | {meaning} |" for cause, meaning in ITEM_CAUSES.items()]
     return {
         "job_spec.schema.json": json.dumps(JobSpec.model_json_schema(), indent=2) + "\n",
+        "eval_spec.schema.json": json.dumps(EvalSpec.model_json_schema(), indent=2) + "\n",
         "output.arrow.json": json.dumps({"fields": arrow}, indent=2) + "\n",
         "output_columns.md": "\n".join(lines) + "\n",
     }

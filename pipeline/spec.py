@@ -41,27 +41,52 @@ class StorageSpec(_Strict):
     )
 
 
-class InputSpec(_Strict):
-    uri: str = Field(description="Folder/prefix of Parquet files, or a glob; may hold {run_date}.")
+class ColumnsSpec(_Strict):
+    """Which input column is which (shared by the job's input and the stage API)."""
+
     id_column: str = Field("id", description="Unique string id of each row.")
-    image_column: str | None = Field("image", description="Column of encoded image bytes.")
+    image_column: str | None = Field(
+        "image",
+        description="Column of encoded image bytes or of the Hugging Face datasets Image() "
+        "struct {bytes, path} (detected); for WebDataset, the image member's extension "
+        "(default: the first of jpg, jpeg, png, webp, ...).",
+    )
     image_uri_column: str | None = Field(
         None, description="Column of image paths (s3:// or local), used instead of image_column."
     )
     question_column: str | None = Field(
-        "question", description="Question per row; null/empty/absent means model.default_question."
+        "question",
+        description="Question per row (for WebDataset: a field of the sample's .json, or a "
+        "member such as txt); null/empty/absent means model.default_question.",
     )
     passthrough_columns: list[str] = Field(
         default_factory=list, description="Input columns copied unchanged to the output."
     )
+    image_root: str | None = Field(
+        None,
+        description="Folder that relative image paths resolve against (default: the input "
+        "dataset's folder; the working directory for the stage API).",
+    )
 
     @model_validator(mode="after")
-    def _one_image_source(self) -> InputSpec:
+    def _one_image_source(self) -> ColumnsSpec:
         if self.image_uri_column and self.image_column == "image":
             self.__dict__["image_column"] = None  # the default yields to an explicit URI column
         if bool(self.image_column) == bool(self.image_uri_column):
             raise ValueError("set exactly one of image_column and image_uri_column")
         return self
+
+
+class InputSpec(ColumnsSpec):
+    uri: str = Field(
+        description="Folder/prefix of Parquet files, a datasets save_to_disk folder, WebDataset "
+        ".tar shards, or a glob; may hold {run_date}."
+    )
+    format: Literal["auto", "parquet", "datasets", "webdataset"] = Field(
+        "auto",
+        description="Input format; auto detects .tar shards (webdataset) and save_to_disk "
+        "folders (state.json + .arrow files), else Parquet.",
+    )
 
 
 class VllmSpec(_Strict):
@@ -304,12 +329,7 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _engine_positions(self) -> JobSpec:
-        policy = self.pruning.position_policy
-        if self.model.engine == "vllm" and policy != "contiguous":
-            raise ValueError(
-                f"pruning.position_policy: engine vllm numbers positions contiguously; set "
-                f"pruning.position_policy: contiguous (got {policy})"
-            )
+        _check_engine_positions(self.model, self.pruning)
         return self
 
     @model_validator(mode="after")
@@ -321,6 +341,41 @@ class JobSpec(_Strict):
         if refusal:
             raise ValueError(refusal)
         return self
+
+
+def _check_engine_positions(model: ModelSpec, pruning: PruningSpec) -> None:
+    policy = pruning.position_policy
+    if model.engine == "vllm" and policy != "contiguous":
+        raise ValueError(
+            f"pruning.position_policy: engine vllm numbers positions contiguously; set "
+            f"pruning.position_policy: contiguous (got {policy})"
+        )
+
+
+class ProcessorConfig(_Strict):
+    """The stage API's config (`pipeline.build_processor`): a job spec without its storage
+    locations; the job spec's sections of the same names mean the same."""
+
+    input: ColumnsSpec = Field(default_factory=ColumnsSpec)
+    model: ModelSpec
+    pruning: PruningSpec = Field(default_factory=PruningSpec)
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
+    cost: CostSpec = Field(default_factory=CostSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+
+    @model_validator(mode="after")
+    def _engine_positions(self) -> ProcessorConfig:
+        _check_engine_positions(self.model, self.pruning)
+        return self
+
+    @classmethod
+    def from_job(cls, spec: JobSpec, *, dataset_folder: str | None = None) -> ProcessorConfig:
+        """The processor part of a job spec; relative image paths default to resolving
+        against ``dataset_folder`` (the folder of the job's input)."""
+        parts = spec.model_dump(include=set(cls.model_fields))
+        parts["input"] = {k: v for k, v in parts["input"].items() if k in ColumnsSpec.model_fields}
+        parts["input"]["image_root"] = spec.input.image_root or dataset_folder
+        return cls.model_validate(parts)
 
 
 def fingerprint(spec: JobSpec) -> str:
@@ -349,7 +404,8 @@ def fingerprint_fields(spec: JobSpec) -> dict[str, Any]:
 
 def _fingerprinted(spec: JobSpec) -> dict[str, Any]:
     parts = spec.model_dump(include={"model", "pruning", "input"}, mode="json")
-    parts["input"].pop("uri", None)
+    for where in ("uri", "format", "image_root"):  # where the input lives, not what it means
+        parts["input"].pop(where, None)
     for knobs in ("transformers", "vllm"):  # engine throughput settings
         parts["model"].pop(knobs, None)
     parts["model"]["path"] = canonical_model_path(spec.model.path)
@@ -369,11 +425,15 @@ def canonical_model_path(path: str) -> str:
 
 
 def load_spec(
-    path: str | Path, *, run_date: str | None = None, overrides: list[str] | tuple[str, ...] = ()
+    path: str | Path,
+    *,
+    run_date: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    kind: type[JobSpec] | None = None,
 ) -> tuple[JobSpec, str]:
     """Parse a job YAML, apply ``key.path=value`` overrides and render ``{run_date}``.
 
-    Returns the spec and the run date used (default: today, UTC).
+    Returns the spec (a ``kind``, default JobSpec) and the run date used (default: today, UTC).
     """
     try:
         raw = yaml.safe_load(Path(path).read_text())
@@ -384,16 +444,18 @@ def load_spec(
     for item in overrides:
         _apply_override(raw, item)
     date = _run_date(run_date)
-    spec = parse_spec(raw, source=str(path))
+    spec = parse_spec(raw, source=str(path), kind=kind)
     spec.input.uri = spec.input.uri.replace("{run_date}", date)
     spec.output.uri = spec.output.uri.replace("{run_date}", date)
     return spec, date
 
 
-def parse_spec(raw: dict[str, Any], *, source: str = "spec") -> JobSpec:
-    """Validate a raw mapping; all errors are reported in one SpecError."""
+def parse_spec(
+    raw: dict[str, Any], *, source: str = "spec", kind: type[JobSpec] | None = None
+) -> JobSpec:
+    """Validate a raw mapping as a ``kind`` (default JobSpec); all errors in one SpecError."""
     try:
-        return JobSpec.model_validate(raw)
+        return (kind or JobSpec).model_validate(raw)
     except ValidationError as exc:
         lines = [f"{source}: {exc.error_count()} problem(s) in the job spec:"]
         for err in exc.errors():

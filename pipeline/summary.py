@@ -51,6 +51,7 @@ class Recorder:
         doc |= self._actors(actors, finished)
         doc["status"], doc["failure"] = self._status(totals, error)
         doc["error"] = redact(f"{type(error).__name__}: {error}") if error else None
+        doc["unreadable_shards"] = self.plan.bad_shards
         write_json(
             self.plan.out_fs, join(self.plan.out_root, commit.RUNS, f"{self.run_id}.json"), doc
         )
@@ -103,6 +104,10 @@ class Recorder:
         if left > 0:
             return "failed", (f"{left} item(s) left unanswered (transient faults); rerun the "
                               "same command to retry them")  # fmt: skip
+        if self.plan.bad_shards:  # their items are unanswered: the run is not finished
+            first = next(iter(self.plan.bad_shards.values()))
+            return "failed", (f"{len(self.plan.bad_shards)} unreadable input shard(s) skipped "
+                              f"(replace and rerun), e.g. {first}")  # fmt: skip
         ex = self.spec.execution
         if t["rows"] >= ex.error_fraction_min_items and t["items_error"] / t["rows"] > (
             ex.max_error_fraction

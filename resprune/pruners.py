@@ -91,27 +91,28 @@ class ResPrune:
     def prune(self, sets: list[TokenSet], ks: list[int]) -> list[Pruned]:
         """One batched selector call over all sets, each truncated to its own budget."""
         _check(sets, ks)
-        n_max = max(s.tokens.shape[0] for s in sets)
-        dev = sets[0].tokens.device
-        x = torch.zeros(len(sets), n_max, sets[0].tokens.shape[1], device=dev)
-        mask = torch.zeros(len(sets), n_max, dtype=torch.bool, device=dev)
-        rel = torch.ones(len(sets), n_max, device=dev)
+        x = torch.nn.utils.rnn.pad_sequence([s.tokens for s in sets], batch_first=True)
+        lengths = [s.tokens.shape[0] for s in sets]
+        mask = (
+            torch.arange(x.shape[1], device=x.device)
+            < torch.tensor(lengths, device=x.device)[:, None]
+        )
+        rel = torch.ones(mask.shape, device=x.device)
         with_text = self.alpha != 0
         for b, s in enumerate(sets):
-            n = s.tokens.shape[0]
-            x[b, :n], mask[b, :n] = s.tokens.float(), True
             if with_text and s.text is not None:
-                rel[b, :n] = token_relevance(s.tokens, s.text)
+                rel[b, : lengths[b]] = token_relevance(s.tokens, s.text)
         sels = select_prefixes(
             x, ks, relevance=rel, alpha=self.alpha, mask=mask, relevance_floor=self.relevance_floor
         )
+        energies = torch.stack([sel.retained_energy for sel in sels]).tolist()  # one sync
         return [
             Pruned(
                 indices=sel.indices,
-                retained_energy=float(sel.retained_energy),
-                relevance=rel[b, : s.tokens.shape[0]] if with_text and s.text is not None else None,
+                retained_energy=energy,
+                relevance=rel[b, : lengths[b]] if with_text and s.text is not None else None,
             )
-            for b, (s, sel) in enumerate(zip(sets, sels, strict=True))
+            for b, (s, sel, energy) in enumerate(zip(sets, sels, energies, strict=True))
         ]
 
 

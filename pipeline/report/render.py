@@ -54,9 +54,10 @@ def _clip(text: str) -> str:
     return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
 
 
-def md_escape(text: str) -> str:
-    """Plain text made inert in Markdown (one line, specials backslash-escaped)."""
-    return _MD_SPECIAL.sub(r"\\\1", _clip(text))
+def md_escape(text: str, *, clip: bool = True) -> str:
+    """Plain text made inert in Markdown (one line, specials backslash-escaped); table cells
+    are clipped to MAX_CELL characters, prose is not."""
+    return _MD_SPECIAL.sub(r"\\\1", _clip(text) if clip else visible(text))
 
 
 def _md_table(block: Block) -> str:
@@ -79,9 +80,9 @@ def to_markdown(blocks: list[Block]) -> str:
         elif b.kind == "chart":
             parts.append(f"![{b.text}]({b.text})")
         elif b.kind == "note":
-            parts.append("> " + md_escape(b.text))
+            parts.append("> " + md_escape(b.text, clip=False))
         else:
-            parts.append(md_escape(b.text))
+            parts.append(md_escape(b.text, clip=False))
     return "\n\n".join(parts) + "\n"
 
 

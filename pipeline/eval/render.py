@@ -1,0 +1,116 @@
+"""The eval's files: eval.md, eval.json, eval.html (chart and overlays inlined), the chart
+as SVG, and predictions.parquet (every item under every configuration, with its scores).
+
+Blocks are rendered by the cost report's renderers, which escape every data-derived string
+(answers, questions and ids are untrusted) and give the HTML page a CSP with no scripts and
+no network. Non-goals: computing numbers (see `summary`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import matplotlib.pyplot as plt
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.eval.summary import METRICS
+from pipeline.report.charts import _svg
+from pipeline.report.content import Block, num
+from pipeline.report.render import to_html, to_markdown
+from pipeline.storage import filesystem, join
+
+CHART = "relative_vs_tokens.svg"
+HEADER = ["config", "kept tokens/item", "LLM prompt tokens/item", "new tokens/item",
+          "s/item", "VQA acc", "exact match", "token F1", "relative", "errors"]  # fmt: skip
+
+
+def blocks(name: str, model: str, summary: dict[str, Any], problems: list[str]) -> list[Block]:
+    """What eval.md and eval.html say, in order."""
+    gate = summary["gate"]
+    out = [
+        Block("h1", f"Eval: {name}"),
+        Block(
+            "p",
+            f"Model {model}; {summary['items']} items, {summary['common_items']} scored "
+            f"under every configuration; relative = {summary['metric']} / none's.",
+        ),
+        Block("table", header=HEADER, rows=[_row(k, c) for k, c in summary["configs"].items()]),
+        Block(
+            "p",
+            f"Configured pruner {gate['config']}: relative performance {num(gate['relative'])}.",
+        ),
+        Block("h2", "At equal kept tokens"),
+        Block(
+            "p",
+            "Relative performance interpolated between each pruner's budgets at the kept "
+            "tokens per item (what the LLM saw) of the configured method; blank outside "
+            "a pruner's measured range.",
+        ),
+        _equal_table(summary["equal_tokens"]),
+        Block("chart", CHART),
+    ]
+    if problems:
+        out.append(Block("note", f"{len(problems)} item(s) not scored: " + "; ".join(problems)))
+    return out
+
+
+def _row(label: str, c: dict[str, Any]) -> list[str]:
+    per_item = ("kept_tokens", "prompt_tokens", "new_tokens", "gpu_seconds")
+    return [
+        label,
+        *(num(c[f"{name}_per_item"]) for name in per_item),
+        *(num(c[m]) for m in METRICS),
+        num(c["relative"]),
+        str(c["items_error"]),
+    ]
+
+
+def _equal_table(eq: dict[str, Any]) -> Block:
+    header = ["method", *(f"{x:.1f} tokens" for x in eq["levels"])]
+    rows = [[m, *("" if v is None else num(v) for v in vals)] for m, vals in eq["relative"].items()]
+    return Block("table", header=header, rows=rows)
+
+
+def chart(summary: dict[str, Any], threshold: float | None) -> str:
+    """Relative performance against kept tokens per item, one line per method."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    by_method: dict[str, list[tuple[float, float]]] = {}
+    for c in summary["configs"].values():
+        if c["relative"] is not None and c["kept_tokens_per_item"] is not None:
+            by_method.setdefault(c["method"], []).append((c["kept_tokens_per_item"], c["relative"]))
+    for method, pts in sorted(by_method.items()):
+        xs, ys = zip(*sorted(pts), strict=True)
+        ax.plot(xs, ys, "o-" if len(pts) > 1 else "o", label=method)
+    ax.axhline(1.0, color="#999", lw=0.8)
+    if threshold is not None:
+        ax.axhline(threshold, color="#d62728", ls="--", lw=0.8, label=f"gate {threshold:g}")
+    ax.set_xlabel("kept image tokens per item (what the LLM saw)")
+    ax.set_ylabel(f"relative {summary['metric']}")
+    ax.set_title("Relative performance vs kept tokens")
+    ax.legend(loc="best", fontsize=8)
+    return _svg(fig, "eval")
+
+
+def write_all(
+    uri: str, storage: Any, *, summary: dict[str, Any], table: pa.Table, page: list[Block],
+    charts: dict[str, str], html_extra: list[Block],
+) -> dict[str, str]:  # fmt: skip
+    """Write every file under ``uri``; returns name -> path. ``charts``: SVGs by name."""
+    fs, root = filesystem(uri, storage)
+    fs.create_dir(root, recursive=True)
+    files = {
+        "eval.json": json.dumps(summary, indent=2, sort_keys=True).encode(),
+        "eval.md": to_markdown(page).encode(),
+        "eval.html": to_html(page + html_extra, charts).encode(),
+        CHART: charts[CHART].encode(),
+    }
+    written = {}
+    for name, data in files.items():
+        with fs.open_output_stream(join(root, name)) as f:
+            f.write(data)
+        written[name] = join(root, name)
+    pq.write_table(table, join(root, "predictions.parquet"), filesystem=fs)
+    written["predictions.parquet"] = join(root, "predictions.parquet")
+    return written

@@ -1,0 +1,60 @@
+"""Folders written by Hugging Face `datasets`' ``Dataset.save_to_disk``: find and read them.
+
+Such a folder holds ``state.json`` (which lists the data files, in order), ``dataset_info.json``
+and Arrow IPC *stream* files (``data-00000-of-00001.arrow``); a ``DatasetDict`` holds one such
+folder per split. We take the file list from ``state.json`` (a folder re-used by
+``load_from_disk(...).map`` also holds ``cache-*.arrow`` files that are not the dataset), and
+let pyarrow parse the files (here for the plan's ids; `pipeline.readers` for the job).
+Non-goals: the ``_indices`` mapping of an unflattened dataset (``save_to_disk`` flattens it),
+and datasets' own feature decoding (images stay encoded until the CPU stage).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from pipeline.storage import StorageError, join, read_json
+
+STATE = "state.json"
+
+
+def is_state_file(path: str) -> bool:
+    """True for a save_to_disk folder's ``state.json``."""
+    return path.rsplit("/", 1)[-1] == STATE
+
+
+def data_files(fs: pafs.FileSystem, states: list[str]) -> list[str]:
+    """The Arrow files each ``state.json`` lists, in the dataset's order."""
+    files: list[str] = []
+    for state in states:
+        folder = state.rsplit("/", 1)[0]
+        listed = read_json(fs, state).get("_data_files") or []
+        if not listed:
+            raise StorageError(f"{state}: lists no _data_files (not a save_to_disk folder?)")
+        files += [join(folder, entry["filename"]) for entry in listed]
+    return files
+
+
+def open_stream(fs: pafs.FileSystem, path: str) -> pa.ipc.RecordBatchStreamReader:
+    """An Arrow IPC stream reader (memory-mapped when the file is local)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return pa.ipc.open_stream(pa.memory_map(path))
+    return pa.ipc.open_stream(fs.open_input_stream(path))
+
+
+def read_schema_and_ids(
+    fs: pafs.FileSystem, path: str, id_column: str, check: Callable[[str, pa.Schema], None]
+) -> tuple[pa.Schema, list]:
+    """The file's schema (checked by ``check`` before any row is read) and its ids."""
+    try:
+        reader = open_stream(fs, path)
+        check(path, reader.schema)
+        ids: list = []
+        for batch in reader:
+            ids += batch.column(id_column).to_pylist()
+    except pa.ArrowInvalid as exc:
+        raise StorageError(f"cannot read input {path}: not an Arrow stream file: {exc}") from None
+    return reader.schema, ids

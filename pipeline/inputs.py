@@ -1,0 +1,178 @@
+"""The job's input on the driver: detect its format, list its files, check columns, read ids.
+
+Three formats, one result (`InputListing`): Parquet files (ours, or a Hugging Face hub
+``data/*.parquet`` layout), a ``datasets`` ``save_to_disk`` folder (`pipeline.hf_arrow`), and
+WebDataset tar shards (`pipeline.webdataset`). Image columns may hold encoded bytes or the
+``datasets`` ``Image()`` struct ``{bytes, path}`` (detected from the type). Reads only what the
+plan needs (footers and id columns; a tar shard's member headers). Non-goals: reading rows for
+the job (`pipeline.readers`), and resume (`pipeline.plan`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline import hf_arrow, webdataset
+from pipeline.columns import OUTPUT_COLUMNS
+from pipeline.spec import InputSpec
+from pipeline.storage import StorageError, is_remote, list_files, redact
+
+SUFFIX = {"parquet": ".parquet", "webdataset": ".tar"}
+HF_IMAGE = "datasets Image() struct {bytes, path}"
+
+
+@dataclass
+class InputListing:
+    """The input's readable files with their ids, its column types, and unreadable shards."""
+
+    format: str
+    files: list[str]
+    ids: dict[str, list[str]]
+    schema: pa.Schema
+    image_encoding: str
+    bad_shards: dict[str, str] = field(default_factory=dict)
+
+
+def list_input(fs: pafs.FileSystem, path: str, spec: InputSpec) -> InputListing:
+    """Detect the format, check every file's columns and ids; raises StorageError."""
+    fmt, files = detect(fs, path, spec)
+    if fmt == "webdataset":
+        return _list_webdataset(fs, files, spec)
+    per_file: dict[str, list[str]] = {}
+    schema = pa.schema([])
+    for file in files:
+        schema, per_file[file] = _schema_and_ids(fmt, fs, file, spec)
+    check_ids(per_file, spec.id_column)
+    return InputListing(fmt, files, per_file, schema, image_encoding(schema, spec))
+
+
+def detect(fs: pafs.FileSystem, path: str, spec: InputSpec) -> tuple[str, list[str]]:
+    """The input format (spec.format, or detected) and its data files, in order."""
+    found = list_files(fs, path)
+    fmt = spec.format
+    if fmt == "auto":
+        fmt = "parquet"
+        if any(f.endswith(".tar") for f in found):
+            fmt = "webdataset"
+        elif any(hf_arrow.is_state_file(f) for f in found):
+            fmt = "datasets"
+    if fmt == "datasets":
+        files = hf_arrow.data_files(fs, [f for f in found if hf_arrow.is_state_file(f)])
+    else:
+        files = [f for f in found if f.endswith(SUFFIX[fmt])]
+    if not files:
+        what = {"parquet": "Parquet files", "webdataset": "WebDataset .tar shards",
+                "datasets": "datasets save_to_disk folder (state.json)"}  # fmt: skip
+        if spec.format == "auto":
+            raise StorageError(f"no {', '.join(what.values())} under {spec.uri}")
+        raise StorageError(f"no {what[fmt]} under {spec.uri} (input.format: {fmt})")
+    return fmt, files
+
+
+def _schema_and_ids(
+    fmt: str, fs: pafs.FileSystem, path: str, spec: InputSpec
+) -> tuple[pa.Schema, list[str]]:
+    def check(where: str, schema: pa.Schema) -> None:
+        check_columns(where, schema, spec)
+
+    if fmt == "datasets":
+        return hf_arrow.read_schema_and_ids(fs, path, spec.id_column, check)
+    try:
+        pf = pq.ParquetFile(fs.open_input_file(path))
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise StorageError(f"cannot read input {path}: {redact(str(exc))}") from None
+    check(path, pf.schema_arrow)
+    return pf.schema_arrow, pf.read(columns=[spec.id_column]).column(0).to_pylist()
+
+
+def _list_webdataset(fs: pafs.FileSystem, files: list[str], spec: InputSpec) -> InputListing:
+    if spec.image_uri_column:
+        raise StorageError("WebDataset input takes images from the image member; "
+                           "unset input.image_uri_column")  # fmt: skip
+    per_file: dict[str, list[str]] = {}
+    bad: dict[str, str] = {}
+    for file in files:
+        try:
+            per_file[file] = webdataset.sample_keys(fs, file)
+        except webdataset.ShardError as exc:
+            bad[file] = redact(str(exc))
+    check_ids(per_file, "the sample key")
+    return InputListing("webdataset", list(per_file), per_file, webdataset.row_schema(spec),
+                        webdataset.image_encoding(spec), bad)  # fmt: skip
+
+
+def check_ids(per_file: dict[str, list[str]], column: str) -> None:
+    """Ids are non-empty and unique across all files."""
+    seen: set[str] = set()
+    for path, ids in per_file.items():
+        if any(i is None or i == "" for i in ids):
+            raise StorageError(f"{path}: column {column!r} has null or empty ids")
+        dup = seen.intersection(ids) or (len(set(ids)) < len(ids) and {"(within the file)"})
+        if dup:
+            raise StorageError(f"{path}: duplicate ids in {column!r}, e.g. {sorted(dup)[0]}")
+        seen.update(ids)
+
+
+def check_columns(path: str, schema: pa.Schema, spec: InputSpec) -> None:
+    """The spec's columns exist with usable types; pass-through ones do not clash."""
+    image_col = spec.image_column or spec.image_uri_column
+    needed = [spec.id_column, image_col, *spec.passthrough_columns]
+    missing = [c for c in needed if c not in schema.names]
+    if missing:
+        raise StorageError(f"{path}: missing column(s) {missing}; it has {schema.names}")
+    expected = {spec.id_column: _is_text, spec.question_column: _is_text,
+                spec.image_uri_column: _is_text, spec.image_column: _is_image}  # fmt: skip
+    wrong = [f"{c} ({schema.field(c).type})" for c, ok in expected.items()
+             if c and c in schema.names and not _null_or(ok, schema.field(c).type)]  # fmt: skip
+    if wrong:
+        raise StorageError(f"{path}: wrong column type(s) {wrong}: ids, questions and URIs are "
+                           f"strings, images are binary or the {HF_IMAGE}")  # fmt: skip
+    clash = sorted(set(spec.passthrough_columns) & {name for name, _, _ in OUTPUT_COLUMNS})
+    if clash:
+        raise StorageError(f"passthrough column(s) {clash} clash with output columns")
+
+
+def image_encoding(schema: pa.Schema, spec: InputSpec) -> str:
+    """How the rows carry images: encoded bytes, the datasets struct, or paths."""
+    if spec.image_uri_column:
+        return f"paths in column {spec.image_uri_column!r}"
+    typ = schema.field(spec.image_column).type
+    kind = HF_IMAGE if pa.types.is_struct(typ) else "encoded bytes"
+    return f"{kind} in column {spec.image_column!r}"
+
+
+def dataset_folder(fs: pafs.FileSystem, path: str, uri: str) -> str:
+    """The input's folder as a URI (a file's or a glob's parent): relative image paths
+    resolve against it."""
+    if any(c in path for c in "*?["):
+        path = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
+    elif fs.get_file_info(path).type == pafs.FileType.File:
+        path = path.rsplit("/", 1)[0]
+    return f"s3://{path}" if is_remote(uri) else path
+
+
+def _null_or(ok: Callable[[pa.DataType], bool], t: pa.DataType) -> bool:
+    """All-null columns (or ones Ray cannot type) have no type to refuse."""
+    return pa.types.is_null(t) or ok(t)
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_bytes(t: pa.DataType) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
+def _is_image(t: pa.DataType) -> bool:
+    """Encoded bytes, or a struct with binary ``bytes`` (and string ``path``) fields."""
+    if not pa.types.is_struct(t):
+        return _is_bytes(t)
+    fields = {t.field(i).name: t.field(i).type for i in range(t.num_fields)}
+    path_ok = "path" not in fields or _is_text(fields["path"])
+    return "bytes" in fields and _is_bytes(fields["bytes"]) and path_ok

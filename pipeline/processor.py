@@ -1,0 +1,128 @@
+"""The stage API: answer the rows of any Ray Dataset, as ``ray.data.llm`` processors do.
+
+    import ray
+    from pipeline import ProcessorConfig, build_processor
+
+    config = ProcessorConfig.model_validate({"model": {"path": "llava-hf/llava-1.5-7b-hf"},
+                                             "pruning": {"keep": 64}})
+    processor = build_processor(config)
+    ds = processor(ray.data.read_parquet("s3://bucket/vqa/"))   # lazy, like any Dataset
+    ds.filter(lambda r: r["status"] == "ok").write_parquet("s3://bucket/answers/")
+
+The dataset needs an id column, an image column (encoded bytes, the ``datasets`` ``Image()``
+struct, or paths with ``image_uri_column``) and, optionally, a question column; the output
+has the columns of `pipeline.columns` plus ``input.passthrough_columns``. `build_processor`
+is the one place where concurrency, GPUs and batch sizes are set; the CLI job
+(`pipeline.runner`) is this processor between its reader and its committed writer.
+Non-goals: reading, resume and exactly-once writes (the job's), and starting Ray.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import ray
+import yaml
+
+from pipeline.answer_stage import Answerer
+from pipeline.inputs import check_columns
+from pipeline.preprocess import Preprocess
+from pipeline.spec import JobSpec, ProcessorConfig
+
+
+class Processor:
+    """A lazy transform ``Dataset -> Dataset``: CPU preprocess, then model actors."""
+
+    def __init__(self, config: ProcessorConfig, *, passthrough: pa.Schema | None = None,
+                 run_id: str | None = None, run_date: str | None = None,
+                 ledger: Any = None):  # fmt: skip
+        self.config, self.passthrough, self.ledger = config, passthrough, ledger
+        self.run_date = run_date or dt.datetime.now(dt.UTC).date().isoformat()
+        self.run_id = (
+            run_id or f"processor-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+        )
+
+    def __call__(self, ds: ray.data.Dataset) -> ray.data.Dataset:
+        """Add the answer and pruning-statistics columns to ``ds``'s rows."""
+        cfg, ex = self.config, self.config.execution
+        passthrough = self.passthrough if self.passthrough is not None else self._check(ds)
+        # One model batch per block: in the job each model task's rows commit on their own,
+        # so a crash loses at most the batches in flight, and the actor pool gets enough blocks.
+        ds = ds.repartition(target_num_rows_per_block=ex.batch_size)
+        ds = ds.map_batches(
+            Preprocess, fn_constructor_kwargs={"spec": cfg, "passthrough": passthrough.names},
+            batch_size=ex.preprocess_batch_size, batch_format="pyarrow", num_cpus=1,
+            compute=actor_pool(ex.preprocess_concurrency or (1, spare_cpus(cfg))),
+            udf_modifying_row_count=False,
+        )  # fmt: skip
+        kwargs = {"spec": cfg, "run_id": self.run_id, "run_date": self.run_date,
+                  "passthrough": passthrough, "ledger": self.ledger}  # fmt: skip
+        with warnings.catch_warnings():  # the retry bounds below go through ray_remote_args
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            return _answer_stage(ds, cfg, kwargs)
+
+    def _check(self, ds: ray.data.Dataset) -> pa.Schema:
+        """The dataset's columns against the config (may run the first block); returns the
+        pass-through columns' schema."""
+        schema = ds.schema()
+        if schema is None:
+            raise ValueError("the dataset has no schema (is it empty?)")
+        arrow = pa.schema(list(zip(schema.names, schema.types, strict=True)))
+        check_columns("the dataset", arrow, self.config.input)
+        return pa.schema([arrow.field(c) for c in self.config.input.passthrough_columns])
+
+
+def build_processor(config: ProcessorConfig | JobSpec | dict | str | Path, *,
+                    passthrough: pa.Schema | None = None, run_id: str | None = None,
+                    run_date: str | None = None, ledger: Any = None) -> Processor:  # fmt: skip
+    """A processor from a `ProcessorConfig`, a job spec, a mapping or a YAML file of either.
+
+    ``passthrough`` (types of the pass-through columns) is read from the dataset when None.
+    """
+    return Processor(_config(config), passthrough=passthrough, run_id=run_id,
+                     run_date=run_date, ledger=ledger)  # fmt: skip
+
+
+def _config(config: ProcessorConfig | JobSpec | dict | str | Path) -> ProcessorConfig:
+    if isinstance(config, (str, Path)):
+        config = yaml.safe_load(Path(config).read_text())
+    if isinstance(config, JobSpec):
+        return ProcessorConfig.from_job(config)
+    if isinstance(config, dict):
+        if "output" in config or "name" in config:  # a job spec's mapping
+            from pipeline.spec import parse_spec
+
+            return ProcessorConfig.from_job(parse_spec(config))
+        return ProcessorConfig.model_validate(config)
+    return config
+
+
+def _answer_stage(ds: ray.data.Dataset, cfg: ProcessorConfig, kwargs: dict) -> ray.data.Dataset:
+    ex = cfg.execution
+    return ds.map_batches(
+        Answerer, fn_constructor_kwargs=kwargs, batch_size=ex.batch_size,
+        batch_format="pyarrow", num_gpus=ex.gpus_per_actor, num_cpus=ex.cpus_per_actor,
+        compute=actor_pool(ex.actors), udf_modifying_row_count=False,
+        # Bound retries so a batch that kills its actor fails the run instead of looping
+        # forever (RELIABILITY.md §1.8); Ray 2.60 has no named parameter for these yet.
+        max_restarts=ex.max_task_retries, max_task_retries=ex.max_task_retries,
+    )  # fmt: skip
+
+
+def actor_pool(size: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
+    """A fixed (int) or autoscaling ([min, max]) actor pool."""
+    lo, hi = (size, size) if isinstance(size, int) else size
+    return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi)
+
+
+def spare_cpus(cfg: ProcessorConfig | JobSpec) -> int:
+    """CPU actors for preprocessing: what the model actors leave, minus one for read/write."""
+    ex = cfg.execution
+    actors = ex.actors if isinstance(ex.actors, int) else ex.actors[1]
+    total = ray.cluster_resources().get("CPU", 1) if ray.is_initialized() else 1
+    return max(1, int(total - actors * ex.cpus_per_actor - 1))

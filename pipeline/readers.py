@@ -1,0 +1,48 @@
+"""Read the plan's pending input files as a lazy Ray Dataset of the job's rows.
+
+Each format goes through a Ray Data reader: ``read_parquet`` (no hive-partition columns are
+invented from paths), a `FileBasedDatasource` over pyarrow's Arrow IPC stream reader for
+``datasets`` ``save_to_disk`` folders, and ``read_webdataset`` (members kept as bytes, then
+shaped into rows by `pipeline.webdataset.to_rows`). Only the columns the job needs are kept.
+Non-goals: checks and ids (the plan did them), decoding (the CPU stage does it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pyarrow as pa
+import ray
+from ray.data.datasource import FileBasedDatasource
+
+from pipeline import webdataset
+from pipeline.plan import Plan
+from pipeline.spec import InputSpec
+
+
+class ArrowStreamDatasource(FileBasedDatasource):
+    """Arrow IPC stream files (what ``Dataset.save_to_disk`` writes), keeping ``columns``."""
+
+    def __init__(self, paths: list[str], *, columns: list[str], **kwargs):
+        super().__init__(paths, file_extensions=["arrow"], **kwargs)
+        self.columns = columns
+
+    def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
+        for batch in pa.ipc.open_stream(f):
+            yield pa.Table.from_batches([batch]).select(self.columns)
+
+
+def read_input(spec: InputSpec, plan: Plan) -> ray.data.Dataset:
+    """The pending files' rows: id, image, question (when present), pass-through columns."""
+    files, fs = plan.pending_files, plan.in_fs
+    if plan.input_format == "webdataset":
+        samples = ray.data.read_webdataset(files, filesystem=fs, decoder=None)
+        return samples.map_batches(webdataset.to_rows, fn_kwargs={"spec": spec},
+                                   batch_format="pyarrow", batch_size=None)  # fmt: skip
+    cols = [spec.id_column, spec.image_column or spec.image_uri_column, *plan.passthrough.names]
+    if plan.has_question:
+        cols.append(spec.question_column)
+    cols = list(dict.fromkeys(cols))
+    if plan.input_format == "datasets":
+        return ray.data.read_datasource(ArrowStreamDatasource(files, columns=cols, filesystem=fs))
+    return ray.data.read_parquet(files, filesystem=fs, columns=cols, partitioning=None)

@@ -1,0 +1,201 @@
+"""Input formats end to end on real Ray: `datasets` exports, WebDataset shards, local and S3."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import datasets
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pytest
+import yaml
+
+from pipeline import cli_validate, commit, runner
+from pipeline.spec import JobSpec, parse_spec
+from pipeline.webdataset import ShardError, sample_keys
+from resprune.tiny import build_tiny_checkpoint
+from tests.input_helpers import ASSETS, export_hub_layout, sample, vqa_dataset, write_shard
+
+DATE = "2026-11-24"
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quiet_datasets() -> None:
+    datasets.disable_progress_bars()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_checkpoint("llava", tmp_path_factory.mktemp("model"))
+
+
+def job(model: Path | str, inp: str, out: str, **inp_keys: object) -> JobSpec:
+    return parse_spec({
+        "name": "inputs", "input": {"uri": inp, **inp_keys},
+        "model": {"path": str(model), "max_new_tokens": 2},
+        "pruning": {"keep": 8},
+        "execution": {"batch_size": 2, "preprocess_batch_size": 2},
+        "output": {"uri": out, "min_rows_per_file": 1},
+        "cost": {"shadow_fraction": 0.0},
+    })  # fmt: skip
+
+
+def validate_deep(spec: JobSpec, tmp_path: Path, capsys: pytest.CaptureFixture) -> str:
+    doc = spec.model_dump(mode="json")
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
+    args = argparse.Namespace(spec=str(tmp_path / "job.yaml"), run_date=DATE, overrides=[],
+                              deep=True)  # fmt: skip
+    assert cli_validate.main(args) == 0, capsys.readouterr().err
+    return capsys.readouterr().out
+
+
+def output(uri: str, fs: pafs.FileSystem | None = None) -> dict[str, dict]:
+    rows = pads.dataset(uri, format="parquet", filesystem=fs).to_table().to_pylist()
+    assert len({r["id"] for r in rows}) == len(rows), "duplicate ids in the output"
+    return {r["id"]: r for r in rows}
+
+
+def check_vqa_rows(got: dict[str, dict], spec: JobSpec) -> None:
+    """The vqa_dataset rows: three images found three ways, one broken; columns carried."""
+    assert sorted(got) == ["broken", "cat", "coffee", "rocket"]
+    assert [got[i]["status"] for i in ("cat", "coffee", "rocket")] == ["ok"] * 3
+    assert got["broken"]["error_cause"] == "undecodable" and "id=broken" in got["broken"]["error"]
+    assert got["coffee"]["question"] == spec.model.default_question
+    assert got["cat"]["answers"] == ["cat", "a cat"] and got["rocket"]["answers"] == []
+    assert got["coffee"]["meta"] == {"source": "s1", "votes": 1}
+    assert got["cat"]["kept_tokens"] == 8 and got["cat"]["answer"] is not None
+
+
+def test_hub_parquet_layout_local_with_paths(model: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    """to_parquet keeps path-only images: relative to the dataset folder, and absolute."""
+    hub = export_hub_layout(vqa_dataset(tmp_path / "hub", monkeypatch), tmp_path / "hub")
+    monkeypatch.chdir(tmp_path)  # relative paths must not depend on the working directory
+    spec = job(model, str(hub), str(tmp_path / "out"), passthrough_columns=["answers", "meta"])
+    report = validate_deep(spec, tmp_path, capsys)
+    assert "input: parquet" in report and "datasets Image() struct {bytes, path}" in report
+    doc = runner.run_job(spec, DATE, progress=False)
+    assert (doc["status"], doc["items_ok"], doc["items_error"]) == ("finished", 3, 1)
+    check_vqa_rows(output(str(tmp_path / "out")), spec)
+    loaded = datasets.load_dataset("parquet", data_files=str(tmp_path / "out" / "*.parquet"))
+    assert sorted(loaded["train"]["id"]) == ["broken", "cat", "coffee", "rocket"]
+    again = runner.run_job(spec, DATE, progress=False)
+    assert (again["items_processed"], again["items_skipped"]) == (0, 4)
+
+
+def test_save_to_disk_folder_on_s3(model: Path, tmp_path: Path, s3_server, s3_bucket: str,
+                                   monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    """A DatasetDict saved to disk, uploaded as is; one split is read (state.json's files)."""
+    ds = vqa_dataset(tmp_path / "src", monkeypatch)
+    datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(tmp_path / "sd"))
+    client = s3_server.client()
+    for f in (tmp_path / "sd").rglob("*"):
+        if f.is_file():
+            client.upload_file(str(f), s3_bucket, f"vqa/{f.relative_to(tmp_path / 'sd')}")
+    client.put_object(Bucket=s3_bucket, Key="vqa/train/cache-0123.arrow", Body=b"not data")
+    spec = job(model, f"s3://{s3_bucket}/vqa/train", f"s3://{s3_bucket}/out",
+               passthrough_columns=["answers", "meta"])  # fmt: skip
+    report = validate_deep(spec, tmp_path, capsys)
+    assert "input: datasets, 1 file(s)" in report and "datasets Image() struct" in report
+    doc = runner.run_job(spec, DATE, progress=False)
+    assert (doc["status"], doc["items_ok"], doc["items_error"]) == ("finished", 3, 1)
+    fs, root = pafs.S3FileSystem(endpoint_override=s3_server.endpoint), f"{s3_bucket}/out"
+    check_vqa_rows(output(root, fs), spec)
+    again = runner.run_job(spec, DATE, progress=False)
+    assert (again["items_processed"], again["items_skipped"]) == (0, 4)
+
+
+def test_shard_listing_refuses_what_ray_would_crash_on(tmp_path: Path) -> None:
+    fs = pafs.LocalFileSystem()
+    jpg = (ASSETS / "chelsea.jpg").read_bytes()
+    good = [sample(f"{i:09d}", jpg, {"caption": "c"}, "c") for i in range(3)]
+    data = write_shard(tmp_path / "good.tar", good)
+    assert sample_keys(fs, str(tmp_path / "good.tar")) == [f"{i:09d}" for i in range(3)]
+    cases = {
+        "middle": (data[: len(data) // 2], "unexpected end of data"),
+        "boundary": (data[: data.index(b"000000002.jpg")], "no end-of-archive marker"),
+    }
+    for name, (cut, message) in cases.items():
+        (tmp_path / f"{name}.tar").write_bytes(cut)
+        with pytest.raises(ShardError, match=message):
+            sample_keys(fs, str(tmp_path / f"{name}.tar"))
+    write_shard(tmp_path / "split.tar", [good[0][:1], good[1], good[0][1:]])
+    with pytest.raises(ShardError, match="not contiguous"):
+        sample_keys(fs, str(tmp_path / "split.tar"))
+
+
+def img2dataset_shards(folder: Path) -> dict[str, str]:
+    """Three shards: a good one, one with a corrupt image and a bad .json, one cut short.
+
+    Returns the expected status or error cause per sample key of the readable shards.
+    """
+    jpg = {n: (ASSETS / n).read_bytes() for n in ("chelsea.jpg", "coffee.jpg", "rocket.jpg")}
+    meta = {"url": "http://x", "status": "success"}
+    write_shard(folder / "00000.tar", [
+        sample("000000000", jpg["chelsea.jpg"], meta | {"question": "Which animal?"}, "a cat"),
+        sample("000000001", jpg["coffee.jpg"], meta, "a cup of coffee"),
+    ])  # fmt: skip
+    write_shard(folder / "00001.tar", [
+        sample("000010000", jpg["rocket.jpg"][:300] + b"\0" * 64, meta, "corrupt jpeg"),
+        sample("000010001", jpg["rocket.jpg"], b"{not json", "bad json member"),
+        sample("000010002", jpg["rocket.jpg"], meta | {"question": "What is it?"}, "a rocket"),
+    ])  # fmt: skip
+    cut = write_shard(folder / "00002.tar", [sample("000020000", jpg["coffee.jpg"], meta, "c")])
+    (folder / "00002.tar").write_bytes(cut[: len(cut) // 2])
+    return {"000000000": "ok", "000000001": "ok", "000010000": "undecodable",
+            "000010001": "bad_member", "000010002": "ok"}  # fmt: skip
+
+
+def test_webdataset_local_faults_and_resume(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Corrupt members become error rows, a cut shard a whole-shard error; a rerun resumes."""
+    expect = img2dataset_shards(tmp_path / "shards")
+    out = tmp_path / "out"
+    spec = job(model, str(tmp_path / "shards"), str(out), passthrough_columns=["txt", "url"])
+    report = validate_deep(spec, tmp_path, capsys)
+    assert "input: webdataset, 3 file(s)" in report and "member .jpg|" in report
+    assert "00002.tar: not a readable tar shard: unexpected end of data" in report
+    doc = runner.run_job(spec, DATE, progress=False)
+    assert doc["status"] == "failed" and list(doc["unreadable_shards"]) == [
+        str(tmp_path / "shards" / "00002.tar")
+    ]
+    got = output(str(out))
+    assert {k: r["status"] if r["status"] == "ok" else r["error_cause"]
+            for k, r in got.items()} == expect  # fmt: skip
+    assert got["000000000"]["question"] == "Which animal?" and got["000000000"]["txt"] == "a cat"
+    assert got["000000001"]["question"] == spec.model.default_question
+    assert got["000010001"]["error"].startswith("id=000010001: bad_member: member 000010001.json")
+    # A crash before one file's commit point: drop it; and the shard is re-uploaded whole.
+    lost = commit.committed_files(pafs.LocalFileSystem(), str(out))[0]
+    lost_ids = set(output(lost))
+    Path(lost).unlink()
+    (out / commit.MANIFEST / (Path(lost).name + ".json")).unlink()
+    write_shard(
+        tmp_path / "shards" / "00002.tar",
+        [sample("000020000", (ASSETS / "coffee.jpg").read_bytes(), {}, "c")],
+    )
+    again = runner.run_job(spec, DATE, progress=False)
+    assert again["status"] == "finished" and not again["unreadable_shards"]
+    assert again["items_processed"] == len(lost_ids) + 1
+    assert again["items_skipped"] == len(expect) - len(lost_ids)
+    assert sorted(output(str(out))) == sorted([*expect, "000020000"])
+
+
+def test_webdataset_on_s3_with_a_question_field(model: Path, s3_server, s3_bucket: str,
+                                                tmp_path: Path) -> None:  # fmt: skip
+    jpg = (ASSETS / "chelsea.jpg").read_bytes()
+    write_shard(tmp_path / "s.tar", [sample("a0", jpg, {"prompt": "Colour?", "n": 3}, "cat"),
+                                     sample("a1", jpg, {"n": 4}, "cat")])  # fmt: skip
+    s3_server.client().upload_file(str(tmp_path / "s.tar"), s3_bucket, "wds/00000.tar")
+    spec = job(model, f"s3://{s3_bucket}/wds/", f"s3://{s3_bucket}/out", format="webdataset",
+               question_column="prompt", passthrough_columns=["n"])  # fmt: skip
+    doc = runner.run_job(spec, DATE, progress=False)
+    assert (doc["status"], doc["items_ok"]) == ("finished", 2)
+    got = output(f"{s3_bucket}/out", pafs.S3FileSystem(endpoint_override=s3_server.endpoint))
+    assert (got["a0"]["question"], got["a0"]["n"]) == ("Colour?", "3")
+    assert got["a1"]["question"] == spec.model.default_question
