@@ -44,6 +44,8 @@ ITEM_CAUSES: dict[str, str] = {
     "image_tokens": "the prompt's image tokens do not match the image features",
     "preprocess_error": "an unexpected error in the CPU stage for this item (message names it)",
     "model_error": "the model raised for this item alone",
+    "engine_refused": "the generation engine (vLLM) refused this item's request",
+    "engine_error": "the generation engine returned no output for this item",
     "crashed_worker": "the model process died while answering this item alone (quarantined)",
 }
 

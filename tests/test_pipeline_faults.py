@@ -111,7 +111,7 @@ def test_run_status_judges_the_error_fraction_once_enough_items_are_done(
 ) -> None:
     spec = parse_spec({"name": "t", "input": {"uri": "in"}, "model": {"path": "org/m"},
                        "output": {"uri": "out"}})  # fmt: skip
-    plan = SimpleNamespace(items_pending=pending)
+    plan = SimpleNamespace(items_pending=pending, bad_shards={})
     recorder = Recorder(spec, plan, run_id="r", run_date="2026-11-24", started=0.0)
     got, reason = recorder._status({"rows": rows, "items_error": errors}, None)
     assert got == status and (reason or "").startswith(why or "")
