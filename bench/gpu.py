@@ -11,9 +11,12 @@ is measured. Per model and batch (1, 8, 32 where asked, and the memory-budget ba
 capped by --max-batch), unpruned and pruned side by side: vision, selection, prefill (LLM)
 ms, decode ms/step against the floor (weights + KV bytes once at the measured copy
 bandwidth), end to end, items/s and peak memory. Then the targets of issue 10, met or
-missed. Prints a table and, last, one JSON line. Sections stop at --budget-s.
+missed. Prints a table and, last, one JSON line. Sections stop at --budget-s. One engine
+per model, as an actor holds one (``--cache auto``: static cache and compiled decode on
+CUDA); each configuration's first call is an untimed warm-up (graph captures, compiles).
+--attn defaults to flash_attention_2 when flash_attn is importable, else sdpa.
 
-    PYTHONPATH=. python bench/gpu.py            # one H200: about 5 minutes
+    PYTHONPATH=. python bench/gpu.py            # sized for <= 6 min on one H200 (not yet run)
     .venv/bin/python bench/gpu.py --smoke       # tiny sizes on the CPU, seconds
 """
 
@@ -39,6 +42,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from resprune import answer_batch, select_tokens, tiny
+from resprune.engines import build_engine
 from resprune.loading import load_preprocessor
 from resprune.memory import DEFAULT_CPU_BATCH_TOKENS, batch_token_budget, kv_bytes_per_token
 from resprune.models import ADAPTERS, VLM
@@ -158,14 +162,16 @@ def build(family: str, text: dict, vit: dict, size: int, device, dtype, attn: st
     return VLM(family, model, tok, ADAPTERS[family], f"{family}-random", device), pre
 
 
-def run(vlm: VLM, items: list, keep: int | None, new_tokens: int) -> dict:
+def run(vlm: VLM, items: list, keep: int | None, new_tokens: int, engine) -> dict:
     """One `answer_batch` call: wall seconds, its parts, prompt length, peak memory."""
     if vlm.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(vlm.device)
     pruner = build_pruner("resprune") if keep else None
     sync(vlm.device)
     t = time.perf_counter()
-    out = answer_batch(vlm, items, pruner=pruner, keep=keep or 1.0, max_new_tokens=new_tokens)
+    out = answer_batch(
+        vlm, items, pruner=pruner, keep=keep or 1.0, max_new_tokens=new_tokens, engine=engine
+    )
     sync(vlm.device)
     wall = time.perf_counter() - t
     bad = [o for o in out if not hasattr(o, "answer")]
@@ -179,12 +185,12 @@ def run(vlm: VLM, items: list, keep: int | None, new_tokens: int) -> dict:
             "visual": out[0].visual_tokens, "kept": out[0].kept_tokens, "peak": peak}  # fmt: skip
 
 
-def measure(vlm, items, keep, new_tokens, repeats, bandwidth) -> dict:
+def measure(vlm, engine, items, keep, new_tokens, repeats, bandwidth) -> dict:
     """Prefill (1 new token) and end-to-end (``new_tokens``) timings, min over repeats."""
-    if vlm.device.type == "cuda":
-        run(vlm, items, keep, 2)  # warm-up (and CUDA-graph capture)
-    pre = [run(vlm, items, keep, 1) for _ in range(repeats)]
-    e2e = [run(vlm, items, keep, new_tokens) for _ in range(repeats)]
+    if vlm.device.type == "cuda":  # warm-up: CUDA-graph captures, compiled decode shapes
+        run(vlm, items, keep, new_tokens, engine)
+    pre = [run(vlm, items, keep, 1, engine) for _ in range(repeats)]
+    e2e = [run(vlm, items, keep, new_tokens, engine) for _ in range(repeats)]
     b, shape = len(items), vlm.describe()
     best = min(e2e, key=lambda r: r["wall"])
     prefill = min(r["generate_s"] for r in pre)
@@ -222,6 +228,7 @@ def model_section(spec, args, device, dtype, bandwidth, clock) -> dict:
         text, vit, batches, keep = TINY_TEXT, TINY_VIT, [2], {"llava_next": 40}.get(family, 16)
         size, image_size = (336, 336) if family == "qwen2_5_vl" else (size, image_size)
     vlm, pre = build(family, text, vit, size, device, dtype, args.attn)
+    engine = build_engine("transformers", vlm, cache=args.cache)  # one per model, as an actor
     pics = [Image.open(p).convert("RGB").resize((image_size, image_size))
             for p in sorted((ROOT / "pipeline/assets/images").glob("*.jpg"))]  # fmt: skip
     distinct = [pre.prepare(pics[i % len(pics)], QUESTIONS[i % 4]) for i in range(8)]
@@ -231,7 +238,7 @@ def model_section(spec, args, device, dtype, bandwidth, clock) -> dict:
         for k in (None, keep):
             if clock.left() < 0:
                 return {"rows": rows, "cut": "budget"}
-            rows.append(measure(vlm, items, k, args.new_tokens, repeats, bandwidth))
+            rows.append(measure(vlm, engine, items, k, args.new_tokens, repeats, bandwidth))
             print(format_row(name, rows[-1]), flush=True)
     budget = {}
     for k in (None, keep):
@@ -241,14 +248,13 @@ def model_section(spec, args, device, dtype, bandwidth, clock) -> dict:
         if clock.left() < 0:
             return {"rows": rows, "budget_items": budget, "cut": "budget"}
         try:
-            row = measure(
-                vlm, [distinct[i % 8] for i in range(b)], k, args.new_tokens, 1, bandwidth
-            )
+            items = [distinct[i % 8] for i in range(b)]
+            row = measure(vlm, engine, items, k, args.new_tokens, 1, bandwidth)
         except torch.cuda.OutOfMemoryError as err:
             row = {"batch": b, "keep": k or "all", "error": f"out of memory: {err}"[:200]}
         rows.append({**row, "memory_budget": True, "budget_items": fits})
         print(format_row(name, rows[-1]), flush=True)
-    del vlm
+    del vlm, engine
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"rows": rows, "budget_items": budget}
@@ -306,6 +312,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=330.0, help="stop starting sections after")
     flash = importlib.util.find_spec("flash_attn") is not None
     p.add_argument("--attn", default="flash_attention_2" if flash else "sdpa")
+    p.add_argument(
+        "--cache", default="auto", help="engine KV cache: auto (static on CUDA), static or dynamic"
+    )
     return p.parse_args()
 
 

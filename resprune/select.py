@@ -261,14 +261,15 @@ class _CapturedGreedy:
             torch.zeros(b, n, dtype=torch.bool, device=device),
             torch.zeros(b, n, device=device),
         )
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up off the capture, as torch.cuda.graphs asks
-            _greedy_pivots(*self.inputs, k)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = _greedy_pivots(*self.inputs, k)
+        with torch.cuda.device(device):  # capture on the tensors' device
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the capture, as torch.cuda.graphs asks
+                _greedy_pivots(*self.inputs, k)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.outputs = _greedy_pivots(*self.inputs, k)
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         for static, value in zip(self.inputs, inputs, strict=True):
@@ -287,14 +288,15 @@ def _run_greedy(
     if not gram.is_cuda:
         return _greedy_pivots(gram, mask, spent_below, k)
     b, n, _ = gram.shape
-    padded, kb = _pad_to_bucket(gram, mask, spent_below, k)
-    key = (gram.device, *padded[1].shape, kb)
-    if key not in _GRAPHS:
-        if len(_GRAPHS) >= _MAX_GRAPHS:
-            _GRAPHS.popitem(last=False)
-        _GRAPHS[key] = _CapturedGreedy(*padded[1].shape, kb, gram.device)
-    _GRAPHS.move_to_end(key)
-    chosen, coef = _GRAPHS[key](*padded)
+    with torch.inference_mode():  # static buffers stay inference tensors in every later call
+        padded, kb = _pad_to_bucket(gram, mask, spent_below, k)
+        key = (gram.device, *padded[1].shape, kb)
+        if key not in _GRAPHS:
+            if len(_GRAPHS) >= _MAX_GRAPHS:
+                _GRAPHS.popitem(last=False)
+            _GRAPHS[key] = _CapturedGreedy(*padded[1].shape, kb, gram.device)
+        _GRAPHS.move_to_end(key)
+        chosen, coef = _GRAPHS[key](*padded)
     return chosen[:b, :k], coef[:b, :k, :n]
 
 

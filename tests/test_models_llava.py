@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -106,3 +108,14 @@ def test_bad_arguments_raise(llava):
     with pytest.raises(ValueError, match="position_policy"):
         answer_batch(vlm, items, pruner=None, keep=8, max_new_tokens=1, position_policy="x")
     assert answer_batch(vlm, [], pruner=None, keep=8, max_new_tokens=1) == []
+
+
+def test_random_mask_follows_the_item_id_not_the_batch(llava):
+    vlm, _, items = llava
+    a, b = (copy.deepcopy(items[0]) for _ in range(2))
+    a.item_id, b.item_id = "item-a", "item-b"  # the same image under two ids
+    kw = {"pruner": build_pruner("random", seed=5), "keep": 32, "max_new_tokens": 1}
+    alone = answer_batch(vlm, [a], **kw)[0].kept_indices
+    batch = answer_batch(vlm, [items[1], b, a], **kw)
+    assert batch[2].kept_indices == alone  # same id: same mask, whatever the batch
+    assert batch[1].kept_indices != alone  # another id: another mask

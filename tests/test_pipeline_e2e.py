@@ -17,6 +17,7 @@ from pipeline import runner, summary
 from pipeline.columns import output_schema
 from pipeline.spec import JobSpec, parse_spec
 from resprune.tiny import build_tiny_checkpoint
+from resprune.words import active_extractor
 from tests.s3server import SECRET_KEY
 
 ASSETS = Path(__file__).resolve().parent.parent / "pipeline" / "assets" / "images"
@@ -233,6 +234,7 @@ def test_other_families_with_fractional_keep(family: str, tmp_path: Path) -> Non
     spec = job(model, str(tmp_path / "in"), str(tmp_path / "out"), pruning={"keep": 0.25})
     doc = runner.run_job(spec, DATE, progress=False)
     assert (doc["items_ok"], doc["model_shape"]["family"]) == (3, family)
+    assert doc["relevance_extractors"] == {active_extractor(): 3}  # the one that ran, per item
     for row in read_output(str(tmp_path / "out")).to_pylist():
         assert row["keep"] == "0.25" and row["kept_tokens"] / row["visual_tokens"] >= 0.2
         assert row["kept_tokens"] <= round(0.25 * row["visual_tokens"])
