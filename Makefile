@@ -11,7 +11,7 @@ VLLM_VENV   := .venv-vllm
 VLLM_STAMP  := $(VLLM_VENV)/.installed
 VLLM_FLAGS  := --compile-bytecode --python $(VLLM_VENV)/bin/python $(if $(FIND_LINKS),--find-links "$(FIND_LINKS)")
 
-.PHONY: demo test test-slow test-all test-vllm vllm-env quality format schemas bench bench-engines clean
+.PHONY: demo test test-slow test-all test-vllm vllm-env quality format schemas bench bench-vllm clean
 
 $(STAMP): pyproject.toml requirements-ci.txt
 	@echo "make: setting up $(VENV): torch (CPU build), Ray, transformers and the project,"
@@ -64,8 +64,8 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/generate.py
 	$(VENV)/bin/python bench/pipeline.py
 
-bench-engines: $(VLLM_STAMP)
-	$(VLLM_VENV)/bin/python bench/engines.py
+bench-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python bench/engines_vllm.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) demo-output .pytest_cache

@@ -148,7 +148,7 @@ def test_qwen_is_refused_in_one_line(tmp_path):
 @pytest.mark.usefixtures("ray_session")
 @pytest.mark.timeout(400)
 def test_pipeline_end_to_end_on_s3_with_engine_vllm(families, s3_server, s3_bucket):
-    """Real Ray, real S3: answers equal the transformers engine's, shadow pairs timed."""
+    """Real Ray, real S3: pruned and unpruned (shadow) answers equal transformers'."""
     fam = families["llava"]
     client = s3_server.client()
     for f in Path(fam["path"]).iterdir():
@@ -186,19 +186,15 @@ def test_pipeline_end_to_end_on_s3_with_engine_vllm(families, s3_server, s3_buck
     pre, default = load_preprocessor(fam["path"]), parse_spec(doc).model.default_question
     questions = [q or default for q in table.column("question").to_pylist()]
     items = [pre.prepare(im, q) for im, q in zip(images(), questions, strict=True)]
-    ref = answer_batch(
-        fam["ref"],
-        items,
-        pruner=build_pruner("resprune"),
-        keep=20,
-        max_new_tokens=NEW_TOKENS,
-        position_policy="contiguous",
-    )
-    for n, r in enumerate(ref):
+    kw = {"max_new_tokens": NEW_TOKENS, "position_policy": "contiguous"}
+    ref = answer_batch(fam["ref"], items, pruner=build_pruner("resprune"), keep=20, **kw)
+    unpruned = answer_batch(fam["ref"], items, pruner=build_pruner("none"), keep=1.0, **kw)
+    for n, (r, u) in enumerate(zip(ref, unpruned, strict=True)):
         row = rows[f"i{n}"]
         assert row["status"] == "ok" and row["answer"] == r.answer, row
         assert row["kept_tokens"] == 20 and row["gpu_seconds"] > 0
-        assert row["shadow_gpu_seconds"] > 0 and row["shadow_pruned_gpu_seconds"] > 0
+        assert row["shadow"] and row["shadow_answer"] == u.answer
+        assert row["shadow_gpu_seconds"] > 0 and row["shadow_prompt_tokens"] > 576
 
 
 def _png(image) -> bytes:

@@ -1,17 +1,19 @@
 """The vLLM engine: kept features in as image embeddings, all rows of a batch in one run.
 
-One ``vllm.LLM`` per engine, loaded once from the checkpoint folder the VLM came from (an
-``s3://`` model is already in the local cache). Each plan becomes one request: its prompt
-ids with the kept image-token run folded back to a single placeholder, and its K kept
-features (LLaVA-NeXT: kept tokens plus kept newline rows, in sequence order) as a
-``[1, K, D]`` image embedding, from which vLLM sizes the placeholder run again. Every request
-is enqueued, then one ``wait_for_completion`` lets vLLM's scheduler batch them continuously.
-A request vLLM refuses (e.g. longer than ``max_model_len``) is that row's ``ItemError``.
-Decoding is greedy; positions are contiguous (vLLM numbers them 0..L-1). Once vLLM holds the
-language model, the transformers copy's decoder layers and head are dropped (selection needs
-only the vision tower, projector and input embeddings), so the weights are not held twice.
-Non-goals: Qwen2.5-VL (vLLM sizes its placeholder run from the full image grid and derives
-M-RoPE positions from it), sampling, streaming.
+One ``vllm.LLM`` per engine, loaded once (safetensors only) from the checkpoint the VLM came
+from: its folder (an ``s3://`` model is already in the local cache) or its hub id and
+revision. Each plan becomes one request: its prompt ids with the kept image-token run folded
+back to a single placeholder, and its K kept features (LLaVA-NeXT: kept tokens plus kept
+newline rows, in sequence order) as a ``[1, K, D]`` image embedding, from which vLLM sizes
+the placeholder run again. Every request is enqueued, then one ``wait_for_completion`` lets
+vLLM's scheduler batch them continuously. A request vLLM refuses (e.g. longer than
+``max_model_len``) is that row's ``ItemError``. Decoding is greedy; positions are contiguous
+(vLLM numbers them 0..L-1). Once vLLM holds the language model, the transformers copy's
+decoder layers and head are dropped (selection needs only the vision tower, projector and
+input embeddings), so the weights are not held twice. On CPU the engine core runs in-process
+with a 512 MiB KV cache and no compilation unless told otherwise. Non-goals: Qwen2.5-VL (vLLM
+sizes its placeholder run from the full image grid and derives M-RoPE positions from it),
+sampling, streaming.
 """
 
 from __future__ import annotations
@@ -55,13 +57,17 @@ class VllmEngine:
         self.vlm = vlm
         self.image_token_id = int(vlm.model.config.image_token_id)
         cpu = vlm.device.type == "cpu"
-        if cpu:  # in-process engine core: no spawned process to start, nothing to overlap
+        if cpu:  # in-process engine core: no process to spawn, no core to keep free for it
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         register()
         from vllm import LLM
 
         self.llm = LLM(
             model=vlm.local_path,
+            revision=vlm.revision,
+            tokenizer_revision=vlm.revision,
+            load_format="safetensors",
             dtype=str(vlm.model.dtype).removeprefix("torch."),
             hf_overrides={"architectures": [ARCHITECTURES[vlm.family]]},
             enable_mm_embeds=True,

@@ -67,6 +67,7 @@ class VLM:
     name: str
     device: torch.device
     local_path: str = ""  # the checkpoint folder it was loaded from (or the hub id)
+    revision: str | None = None  # the hub revision it was loaded at
 
     def describe(self) -> dict:
         """Model shape for FLOPs estimates and run summaries."""
