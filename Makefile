@@ -11,11 +11,11 @@ VLLM_VENV   := .venv-vllm
 VLLM_STAMP  := $(VLLM_VENV)/.installed
 VLLM_FLAGS  := --compile-bytecode --python $(VLLM_VENV)/bin/python $(if $(FIND_LINKS),--find-links "$(FIND_LINKS)")
 
-.PHONY: demo test test-slow test-all test-vllm vllm-env quality format schemas bench bench-engines clean
+.PHONY: demo test test-slow test-all test-vllm vllm-env quality format schemas bench bench-vllm clean
 
 $(STAMP): pyproject.toml requirements-ci.txt
 	@echo "make: setting up $(VENV): torch (CPU build), Ray, transformers and the project,"
-	@echo "make: about 75 s the first time (longer when uv must download); later runs skip this"
+	@echo "make: 1-2 min the first time (longer when uv must download); later runs skip this"
 	@$(PY) -m uv --version >/dev/null 2>&1 || $(PY) -m pip install -q uv
 	@test -x $(VENV)/bin/python || $(UV) venv -q $(VENV)
 	@$(UV) pip install -q $(UV_FLAGS) -c requirements-ci.txt "torch==2.13.0+cpu" -e ".[dev]"
@@ -64,8 +64,8 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/generate.py
 	$(VENV)/bin/python bench/pipeline.py
 
-bench-engines: $(VLLM_STAMP)
-	$(VLLM_VENV)/bin/python bench/engines.py
+bench-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python bench/engines_vllm.py
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) demo-output .pytest_cache

@@ -12,6 +12,7 @@ that vLLM's LLaVA module imports. Idempotent; run by ``make vllm-env``.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -31,8 +32,10 @@ def patch_meta_registrations() -> bool:
     text = original = path.read_text()
     for op in ("nms", "qnms"):
         text = text.replace(UNGUARDED.format(op=op), GUARDED.format(op=op))
-    if text != original:
-        path.write_text(text)
+    if text != original:  # a new file, not an in-place write: uv hardlinks from its cache
+        tmp = path.with_suffix(".py.patched")
+        tmp.write_text(text)
+        os.replace(tmp, path)
     return text != original
 
 

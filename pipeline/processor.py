@@ -20,6 +20,7 @@ Non-goals: reading, resume and exactly-once writes (the job's), and starting Ray
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import uuid
 import warnings
 from pathlib import Path
@@ -33,6 +34,8 @@ from pipeline.answer_stage import Answerer
 from pipeline.inputs import check_columns
 from pipeline.preprocess import Preprocess
 from pipeline.spec import JobSpec, ProcessorConfig
+
+logger = logging.getLogger(__name__)
 
 
 class Processor:
@@ -51,6 +54,7 @@ class Processor:
         """Add the answer and pruning-statistics columns to ``ds``'s rows."""
         cfg, ex = self.config, self.config.execution
         passthrough = self.passthrough if self.passthrough is not None else self._check(ds)
+        _warn_if_starved(cfg)
         # One model batch per block: in the job each model task's rows commit on their own,
         # so a crash loses at most the batches in flight, and the actor pool gets enough blocks.
         ds = ds.repartition(target_num_rows_per_block=ex.batch_size)
@@ -72,7 +76,9 @@ class Processor:
         schema = ds.schema()
         if schema is None:
             raise ValueError("the dataset has no schema (is it empty?)")
-        arrow = pa.schema(list(zip(schema.names, schema.types, strict=True)))
+        # Columns Ray cannot type in Arrow (pandas objects) are checked by name only (null).
+        types = [t if isinstance(t, pa.DataType) else pa.null() for t in schema.types]
+        arrow = pa.schema(list(zip(schema.names, types, strict=True)))
         check_columns("the dataset", arrow, self.config.input)
         return pa.schema([arrow.field(c) for c in self.config.input.passthrough_columns])
 
@@ -118,6 +124,24 @@ def actor_pool(size: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
     """A fixed (int) or autoscaling ([min, max]) actor pool."""
     lo, hi = (size, size) if isinstance(size, int) else size
     return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi)
+
+
+def _warn_if_starved(cfg: ProcessorConfig) -> None:
+    """Fixed-size actor pools that take every CPU leave none to read with: Ray Data then
+    waits forever. Said once, before execution (an autoscaling cluster may grow later)."""
+    ex = cfg.execution
+    if not ray.is_initialized():
+        return
+    total = ray.cluster_resources().get("CPU", 0)
+    lowest = (ex.actors if isinstance(ex.actors, int) else ex.actors[0]) * ex.cpus_per_actor
+    needed = lowest + 2  # one preprocessing actor, one read/write task
+    if total < needed:
+        logger.warning(
+            "the Ray cluster has %s CPU(s); the model actors reserve %s, preprocessing and "
+            "reading need 2 more, so the run may stall until the cluster grows: start Ray "
+            "with more CPUs (e.g. ray.init(num_cpus=%d)) or lower execution.cpus_per_actor",
+            total, lowest, int(needed),
+        )  # fmt: skip
 
 
 def spare_cpus(cfg: ProcessorConfig | JobSpec) -> int:

@@ -81,7 +81,7 @@ def load_vlm(
         raise ModelNotFoundError(f"cannot load weights from {path!r}: {_first_line(err)}") from err
     dev = torch.device(device)
     model = model.to(dev).eval()
-    return VLM(fam, model, tokenizer, ADAPTERS[fam], path, dev, local_path=local)
+    return VLM(fam, model, tokenizer, ADAPTERS[fam], path, dev, local_path=local, revision=revision)
 
 
 def _check_attention(name: str) -> None:

@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-import pyarrow as pa
+import datasets
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -73,10 +73,19 @@ def labelled(tmp_path_factory) -> dict:
         r.answer for r in answer_batch(vlm, items, pruner=None, keep=1.0, max_new_tokens=NEW)
     ]
     refs = [[answers[0]] * 3 + ["x"] * 7, [answers[1]] * 10, [answers[2]] + ["y"] * 9, ["zz"] * 10]
-    rows = [{"id": f"item-{i}", "image": (ASSETS / p).read_bytes(), "question": q, "answers": r}
-            for i, (p, q, r) in enumerate(zip(PICTURES, questions, refs, strict=True))]  # fmt: skip
-    (root / "in").mkdir()
-    pq.write_table(pa.Table.from_pylist(rows), root / "in" / "part-0.parquet")
+    # exported with `datasets` as the README shows: the image is its Image() struct
+    text = datasets.Value("string")
+    features = datasets.Features(
+        {"id": text, "image": datasets.Image(), "question": text, "answers": [text]}
+    )
+    columns = {
+        "id": [f"item-{i}" for i in range(len(PICTURES))],
+        "image": [{"bytes": (ASSETS / p).read_bytes(), "path": None} for p in PICTURES],
+        "question": questions,
+        "answers": refs,
+    }
+    ds = datasets.Dataset.from_dict(columns, features=features)
+    ds.to_parquet(str(root / "in" / "part-0.parquet"))
     spec = {
         "name": "tiny-eval", "input": {"uri": str(root / "in")},
         "model": {"path": str(model), "max_new_tokens": NEW, "max_question_tokens": 16},

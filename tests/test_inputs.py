@@ -80,7 +80,8 @@ def test_hub_parquet_layout_local_with_paths(model: Path, tmp_path: Path,
     doc = runner.run_job(spec, DATE, progress=False)
     assert (doc["status"], doc["items_ok"], doc["items_error"]) == ("finished", 3, 1)
     check_vqa_rows(output(str(tmp_path / "out")), spec)
-    loaded = datasets.load_dataset("parquet", data_files=str(tmp_path / "out" / "*.parquet"))
+    loaded = datasets.load_dataset("parquet", data_files=str(tmp_path / "out" / "*.parquet"),
+                                   cache_dir=str(tmp_path / "hf-cache"))  # fmt: skip
     assert sorted(loaded["train"]["id"]) == ["broken", "cat", "coffee", "rocket"]
     again = runner.run_job(spec, DATE, progress=False)
     assert (again["items_processed"], again["items_skipped"]) == (0, 4)

@@ -43,7 +43,8 @@ def test_processor_between_user_steps(tmp_path: Path, monkeypatch: pytest.Monkey
     out = processor(ds).filter(lambda r: r["status"] == "ok")
     out = out.map(lambda r: r | {"hit": r["answer"] in r["answers"]})
     out.write_parquet(str(tmp_path / "answers"))
-    loaded = datasets.load_dataset("parquet", data_files=str(tmp_path / "answers" / "*.parquet"))
+    files = str(tmp_path / "answers" / "*.parquet")
+    loaded = datasets.load_dataset("parquet", data_files=files, cache_dir=str(tmp_path / "hf"))
     rows = {r["id"]: r for r in loaded["train"]}
     assert sorted(rows) == ["vqa-cat", "vqa-coffee"]  # broken is an error row, rocket filtered
     assert rows["vqa-cat"]["answers"] == ["cat", "a cat"] and rows["vqa-coffee"]["tag"] == "s1"

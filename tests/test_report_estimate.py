@@ -133,6 +133,20 @@ def test_interval_covers_the_truth_on_clustered_data() -> None:
     assert np.mean([covers(seed, True) for seed in range(50)]) < 0.75
 
 
+def test_bootstrap_resamples_runs_when_nights_disagree() -> None:
+    rng = np.random.default_rng(4)
+    pruned = rng.uniform(0.5, 1.5, 80)
+    unpruned = pruned * np.repeat([1.5, 2.5], 40) * rng.lognormal(0, 0.05, 80)  # two nights
+    nights = np.repeat(np.array(["n1", "n2"], object), 40)
+    ones = np.ones(80, np.int64)
+    widths = []
+    for runs in (np.full(80, "n", object), nights):
+        est = stratified_unpruned({1: 1.0}, ShadowBatches(pruned, unpruned, ones, runs))
+        lo, hi = percentile_ci(est.boots_s)
+        widths.append(hi - lo)
+    assert widths[1] > 3 * widths[0]  # the night-to-night spread is part of the uncertainty
+
+
 def _flops_by_loop(shape: LlmShape, prompt: int, new: int) -> float:
     """Token by token: each processed token's matmuls and its attention over the cache."""
     h, ff, layers = shape.hidden_size, shape.intermediate_size, shape.num_layers

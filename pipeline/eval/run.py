@@ -10,10 +10,10 @@ with a ``config`` column. Non-goals: resume (an eval reruns whole), committed wr
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from pipeline.answer_stage import Answerer
@@ -24,7 +24,7 @@ from pipeline.preprocess import Preprocess
 from pipeline.processor import actor_pool, spare_cpus
 from pipeline.readers import read_input
 from pipeline.runner import ensure_ray, new_run_id
-from pipeline.spec import JobSpec, PruningSpec
+from pipeline.spec import JobSpec, ProcessorConfig, PruningSpec
 
 CONFIG = "config"
 
@@ -32,8 +32,8 @@ CONFIG = "config"
 class EvalAnswerer:
     """Map prepared rows to output rows once per configuration (rows x configurations)."""
 
-    def __init__(self, spec: JobSpec, configs: list[tuple[str, PruningSpec]], *, run_id: str,
-                 run_date: str, passthrough: pa.Schema):  # fmt: skip
+    def __init__(self, spec: ProcessorConfig, configs: list[tuple[str, PruningSpec]], *,
+                 run_id: str, run_date: str, passthrough: pa.Schema):  # fmt: skip
         self.answerers: list[tuple[str, Answerer]] = []
         first = None  # its model and engine are loaded once and shared by every configuration
         for label, pruning in configs:
@@ -55,8 +55,11 @@ class EvalAnswerer:
         return pa.concat_tables(tables)
 
 
-def answer_all(spec: EvalSpec, run_date: str, *, progress: bool = False) -> pa.Table:
-    """Every item under every configuration: the job's output columns plus ``config``."""
+def answer_all(
+    spec: EvalSpec, run_date: str, *, progress: bool = False
+) -> tuple[pa.Table, dict[str, Any]]:
+    """Every item under every configuration (the job's output columns plus ``config``), and
+    the input images of the first ``eval.overlay_items`` items answered under all of them."""
     job = job_of(spec)
     run_id = new_run_id(job, run_date)
     plan = make_plan(job, run_id=run_id)
@@ -64,31 +67,55 @@ def answer_all(spec: EvalSpec, run_date: str, *, progress: bool = False) -> pa.T
     started_ray = ensure_ray(job)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = progress
-        t0 = time.perf_counter()
-        ds = _dataset(job, plan, configurations(spec), run_id=run_id, run_date=run_date)
+        configs = configurations(spec)
+        ds = _dataset(job, plan, configs, run_id=run_id, run_date=run_date)
         table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
-        return table.replace_schema_metadata({"wall_seconds": f"{time.perf_counter() - t0}"})
+        ids = answered_by_all(table, len(configs))[: spec.eval.overlay_items]
+        return table, _images(job, plan, ids)
     finally:
         if started_ray:
             ray.shutdown()
 
 
+def answered_by_all(table: pa.Table, n_configs: int) -> list[str]:
+    """Ids answered ok under every configuration, sorted."""
+    ok = table.filter(pc.equal(table["status"], "ok"))
+    counts = pc.value_counts(ok["id"]).to_pylist()
+    return sorted(c["values"] for c in counts if c["counts"] == n_configs)
+
+
+def _images(job: JobSpec, plan: Plan, ids: list[str]) -> dict[str, Any]:
+    """The raw image values (bytes, Image() struct or path) of ``ids``, read again."""
+    if not ids:
+        return {}
+    column = job.input.image_column or job.input.image_uri_column
+    keep = {"column": job.input.id_column, "ids": ids}
+    rows = read_input(job.input, plan).map_batches(_keep_ids, batch_format="pyarrow",
+                                                   fn_kwargs=keep).take_all()  # fmt: skip
+    return {r[job.input.id_column]: r[column] for r in rows}
+
+
+def _keep_ids(batch: pa.Table, *, column: str, ids: list[str]) -> pa.Table:
+    return batch.filter(pc.is_in(batch.column(column), value_set=pa.array(ids)))
+
+
 def _dataset(job: JobSpec, plan: Plan, configs: list[tuple[str, PruningSpec]],
              **ids: Any) -> ray.data.Dataset:  # fmt: skip
-    """The job's read and CPU stages, then the all-configurations model stage."""
-    ex = job.execution
+    """The job's reader and CPU stage, then the all-configurations model stage."""
+    config = ProcessorConfig.from_job(job, dataset_folder=plan.dataset_folder)
+    ex = config.execution
     passthrough = list(plan.passthrough.names)
     ds = read_input(job.input, plan)  # any input format the job reads
     ds = ds.repartition(target_num_rows_per_block=ex.batch_size)
     ds = ds.map_batches(
-        Preprocess, fn_constructor_kwargs={"spec": job, "passthrough": passthrough},
+        Preprocess, fn_constructor_kwargs={"spec": config, "passthrough": passthrough},
         batch_size=ex.preprocess_batch_size, batch_format="pyarrow", num_cpus=1,
-        compute=actor_pool(ex.preprocess_concurrency or (1, spare_cpus(job))),
+        compute=actor_pool(ex.preprocess_concurrency or (1, spare_cpus(config))),
         udf_modifying_row_count=False,
     )  # fmt: skip
     return ds.map_batches(
         EvalAnswerer, batch_size=ex.batch_size, batch_format="pyarrow",
-        fn_constructor_kwargs={"spec": job, "configs": configs, "passthrough": plan.passthrough,
-                               **ids},
+        fn_constructor_kwargs={"spec": config, "configs": configs,
+                               "passthrough": plan.passthrough, **ids},
         num_gpus=ex.gpus_per_actor, num_cpus=ex.cpus_per_actor, compute=actor_pool(ex.actors),
     )  # fmt: skip

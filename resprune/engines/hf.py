@@ -11,7 +11,7 @@ mode ``reduce-overhead``: CUDA graphs); the prefill runs eagerly, so ``mm_encode
 and the explicit positions work as in the dynamic path. To keep the number of compiled
 shapes small over a long job, the batch is bucketed (1, 2, 4, 8, then multiples of 8; extra
 rows are copies of the first plan, dropped afterwards) and the cache length is rounded up to
-a multiple of `LENGTH_BUCKET`.
+four steps per power of two (`length_bucket`: at most 25 % or 64 tokens over).
 A whole batch fails together: ``generate`` raising is a batch failure.
 """
 
@@ -29,7 +29,7 @@ from resprune.items import ItemError
 from resprune.models.base import VLM
 
 CACHES = ("auto", "static", "dynamic")
-LENGTH_BUCKET = 256
+MIN_LENGTH_STEP = 64
 RECOMPILE_LIMIT = 64  # compiled (batch, cache length) shapes per process before eager fallback
 
 
@@ -106,9 +106,7 @@ class TransformersEngine:
 
     def _static_cache(self, batch: int, length: int) -> StaticCache:
         """A reset static cache for ``batch`` rows of ``length`` tokens (bucketed)."""
-        if self.bucket:
-            length = -(-length // LENGTH_BUCKET) * LENGTH_BUCKET
-        return self.pool.get(batch, length)
+        return self.pool.get(batch, length_bucket(length) if self.bucket else length)
 
 
 def batch_bucket(n: int) -> int:
@@ -116,6 +114,12 @@ def batch_bucket(n: int) -> int:
     if n <= 8:
         return 1 << (n - 1).bit_length()
     return -(-n // 8) * 8
+
+
+def length_bucket(n: int) -> int:
+    """Cache length for ``n`` tokens: the next multiple of a quarter of n's power of two."""
+    step = max(MIN_LENGTH_STEP, 1 << max(0, n.bit_length() - 3))
+    return -(-n // step) * step
 
 
 def decode(vlm: VLM, new: torch.Tensor) -> list[Generation | ItemError]:
