@@ -3,13 +3,15 @@
 Random weights, LLaVA-1.5 geometry (336 px, patch 14: 576 visual tokens) with a small vision
 tower and a text model large enough that generation dominates. Both engines get the same
 prepared items, the same ResPrune selection (keep, contiguous positions) and the same
-``max_new_tokens``; each runs in its own subprocess (vLLM's CPU backend pins the threads of
-the process it runs in). Per engine: start-up time, then ``answer_batch`` over all items in
-batches of ``--batch`` (one warm-up pass discarded, min over ``--repeats``): items/s, time per
-item, and its vision / selection / generation split. Greedy ids are compared across engines.
-Prints a table and, last, one JSON line. Not a test: numbers go to bench/RESULTS.md.
+``max_new_tokens``, in one process: each repeat times one pass of the transformers engine
+then one of the vLLM engine (``answer_batch`` over all items in batches of ``--batch``), so
+both see the same machine load; the min over ``--repeats`` counts, after one warm-up pass
+each. Per engine: start-up time, items/s, time per item and its vision / selection /
+generation split, and whether the greedy ids equal across engines. vLLM's CPU backend binds
+the process's OpenMP threads when it starts; both engines then run on those threads. Prints
+a table and, last, one JSON line. Not a test: numbers go to bench/RESULTS.md.
 
-    make bench-vllm      # = .venv-vllm/bin/python bench/engines_vllm.py (~4 min, 2 cores)
+    make bench-vllm      # = .venv-vllm/bin/python bench/engines_vllm.py
     .venv-vllm/bin/python bench/engines_vllm.py --items 8 --new-tokens 8   # quick look
 """
 
@@ -24,7 +26,6 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse
 import json
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -42,18 +43,15 @@ ENGINES = ("transformers", "vllm")
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--items", type=int, default=32)
+    p.add_argument("--items", type=int, default=16)
     p.add_argument("--batch", type=int, default=16, help="items per answer_batch call")
     p.add_argument("--keep", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--text-hidden", type=int, default=512)
     p.add_argument("--text-layers", type=int, default=4)
     p.add_argument("--text-intermediate", type=int, default=1376)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--repeats", type=int, default=2, help="timings are the min over repeats")
-    p.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
-    p.add_argument("--model", help=argparse.SUPPRESS)
-    p.add_argument("--out", help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -72,56 +70,61 @@ def build_model(args: argparse.Namespace, folder: Path) -> Path:
     )
 
 
-def worker(args: argparse.Namespace) -> dict:
-    """One engine in this process: start it, then time answer_batch over the items."""
+def prepared_items(args: argparse.Namespace, model: Path) -> list:
     from PIL import Image
 
-    from resprune.answer import answer_batch
+    from resprune.loading import load_preprocessor
+
+    pre = load_preprocessor(str(model))
+    pairs = [(IMAGES[i % len(IMAGES)], QUESTIONS[i % len(QUESTIONS)]) for i in range(args.items)]
+    return [pre.prepare(Image.open(path).convert("RGB"), q) for path, q in pairs]
+
+
+def start_engines(model: Path) -> dict[str, tuple]:
+    """Per engine: its own loaded VLM (vLLM drops the LM of its copy) and the engine."""
     from resprune.engines import build_engine
-    from resprune.loading import load_preprocessor, load_vlm
+    from resprune.loading import load_vlm
+
+    out = {}
+    for name in ENGINES:
+        vlm = load_vlm(str(model))
+        t0 = time.perf_counter()
+        engine = build_engine(name, vlm)
+        out[name] = (vlm, engine, time.perf_counter() - t0)
+    return out
+
+
+def timed_pass(vlm, engine, items: list, args: argparse.Namespace) -> tuple[float, list]:
+    from resprune.answer import answer_batch
     from resprune.pruners import build_pruner
 
-    pre = load_preprocessor(args.model)
-    pairs = [(IMAGES[i % len(IMAGES)], QUESTIONS[i % len(QUESTIONS)]) for i in range(args.items)]
-    items = [pre.prepare(Image.open(path).convert("RGB"), q) for path, q in pairs]
-    vlm = load_vlm(args.model)
-    t0 = time.perf_counter()
-    engine = build_engine(args.worker, vlm)
-    start_s = time.perf_counter() - t0
     kw = {"pruner": build_pruner("resprune"), "keep": args.keep, "engine": engine}
     kw |= {"max_new_tokens": args.new_tokens, "position_policy": "contiguous"}
     batches = [items[i : i + args.batch] for i in range(0, len(items), args.batch)]
-    answer_batch(vlm, batches[0], **kw)  # warm-up, discarded
-    best, results = float("inf"), []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        results = [r for b in batches for r in answer_batch(vlm, b, **kw)]
-        best = min(best, time.perf_counter() - t0)
-    split = {k: sum(getattr(r, k) for r in results) / len(results) for k in SPLIT}
-    return {
-        "engine": args.worker,
-        "start_s": start_s,
-        "seconds": best,
-        "items": len(items),
-        "new_tokens": sum(r.new_tokens for r in results),
-        "ids": [r.answer_ids for r in results],
-        **split,
-    }
+    t0 = time.perf_counter()
+    results = [r for batch in batches for r in answer_batch(vlm, batch, **kw)]
+    return time.perf_counter() - t0, results
+
+
+def measure(args: argparse.Namespace, model: Path) -> dict[str, dict]:
+    items = prepared_items(args, model)
+    engines = start_engines(model)
+    best = dict.fromkeys(ENGINES, float("inf"))
+    results: dict[str, list] = {}
+    for repeat in range(args.repeats + 1):  # pass 0 is the warm-up
+        for name, (vlm, engine, _) in engines.items():
+            seconds, results[name] = timed_pass(vlm, engine, items, args)
+            best[name] = best[name] if repeat == 0 else min(best[name], seconds)
+    rows = {}
+    for name, res in results.items():
+        split = {k: sum(getattr(r, k) for r in res) / len(res) for k in SPLIT}
+        ids = [r.answer_ids for r in res]
+        rows[name] = {"start_s": engines[name][2], "seconds": best[name], "items": len(res)}
+        rows[name] |= {"new_tokens": sum(map(len, ids)), "ids": ids, **split}
+    return rows
 
 
 SPLIT = ("vision_s", "select_s", "generate_s")
-
-
-def run_engine(engine: str, model: Path, args: argparse.Namespace) -> dict:
-    out = model.parent / f"{engine}.json"
-    cmd = [sys.executable, __file__, "--worker", engine, "--model", str(model), "--out", str(out)]
-    for key in ("items", "batch", "keep", "new_tokens", "repeats"):
-        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"{engine} worker failed:\n{done.stderr[-3000:]}")
-    return json.loads(out.read_text())
 
 
 def report(rows: dict[str, dict], args: argparse.Namespace) -> None:
@@ -145,12 +148,8 @@ def report(rows: dict[str, dict], args: argparse.Namespace) -> None:
 
 def main() -> None:
     args = parse_args()
-    if args.worker:
-        Path(args.out).write_text(json.dumps(worker(args)))
-        return
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_model(args, Path(tmp) / "llava")
-        rows = {name: run_engine(name, model, args) for name in ENGINES}
+        rows = measure(args, build_model(args, Path(tmp) / "llava"))
     report(rows, args)
 
 

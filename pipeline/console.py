@@ -39,7 +39,8 @@ def quiet(*, progress: bool) -> None:
                 handler, logging.FileHandler
             ):
                 handler.setLevel(max(handler.level, logging.WARNING))
-                handler.addFilter(_DropAdvisories())
+                if not any(isinstance(f, _DropAdvisories) for f in handler.filters):
+                    handler.addFilter(_DropAdvisories())
     if not progress:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         from huggingface_hub.utils import disable_progress_bars

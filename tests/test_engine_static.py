@@ -91,6 +91,7 @@ def test_static_positions_equal_dynamic(family, mixed_plans):
     assert all(torch.equal(a, b) for a, b in zip(dynamic, static, strict=True))
 
 
+@pytest.mark.parametrize("family", ["llava"], indirect=True)  # family-independent bookkeeping
 def test_cache_pool_shares_memory_and_keeps_addresses(family, mixed_plans):
     """Every shape's cache views the same buffers: fixed addresses, the largest shape's size."""
     vlm, _ = family
@@ -133,6 +134,7 @@ def test_compiled_decode_equals_stock_generate(family):
     assert [r.answer_ids for r in again] == [r.answer_ids for r in results][::-1]
 
 
+@pytest.mark.parametrize("family", ["llava"], indirect=True)
 def test_defaults_per_device(family):
     vlm, _ = family
     cpu = TransformersEngine(vlm)

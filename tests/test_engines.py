@@ -81,6 +81,10 @@ def test_engine_row_error_is_that_items_error_only(llava):
 
 def test_registry_builds_the_default_engine(llava):
     vlm, items = llava
+    answer_batch(vlm, items[:1], pruner=None, keep=1.0, max_new_tokens=1)
+    default = vlm.default_engine  # built once per VLM: its caches persist across calls
+    answer_batch(vlm, items[1:2], pruner=None, keep=1.0, max_new_tokens=1)
+    assert isinstance(default, TransformersEngine) and vlm.default_engine is default
     engine = build_engine("transformers", vlm)
     out = engine.generate([], 2)
     assert engine.name == "transformers" and out == []
@@ -130,3 +134,26 @@ def test_vllm_not_installed_fails_validate_deep_and_actor_start(tmp_path: Path, 
     assert err.startswith("error: model.engine: vllm needs the vllm package") and "\n" not in err
     with pytest.raises(EngineUnavailable, match=r"model\.engine: vllm"):  # before any weights load
         Answerer(parse_spec(doc), run_id="r", run_date="2026-01-01", passthrough=pa.schema([]))
+
+
+def test_actor_builds_the_engine_its_spec_names(tiny_llava: Path, tmp_path: Path):
+    """`model.transformers.cache: static` reaches the actor's engine; answers are unchanged."""
+    from pipeline.answer_stage import Answerer
+    from pipeline.preprocess import Preprocess
+
+    images = sorted(Path("pipeline/assets/images").glob("*.jpg"))[:3]
+    rows = [{"id": p.stem, "image": p.read_bytes(), "question": "What is it?"} for p in images]
+    answers = {}
+    for cache in ("static", "dynamic"):
+        spec = parse_spec(MINIMAL | {
+            "model": {"path": str(tiny_llava), "max_new_tokens": 4,
+                      "transformers": {"cache": cache}},
+            "execution": {"gpus_per_actor": 0},
+        })  # fmt: skip
+        batch = Preprocess(spec, [])(pa.Table.from_pylist(rows))
+        actor = Answerer(spec, run_id="r", run_date="2026-01-01", passthrough=pa.schema([]))
+        assert actor.engine.static == (cache == "static")
+        out = actor(batch).to_pylist()
+        assert [r["status"] for r in out] == ["ok"] * 3
+        answers[cache] = [(r["id"], r["answer"], r["new_tokens"]) for r in out]
+    assert answers["static"] == answers["dynamic"]

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from pipeline import faults
 from pipeline.faults import ITEM, ITEM_CAUSES, SYSTEMIC, TRANSIENT, classify
+from pipeline.spec import parse_spec
+from pipeline.summary import Recorder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,3 +95,24 @@ def test_error_causes_emitted_equal_the_documented_enum() -> None:
         ITEM_CAUSES
     )
     assert _documented(ROOT / "README.md", "### Error causes") == list(ITEM_CAUSES)
+
+
+@pytest.mark.parametrize(
+    ("rows", "errors", "pending", "status", "why"),
+    [
+        (100, 5, 100, "finished", None),
+        (100, 6, 100, "failed", "error fraction 0.060 > execution.max_error_fraction 0.05"),
+        (10, 9, 10, "finished", None),  # too few items to judge
+        (99, 0, 100, "failed", "1 item(s) left unanswered"),
+    ],
+)
+def test_run_status_judges_the_error_fraction_once_enough_items_are_done(
+    rows: int, errors: int, pending: int, status: str, why: str | None
+) -> None:
+    spec = parse_spec({"name": "t", "input": {"uri": "in"}, "model": {"path": "org/m"},
+                       "output": {"uri": "out"}})  # fmt: skip
+    plan = SimpleNamespace(items_pending=pending, bad_shards={})
+    recorder = Recorder(spec, plan, run_id="r", run_date="2026-11-24", started=0.0)
+    got, reason = recorder._status({"rows": rows, "items_error": errors}, None)
+    assert got == status and (reason or "").startswith(why or "")
+    assert (reason is None) == (why is None)

@@ -6,14 +6,15 @@ revision. Each plan becomes one request: its prompt ids with the kept image-toke
 back to a single placeholder, and its K kept features (LLaVA-NeXT: kept tokens plus kept
 newline rows, in sequence order) as a ``[1, K, D]`` image embedding, from which vLLM sizes
 the placeholder run again. Every request is enqueued, then one ``wait_for_completion`` lets
-vLLM's scheduler batch them continuously. A request vLLM refuses (e.g. longer than
-``max_model_len``) is that row's ``ItemError``. Decoding is greedy; positions are contiguous
-(vLLM numbers them 0..L-1). Once vLLM holds the language model, the transformers copy's
-decoder layers and head are dropped (selection needs only the vision tower, projector and
-input embeddings), so the weights are not held twice. On CPU the engine core runs in-process
-with a 512 MiB KV cache and no compilation unless told otherwise. Non-goals: Qwen2.5-VL (vLLM
-sizes its placeholder run from the full image grid and derives M-RoPE positions from it),
-sampling, streaming.
+vLLM's scheduler batch them continuously. Per row: a prompt whose new tokens would not fit
+``max_model_len`` is ``prompt_too_long`` (as the transformers engine does with the model's
+context); a request vLLM refuses is ``model_error``. Decoding is greedy; positions are
+contiguous (vLLM numbers them 0..L-1). Before vLLM loads, the transformers copy's decoder
+layers and head are dropped (selection needs only the vision tower, projector and input
+embeddings): the weights are not held twice and vLLM finds the memory it asks for. On CPU
+the engine core runs in-process with a 512 MiB KV cache and no compilation unless told
+otherwise. Non-goals: Qwen2.5-VL (vLLM sizes its placeholder run from the full image grid
+and derives M-RoPE positions from it), sampling, streaming.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class VllmEngine:
         register()
         from vllm import LLM
 
+        release_text_weights(vlm)
         self.llm = LLM(
             model=vlm.local_path,
             revision=vlm.revision,
@@ -79,21 +81,13 @@ class VllmEngine:
             enforce_eager=cpu if enforce_eager is None else enforce_eager,
             seed=0,
         )
-        release_text_weights(vlm)
 
     def generate(self, plans: Sequence[Plan], max_new_tokens: int) -> list[Generation | ItemError]:
         """Enqueue one request per plan, run them together, answer per row in plan order."""
         from vllm import SamplingParams
-        from vllm.exceptions import VLLMClientError
 
         params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, detokenize=False)
-        slots: list[str | ItemError] = []
-        for plan in plans:
-            try:
-                (internal_id,) = self.llm.enqueue(self.request(plan), params, use_tqdm=False)
-                slots.append(internal_id.rsplit("-", 1)[0])  # vLLM appends "-<8 random chars>"
-            except (VLLMClientError, ValueError, TypeError) as err:  # refused: this row alone
-                slots.append(ItemError("engine_refused", _one_line(err)))
+        slots = [self._enqueue(plan, params, max_new_tokens) for plan in plans]
         done = self.llm.wait_for_completion(use_tqdm=False) if any(map(_queued, slots)) else []
         by_id = {out.request_id: list(out.outputs[0].token_ids) for out in done}
         return [self._answer(by_id, slot) for slot in slots]
@@ -107,16 +101,40 @@ class VllmEngine:
         embeds = plan.features.detach().to("cpu")[None]
         return {"prompt_token_ids": ids, "multi_modal_data": {"image": embeds}}
 
+    def _enqueue(self, plan: Plan, params, max_new_tokens: int) -> str | ItemError:
+        """The request's id once vLLM has it, or this row's error."""
+        from vllm.exceptions import VLLMClientError
+
+        too_long = self._too_long(len(plan.ids), max_new_tokens)
+        if too_long:
+            return too_long
+        try:
+            (internal_id,) = self.llm.enqueue(self.request(plan), params, use_tqdm=False)
+        except (VLLMClientError, ValueError, TypeError) as err:  # refused: this row alone
+            return ItemError("model_error", f"vLLM refused the request: {_one_line(err)}")
+        return internal_id.rsplit("-", 1)[0]  # vLLM appends "-<8 random chars>" to its own ids
+
+    def _too_long(self, length: int, max_new_tokens: int) -> ItemError | None:
+        """prompt_too_long when prompt + new tokens exceed vLLM's max_model_len (as for
+        transformers and its context); vLLM itself would only refuse a longer prompt."""
+        limit = self.llm.model_config.max_model_len
+        if length + max_new_tokens <= limit:
+            return None
+        return ItemError(
+            "prompt_too_long",
+            f"prompt of {length} tokens + {max_new_tokens} new tokens > vLLM max_model_len {limit}",
+        )
+
     def _answer(self, by_id: dict[str, list[int]], slot: str | ItemError) -> Generation | ItemError:
         if isinstance(slot, ItemError):
             return slot
         if slot not in by_id:
-            return ItemError("engine_error", f"vLLM returned no output for request {slot}")
+            return ItemError("model_error", f"vLLM returned no output for request {slot}")
         return decode(self.vlm, torch.tensor([by_id[slot]], dtype=torch.long))[0]
 
 
 def release_text_weights(vlm: VLM) -> None:
-    """Drop the transformers copy's decoder layers, final norm and head (vLLM has them)."""
+    """Drop the transformers copy's decoder layers, final norm and head (vLLM loads them)."""
     text = vlm.model.model.language_model
     parts = [text.layers, text.norm]
     if vlm.model.lm_head.weight is not text.embed_tokens.weight:
