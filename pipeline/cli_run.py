@@ -2,7 +2,9 @@
 
 Whole-job problems (bad spec, unreachable storage, missing columns, bad model path) end
 with one line on stderr and exit code 2, before any model is loaded. A run whose items
-fail beyond ``execution.max_error_fraction`` exits 1. Credentials never appear in output.
+fail beyond ``execution.max_error_fraction``, that leaves items unanswered (transient
+faults), or that cannot progress (a systemic fault, named in one line) exits 1. Credentials
+never appear in output.
 """
 
 from __future__ import annotations

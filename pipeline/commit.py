@@ -20,7 +20,10 @@ Writers from a killed run can outlive its driver for a while (orphaned Ray worke
 takes the prefix's lease (``_manifest/_lease.json``) after its read-only checks, and a writer
 checks it holds the lease just before its commit point; a superseded writer drops its staged
 file. The check and the marker are two requests, so a writer that passed the check can still
-commit after a new run planned (S3 has no conditional write across two keys). That race is
+commit after a new run planned. Conditional writes do not close this: SeaweedFS 4.48 and AWS
+honour ``If-None-Match``/``If-Match`` on PutObject (checked against the test server), but a
+condition guards only the key being written, never the lease, and pyarrow exposes none. That
+race is
 closed by id-level de-duplication (`dedupe`): an id held by several committed files stays in
 the most recently committed one and the others are rewritten without it, at the end of each
 run and in every recovery. A marker whose file vanished is dropped by `recover`, and its rows

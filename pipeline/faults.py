@@ -43,7 +43,7 @@ ITEM_CAUSES: dict[str, str] = {
     "prompt_too_long": "the prompt (plus new tokens) does not fit the model's context",
     "image_tokens": "the prompt's image tokens do not match the image features",
     "preprocess_error": "an unexpected error in the CPU stage for this item (message names it)",
-    "model_error": "the model raised for this item alone",
+    "model_error": "the model (or the vLLM engine) raised for or refused this item alone",
     "crashed_worker": "the model process died while answering this item alone (quarantined)",
 }
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from pipeline import commit, inputs, prefix
+from pipeline import commit, faults, inputs, prefix
 from pipeline.checks import check_model_path
 from pipeline.spec import InputSpec, JobSpec, fingerprint, fingerprint_fields
 from pipeline.storage import StorageError, filesystem, join, redact
@@ -59,10 +59,12 @@ def make_plan(spec: JobSpec, *, run_id: str | None = None) -> Plan:
     in_fs, in_path = filesystem(spec.input.uri, spec.storage)
     out_fs, out_root = filesystem(spec.output.uri, spec.storage)
     try:
-        listing = inputs.list_input(in_fs, in_path, spec.input)
+        listing = faults.retry(
+            lambda: inputs.list_input(in_fs, in_path, spec.input), what=f"read {spec.input.uri}"
+        )
         folder = inputs.dataset_folder(in_fs, in_path, spec.input.uri)
         check_model_path(spec)
-        state = prefix.scan(out_fs, out_root)
+        state = faults.retry(lambda: prefix.scan(out_fs, out_root), what=f"list {out_root}")
         commit.check_unmarked(state)
         check_fingerprint(state, spec)
         recovered = 0
@@ -72,7 +74,7 @@ def make_plan(spec: JobSpec, *, run_id: str | None = None) -> Plan:
             state = prefix.scan(out_fs, out_root, known=state.markers)
             recovered = commit.recover(out_fs, out_root, state)
         done = prefix.all_ids(out_fs, state)
-    except OSError as exc:
+    except (OSError, faults.TransientFault) as exc:
         raise StorageError(f"storage unreachable or refused: {redact(str(exc))}") from None
     pending, skip, total, skipped = [], [], 0, 0
     for path, ids in listing.ids.items():

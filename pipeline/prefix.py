@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline import faults
 from pipeline.storage import join, read_json
 
 MANIFEST, STAGING, RUNS = "_manifest", "_staging", "_runs"
@@ -86,8 +87,12 @@ def all_ids(fs: pafs.FileSystem, state: PrefixState) -> set[str]:
 
 def file_ids(fs: pafs.FileSystem, path: str) -> list[str]:
     """The id column of one result file (read alone: no partition inference)."""
-    with fs.open_input_file(path) as f:
-        return pq.ParquetFile(f).read(columns=["id"]).column(0).to_pylist()
+
+    def read() -> list[str]:
+        with fs.open_input_file(path) as f:
+            return pq.ParquetFile(f).read(columns=["id"]).column(0).to_pylist()
+
+    return faults.retry(read, what=f"read {path}")
 
 
 def duplicates(

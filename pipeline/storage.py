@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
+from pipeline import faults
 from pipeline.spec import StorageSpec
 
 _USERINFO = re.compile(r"(\w+://)[^/@\s]+@")
@@ -95,9 +96,13 @@ def list_files(fs: pafs.FileSystem, path: str, suffix: str = "") -> list[str]:
 
 
 def read_json(fs: pafs.FileSystem, path: str) -> Any:
-    """Read a small JSON object."""
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read())
+    """Read a small JSON object (transient faults retried)."""
+
+    def read() -> Any:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+
+    return faults.retry(read, what=f"read {path}")
 
 
 def write_json(fs: pafs.FileSystem, path: str, obj: Any) -> None:

@@ -52,7 +52,8 @@ def answer_batch(
 ) -> list[ItemResult | ItemError]:
     """Answer ``items`` in one batch; an item-level failure is an ItemError in its slot.
 
-    ``engine`` generates from the kept sequences (default: the VLM's transformers engine).
+    ``engine`` generates from the kept sequences (default: the VLM's transformers engine,
+    built once per VLM).
     """
     if position_policy not in POSITION_POLICIES:
         raise ValueError(f"position_policy must be one of {POSITION_POLICIES}")
@@ -61,7 +62,7 @@ def answer_batch(
     if not items:
         return []
     pruner = pruner or build_pruner("none")
-    engine = engine or TransformersEngine(vlm)
+    engine = engine or _default_engine(vlm)
     with torch.inference_mode():
         t0 = _now(vlm)
         feats = vlm.adapter.encode(vlm.model, items)
@@ -80,6 +81,12 @@ def answer_batch(
     for i, gen in zip(ok, answers, strict=True):
         out[i] = gen if isinstance(gen, ItemError) else _result(gen, plans[i].stats, share)
     return out  # type: ignore[return-value]
+
+
+def _default_engine(vlm: VLM) -> Engine:
+    if vlm.default_engine is None:
+        vlm.default_engine = TransformersEngine(vlm)
+    return vlm.default_engine  # type: ignore[return-value]
 
 
 def _engine_plan(plan: _Plan, item: PreparedItem) -> Plan:

@@ -81,6 +81,10 @@ def test_engine_row_error_is_that_items_error_only(llava):
 
 def test_registry_builds_the_default_engine(llava):
     vlm, items = llava
+    answer_batch(vlm, items[:1], pruner=None, keep=1.0, max_new_tokens=1)
+    default = vlm.default_engine  # built once per VLM: its caches persist across calls
+    answer_batch(vlm, items[1:2], pruner=None, keep=1.0, max_new_tokens=1)
+    assert isinstance(default, TransformersEngine) and vlm.default_engine is default
     engine = build_engine("transformers", vlm)
     out = engine.generate([], 2)
     assert engine.name == "transformers" and out == []

@@ -67,6 +67,9 @@ class VLM:
     name: str
     device: torch.device
     local_path: str = ""  # the checkpoint folder it was loaded from (or the hub id)
+    # the engine `answer_batch` uses when given none, built on first use and kept, so its
+    # static caches and compiled decode persist across calls
+    default_engine: object | None = field(default=None, repr=False, compare=False)
     revision: str | None = None  # the hub revision it was loaded at
 
     def describe(self) -> dict:
