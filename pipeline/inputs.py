@@ -11,6 +11,7 @@ the job (`pipeline.readers`), and resume (`pipeline.plan`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -24,6 +25,7 @@ from pipeline.storage import StorageError, is_remote, list_files, redact
 
 SUFFIX = {"parquet": ".parquet", "webdataset": ".tar"}
 HF_IMAGE = "datasets Image() struct {bytes, path}"
+LISTING_THREADS = 8  # tar shards listed at once on the driver (I/O bound)
 
 
 @dataclass
@@ -94,16 +96,20 @@ def _list_webdataset(fs: pafs.FileSystem, files: list[str], spec: InputSpec) -> 
     if spec.image_uri_column:
         raise StorageError("WebDataset input takes images from the image member; "
                            "unset input.image_uri_column")  # fmt: skip
-    per_file: dict[str, list[str]] = {}
-    bad: dict[str, str] = {}
-    for file in files:
-        try:
-            per_file[file] = webdataset.sample_keys(fs, file)
-        except webdataset.ShardError as exc:
-            bad[file] = redact(str(exc))
+    with ThreadPoolExecutor(max_workers=LISTING_THREADS) as pool:  # shards stream in parallel
+        listed = list(pool.map(lambda f: _keys_or_error(fs, f), files))
+    per_file = {f: keys for f, keys in zip(files, listed, strict=True) if isinstance(keys, list)}
+    bad = {f: why for f, why in zip(files, listed, strict=True) if isinstance(why, str)}
     check_ids(per_file, "the sample key")
     return InputListing("webdataset", list(per_file), per_file, webdataset.row_schema(spec),
                         webdataset.image_encoding(spec), bad)  # fmt: skip
+
+
+def _keys_or_error(fs: pafs.FileSystem, path: str) -> list[str] | str:
+    try:
+        return webdataset.sample_keys(fs, path)
+    except webdataset.ShardError as exc:
+        return redact(str(exc))
 
 
 def check_ids(per_file: dict[str, list[str]], column: str) -> None:

@@ -26,6 +26,7 @@ INPUT_ERROR = "_input_error"  # a row whose sample is unusable; the CPU stage ma
 # Ray's own rule (webdataset_datasource._base_plus_ext): key = name up to the basename's first dot.
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _CHUNK = 1 << 20
+_BUFFER = 8 << 20  # tarfile reads 10 KiB at a time: unbuffered, that is one S3 GET each
 
 
 class ShardError(ValueError):
@@ -42,7 +43,10 @@ def sample_keys(fs: pafs.FileSystem, path: str) -> list[str]:
     seen: set[str] = set()
     members: set[str] = set()
     try:
-        with fs.open_input_stream(path) as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+        with (
+            fs.open_input_stream(path, buffer_size=_BUFFER) as raw,
+            tarfile.open(fileobj=raw, mode="r|*") as tar,
+        ):
             for member in tar:
                 match = _KEY.match(member.name) if member.isreg() else None
                 if match is None:

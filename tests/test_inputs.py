@@ -6,13 +6,17 @@ import argparse
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pytest
 import yaml
+from PIL import Image
 
 from pipeline import cli_validate, commit, runner
-from pipeline.spec import JobSpec, parse_spec
+from pipeline.plan import make_plan
+from pipeline.preprocess import Preprocess
+from pipeline.spec import JobSpec, ProcessorConfig, parse_spec
 from pipeline.webdataset import ShardError, sample_keys
 from resprune.tiny import build_tiny_checkpoint
 from tests.input_helpers import ASSETS, export_hub_layout, sample, vqa_dataset, write_shard
@@ -200,3 +204,26 @@ def test_webdataset_on_s3_with_a_question_field(model: Path, s3_server, s3_bucke
     got = output(f"{s3_bucket}/out", pafs.S3FileSystem(endpoint_override=s3_server.endpoint))
     assert (got["a0"]["question"], got["a0"]["n"]) == ("Colour?", "3")
     assert got["a1"]["question"] == spec.model.default_question
+
+
+def test_struct_paths_resolve_against_an_s3_folder(
+    model: Path, tmp_path: Path, s3_server, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hub layout on S3 with path-only images: relative paths become s3:// URIs."""
+    hub = export_hub_layout(vqa_dataset(tmp_path / "hub", monkeypatch), tmp_path / "hub")
+    client = s3_server.client()
+    for f in (hub / "data" / "train-00000-of-00001.parquet", hub / "images" / "coffee.jpg"):
+        client.upload_file(str(f), s3_bucket, f"hub/{f.relative_to(hub)}")
+    spec = job(model, f"s3://{s3_bucket}/hub", str(tmp_path / "out"))
+    plan = make_plan(spec)
+    assert (plan.dataset_folder, plan.items_total) == (f"s3://{s3_bucket}/hub", 4)
+    config = ProcessorConfig.from_job(spec, dataset_folder=plan.dataset_folder)
+    paths = ["images/coffee.jpg", f"s3://{s3_bucket}/hub/images/coffee.jpg", "images/no.jpg"]
+    images = [{"bytes": None, "path": p} for p in paths]
+    batch = pa.table({"id": ["rel", "abs", "missing"], "image": images})
+    out = Preprocess(config, [])(batch).to_pylist()
+    assert [r["image_width"] for r in out[:2]] == [Image.open(hub / "images/coffee.jpg").width] * 2
+    assert (
+        out[2]["error_cause"] == "fetch_failed"
+        and f"{s3_bucket}/hub/images/no.jpg" in out[2]["error"]
+    )

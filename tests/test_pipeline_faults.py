@@ -116,3 +116,40 @@ def test_run_status_judges_the_error_fraction_once_enough_items_are_done(
     got, reason = recorder._status({"rows": rows, "items_error": errors}, None)
     assert got == status and (reason or "").startswith(why or "")
     assert (reason is None) == (why is None)
+
+
+def test_the_model_stage_turns_systemic_faults_into_an_actor_exit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CUDA error, out of memory with one item, or the model raising for ERROR_STREAK items
+    in a row raise SystemicFault (the actor then exits) instead of becoming error rows."""
+    import pyarrow as pa
+
+    import resprune.answer
+    from pipeline.answer_stage import ERROR_STREAK, Answerer
+    from resprune.tiny import build_tiny_checkpoint
+
+    model = build_tiny_checkpoint("llava", tmp_path / "model")
+    spec = parse_spec({"name": "t", "input": {"uri": "in"}, "output": {"uri": "out"},
+                       "model": {"path": str(model)},
+                       "execution": {"gpus_per_actor": 0}})  # fmt: skip
+    answerer = Answerer(spec, run_id="r", run_date="2026-11-24", passthrough=pa.schema([]))
+    raised: list[BaseException] = []
+
+    def fails(vlm, items, **kwargs):
+        raise raised[0]
+
+    monkeypatch.setattr(resprune.answer, "answer_batch", fails)
+    items, keep = [object()] * 4, spec.pruning.keep
+    cases = [RuntimeError("CUDA error: an illegal memory access was encountered"),
+             OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")]  # fmt: skip
+    for exc in cases:
+        raised[:] = [exc]
+        with pytest.raises(faults.SystemicFault, match=str(exc)[:20]):
+            answerer._run(items, answerer.pruner, keep)
+    raised[:] = [ValueError("shape mismatch")]
+    answerer.error_streak = 0
+    out = answerer._run(items, answerer.pruner, keep)  # item faults, below the streak
+    assert [a.result.cause for a in out] == ["model_error"] * 4
+    with pytest.raises(faults.SystemicFault, match=f"{ERROR_STREAK} items in a row"):
+        answerer._run([object()] * ERROR_STREAK, answerer.pruner, keep)
