@@ -7,7 +7,10 @@ many rows survive is only known after selection, so the selection budget of an i
 layout rows is searched: an overshoot is taken off it, a slack added, until the largest
 fitting one is found (the bracket narrows every round, so this ends; a few rounds in
 practice). Within an image, the selection budget is split across crops in proportion to
-their sizes (largest remainder). This module knows nothing about models or prompts.
+their sizes (largest remainder). A prefix-consistent pruner (ResPrune, DivPrune) is called
+once, each crop at the largest share any searched k could give it, and the search runs on
+prefixes of those picks (same result as one call per round); other pruners are called
+once per round. This module knows nothing about models or prompts.
 """
 
 from __future__ import annotations
@@ -50,6 +53,18 @@ def kept_rows(image: ImageTokens, kept: torch.Tensor) -> list[int]:
     return [nl for nl, row in image.newline_rows if torch.isin(row, kept).any()]
 
 
+def largest_shares(k: int, sizes: list[int]) -> list[int]:
+    """Per crop, the largest share `split_budget` gives it over budgets 1..k.
+
+    Largest-remainder splits are not monotone in k (a crop's share can drop as k grows), so
+    the share at k alone is not an upper bound for smaller budgets.
+    """
+    shares = [0] * len(sizes)
+    for budget in range(1, k + 1):
+        shares = [max(a, b) for a, b in zip(shares, split_budget(budget, sizes), strict=True)]
+    return shares
+
+
 def select_within_budget(
     pruner: Pruner, keep: int | float, images: list[ImageTokens]
 ) -> list[Picks]:
@@ -59,6 +74,15 @@ def select_within_budget(
     (k + 1 overshoots), or k = 1 when even one token and its row overshoot.
     """
     searches = [_Search(resolve_keep(keep, img.features.shape[0]), img) for img in images]
+    if getattr(pruner, "prefix_consistent", False):
+        _search_on_prefixes(pruner, images, searches)
+    else:
+        _search_by_calls(pruner, images, searches)
+    return [s.best for s in searches]
+
+
+def _search_by_calls(pruner: Pruner, images: list[ImageTokens], searches: list[_Search]) -> None:
+    """Each round, one pruner call at every unfinished image's current k."""
     todo = list(range(len(images)))
     while todo:
         chosen = _prune(pruner, [images[i] for i in todo], [searches[i].k for i in todo])
@@ -67,7 +91,28 @@ def select_within_budget(
             for i, mine in zip(todo, chosen, strict=True)
             if not searches[i].step(mine, pruner.name == "none")
         ]
-    return [s.best for s in searches]
+
+
+def _search_on_prefixes(pruner: Pruner, images: list[ImageTokens], searches: list[_Search]) -> None:
+    """One pruner call at each crop's largest share, then every round cuts prefixes of it."""
+    sizes = [[len(c.index) for c in img.crops] for img in images]
+    caps = [largest_shares(s.k, n) for s, n in zip(searches, sizes, strict=True)]
+    longest = _prune_crops(pruner, images, caps)
+    for search, img, picks, n in zip(searches, images, longest, sizes, strict=True):
+        done = False
+        while not done:
+            done = search.step(_cut(pruner, img, picks, split_budget(search.k, n)), False)
+
+
+def _cut(pruner: Pruner, image: ImageTokens, longest: Picks, shares: list[int]) -> Picks:
+    """The picks of a call at per-crop ``shares``, cut from ``longest`` (larger shares)."""
+    by_crop = {id(crop): (tokens, pruned) for crop, tokens, pruned in longest}
+    picks: Picks = []
+    for crop, crop_share in zip(image.crops, shares, strict=True):
+        if crop_share > 0:
+            tokens, pruned = by_crop[id(crop)]
+            picks.append((crop, tokens, pruner.prefix(pruned, tokens, crop_share)))
+    return picks
 
 
 class _Search:
@@ -106,11 +151,18 @@ def kept_index(picks: Picks) -> torch.Tensor:
 
 
 def _prune(pruner: Pruner, images: list[ImageTokens], ks: list[int]) -> list[Picks]:
-    """One pruner call over every crop of every image."""
-    sets, budgets, owners = [], [], []
-    for i, (img, k) in enumerate(zip(images, ks, strict=True)):
+    """One pruner call over every crop of every image, image i's ``ks[i]`` split by crop."""
+    shares = []
+    for img, k in zip(images, ks, strict=True):
         sizes = [len(c.index) for c in img.crops]
-        per_crop = sizes if pruner.name == "none" else split_budget(k, sizes)
+        shares.append(sizes if pruner.name == "none" else split_budget(k, sizes))
+    return _prune_crops(pruner, images, shares)
+
+
+def _prune_crops(pruner: Pruner, images: list[ImageTokens], shares: list[list[int]]) -> list[Picks]:
+    """One pruner call over every crop with a positive share (``shares[i][c]`` tokens)."""
+    sets, budgets, owners = [], [], []
+    for i, (img, per_crop) in enumerate(zip(images, shares, strict=True)):
         for c, (crop, kc) in enumerate(zip(img.crops, per_crop, strict=True)):
             if kc > 0:
                 key = f"{img.key}#{c}" if img.key else None

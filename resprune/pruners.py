@@ -1,7 +1,10 @@
 """Token pruners behind one interface: ResPrune and the baselines it is compared with.
 
 A pruner sees the projector outputs of one image (or one anyres crop) as a `TokenSet` and
-returns the kept indices, ascending, so kept tokens keep their order and positions. The
+returns the kept indices, ascending, so kept tokens keep their order and positions.
+Prefix-consistent pruners (``prefix_consistent = True``: the first k' picks of a run to k
+are the run to k') also return the pick order, and their ``prefix`` cuts a result to a
+smaller budget without another call (LLaVA-NeXT's budget search uses it). The
 `pool` baseline replaces tokens by window averages and reports each window's centre as its
 position. Pruners know nothing about models or prompts; adapters build the TokenSets.
 """
@@ -38,12 +41,18 @@ class Pruned:
     retained_energy: float
     tokens: torch.Tensor | None = None  # replacement features [k, D]; None: tokens[indices]
     relevance: torch.Tensor | None = None  # [N] r_i when the pruner used the text
+    order: torch.Tensor | None = None  # long [k]: picks in pick order (prefix-consistent)
+    retained_by_prefix: torch.Tensor | None = None  # [k]: retained_energy of each prefix
 
 
 class Pruner(Protocol):
-    """Selects k tokens per set; ``prune`` is batched over sets."""
+    """Selects k tokens per set; ``prune`` is batched over sets.
+
+    A pruner with ``prefix_consistent = True`` also has ``prefix(pruned, tokens, k)``.
+    """
 
     name: str
+    prefix_consistent: bool
 
     def prune(self, sets: list[TokenSet], ks: list[int]) -> list[Pruned]: ...
 
@@ -83,6 +92,7 @@ class ResPrune:
     """Greedy residual-energy subspace expansion modulated by text relevance (batched)."""
 
     name = "resprune"
+    prefix_consistent = True
 
     def __init__(self, alpha: float = 1.0, relevance_floor: float = RELEVANCE_FLOOR):
         check_relevance_floor(alpha, relevance_floor)
@@ -111,15 +121,30 @@ class ResPrune:
                 indices=sel.indices,
                 retained_energy=energy,
                 relevance=rel[b, : lengths[b]] if with_text and s.text is not None else None,
+                order=sel.order,
+                retained_by_prefix=sel.retained_by_prefix,
             )
             for b, (s, sel, energy) in enumerate(zip(sets, sels, energies, strict=True))
         ]
+
+    def prefix(self, pruned: Pruned, tokens: TokenSet, k: int) -> Pruned:
+        """``pruned`` cut to its first ``k`` picks: what ``prune`` at budget k returns."""
+        del tokens  # the retained energy of every prefix came with the picks
+        curve = pruned.retained_by_prefix[:k]
+        return Pruned(
+            _sorted_prefix(pruned, k),
+            float(curve[-1]),
+            relevance=pruned.relevance,
+            order=pruned.order[:k],
+            retained_by_prefix=curve,
+        )
 
 
 class KeepAll:
     """No pruning: every token is kept (the unpruned reference)."""
 
     name = "none"
+    prefix_consistent = False
 
     def prune(self, sets: list[TokenSet], ks: list[int]) -> list[Pruned]:
         _check(sets, ks)
@@ -136,6 +161,7 @@ class RandomPrune:
     """
 
     name = "random"
+    prefix_consistent = False
 
     def __init__(self, seed: int = 0):
         self.seed = seed
@@ -150,6 +176,14 @@ class RandomPrune:
             idx = torch.randperm(n, generator=gen)[:k].sort().values.to(s.tokens.device)
             out.append(Pruned(idx, span_energy(s.tokens, s.tokens[idx])))
         return out
+
+
+def _sorted_prefix(pruned: Pruned, k: int) -> torch.Tensor:
+    """The first ``k`` picks of ``pruned.order``, ascending."""
+    if pruned.order is None or not 1 <= k <= len(pruned.order):
+        made = 0 if pruned.order is None else len(pruned.order)
+        raise ValueError(f"prefix of {k} picks asked of a result with {made} picks in order")
+    return pruned.order[:k].sort().values
 
 
 def _grid(s: TokenSet) -> tuple[int, int]:
@@ -174,6 +208,7 @@ class UniformPrune:
     """Even spatial stride over the token grid."""
 
     name = "uniform"
+    prefix_consistent = False
 
     def prune(self, sets: list[TokenSet], ks: list[int]) -> list[Pruned]:
         _check(sets, ks)
@@ -188,6 +223,7 @@ class PoolPrune:
     """2-D average pooling of the grid to at most k tokens ("just downsample")."""
 
     name = "pool"
+    prefix_consistent = False
 
     def prune(self, sets: list[TokenSet], ks: list[int]) -> list[Pruned]:
         _check(sets, ks)
@@ -210,6 +246,7 @@ class DivPrune:
     """Greedy max-min cosine diversity: repeatedly add the token farthest from the kept set."""
 
     name = "divprune"
+    prefix_consistent = True  # each pick depends only on the picks before it
 
     def prune(self, sets: list[TokenSet], ks: list[int]) -> list[Pruned]:
         _check(sets, ks)
@@ -227,8 +264,14 @@ class DivPrune:
                 nearest = torch.minimum(nearest, dist[nxt])
                 nearest[chosen] = -1.0
             idx = torch.tensor(sorted(chosen), device=s.tokens.device)
-            out.append(Pruned(idx, span_energy(s.tokens, s.tokens[idx])))
+            order = torch.tensor(chosen, device=s.tokens.device)
+            out.append(Pruned(idx, span_energy(s.tokens, s.tokens[idx]), order=order))
         return out
+
+    def prefix(self, pruned: Pruned, tokens: TokenSet, k: int) -> Pruned:
+        """``pruned`` cut to its first ``k`` picks: what ``prune`` at budget k returns."""
+        idx = _sorted_prefix(pruned, k)
+        return Pruned(idx, span_energy(tokens.tokens, tokens.tokens[idx]), order=pruned.order[:k])
 
 
 PRUNERS = ("resprune", "none", "random", "uniform", "pool", "divprune")

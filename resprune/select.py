@@ -50,10 +50,16 @@ _TOKEN_BUCKET, _K_BUCKET, _MAX_GRAPHS = 64, 16, 6
 
 @dataclass(frozen=True)
 class Selection:
-    """Kept token indices (ascending) and the share of token energy their span retains."""
+    """Kept token indices (ascending) and the share of token energy their span retains.
+
+    `select_prefixes` also gives the pick ``order`` and ``retained_by_prefix`` (entry j: the
+    share retained by the first j + 1 picks), so a caller can take any shorter prefix.
+    """
 
     indices: torch.Tensor  # long [k] or [B, k]
     retained_energy: torch.Tensor  # float32 [] or [B]
+    order: torch.Tensor | None = None  # long [k]: the picks in the order they were made
+    retained_by_prefix: torch.Tensor | None = None  # float32 [k]
 
 
 def relevance_weights(
@@ -87,8 +93,8 @@ def select_tokens(
     check_relevance_floor(alpha, relevance_floor)
     x, r, m = _validate(tokens, relevance, mask)
     _check_budgets(m, [k] * x.shape[0])
-    order, retained = _select(x, r, (alpha, relevance_floor), m, [k] * x.shape[0])
-    indices = order.sort(dim=-1).values
+    order, curve = _select(x, r, (alpha, relevance_floor), m, k)
+    indices, retained = order.sort(dim=-1).values, curve[:, -1]
     if tokens.dim() == 2:
         return Selection(indices[0], retained[0])
     return Selection(indices, retained)
@@ -113,13 +119,14 @@ def select_prefixes(
     check_relevance_floor(alpha, relevance_floor)
     x, r, m = _validate(tokens, relevance, mask)
     _check_budgets(m, ks)
-    order, retained = _select(x, r, (alpha, relevance_floor), m, list(ks))
-    beyond = (
-        torch.arange(order.shape[1], device=order.device)
-        >= torch.tensor(ks, device=order.device)[:, None]
-    )
-    order = order.masked_fill(beyond, x.shape[1]).sort(dim=-1).values  # kept first, ascending
-    return [Selection(order[b, :k], retained[b]) for b, k in enumerate(ks)]
+    order, curve = _select(x, r, (alpha, relevance_floor), m, max(ks))
+    budgets = torch.tensor(ks, device=order.device)
+    beyond = torch.arange(order.shape[1], device=order.device) >= budgets[:, None]
+    kept = order.masked_fill(beyond, x.shape[1]).sort(dim=-1).values  # kept first, ascending
+    retained = curve.gather(1, (budgets - 1)[:, None])[:, 0]
+    return [
+        Selection(kept[b, :k], retained[b], order[b, :k], curve[b, :k]) for b, k in enumerate(ks)
+    ]
 
 
 def _select(
@@ -127,9 +134,9 @@ def _select(
     r: torch.Tensor | None,
     g: tuple[float, float],
     mask: torch.Tensor,
-    ks: list[int],
+    k: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick order [B, max k] and the energy share retained by each row's first ks[b] picks.
+    """Pick order [B, k] and the energy share retained by each prefix of it [B, k].
 
     ``g`` = (alpha, relevance floor) of the relevance weights.
     """
@@ -145,9 +152,8 @@ def _select(
     if w is not None:
         gram = gram_x * (w.sqrt()[:, :, None] * w.sqrt()[:, None, :])
         spent_below = spent_below * w
-    order, coef = _run_greedy(gram, mask, spent_below, max(ks))
-    budgets = torch.tensor(ks, device=x.device)
-    return order, _retained_energy(energy_x, mask, coef, w, budgets)
+    order, coef = _run_greedy(gram, mask, spent_below, k)
+    return order, _retained_curve(energy_x, mask, coef, w)
 
 
 def _validate(
@@ -300,23 +306,22 @@ def _run_greedy(
     return chosen[:b, :k], coef[:b, :k, :n]
 
 
-def _retained_energy(
+def _retained_curve(
     energy_x: torch.Tensor,
     mask: torch.Tensor,
     coef: torch.Tensor,
     weights: torch.Tensor | None,
-    ks: torch.Tensor,
 ) -> torch.Tensor:
-    """``1 - sum_i E_S(x_i) / sum_i ||x_i||^2`` over valid tokens, S = row b's first ks[b] picks.
+    """``sum_i E_S(x_i) / sum_i ||x_i||^2`` over valid tokens, per prefix S [B, k].
 
-    The span of the kept scaled tokens equals the span of the kept tokens, so the energy of
-    x_i inside it is the captured energy of y_i divided by its weight.
+    Entry [b, j] takes S = row b's first j + 1 picks. The span of the kept scaled tokens
+    equals the span of the kept tokens, so the energy of x_i inside it is the captured
+    energy of y_i divided by its weight; each pick adds its basis vector's share.
     """
-    first = torch.arange(coef.shape[1], device=coef.device) < ks[:, None]  # [B, k]
-    captured = (coef.pow(2) * first[:, :, None]).sum(1)  # [B, N] = ||P_S y_i||^2
+    captured = coef.pow(2)  # [B, k, N]: ||<q_s, y_i>||^2
     if weights is not None:
-        captured = captured / weights
-    captured = (captured * mask).sum(-1)
-    total = (energy_x * mask).sum(-1)
+        captured = captured / weights[:, None, :]
+    captured = (captured * mask[:, None, :]).sum(-1).cumsum(-1)  # [B, k]
+    total = (energy_x * mask).sum(-1, keepdim=True)
     share = (captured / total.clamp_min(1e-30)).clamp_max(1.0)  # float32 round-off above 1
-    return torch.where(total > 0, share, torch.ones_like(total))
+    return torch.where(total > 0, share, torch.ones_like(share))
