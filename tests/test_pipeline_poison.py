@@ -35,6 +35,9 @@ ASSETS = ROOT / "pipeline" / "assets" / "images"
 DATE = "2026-11-24"
 FAULTS = Path(tempfile.mkdtemp(prefix="resprune-faults-"))
 
+# One to two minutes each on 2 cores: the slow tier, which CI runs (`make test-slow`).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_session(s3_server):

@@ -106,6 +106,7 @@ def listing(fs: pafs.FileSystem, out: str) -> dict[str, int]:
             if i.type == pafs.FileType.File and not any(s in i.path for s in skip)}  # fmt: skip
 
 
+@pytest.mark.slow  # about a minute on 2 cores; CI runs the slow tier
 @pytest.mark.timeout(420)
 def test_sigkill_mid_run_then_resume_then_rerun_in_the_readme_layout(
     tmp_path: Path, s3_server, s3_bucket: str
