@@ -10,7 +10,8 @@ types, the official per-question-type breakdown.
 from __future__ import annotations
 
 import re
-from collections import Counter
+
+from pipeline.overlap import overlap_f1
 
 _PUNCT = tuple(';/[]"{}()=+\\_-><@`,?!')
 _PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # as in the official code: a period not before a digit
@@ -86,17 +87,7 @@ def exact_match(prediction: str, references: list[str]) -> float:
 def token_f1(prediction: str, references: list[str]) -> float:
     """Best bag-of-words F1 (SQuAD style) over the references, on normalised answers."""
     pred = normalize_answer(prediction).split()
-    return max((_f1(pred, normalize_answer(r).split()) for r in references), default=0.0)
-
-
-def _f1(pred: list[str], ref: list[str]) -> float:
-    if not pred or not ref:
-        return float(pred == ref)
-    common = sum((Counter(pred) & Counter(ref)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(pred), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    return max((overlap_f1(pred, normalize_answer(r).split()) for r in references), default=0.0)
 
 
 METRICS = {"vqa_accuracy": vqa_accuracy, "exact_match": exact_match, "token_f1": token_f1}

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from pipeline.overlap import overlap_f1
 
 N_BOOT = 2000
 MIN_BATCHES = 3  # shadow batches a batch-size bucket needs to use its own ratio
@@ -268,14 +269,7 @@ def normalize_answer(text: str | None) -> str:
 
 def token_f1(pruned: str | None, unpruned: str | None) -> float:
     """Token-overlap F1 of two normalised answers (1.0 when both are empty)."""
-    a, b = normalize_answer(pruned).split(), normalize_answer(unpruned).split()
-    if not a or not b:
-        return float(a == b)
-    same = sum((Counter(a) & Counter(b)).values())
-    if same == 0:
-        return 0.0
-    precision, recall = same / len(a), same / len(b)
-    return 2 * precision * recall / (precision + recall)
+    return overlap_f1(normalize_answer(pruned).split(), normalize_answer(unpruned).split())
 
 
 def agreement(pruned: Sequence[str | None], unpruned: Sequence[str | None]) -> dict[str, Any]:
