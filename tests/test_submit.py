@@ -68,7 +68,12 @@ def ray_head(s3_server, monkeypatch: pytest.MonkeyPatch):
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")
     dash = _port()
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
+    token = secrets.token_hex(32)
+    token_file = Path(temp_dir) / "auth_token"
+    token_file.write_text(token)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    # the file too: a stale ~/.ray/auth_token on the machine must not decide which token is used
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
     env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0",
                         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # fmt: skip
     cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={_port()}",
