@@ -41,17 +41,24 @@ SIZES = [(336, 336), (300, 451), (500, 260), (640, 480)]
 
 def _outside(pruner, keep, images):
     """The previous rule: one call at keep over the selectable tokens, newlines on top."""
-    targets = [min(budget.resolve_keep(keep, sum(len(c.index) for c in i.crops)),
-                   sum(len(c.index) for c in i.crops)) for i in images]  # fmt: skip
+    targets = [
+        min(
+            budget.resolve_keep(keep, sum(len(c.index) for c in i.crops)),
+            sum(len(c.index) for c in i.crops),
+        )
+        for i in images
+    ]
     return budget._prune(pruner, images, targets)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--keep", nargs="+", type=lambda v: float(v) if "." in v else int(v),
-                    default=[64, 0.25])  # fmt: skip
-    ap.add_argument("--pruners", nargs="+",
-                    default=["resprune", "divprune", "uniform", "random", "pool"])  # fmt: skip
+    ap.add_argument(
+        "--keep", nargs="+", type=lambda v: float(v) if "." in v else int(v), default=[64, 0.25]
+    )
+    ap.add_argument(
+        "--pruners", nargs="+", default=["resprune", "divprune", "uniform", "random", "pool"]
+    )
     ap.add_argument("--repeat", type=int, default=5, help="timed runs; the least is kept")
     args = ap.parse_args()
     path = build_tiny_checkpoint("llava_next", tempfile.mkdtemp())
@@ -71,11 +78,13 @@ def main() -> None:
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
-        print(f"| {r['pruner']} | {r['keep']} | {r['inside_s']:.3f} | {r['inside_calls']} | "
-              f"{r['per_round_s']:.3f} | {r['per_round_calls']} | "
-              f"{r['per_round_s'] / r['inside_s']:.1f}x | {r['same_picks']} | "
-              f"{r['outside_s']:.3f} | {r['inside_s'] / r['outside_s']:.1f}x | "
-              f"{r['kept_inside']} | {r['kept_outside']} |")  # fmt: skip
+        print(
+            f"| {r['pruner']} | {r['keep']} | {r['inside_s']:.3f} | {r['inside_calls']} | "
+            f"{r['per_round_s']:.3f} | {r['per_round_calls']} | "
+            f"{r['per_round_s'] / r['inside_s']:.1f}x | {r['same_picks']} | "
+            f"{r['outside_s']:.3f} | {r['inside_s'] / r['outside_s']:.1f}x | "
+            f"{r['kept_inside']} | {r['kept_outside']} |"
+        )
     print(json.dumps(results))
 
 

@@ -108,10 +108,17 @@ def run_config(vlm, pre, args, batch: int, keep: int) -> list[dict]:
         engine = VARIANTS[name](vlm)
         prefill_s, _ = timed(vlm, engine, plans, 1, args.repeats)
         e2e_s, ids = timed(vlm, engine, plans, args.new_tokens, args.repeats)
-        row = {"batch": batch, "keep": keep or "all", "engine": name,
-               "prompt_len": max(len(p.ids) for p in plans), "prefill_s": prefill_s,
-               "e2e_s": e2e_s, "decode_ms_step": 1e3 * (e2e_s - prefill_s) / (args.new_tokens - 1),
-               "items_per_s": batch / e2e_s, "ms_per_item": 1e3 * e2e_s / batch}  # fmt: skip
+        row = {
+            "batch": batch,
+            "keep": keep or "all",
+            "engine": name,
+            "prompt_len": max(len(p.ids) for p in plans),
+            "prefill_s": prefill_s,
+            "e2e_s": e2e_s,
+            "decode_ms_step": 1e3 * (e2e_s - prefill_s) / (args.new_tokens - 1),
+            "items_per_s": batch / e2e_s,
+            "ms_per_item": 1e3 * e2e_s / batch,
+        }
         base = base or (row, ids)
         row["speedup_vs_dynamic"] = base[0]["e2e_s"] / e2e_s
         row["ids_equal_baseline"] = ids == base[1]
@@ -121,10 +128,19 @@ def run_config(vlm, pre, args, batch: int, keep: int) -> list[dict]:
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = [("batch", "{:>5}"), ("keep", "{:>4}"), ("engine", "{:>13}"), ("prompt_len", "{:>6}"),
-            ("prefill_s", "{:>8.3f}"), ("e2e_s", "{:>7.3f}"), ("decode_ms_step", "{:>8.2f}"),
-            ("ms_per_item", "{:>8.1f}"), ("items_per_s", "{:>7.2f}"),
-            ("speedup_vs_dynamic", "{:>7.2f}"), ("ids_equal_baseline", "{!s:>5}")]  # fmt: skip
+    cols = [
+        ("batch", "{:>5}"),
+        ("keep", "{:>4}"),
+        ("engine", "{:>13}"),
+        ("prompt_len", "{:>6}"),
+        ("prefill_s", "{:>8.3f}"),
+        ("e2e_s", "{:>7.3f}"),
+        ("decode_ms_step", "{:>8.2f}"),
+        ("ms_per_item", "{:>8.1f}"),
+        ("items_per_s", "{:>7.2f}"),
+        ("speedup_vs_dynamic", "{:>7.2f}"),
+        ("ids_equal_baseline", "{!s:>5}"),
+    ]
     print(" | ".join(name for name, _ in cols))
     for r in rows:
         print(" | ".join(fmt.format(r[name]) for name, fmt in cols))
@@ -134,15 +150,26 @@ def main() -> None:
     args = parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = build_tiny_checkpoint(
-            "llava", Path(tmp) / "m", text_hidden=args.text_hidden, text_layers=args.text_layers,
-            text_intermediate=args.text_intermediate, heads=8, kv_heads=8, vision_hidden=128,
-            vision_layers=2, image_size=336,
-        )  # fmt: skip
+            "llava",
+            Path(tmp) / "m",
+            text_hidden=args.text_hidden,
+            text_layers=args.text_layers,
+            text_intermediate=args.text_intermediate,
+            heads=8,
+            kv_heads=8,
+            vision_hidden=128,
+            vision_layers=2,
+            image_size=336,
+        )
         vlm = load_vlm(str(path), dtype=args.dtype, device=args.device)
         vlm.model.generation_config.eos_token_id = None  # decode exactly new_tokens everywhere
         pre = load_preprocessor(str(path))
-        rows = [r for b in args.batch_sizes for k in args.keeps
-                for r in run_config(vlm, pre, args, b, k)]  # fmt: skip
+        rows = [
+            r
+            for b in args.batch_sizes
+            for k in args.keeps
+            for r in run_config(vlm, pre, args, b, k)
+        ]
     shape = vlm.describe()
     print(
         f"model: {shape['parameters']:,} parameters, text hidden {shape['hidden_size']} x "

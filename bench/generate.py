@@ -183,12 +183,20 @@ def add_ratios(rows: list[dict]) -> None:
 
 def print_table(rows: list[dict]) -> None:
     cols = [
-        ("batch", "{:>5}"), ("keep", "{:>5}"), ("prompt_len", "{:>6}"), ("prefill_s", "{:>8.3f}"),
-        ("prefill_speedup", "{:>7.2f}"), ("flops_ratio", "{:>7.2f}"),
-        ("speedup_vs_flops", "{:>7.2f}"), ("e2e_s", "{:>7.2f}"), ("e2e_speedup", "{:>7.2f}"),
-        ("select_s", "{:>8.4f}"), ("select_share", "{:>7.2%}"), ("peak_mb", "{:>8.1f}"),
+        ("batch", "{:>5}"),
+        ("keep", "{:>5}"),
+        ("prompt_len", "{:>6}"),
+        ("prefill_s", "{:>8.3f}"),
+        ("prefill_speedup", "{:>7.2f}"),
+        ("flops_ratio", "{:>7.2f}"),
+        ("speedup_vs_flops", "{:>7.2f}"),
+        ("e2e_s", "{:>7.2f}"),
+        ("e2e_speedup", "{:>7.2f}"),
+        ("select_s", "{:>8.4f}"),
+        ("select_share", "{:>7.2%}"),
+        ("peak_mb", "{:>8.1f}"),
         ("mem_ratio", "{:>6.2f}"),
-    ]  # fmt: skip
+    ]
     print(" | ".join(name for name, _ in cols))
     for r in rows:
         print(" | ".join(fmt.format(r[name]) for name, fmt in cols))
@@ -215,10 +223,17 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = build_tiny_checkpoint(
-            "llava", Path(tmp) / "m", text_hidden=args.text_hidden, text_layers=args.text_layers,
-            text_intermediate=args.text_intermediate, heads=args.heads, kv_heads=args.heads,
-            vision_hidden=args.vision_hidden, vision_layers=2, image_size=336,
-        )  # fmt: skip
+            "llava",
+            Path(tmp) / "m",
+            text_hidden=args.text_hidden,
+            text_layers=args.text_layers,
+            text_intermediate=args.text_intermediate,
+            heads=args.heads,
+            kv_heads=args.heads,
+            vision_hidden=args.vision_hidden,
+            vision_layers=2,
+            image_size=336,
+        )
         rows = []
         for batch in args.batch_sizes:
             for keep in [0, *args.keeps]:

@@ -55,14 +55,29 @@ QUESTIONS = [
     "What color is the cat?",
     "What is in the coffee cup?",
 ]
-LLAMA_7B = {"hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 11008,
-            "num_attention_heads": 32, "num_key_value_heads": 32}  # fmt: skip
-QWEN_7B = {"hidden_size": 3584, "num_hidden_layers": 28, "intermediate_size": 18944,
-           "num_attention_heads": 28, "num_key_value_heads": 4}  # fmt: skip
+LLAMA_7B = {
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "intermediate_size": 11008,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+}
+QWEN_7B = {
+    "hidden_size": 3584,
+    "num_hidden_layers": 28,
+    "intermediate_size": 18944,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+}
 CLIP_L = {"hidden": 1024, "layers": 24, "heads": 16, "intermediate": 4096}
 QWEN_VIT = {"hidden": 1280, "layers": 32, "heads": 16, "intermediate": 3420}
-TINY_TEXT = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
-             "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
+TINY_TEXT = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
 TINY_VIT = {"hidden": 64, "layers": 2, "heads": 4, "intermediate": 128}
 # (name, family, text, vision, processor image size, input image size, keep, batches)
 MODELS = [
@@ -71,8 +86,14 @@ MODELS = [
     ("qwen25vl", "qwen2_5_vl", QWEN_7B, QWEN_VIT, 672, 672, 64, [8]),
 ]
 SMOKE_BATCH_TOKENS = 2500  # the CPU smoke run's stand-in for a GPU's memory budget
-SELECT_SHAPES = [(1, 576, 64), (8, 576, 64), (32, 576, 64), (8, 576, 192), (32, 576, 192),
-                 (8, 2880, 320)]  # fmt: skip
+SELECT_SHAPES = [
+    (1, 576, 64),
+    (8, 576, 64),
+    (32, 576, 64),
+    (8, 576, 192),
+    (32, 576, 192),
+    (8, 2880, 320),
+]
 
 
 class Clock:
@@ -129,8 +150,15 @@ def selector(device: torch.device, smoke: bool, dtype: torch.dtype) -> list[dict
             select_tokens(x, k, relevance=r)
             sync(device)
             times.append(time.perf_counter() - t)
-        rows.append({"batch": b, "n": n, "dim": x.shape[-1], "k": k,
-                     "ms_per_call": 1e3 * statistics.median(times)})  # fmt: skip
+        rows.append(
+            {
+                "batch": b,
+                "n": n,
+                "dim": x.shape[-1],
+                "k": k,
+                "ms_per_call": 1e3 * statistics.median(times),
+            }
+        )
         print(f"select [{b}, {n}, {x.shape[-1]}] k={k}: {rows[-1]['ms_per_call']:.2f} ms/call")
     return rows
 
@@ -181,8 +209,14 @@ def run(vlm: VLM, items: list, keep: int | None, new_tokens: int, engine) -> dic
     parts = {
         key: sum(getattr(o, key) for o in out) for key in ("vision_s", "select_s", "generate_s")
     }
-    return {"wall": wall, **parts, "prompt_len": max(o.prompt_tokens for o in out),
-            "visual": out[0].visual_tokens, "kept": out[0].kept_tokens, "peak": peak}  # fmt: skip
+    return {
+        "wall": wall,
+        **parts,
+        "prompt_len": max(o.prompt_tokens for o in out),
+        "visual": out[0].visual_tokens,
+        "kept": out[0].kept_tokens,
+        "peak": peak,
+    }
 
 
 def measure(vlm, engine, items, keep, new_tokens, repeats, bandwidth) -> dict:
@@ -199,15 +233,20 @@ def measure(vlm, engine, items, keep, new_tokens, repeats, bandwidth) -> dict:
     read = shape["text_parameters"] * vlm.model.dtype.itemsize
     read += kv * b * (best["prompt_len"] + new_tokens / 2)
     return {
-        "batch": b, "keep": keep or "all", "visual_tokens": best["visual"],
-        "kept_tokens": best["kept"], "prompt_len": best["prompt_len"],
+        "batch": b,
+        "keep": keep or "all",
+        "visual_tokens": best["visual"],
+        "kept_tokens": best["kept"],
+        "prompt_len": best["prompt_len"],
         "vision_ms": 1e3 * min(r["vision_s"] for r in pre),
         "select_ms": 1e3 * min(r["select_s"] for r in pre),
-        "prefill_ms": 1e3 * prefill, "decode_ms_step": 1e3 * decode,
+        "prefill_ms": 1e3 * prefill,
+        "decode_ms_step": 1e3 * decode,
         "decode_floor_ms": 1e3 * read / (bandwidth * 1e12),
-        "e2e_s": best["wall"], "items_per_s": b / best["wall"],
+        "e2e_s": best["wall"],
+        "items_per_s": b / best["wall"],
         "peak_gib": max(r["peak"] for r in e2e) / 2**30,
-    }  # fmt: skip
+    }
 
 
 def budget_batch(vlm, cost_tokens: int, smoke: bool, cap: int) -> tuple[int, int]:
@@ -229,8 +268,10 @@ def model_section(spec, args, device, dtype, bandwidth, clock) -> dict:
         size, image_size = (336, 336) if family == "qwen2_5_vl" else (size, image_size)
     vlm, pre = build(family, text, vit, size, device, dtype, args.attn)
     engine = build_engine("transformers", vlm, cache=args.cache)  # one per model, as an actor
-    pics = [Image.open(p).convert("RGB").resize((image_size, image_size))
-            for p in sorted((ROOT / "pipeline/assets/images").glob("*.jpg"))]  # fmt: skip
+    pics = [
+        Image.open(p).convert("RGB").resize((image_size, image_size))
+        for p in sorted((ROOT / "pipeline/assets/images").glob("*.jpg"))
+    ]
     distinct = [pre.prepare(pics[i % len(pics)], QUESTIONS[i % 4]) for i in range(8)]
     rows, repeats = [], 1 if args.smoke else 2
     for b in batches:
@@ -275,8 +316,13 @@ def format_row(name: str, r: dict) -> str:
 
 def pair(rows: list[dict], batch: int | None, budget: bool = False) -> tuple[dict, dict] | None:
     """(unpruned, pruned) rows of one batch size, or of the memory-budget runs."""
-    pick = [r for r in rows if "error" not in r and bool(r.get("memory_budget")) == budget
-            and (budget or r["batch"] == batch)]  # fmt: skip
+    pick = [
+        r
+        for r in rows
+        if "error" not in r
+        and bool(r.get("memory_budget")) == budget
+        and (budget or r["batch"] == batch)
+    ]
     return (pick[0], pick[1]) if len(pick) == 2 else None
 
 
@@ -288,19 +334,35 @@ def targets(results: dict) -> list[dict]:
     out = [("selector ms/call [32,576,4096] k=64", sel.get((32, 576, 64)), "<=", 1.5)]
     for b in (8, 32):
         p = pair(llava, b)
-        out.append((f"llava15 b{b} selection share of e2e", p and
-                    p[1]["select_ms"] / 1e3 / p[1]["e2e_s"], "<=", 0.02))  # fmt: skip
-        out.append((f"llava15 b{b} decode / floor", p and
-                    p[1]["decode_ms_step"] / p[1]["decode_floor_ms"], "<=", 1.5))  # fmt: skip
+        out.append(
+            (
+                f"llava15 b{b} selection share of e2e",
+                p and p[1]["select_ms"] / 1e3 / p[1]["e2e_s"],
+                "<=",
+                0.02,
+            )
+        )
+        out.append(
+            (
+                f"llava15 b{b} decode / floor",
+                p and p[1]["decode_ms_step"] / p[1]["decode_floor_ms"],
+                "<=",
+                1.5,
+            )
+        )
     p32, pn, pb = pair(llava, 32), pair(nxt, 8), pair(llava, None, budget=True)
     out.append(("llava15 b32 e2e speedup", p32 and p32[0]["e2e_s"] / p32[1]["e2e_s"], ">=", 2.5))
     out.append(("next b8 e2e speedup", pn and pn[0]["e2e_s"] / pn[1]["e2e_s"], ">=", 3.0))
     out.append(("llava15 memory-budget items/s", pb and pb[1]["items_per_s"], ">=", 150.0))
     return [
-        {"target": t, "value": v, "want": f"{op} {want}",
-         "met": None if v is None else (v <= want if op == "<=" else v >= want)}
+        {
+            "target": t,
+            "value": v,
+            "want": f"{op} {want}",
+            "met": None if v is None else (v <= want if op == "<=" else v >= want),
+        }
         for t, v, op, want in out
-    ]  # fmt: skip
+    ]
 
 
 def parse_args() -> argparse.Namespace:
@@ -327,9 +389,16 @@ def main() -> None:
     clock = Clock(args.budget_s)
     import transformers
 
-    results = {"bench": "gpu", "device": str(device), "torch": torch.__version__,
-               "transformers": transformers.__version__, "attn": args.attn, "smoke": args.smoke,
-               "ceilings": ceilings(device, args.smoke), "models": {}}  # fmt: skip
+    results = {
+        "bench": "gpu",
+        "device": str(device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "attn": args.attn,
+        "smoke": args.smoke,
+        "ceilings": ceilings(device, args.smoke),
+        "models": {},
+    }
     print(json.dumps(results["ceilings"]), flush=True)
     results["selector"] = selector(device, args.smoke, dtype)
     for spec in MODELS:

@@ -48,8 +48,14 @@ def measure(fs: pafs.FileSystem, path: str, where: str, samples: int, mb: float)
     keys = sample_keys(fs, path)
     assert len(keys) == samples
     listing, floor = _best(lambda: sample_keys(fs, path)), _best(lambda: _read_all(fs, path))
-    return {"where": where, "samples": samples, "MB": round(mb, 1), "list_s": round(listing, 3),
-            "read_s": round(floor, 3), "ratio": round(listing / floor, 2)}  # fmt: skip
+    return {
+        "where": where,
+        "samples": samples,
+        "MB": round(mb, 1),
+        "list_s": round(listing, 3),
+        "read_s": round(floor, 3),
+        "ratio": round(listing / floor, 2),
+    }
 
 
 def main() -> None:
@@ -81,8 +87,10 @@ def main() -> None:
     print("| where | samples | MB | listing s | read s | listing / read |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['where']} | {r['samples']} | {r['MB']} | {r['list_s']} | {r['read_s']} "
-              f"| {r['ratio']}x |")  # fmt: skip
+        print(
+            f"| {r['where']} | {r['samples']} | {r['MB']} | {r['list_s']} | {r['read_s']} "
+            f"| {r['ratio']}x |"
+        )
     print(json.dumps({"bench": "inputs_listing", "rows": rows}))
 
 

@@ -41,8 +41,14 @@ def write_input(n: int) -> Path:
         return folder
     folder.mkdir(parents=True)
     images = sorted(ASSETS.glob("*.jpg"))
-    rows = [{"id": f"b{i:05d}", "image": images[i % len(images)].read_bytes(),
-             "question": "What is in this picture?"} for i in range(n)]  # fmt: skip
+    rows = [
+        {
+            "id": f"b{i:05d}",
+            "image": images[i % len(images)].read_bytes(),
+            "question": "What is in this picture?",
+        }
+        for i in range(n)
+    ]
     step = -(-n // 4)
     for s in range(4):
         pq.write_table(
@@ -93,23 +99,38 @@ def _rss(pid: int) -> int:
     return 0
 
 
-def run(model: Path, items: int, *, method: str, new_tokens: int, batch_size: int = 8,
-        max_batch_tokens: int | None = None) -> dict:  # fmt: skip
+def run(
+    model: Path,
+    items: int,
+    *,
+    method: str,
+    new_tokens: int,
+    batch_size: int = 8,
+    max_batch_tokens: int | None = None,
+) -> dict:
     """One pipeline run into a fresh output folder; returns the run summary + peak RSS."""
     from pipeline import runner
     from pipeline.spec import parse_spec
 
     out = OUT / "results"
     shutil.rmtree(out, ignore_errors=True)
-    spec = parse_spec({
-        "name": "bench", "input": {"uri": str(write_input(items))},
-        "model": {"path": str(model), "family": "llava", "max_new_tokens": new_tokens},
-        "pruning": {"method": method, "keep": 64 if method != "none" else 1.0},
-        "execution": {"batch_size": batch_size, "max_batch_tokens": max_batch_tokens,
-                      "gpus_per_actor": 0, "cpus_per_actor": 2, "preprocess_batch_size": 4},
-        "output": {"uri": str(out), "min_rows_per_file": 64},
-        "cost": {"shadow_fraction": 0.0, "gpu_type": "cpu"},
-    })  # fmt: skip
+    spec = parse_spec(
+        {
+            "name": "bench",
+            "input": {"uri": str(write_input(items))},
+            "model": {"path": str(model), "family": "llava", "max_new_tokens": new_tokens},
+            "pruning": {"method": method, "keep": 64 if method != "none" else 1.0},
+            "execution": {
+                "batch_size": batch_size,
+                "max_batch_tokens": max_batch_tokens,
+                "gpus_per_actor": 0,
+                "cpus_per_actor": 2,
+                "preprocess_batch_size": 4,
+            },
+            "output": {"uri": str(out), "min_rows_per_file": 64},
+            "cost": {"shadow_fraction": 0.0, "gpu_type": "cpu"},
+        }
+    )
     with RssSampler() as rss:
         doc = runner.run_job(spec, "2026-11-24", progress=False)
     if doc["items_ok"] != items:
@@ -144,10 +165,14 @@ def main() -> None:
         result[f"ratio_{tokens}"], result[f"model_ratio_{tokens}"] = ratio, model_ratio
         result[f"model_fraction_{tokens}"] = pr["model_seconds"] / pr["actor_seconds"]
     budget = 2 * (596 + 16)  # two unpruned LLaVA-1.5 items per model batch
-    pr, un = (run(model, n, method=m, new_tokens=16, batch_size=32, max_batch_tokens=budget)
-              for m in ("resprune", "none"))  # fmt: skip
-    ratios = (pr["items_per_second"] / un["items_per_second"],
-              pr["model_items_per_s"] / un["model_items_per_s"])  # fmt: skip
+    pr, un = (
+        run(model, n, method=m, new_tokens=16, batch_size=32, max_batch_tokens=budget)
+        for m in ("resprune", "none")
+    )
+    ratios = (
+        pr["items_per_second"] / un["items_per_second"],
+        pr["model_items_per_s"] / un["model_items_per_s"],
+    )
     rows.append((f"max_batch_tokens={budget}", pr, un, *ratios))
     result["budget_ratio"], result["budget_model_ratio"] = rows[-1][3], rows[-1][4]
     r = result["rss_items"] = args.rss_items
@@ -161,12 +186,16 @@ def main() -> None:
 
 
 def _print_table(rows: list, result: dict) -> None:
-    print(f"{'setting':<24} {'pruned it/s':>11} {'unpruned it/s':>13} {'ratio':>6} "
-          f"{'model ratio':>11} {'model frac':>10}")  # fmt: skip
+    print(
+        f"{'setting':<24} {'pruned it/s':>11} {'unpruned it/s':>13} {'ratio':>6} "
+        f"{'model ratio':>11} {'model frac':>10}"
+    )
     for name, pr, un, ratio, model_ratio in rows:
         frac = pr["model_seconds"] / pr["actor_seconds"]
-        print(f"{name:<24} {pr['items_per_second']:>11.3f} {un['items_per_second']:>13.3f} "
-              f"{ratio:>6.2f} {model_ratio:>11.2f} {frac:>10.2f}")  # fmt: skip
+        print(
+            f"{name:<24} {pr['items_per_second']:>11.3f} {un['items_per_second']:>13.3f} "
+            f"{ratio:>6.2f} {model_ratio:>11.2f} {frac:>10.2f}"
+        )
     print(
         f"peak RSS (pruned, 8 new tokens): {result['rss_1x_mb']:.0f} MB at {result['rss_items']} "
         f"items, {result['rss_10x_mb']:.0f} MB at {10 * result['rss_items']} "

@@ -85,8 +85,16 @@ def pack(costs: list[int], *, budget: int | None, max_items: int) -> list[list[i
 class Answerer:
     """Map prepared rows to output rows (same rows, same order) with the job's model."""
 
-    def __init__(self, spec: JobSpec, *, run_id: str, run_date: str, passthrough: pa.Schema,
-                 ledger: Any = None, share: Answerer | None = None):  # fmt: skip
+    def __init__(
+        self,
+        spec: JobSpec,
+        *,
+        run_id: str,
+        run_date: str,
+        passthrough: pa.Schema,
+        ledger: Any = None,
+        share: Answerer | None = None,
+    ):
         """Load the model and engine, or reuse ``share``'s (`pipeline eval` answers every
         configuration with one model per actor)."""
         import torch
@@ -98,17 +106,31 @@ class Answerer:
 
         self.started, self.key = time.time(), uuid.uuid4().hex
         self.spec, self.ledger, self.passthrough = spec, ledger, passthrough
-        self.const = {"run_id": run_id, "run_date": run_date, "model": spec.model.path,
-                      "pruner": spec.pruning.method, "keep": str(spec.pruning.keep)}  # fmt: skip
+        self.const = {
+            "run_id": run_id,
+            "run_date": run_date,
+            "model": spec.model.path,
+            "pruner": spec.pruning.method,
+            "keep": str(spec.pruning.keep),
+        }
         engine = engine_class(spec.model.engine)  # not installed: fail before loading weights
         gpu = spec.execution.gpus_per_actor > 0 and torch.cuda.is_available()
         self.device = "cuda" if gpu else "cpu"
         m = spec.model
-        self.vlm = share.vlm if share else load_vlm(
-            m.path, family=m.family, dtype=m.dtype if gpu else "float32", device=self.device,
-            revision=m.revision, trust_remote_code=m.trust_remote_code,
-            endpoint_url=spec.storage.endpoint_url, attn_implementation=m.attn_implementation,
-        )  # fmt: skip
+        self.vlm = (
+            share.vlm
+            if share
+            else load_vlm(
+                m.path,
+                family=m.family,
+                dtype=m.dtype if gpu else "float32",
+                device=self.device,
+                revision=m.revision,
+                trust_remote_code=m.trust_remote_code,
+                endpoint_url=spec.storage.endpoint_url,
+                attn_implementation=m.attn_implementation,
+            )
+        )
         options = getattr(m, m.engine).model_dump()  # the engine's own settings block
         self.engine = share.engine if share else engine(self.vlm, **options)
         p = spec.pruning
@@ -214,9 +236,14 @@ class Answerer:
     def _run(self, items: list[PreparedItem], pruner: Any, keep: int | float) -> list[Answered]:
         from resprune.answer import answer_batch
 
-        kw = {"pruner": pruner, "keep": keep, "max_new_tokens": self.spec.model.max_new_tokens,
-              "position_policy": self.spec.pruning.position_policy,
-              "anyres": self.spec.pruning.anyres, "engine": self.engine}  # fmt: skip
+        kw = {
+            "pruner": pruner,
+            "keep": keep,
+            "max_new_tokens": self.spec.model.max_new_tokens,
+            "position_policy": self.spec.pruning.position_policy,
+            "anyres": self.spec.pruning.anyres,
+            "engine": self.engine,
+        }
         batch_id, n = uuid.uuid4().hex[:16], len(items)
         started = self._start()
         try:
@@ -240,8 +267,9 @@ class Answerer:
         self.error_streak += 1
         message = f"{type(exc).__name__}: {exc}"
         if self.error_streak >= ERROR_STREAK:
-            raise faults.SystemicFault(f"the model raised for {ERROR_STREAK} items in a row, "
-                                       f"last: {message}") from exc  # fmt: skip
+            raise faults.SystemicFault(
+                f"the model raised for {ERROR_STREAK} items in a row, last: {message}"
+            ) from exc
         return ItemError("model_error", message)
 
     def _start(self) -> float:
@@ -289,19 +317,29 @@ def _fill(row: dict[str, Any], res: Answered) -> None:
         row["failed_gpu_seconds"] += res.seconds  # its share of a batch that ran
         return
     row.update(
-        answer=result.answer, visual_tokens=result.visual_tokens, kept_tokens=result.kept_tokens,
-        kept_indices=list(result.kept_indices), retained_energy=result.retained_energy,
-        prompt_tokens=result.prompt_tokens, prompt_tokens_unpruned=result.prompt_tokens_unpruned,
-        new_tokens=result.new_tokens, gpu_seconds=res.seconds, vision_s=result.vision_s,
-        select_s=result.select_s, generate_s=result.generate_s,
-        kept_newlines=result.kept_newlines, relevance_mean=result.relevance_mean,
+        answer=result.answer,
+        visual_tokens=result.visual_tokens,
+        kept_tokens=result.kept_tokens,
+        kept_indices=list(result.kept_indices),
+        retained_energy=result.retained_energy,
+        prompt_tokens=result.prompt_tokens,
+        prompt_tokens_unpruned=result.prompt_tokens_unpruned,
+        new_tokens=result.new_tokens,
+        gpu_seconds=res.seconds,
+        vision_s=result.vision_s,
+        select_s=result.select_s,
+        generate_s=result.generate_s,
+        kept_newlines=result.kept_newlines,
+        relevance_mean=result.relevance_mean,
         relevance_max=result.relevance_max,
-    )  # fmt: skip
+    )
 
 
 def _quarantine(row: dict[str, Any]) -> None:
-    msg = (f"id={row['id']}: crashed_worker: the model process died while answering this "
-           "item alone; quarantined instead of retried")  # fmt: skip
+    msg = (
+        f"id={row['id']}: crashed_worker: the model process died while answering this "
+        "item alone; quarantined instead of retried"
+    )
     row.update(status="error", error_cause="crashed_worker", error=msg)
 
 

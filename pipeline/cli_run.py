@@ -23,9 +23,13 @@ def add_common(parser: argparse.ArgumentParser) -> None:
         "--run-date", default=None, help="YYYY-MM-DD for {run_date} (default: today, UTC)"
     )
     parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
         help="override a spec value (YAML syntax), e.g. --set execution.gpus_per_actor=0",
-    )  # fmt: skip
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

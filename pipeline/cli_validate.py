@@ -54,7 +54,8 @@ def main(args: argparse.Namespace) -> int:
 
 def describe_input(plan: Plan) -> str:
     """The detected input format and image encoding, and any unreadable shards."""
-    lines = [f"input: {plan.input_format}, {plan.files_total} file(s); images: "
-             f"{plan.image_encoding}"]  # fmt: skip
+    lines = [
+        f"input: {plan.input_format}, {plan.files_total} file(s); images: {plan.image_encoding}"
+    ]
     lines += [f"unreadable shard (skipped): {why}" for why in plan.bad_shards.values()]
     return "\n".join(lines)

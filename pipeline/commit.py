@@ -95,16 +95,21 @@ def table_stats(table: pa.Table) -> dict[str, Any]:
 
 
 def commit_table(
-    fs: pafs.FileSystem, root: str, table: pa.Table, run_id: str, fingerprint: str = "",
+    fs: pafs.FileSystem,
+    root: str,
+    table: pa.Table,
+    run_id: str,
+    fingerprint: str = "",
     spec_fields: dict[str, Any] | None = None,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Write one result file through staging -> lease check -> marker -> final."""
     meta = {"run_id": run_id, "spec_fingerprint": fingerprint, "spec_fields": spec_fields or {}}
     return _publish(fs, root, table, meta, lambda: _check_lease(fs, root, run_id))
 
 
-def _publish(fs: pafs.FileSystem, root: str, table: pa.Table, meta: dict[str, Any],
-             check: Any = None) -> dict[str, Any]:  # fmt: skip
+def _publish(
+    fs: pafs.FileSystem, root: str, table: pa.Table, meta: dict[str, Any], check: Any = None
+) -> dict[str, Any]:
     name = file_name(table.column("id").to_pylist())
     staging = join(root, STAGING, name)
     fs.create_dir(join(root, STAGING), recursive=True)
@@ -129,9 +134,17 @@ class CommitSink(Datasink[list[dict[str, Any]]]):
     and a commit that still hits a transient fault is retried whole (names are deterministic).
     """
 
-    def __init__(self, uri: str, storage: StorageSpec, *, run_id: str, fingerprint: str,
-                 spec_fields: dict[str, Any], rows_per_file: int,
-                 min_rows_per_file: int):  # fmt: skip
+    def __init__(
+        self,
+        uri: str,
+        storage: StorageSpec,
+        *,
+        run_id: str,
+        fingerprint: str,
+        spec_fields: dict[str, Any],
+        rows_per_file: int,
+        min_rows_per_file: int,
+    ):
         self.uri, self.storage, self.run_id = uri, storage, run_id
         self.fingerprint, self.spec_fields = fingerprint, spec_fields
         self.rows_per_file, self._min_rows = rows_per_file, min_rows_per_file

@@ -28,8 +28,12 @@ ROOT = Path(__file__).resolve().parent
 IMAGES = ROOT / "assets" / "images"
 JOB = resources.files("pipeline") / "assets" / "demo.yaml"
 DEFAULT_OUT = "demo-output"
-QUESTIONS = ["What is in this picture?", "What colours dominate the image?", None,
-             "Is there a person in the image?"]  # fmt: skip
+QUESTIONS = [
+    "What is in this picture?",
+    "What colours dominate the image?",
+    None,
+    "Is there a person in the image?",
+]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,15 +48,28 @@ def sample_rows() -> list[dict]:
     """Rows of the demo input: bundled images with questions, plus two bad rows."""
     rows = []
     for i, path in enumerate(sorted(p for p in IMAGES.iterdir() if p.suffix in (".jpg", ".png"))):
-        rows.append({"id": f"img-{i:03d}", "image": path.read_bytes(),
-                     "question": QUESTIONS[i % len(QUESTIONS)], "source": path.name})  # fmt: skip
+        rows.append(
+            {
+                "id": f"img-{i:03d}",
+                "image": path.read_bytes(),
+                "question": QUESTIONS[i % len(QUESTIONS)],
+                "source": path.name,
+            }
+        )
     first = rows[0]["image"]
-    rows.append({"id": "bad-truncated", "image": first[: len(first) // 3],
-                 "question": "What is this?", "source": "truncated copy"})  # fmt: skip
+    rows.append(
+        {
+            "id": "bad-truncated",
+            "image": first[: len(first) // 3],
+            "question": "What is this?",
+            "source": "truncated copy",
+        }
+    )
     thin = io.BytesIO()
     Image.new("RGB", (1, 4000), "gray").save(thin, format="PNG")
-    rows.append({"id": "bad-thin", "image": thin.getvalue(), "question": None,
-                 "source": "1x4000 synthetic"})  # fmt: skip
+    rows.append(
+        {"id": "bad-thin", "image": thin.getvalue(), "question": None, "source": "1x4000 synthetic"}
+    )
     return rows
 
 

@@ -48,16 +48,38 @@ ITEM_CAUSES: dict[str, str] = {
 }
 
 _TRANSIENT_TEXT = (
-    "SLOW_DOWN", "SlowDown", "Throttl", "TooManyRequests", "RequestTimeout", "REQUEST_TIMEOUT",
-    "NETWORK_CONNECTION", "INTERNAL_FAILURE", "SERVICE_UNAVAILABLE", "HTTP status 500",
-    "HTTP status 502", "HTTP status 503", "HTTP status 504", "curlCode: 28", "curlCode: 52",
-    "curlCode: 56", "Connection reset", "Connection aborted", "Broken pipe", "timed out",
-    "Timeout was reached", "Remote end closed",
-)  # fmt: skip
+    "SLOW_DOWN",
+    "SlowDown",
+    "Throttl",
+    "TooManyRequests",
+    "RequestTimeout",
+    "REQUEST_TIMEOUT",
+    "NETWORK_CONNECTION",
+    "INTERNAL_FAILURE",
+    "SERVICE_UNAVAILABLE",
+    "HTTP status 500",
+    "HTTP status 502",
+    "HTTP status 503",
+    "HTTP status 504",
+    "curlCode: 28",
+    "curlCode: 52",
+    "curlCode: 56",
+    "Connection reset",
+    "Connection aborted",
+    "Broken pipe",
+    "timed out",
+    "Timeout was reached",
+    "Remote end closed",
+)
 _SYSTEMIC_TEXT = (
-    "device-side assert", "illegal memory access", "CUDA error", "CUBLAS_STATUS",
-    "CUDNN_STATUS", "NCCL error", "unspecified launch failure",
-)  # fmt: skip
+    "device-side assert",
+    "illegal memory access",
+    "CUDA error",
+    "CUBLAS_STATUS",
+    "CUDNN_STATUS",
+    "NCCL error",
+    "unspecified launch failure",
+)
 _OOM_TEXT = ("CUDA out of memory", "out of memory")
 
 

@@ -68,8 +68,11 @@ def detect(fs: pafs.FileSystem, path: str, spec: InputSpec) -> tuple[str, list[s
     else:
         files = [f for f in found if f.endswith(SUFFIX[fmt])]
     if not files:
-        what = {"parquet": "Parquet files", "webdataset": "WebDataset .tar shards",
-                "datasets": "datasets save_to_disk folder (state.json)"}  # fmt: skip
+        what = {
+            "parquet": "Parquet files",
+            "webdataset": "WebDataset .tar shards",
+            "datasets": "datasets save_to_disk folder (state.json)",
+        }
         if spec.format == "auto":
             raise StorageError(f"no {', '.join(what.values())} under {spec.uri}")
         raise StorageError(f"no {what[fmt]} under {spec.uri} (input.format: {fmt})")
@@ -94,15 +97,22 @@ def _schema_and_ids(
 
 def _list_webdataset(fs: pafs.FileSystem, files: list[str], spec: InputSpec) -> InputListing:
     if spec.image_uri_column:
-        raise StorageError("WebDataset input takes images from the image member; "
-                           "unset input.image_uri_column")  # fmt: skip
+        raise StorageError(
+            "WebDataset input takes images from the image member; unset input.image_uri_column"
+        )
     with ThreadPoolExecutor(max_workers=LISTING_THREADS) as pool:  # shards stream in parallel
         listed = list(pool.map(lambda f: _keys_or_error(fs, f), files))
     per_file = {f: keys for f, keys in zip(files, listed, strict=True) if isinstance(keys, list)}
     bad = {f: why for f, why in zip(files, listed, strict=True) if isinstance(why, str)}
     check_ids(per_file, "the sample key")
-    return InputListing("webdataset", list(per_file), per_file, webdataset.row_schema(spec),
-                        webdataset.image_encoding(spec), bad)  # fmt: skip
+    return InputListing(
+        "webdataset",
+        list(per_file),
+        per_file,
+        webdataset.row_schema(spec),
+        webdataset.image_encoding(spec),
+        bad,
+    )
 
 
 def _keys_or_error(fs: pafs.FileSystem, path: str) -> list[str] | str:
@@ -131,13 +141,22 @@ def check_columns(path: str, schema: pa.Schema, spec: InputSpec) -> None:
     missing = [c for c in needed if c not in schema.names]
     if missing:
         raise StorageError(f"{path}: missing column(s) {missing}; it has {schema.names}")
-    expected = {spec.id_column: _is_text, spec.question_column: _is_text,
-                spec.image_uri_column: _is_text, spec.image_column: _is_image}  # fmt: skip
-    wrong = [f"{c} ({schema.field(c).type})" for c, ok in expected.items()
-             if c and c in schema.names and not _null_or(ok, schema.field(c).type)]  # fmt: skip
+    expected = {
+        spec.id_column: _is_text,
+        spec.question_column: _is_text,
+        spec.image_uri_column: _is_text,
+        spec.image_column: _is_image,
+    }
+    wrong = [
+        f"{c} ({schema.field(c).type})"
+        for c, ok in expected.items()
+        if c and c in schema.names and not _null_or(ok, schema.field(c).type)
+    ]
     if wrong:
-        raise StorageError(f"{path}: wrong column type(s) {wrong}: ids, questions and URIs are "
-                           f"strings, images are binary or the {HF_IMAGE}")  # fmt: skip
+        raise StorageError(
+            f"{path}: wrong column type(s) {wrong}: ids, questions and URIs are "
+            f"strings, images are binary or the {HF_IMAGE}"
+        )
     clash = sorted(set(spec.passthrough_columns) & {name for name, _, _ in OUTPUT_COLUMNS})
     if clash:
         raise StorageError(f"passthrough column(s) {clash} clash with output columns")

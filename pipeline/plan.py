@@ -85,9 +85,17 @@ def make_plan(spec: JobSpec, *, run_id: str | None = None) -> Plan:
             pending.append(path)
             skip += hit
     return Plan(
-        in_fs, out_fs, out_root, len(listing.files) + len(listing.bad_shards), pending, total,
-        skipped, skip, recovered_files=recovered, **_input_fields(listing, spec.input, folder),
-    )  # fmt: skip
+        in_fs,
+        out_fs,
+        out_root,
+        len(listing.files) + len(listing.bad_shards),
+        pending,
+        total,
+        skipped,
+        skip,
+        recovered_files=recovered,
+        **_input_fields(listing, spec.input, folder),
+    )
 
 
 def _input_fields(listing: inputs.InputListing, spec: InputSpec, folder: str) -> dict:
@@ -96,9 +104,11 @@ def _input_fields(listing: inputs.InputListing, spec: InputSpec, folder: str) ->
     return {
         "passthrough": pa.schema([schema.field(c) for c in spec.passthrough_columns]),
         "has_question": bool(question) and question in schema.names,
-        "input_format": listing.format, "image_encoding": listing.image_encoding,
-        "bad_shards": listing.bad_shards, "dataset_folder": folder,
-    }  # fmt: skip
+        "input_format": listing.format,
+        "image_encoding": listing.image_encoding,
+        "bad_shards": listing.bad_shards,
+        "dataset_folder": folder,
+    }
 
 
 def check_fingerprint(state: prefix.PrefixState, spec: JobSpec) -> None:

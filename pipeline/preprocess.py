@@ -28,12 +28,18 @@ PREPARED = "_prepared"
 
 PRE_SCHEMA = pa.schema(
     [
-        ("id", pa.string()), ("question", pa.string()), ("status", pa.string()),
-        ("error", pa.string()), ("error_cause", pa.string()), ("image_width", pa.int32()),
-        ("image_height", pa.int32()), ("question_truncated", pa.bool_()),
-        ("preprocess_s", pa.float64()), (PREPARED, pa.large_binary()),
+        ("id", pa.string()),
+        ("question", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("error_cause", pa.string()),
+        ("image_width", pa.int32()),
+        ("image_height", pa.int32()),
+        ("question_truncated", pa.bool_()),
+        ("preprocess_s", pa.float64()),
+        (PREPARED, pa.large_binary()),
     ]
-)  # fmt: skip
+)
 
 
 def _unexpected(row: dict[str, Any], exc: Exception) -> None:
@@ -62,10 +68,13 @@ class Preprocess:
         self.spec, self.passthrough = spec, passthrough
         m = spec.model
         self.pre = load_preprocessor(
-            m.path, family=m.family, revision=m.revision,
-            trust_remote_code=m.trust_remote_code, max_question_tokens=m.max_question_tokens,
+            m.path,
+            family=m.family,
+            revision=m.revision,
+            trust_remote_code=m.trust_remote_code,
+            max_question_tokens=m.max_question_tokens,
             endpoint_url=spec.storage.endpoint_url,
-        )  # fmt: skip
+        )
         self.fs_cache: dict[bool, Any] = {}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -75,8 +84,10 @@ class Preprocess:
         questions = cols.get(inp.question_column or "", [None] * n)
         images = cols[inp.image_column or inp.image_uri_column]
         faults_in = cols.get(INPUT_ERROR, [None] * n)
-        rows = [self._row(*r) for r in zip(cols[inp.id_column], questions, images, faults_in,
-                                           strict=True)]  # fmt: skip
+        rows = [
+            self._row(*r)
+            for r in zip(cols[inp.id_column], questions, images, faults_in, strict=True)
+        ]
         out = pa.Table.from_pylist(rows, schema=PRE_SCHEMA)
         for name in self.passthrough:
             out = out.append_column(batch.schema.field(name), batch.column(name))

@@ -41,9 +41,15 @@ logger = logging.getLogger(__name__)
 class Processor:
     """A lazy transform ``Dataset -> Dataset``: CPU preprocess, then model actors."""
 
-    def __init__(self, config: ProcessorConfig, *, passthrough: pa.Schema | None = None,
-                 run_id: str | None = None, run_date: str | None = None,
-                 ledger: Any = None):  # fmt: skip
+    def __init__(
+        self,
+        config: ProcessorConfig,
+        *,
+        passthrough: pa.Schema | None = None,
+        run_id: str | None = None,
+        run_date: str | None = None,
+        ledger: Any = None,
+    ):
         self.config, self.passthrough, self.ledger = config, passthrough, ledger
         self.run_date = run_date or dt.datetime.now(dt.UTC).date().isoformat()
         self.run_id = (
@@ -59,13 +65,21 @@ class Processor:
         # so a crash loses at most the batches in flight, and the actor pool gets enough blocks.
         ds = ds.repartition(target_num_rows_per_block=ex.batch_size)
         ds = ds.map_batches(
-            Preprocess, fn_constructor_kwargs={"spec": cfg, "passthrough": passthrough.names},
-            batch_size=ex.preprocess_batch_size, batch_format="pyarrow", num_cpus=1,
+            Preprocess,
+            fn_constructor_kwargs={"spec": cfg, "passthrough": passthrough.names},
+            batch_size=ex.preprocess_batch_size,
+            batch_format="pyarrow",
+            num_cpus=1,
             compute=actor_pool(ex.preprocess_concurrency or (1, spare_cpus(cfg))),
             udf_modifying_row_count=False,
-        )  # fmt: skip
-        kwargs = {"spec": cfg, "run_id": self.run_id, "run_date": self.run_date,
-                  "passthrough": passthrough, "ledger": self.ledger}  # fmt: skip
+        )
+        kwargs = {
+            "spec": cfg,
+            "run_id": self.run_id,
+            "run_date": self.run_date,
+            "passthrough": passthrough,
+            "ledger": self.ledger,
+        }
         with warnings.catch_warnings():  # the retry bounds below go through ray_remote_args
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
             return _answer_stage(ds, cfg, kwargs)
@@ -83,15 +97,21 @@ class Processor:
         return pa.schema([arrow.field(c) for c in self.config.input.passthrough_columns])
 
 
-def build_processor(config: ProcessorConfig | JobSpec | dict | str | Path, *,
-                    passthrough: pa.Schema | None = None, run_id: str | None = None,
-                    run_date: str | None = None, ledger: Any = None) -> Processor:  # fmt: skip
+def build_processor(
+    config: ProcessorConfig | JobSpec | dict | str | Path,
+    *,
+    passthrough: pa.Schema | None = None,
+    run_id: str | None = None,
+    run_date: str | None = None,
+    ledger: Any = None,
+) -> Processor:
     """A processor from a `ProcessorConfig`, a job spec, a mapping or a YAML file of either.
 
     ``passthrough`` (types of the pass-through columns) is read from the dataset when None.
     """
-    return Processor(_config(config), passthrough=passthrough, run_id=run_id,
-                     run_date=run_date, ledger=ledger)  # fmt: skip
+    return Processor(
+        _config(config), passthrough=passthrough, run_id=run_id, run_date=run_date, ledger=ledger
+    )
 
 
 def _config(config: ProcessorConfig | JobSpec | dict | str | Path) -> ProcessorConfig:
@@ -111,13 +131,19 @@ def _config(config: ProcessorConfig | JobSpec | dict | str | Path) -> ProcessorC
 def _answer_stage(ds: ray.data.Dataset, cfg: ProcessorConfig, kwargs: dict) -> ray.data.Dataset:
     ex = cfg.execution
     return ds.map_batches(
-        Answerer, fn_constructor_kwargs=kwargs, batch_size=ex.batch_size,
-        batch_format="pyarrow", num_gpus=ex.gpus_per_actor, num_cpus=ex.cpus_per_actor,
-        compute=actor_pool(ex.actors), udf_modifying_row_count=False,
+        Answerer,
+        fn_constructor_kwargs=kwargs,
+        batch_size=ex.batch_size,
+        batch_format="pyarrow",
+        num_gpus=ex.gpus_per_actor,
+        num_cpus=ex.cpus_per_actor,
+        compute=actor_pool(ex.actors),
+        udf_modifying_row_count=False,
         # Bound retries so a batch that kills its actor fails the run instead of looping
         # forever (RELIABILITY.md §1.8); Ray 2.60 has no named parameter for these yet.
-        max_restarts=ex.max_task_retries, max_task_retries=ex.max_task_retries,
-    )  # fmt: skip
+        max_restarts=ex.max_task_retries,
+        max_task_retries=ex.max_task_retries,
+    )
 
 
 def actor_pool(size: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
@@ -140,8 +166,10 @@ def _warn_if_starved(cfg: ProcessorConfig) -> None:
             "the Ray cluster has %s CPU(s); the model actors reserve %s, preprocessing and "
             "reading need 2 more, so the run may stall until the cluster grows: start Ray "
             "with more CPUs (e.g. ray.init(num_cpus=%d)) or lower execution.cpus_per_actor",
-            total, lowest, int(needed),
-        )  # fmt: skip
+            total,
+            lowest,
+            int(needed),
+        )
 
 
 def spare_cpus(cfg: ProcessorConfig | JobSpec) -> int:

@@ -37,8 +37,9 @@ def read_input(spec: InputSpec, plan: Plan) -> ray.data.Dataset:
     files, fs = plan.pending_files, plan.in_fs
     if plan.input_format == "webdataset":
         samples = ray.data.read_webdataset(files, filesystem=fs, decoder=None)
-        return samples.map_batches(webdataset.to_rows, fn_kwargs={"spec": spec},
-                                   batch_format="pyarrow", batch_size=None)  # fmt: skip
+        return samples.map_batches(
+            webdataset.to_rows, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=None
+        )
     cols = [spec.id_column, spec.image_column or spec.image_uri_column, *plan.passthrough.names]
     if plan.has_question:
         cols.append(spec.question_column)

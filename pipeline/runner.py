@@ -70,9 +70,11 @@ class Ledger:
         """One line naming the systemic fault(s) of this run, or None."""
         if not self.systemic:
             return None
-        return (f"systemic fault, the model actor exited {len(self.systemic)} time(s) and the "
-                f"run could not progress: {self.systemic[-1]}; unanswered rows are left for "
-                "a rerun")  # fmt: skip
+        return (
+            f"systemic fault, the model actor exited {len(self.systemic)} time(s) and the "
+            f"run could not progress: {self.systemic[-1]}; unanswered rows are left for "
+            "a rerun"
+        )
 
     def actor_started(self, key: str, started: float, shape: dict[str, Any]) -> None:
         self.actors[key] = {"started": started, "busy_s": 0.0, "shape": shape}
@@ -88,16 +90,18 @@ def _drop_ids(batch: pa.Table, *, column: str, ids: list[str]) -> pa.Table:
     return batch.filter(pc.invert(pc.is_in(batch.column(column), value_set=pa.array(ids))))
 
 
-def build_dataset(spec: JobSpec, plan: Plan, *, run_id: str, run_date: str,
-                  ledger: Any = None) -> ray.data.Dataset:  # fmt: skip
+def build_dataset(
+    spec: JobSpec, plan: Plan, *, run_id: str, run_date: str, ledger: Any = None
+) -> ray.data.Dataset:
     """The lazy chain: read the pending rows -> drop committed ids -> the stage API's processor."""
     ds = read_input(spec.input, plan)
     if plan.skip_ids:
         skip = {"column": spec.input.id_column, "ids": plan.skip_ids}
         ds = ds.map_batches(_drop_ids, batch_format="pyarrow", fn_kwargs=skip)
     config = ProcessorConfig.from_job(spec, dataset_folder=plan.dataset_folder)
-    processor = build_processor(config, passthrough=plan.passthrough, run_id=run_id,
-                                run_date=run_date, ledger=ledger)  # fmt: skip
+    processor = build_processor(
+        config, passthrough=plan.passthrough, run_id=run_id, run_date=run_date, ledger=ledger
+    )
     return processor(ds)
 
 
@@ -126,8 +130,12 @@ def ensure_ray(spec: JobSpec) -> bool:
     cpus = max(4, os.cpu_count() or 1)  # at least 4 slots: reading, CPU and model stages overlap
     # worker start-up may use the slots we declare (Ray's default is the physical core count,
     # and it warns on every run of a small machine otherwise)
-    ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False,
-             _system_config={"worker_maximum_startup_concurrency": cpus})  # fmt: skip
+    ray.init(
+        num_cpus=cpus,
+        num_gpus=gpus,
+        include_dashboard=False,
+        _system_config={"worker_maximum_startup_concurrency": cpus},
+    )
     return True
 
 
@@ -157,17 +165,28 @@ def run_job(spec: JobSpec, run_date: str, *, progress: bool | None = None) -> di
             ray.shutdown()
 
 
-def _execute(spec: JobSpec, plan: Plan, record: summary.Recorder, *, run_id: str,
-             run_date: str, progress: bool | None) -> dict[str, Any]:  # fmt: skip
+def _execute(
+    spec: JobSpec,
+    plan: Plan,
+    record: summary.Recorder,
+    *,
+    run_id: str,
+    run_date: str,
+    progress: bool | None,
+) -> dict[str, Any]:
     """Execute the chain into the commit sink and finish the summary (also on failure)."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = show_progress(progress)
     ledger = Ledger.remote()
     sink = CommitSink(
-        spec.output.uri, spec.storage, run_id=run_id, fingerprint=fingerprint(spec),
-        spec_fields=fingerprint_fields(spec), rows_per_file=spec.output.rows_per_file,
+        spec.output.uri,
+        spec.storage,
+        run_id=run_id,
+        fingerprint=fingerprint(spec),
+        spec_fields=fingerprint_fields(spec),
+        rows_per_file=spec.output.rows_per_file,
         min_rows_per_file=spec.output.min_rows_per_file,
-    )  # fmt: skip
+    )
     try:
         build_dataset(spec, plan, run_id=run_id, run_date=run_date, ledger=ledger).write_datasink(
             sink

@@ -20,8 +20,16 @@ from pipeline.cli_run import add_common
 from pipeline.spec import JobSpec, SpecError, load_spec
 from pipeline.storage import redact
 
-EXCLUDES = [".venv", ".git", "demo-output", "bench/out", "**/__pycache__", "*.egg-info",
-            ".pytest_cache", ".ruff_cache"]  # fmt: skip
+EXCLUDES = [
+    ".venv",
+    ".git",
+    "demo-output",
+    "bench/out",
+    "**/__pycache__",
+    "*.egg-info",
+    ".pytest_cache",
+    ".ruff_cache",
+]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,8 +65,10 @@ def entrypoint(args: argparse.Namespace, run_date: str) -> str:
 def cli_line(address: str, sid: str, entry: str) -> str:
     """The equivalent `ray job submit` command line."""
     excl = ",".join(f'"{e}"' for e in EXCLUDES)
-    return (f"ray job submit --address {address} --working-dir . --submission-id {sid} "
-            f"--runtime-env-json '{{\"excludes\": [{excl}]}}' -- {entry}")  # fmt: skip
+    return (
+        f"ray job submit --address {address} --working-dir . --submission-id {sid} "
+        f"--runtime-env-json '{{\"excludes\": [{excl}]}}' -- {entry}"
+    )
 
 
 def _submit(client: Any, *, wait_s: float = 90.0, **kwargs: Any) -> None:
@@ -91,13 +101,21 @@ def main(args: argparse.Namespace) -> int:
         status = client.get_job_status(sid)
         print(f"already submitted: {sid} is {status.value}; not submitting again")
     except RuntimeError:
-        _submit(client, entrypoint=entry, submission_id=sid, runtime_env=runtime_env(spec),
-                metadata={"job": spec.name, "run_date": run_date})  # fmt: skip
+        _submit(
+            client,
+            entrypoint=entry,
+            submission_id=sid,
+            runtime_env=runtime_env(spec),
+            metadata={"job": spec.name, "run_date": run_date},
+        )
         print(f"submitted: {sid}")
     if args.no_wait:
         return 0
-    while (status := client.get_job_status(sid)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED,
-                                                          JobStatus.STOPPED}:  # fmt: skip
+    while (status := client.get_job_status(sid)) not in {
+        JobStatus.SUCCEEDED,
+        JobStatus.FAILED,
+        JobStatus.STOPPED,
+    }:
         time.sleep(2)
     print(redact(client.get_job_logs(sid))[-4000:])
     print(f"{sid}: {status.value}")

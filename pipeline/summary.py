@@ -18,8 +18,15 @@ from pipeline.plan import Plan
 from pipeline.spec import JobSpec, fingerprint
 from pipeline.storage import join, redact, write_json
 
-_SUMMED = ("rows", "items_ok", "items_error", "gpu_seconds", "shadow_items",
-           "shadow_gpu_seconds", "new_tokens")  # fmt: skip
+_SUMMED = (
+    "rows",
+    "items_ok",
+    "items_error",
+    "gpu_seconds",
+    "shadow_items",
+    "shadow_gpu_seconds",
+    "new_tokens",
+)
 
 
 def _iso(t: float) -> str:
@@ -38,8 +45,11 @@ class Recorder:
     ) -> dict[str, Any]:
         """Sum this run's markers, add actor times, write the JSON; returns it."""
         finished = time.time()
-        mine = [m for m in commit.manifest_stats(self.plan.out_fs, self.plan.out_root)
-                if m.get("run_id") == self.run_id]  # fmt: skip
+        mine = [
+            m
+            for m in commit.manifest_stats(self.plan.out_fs, self.plan.out_root)
+            if m.get("run_id") == self.run_id
+        ]
         totals = {k: sum(m.get(k, 0) for m in mine) for k in _SUMMED}
         causes: Counter[str] = Counter()
         extractors: Counter[str] = Counter()
@@ -60,32 +70,51 @@ class Recorder:
     def _header(self, finished: float) -> dict[str, Any]:
         s, c, p = self.spec, self.spec.cost, self.spec.pruning
         return {
-            "run_id": self.run_id, "name": s.name, "run_date": self.run_date,
-            "started_at": _iso(self.started), "finished_at": _iso(finished),
-            "wall_seconds": finished - self.started, "input_uri": s.input.uri,
-            "output_uri": s.output.uri, "model": s.model.path, "family": s.model.family,
-            "dtype": s.model.dtype, "max_new_tokens": s.model.max_new_tokens,
-            "pruner": p.method, "keep": str(p.keep), "alpha": p.alpha,
+            "run_id": self.run_id,
+            "name": s.name,
+            "run_date": self.run_date,
+            "started_at": _iso(self.started),
+            "finished_at": _iso(finished),
+            "wall_seconds": finished - self.started,
+            "input_uri": s.input.uri,
+            "output_uri": s.output.uri,
+            "model": s.model.path,
+            "family": s.model.family,
+            "dtype": s.model.dtype,
+            "max_new_tokens": s.model.max_new_tokens,
+            "pruner": p.method,
+            "keep": str(p.keep),
+            "alpha": p.alpha,
             "relevance_floor": p.relevance_floor,
-            "gpu_type": c.gpu_type, "usd_per_gpu_hour": c.usd_per_gpu_hour,
-            "shadow_fraction": c.shadow_fraction, "gpus_per_actor": s.execution.gpus_per_actor,
-            "batch_size": s.execution.batch_size, "max_batch_tokens": s.execution.max_batch_tokens,
+            "gpu_type": c.gpu_type,
+            "usd_per_gpu_hour": c.usd_per_gpu_hour,
+            "shadow_fraction": c.shadow_fraction,
+            "gpus_per_actor": s.execution.gpus_per_actor,
+            "batch_size": s.execution.batch_size,
+            "max_batch_tokens": s.execution.max_batch_tokens,
             "spec_fingerprint": fingerprint(s),
-        }  # fmt: skip
+        }
 
     def _counts(
         self, t: dict[str, Any], causes: dict[str, int], files: int, finished: float
     ) -> dict[str, Any]:
         wall = max(finished - self.started, 1e-9)
         return {
-            "items_total": self.plan.items_total, "items_skipped": self.plan.items_skipped,
-            "items_pending": self.plan.items_pending, "items_processed": t["rows"],
-            "items_ok": t["items_ok"], "items_error": t["items_error"],
-            "errors_by_cause": causes, "gpu_seconds": t["gpu_seconds"],
-            "shadow_items": t["shadow_items"], "shadow_gpu_seconds": t["shadow_gpu_seconds"],
-            "new_tokens": t["new_tokens"], "files_written": files,
-            "files_recovered": self.plan.recovered_files, "items_per_second": t["rows"] / wall,
-        }  # fmt: skip
+            "items_total": self.plan.items_total,
+            "items_skipped": self.plan.items_skipped,
+            "items_pending": self.plan.items_pending,
+            "items_processed": t["rows"],
+            "items_ok": t["items_ok"],
+            "items_error": t["items_error"],
+            "errors_by_cause": causes,
+            "gpu_seconds": t["gpu_seconds"],
+            "shadow_items": t["shadow_items"],
+            "shadow_gpu_seconds": t["shadow_gpu_seconds"],
+            "new_tokens": t["new_tokens"],
+            "files_written": files,
+            "files_recovered": self.plan.recovered_files,
+            "items_per_second": t["rows"] / wall,
+        }
 
     def _actors(self, actors: dict[str, dict[str, Any]], finished: float) -> dict[str, Any]:
         shapes = [a["shape"] for a in actors.values() if a.get("shape")]
@@ -102,18 +131,24 @@ class Recorder:
             return "failed", redact(f"{type(error).__name__}: {error}".splitlines()[0])
         left = self.plan.items_pending - t["rows"]
         if left > 0:
-            return "failed", (f"{left} item(s) left unanswered (transient faults); rerun the "
-                              "same command to retry them")  # fmt: skip
+            return "failed", (
+                f"{left} item(s) left unanswered (transient faults); rerun the "
+                "same command to retry them"
+            )
         if self.plan.bad_shards:  # their items are unanswered: the run is not finished
             first = next(iter(self.plan.bad_shards.values()))
-            return "failed", (f"{len(self.plan.bad_shards)} unreadable input shard(s) skipped "
-                              f"(replace and rerun), e.g. {first}")  # fmt: skip
+            return "failed", (
+                f"{len(self.plan.bad_shards)} unreadable input shard(s) skipped "
+                f"(replace and rerun), e.g. {first}"
+            )
         ex = self.spec.execution
         if t["rows"] >= ex.error_fraction_min_items and t["items_error"] / t["rows"] > (
             ex.max_error_fraction
         ):
-            return "failed", (f"error fraction {t['items_error'] / t['rows']:.3f} > "
-                              f"execution.max_error_fraction {ex.max_error_fraction}")  # fmt: skip
+            return "failed", (
+                f"error fraction {t['items_error'] / t['rows']:.3f} > "
+                f"execution.max_error_fraction {ex.max_error_fraction}"
+            )
         return "finished", None
 
 

@@ -17,16 +17,17 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
-             b"<Message>Please reduce your request rate.</Message></Error>")  # fmt: skip
+SLOW_DOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
 _HOP = {"connection", "keep-alive", "transfer-encoding", "expect", "proxy-connection"}
 
 
 class FaultProxy:
     """Start with `start()`; point clients at `endpoint`; `stop()` when done."""
 
-    def __init__(self, upstream: str, *, slow_down: float = 0.0, reset: float = 0.0,
-                 seed: int = 0):  # fmt: skip
+    def __init__(self, upstream: str, *, slow_down: float = 0.0, reset: float = 0.0, seed: int = 0):
         self.upstream = urlsplit(upstream)
         self.slow_down, self.reset = slow_down, reset
         self.always_fail: list[str] = []
@@ -96,8 +97,7 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             up = proxy.upstream
             conn = http.client.HTTPConnection(up.hostname, up.port, timeout=60)
             try:
-                conn.putrequest(self.command, self.path, skip_host=True,
-                                skip_accept_encoding=True)  # fmt: skip
+                conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
                 for key, value in self.headers.items():
                     if key.lower() not in _HOP:
                         conn.putheader(key, value)

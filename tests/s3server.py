@@ -93,11 +93,21 @@ def start_s3_server(timeout_s: float = 60.0) -> S3Server:
     (data / "s3.json").write_text(json.dumps(identities))
     s3_port, master_port, volume_port, filer_port = (_free_port() for _ in range(4))
     cmd = [
-        _weed_binary(), "mini", f"-dir={data / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-master.telemetry=false",
-        f"-s3.config={data / 's3.json'}", f"-s3.port={s3_port}", f"-master.port={master_port}",
-        f"-volume.port={volume_port}", f"-filer.port={filer_port}",
-    ]  # fmt: skip
+        _weed_binary(),
+        "mini",
+        f"-dir={data / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-webdav=false",
+        "-admin.ui=false",
+        "-s3.port.iceberg=0",
+        "-master.telemetry=false",
+        f"-s3.config={data / 's3.json'}",
+        f"-s3.port={s3_port}",
+        f"-master.port={master_port}",
+        f"-volume.port={volume_port}",
+        f"-filer.port={filer_port}",
+    ]
     (data / "data").mkdir()
     log = open(data / "weed.log", "wb")  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=data)

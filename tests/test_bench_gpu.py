@@ -11,8 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_gpu_bench_smoke_runs_every_section():
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke"],
-        capture_output=True, text=True, timeout=400, cwd=ROOT,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [r["k"] for r in result["selector"]] == [8, 24]

@@ -17,8 +17,10 @@ def grid_with_newlines(seed: int = 0) -> ImageTokens:
     g = torch.Generator().manual_seed(seed)
     feats = torch.randn(ROWS * (COLS + 1), 16, generator=g)
     token_pos = [r * (COLS + 1) + c for r in range(ROWS) for c in range(COLS)]
-    newlines = [(r * (COLS + 1) + COLS, torch.arange(r * (COLS + 1), r * (COLS + 1) + COLS))
-                for r in range(ROWS)]  # fmt: skip
+    newlines = [
+        (r * (COLS + 1) + COLS, torch.arange(r * (COLS + 1), r * (COLS + 1) + COLS))
+        for r in range(ROWS)
+    ]
     return ImageTokens(feats, [Crop(torch.tensor(token_pos), (ROWS, COLS))], newlines, key="x")
 
 

@@ -70,8 +70,13 @@ def test_wheel_ships_the_demo_spec(tmp_path: Path) -> None:
         shutil.copy(ROOT / name, src / name)
     dist = tmp_path / "dist"  # the PEP 517 hook itself: no pip or uv needed
     hook = "import sys; from setuptools import build_meta as b; b.build_wheel(sys.argv[1])"
-    proc = subprocess.run([sys.executable, "-c", hook, str(dist)], cwd=src,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", hook, str(dist)],
+        cwd=src,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (wheel,) = dist.glob("*.whl")
     with zipfile.ZipFile(wheel) as archive:
@@ -85,8 +90,14 @@ def test_wheel_ships_the_demo_spec(tmp_path: Path) -> None:
         "print(load_spec(d.JOB)[0].name)"
     )
     env = ENV | {"PYTHONPATH": site}  # the unpacked wheel first, dependencies from this venv
-    run = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0 and run.stdout.strip() == "demo", run.stderr[-2000:]
 
 

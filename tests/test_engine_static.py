@@ -36,8 +36,9 @@ def mixed_plans(family):
     vlm, items = family
     rec = Recording(vlm)
     for keep, subset in ((8, items), (24, items[1:2]), (0.3, items[:1])):
-        answer_batch(vlm, subset, pruner=build_pruner("resprune"), keep=keep, max_new_tokens=1,
-                     engine=rec)  # fmt: skip
+        answer_batch(
+            vlm, subset, pruner=build_pruner("resprune"), keep=keep, max_new_tokens=1, engine=rec
+        )
     return [p for call in rec.plans for p in call]
 
 
@@ -81,8 +82,10 @@ def test_static_positions_equal_dynamic(family, mixed_plans):
     vlm, _ = family
     plans = mixed_plans[:3]
     seen = []
-    for engine in (TransformersEngine(vlm, cache="dynamic"),
-                   TransformersEngine(vlm, cache="static", bucket=True)):  # fmt: skip
+    for engine in (
+        TransformersEngine(vlm, cache="dynamic"),
+        TransformersEngine(vlm, cache="static", bucket=True),
+    ):
         with captured_positions(vlm) as calls:
             engine.generate(plans, 4)
         seen.append([c[..., : len(plans), :] for c in calls])

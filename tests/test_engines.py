@@ -106,8 +106,10 @@ def test_vllm_needs_contiguous_positions():
     assert ok.model.vllm.max_num_seqs == 8 and ok.model.vllm.max_model_len is None
     default = parse_spec(MINIMAL).model
     assert (default.engine, default.transformers.cache, default.transformers.compile) == (
-        "transformers", "auto", None,
-    )  # fmt: skip
+        "transformers",
+        "auto",
+        None,
+    )
     with pytest.raises(SpecError, match=r"model\.transformers\.cache"):
         parse_spec(MINIMAL | {"model": {"path": "m/", "transformers": {"cache": "paged"}}})
 
@@ -145,11 +147,17 @@ def test_actor_builds_the_engine_its_spec_names(tiny_llava: Path, tmp_path: Path
     rows = [{"id": p.stem, "image": p.read_bytes(), "question": "What is it?"} for p in images]
     answers = {}
     for cache in ("static", "dynamic"):
-        spec = parse_spec(MINIMAL | {
-            "model": {"path": str(tiny_llava), "max_new_tokens": 4,
-                      "transformers": {"cache": cache}},
-            "execution": {"gpus_per_actor": 0},
-        })  # fmt: skip
+        spec = parse_spec(
+            MINIMAL
+            | {
+                "model": {
+                    "path": str(tiny_llava),
+                    "max_new_tokens": 4,
+                    "transformers": {"cache": cache},
+                },
+                "execution": {"gpus_per_actor": 0},
+            }
+        )
         batch = Preprocess(spec, [])(pa.Table.from_pylist(rows))
         actor = Answerer(spec, run_id="r", run_date="2026-01-01", passthrough=pa.schema([]))
         assert actor.engine.static == (cache == "static")

@@ -25,10 +25,16 @@ NEW = 3
 
 
 NORMALISED = [
-    ("Two dogs.", "2 dogs"), ("The cat's toy!", "cat's toy"), ("left/right", "left right"),
-    ("dont know, maybe", "don't know maybe"), ("3.5 m", "3.5 m"), ("1,000", "1000"),
-    ("Yes ", "yes"), ("an  apple\n", "apple"), ("ten-year-old", "10 year old"),
-]  # fmt: skip
+    ("Two dogs.", "2 dogs"),
+    ("The cat's toy!", "cat's toy"),
+    ("left/right", "left right"),
+    ("dont know, maybe", "don't know maybe"),
+    ("3.5 m", "3.5 m"),
+    ("1,000", "1000"),
+    ("Yes ", "yes"),
+    ("an  apple\n", "apple"),
+    ("ten-year-old", "10 year old"),
+]
 
 
 @pytest.mark.parametrize(("raw", "normal"), NORMALISED)
@@ -65,10 +71,16 @@ def labelled(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("eval")
     model = build_tiny_checkpoint("llava", root / "model")
     vlm, pre = load_vlm(str(model)), load_preprocessor(str(model), max_question_tokens=16)
-    questions = ["What is in the picture?", "<script>alert(1)</script> which animal?",
-                 "What colour is the cup?", "Where is the rocket?"]  # fmt: skip
-    items = [pre.prepare(Image.open(ASSETS / p).convert("RGB"), q)
-             for p, q in zip(PICTURES, questions, strict=True)]  # fmt: skip
+    questions = [
+        "What is in the picture?",
+        "<script>alert(1)</script> which animal?",
+        "What colour is the cup?",
+        "Where is the rocket?",
+    ]
+    items = [
+        pre.prepare(Image.open(ASSETS / p).convert("RGB"), q)
+        for p, q in zip(PICTURES, questions, strict=True)
+    ]
     answers = [
         r.answer for r in answer_batch(vlm, items, pruner=None, keep=1.0, max_new_tokens=NEW)
     ]
@@ -87,13 +99,14 @@ def labelled(tmp_path_factory) -> dict:
     ds = datasets.Dataset.from_dict(columns, features=features)
     ds.to_parquet(str(root / "in" / "part-0.parquet"))
     spec = {
-        "name": "tiny-eval", "input": {"uri": str(root / "in")},
+        "name": "tiny-eval",
+        "input": {"uri": str(root / "in")},
         "model": {"path": str(model), "max_new_tokens": NEW, "max_question_tokens": 16},
         "pruning": {"method": "resprune", "keep": 16},
         "execution": {"batch_size": 4, "preprocess_batch_size": 4},
         "output": {"uri": str(root / "out")},
         "eval": {"compare": [{"method": "uniform", "keep": 16}], "overlay_items": 2},
-    }  # fmt: skip
+    }
     (root / "eval.yaml").write_text(yaml.safe_dump(spec))
     return {"root": root, "answers": answers, "refs": refs}
 

@@ -36,21 +36,25 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def job(model: Path | str, inp: str, out: str, **inp_keys: object) -> JobSpec:
-    return parse_spec({
-        "name": "inputs", "input": {"uri": inp, **inp_keys},
-        "model": {"path": str(model), "max_new_tokens": 2},
-        "pruning": {"keep": 8},
-        "execution": {"batch_size": 2, "preprocess_batch_size": 2},
-        "output": {"uri": out, "min_rows_per_file": 1},
-        "cost": {"shadow_fraction": 0.0},
-    })  # fmt: skip
+    return parse_spec(
+        {
+            "name": "inputs",
+            "input": {"uri": inp, **inp_keys},
+            "model": {"path": str(model), "max_new_tokens": 2},
+            "pruning": {"keep": 8},
+            "execution": {"batch_size": 2, "preprocess_batch_size": 2},
+            "output": {"uri": out, "min_rows_per_file": 1},
+            "cost": {"shadow_fraction": 0.0},
+        }
+    )
 
 
 def validate_deep(spec: JobSpec, tmp_path: Path, capsys: pytest.CaptureFixture) -> str:
     doc = spec.model_dump(mode="json")
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
-    args = argparse.Namespace(spec=str(tmp_path / "job.yaml"), run_date=DATE, overrides=[],
-                              deep=True)  # fmt: skip
+    args = argparse.Namespace(
+        spec=str(tmp_path / "job.yaml"), run_date=DATE, overrides=[], deep=True
+    )
     assert cli_validate.main(args) == 0, capsys.readouterr().err
     return capsys.readouterr().out
 
@@ -72,9 +76,9 @@ def check_vqa_rows(got: dict[str, dict], spec: JobSpec) -> None:
     assert got["cat"]["kept_tokens"] == 8 and got["cat"]["answer"] is not None
 
 
-def test_hub_parquet_layout_local_with_paths(model: Path, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch,
-                                             capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+def test_hub_parquet_layout_local_with_paths(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     """to_parquet keeps path-only images: relative to the dataset folder, and absolute."""
     hub = export_hub_layout(vqa_dataset(tmp_path / "hub", monkeypatch), tmp_path / "hub")
     monkeypatch.chdir(tmp_path)  # relative paths must not depend on the working directory
@@ -84,16 +88,24 @@ def test_hub_parquet_layout_local_with_paths(model: Path, tmp_path: Path,
     doc = runner.run_job(spec, DATE, progress=False)
     assert (doc["status"], doc["items_ok"], doc["items_error"]) == ("finished", 3, 1)
     check_vqa_rows(output(str(tmp_path / "out")), spec)
-    loaded = datasets.load_dataset("parquet", data_files=str(tmp_path / "out" / "*.parquet"),
-                                   cache_dir=str(tmp_path / "hf-cache"))  # fmt: skip
+    loaded = datasets.load_dataset(
+        "parquet",
+        data_files=str(tmp_path / "out" / "*.parquet"),
+        cache_dir=str(tmp_path / "hf-cache"),
+    )
     assert sorted(loaded["train"]["id"]) == ["broken", "cat", "coffee", "rocket"]
     again = runner.run_job(spec, DATE, progress=False)
     assert (again["items_processed"], again["items_skipped"]) == (0, 4)
 
 
-def test_save_to_disk_folder_on_s3(model: Path, tmp_path: Path, s3_server, s3_bucket: str,
-                                   monkeypatch: pytest.MonkeyPatch,
-                                   capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+def test_save_to_disk_folder_on_s3(
+    model: Path,
+    tmp_path: Path,
+    s3_server,
+    s3_bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
     """A DatasetDict saved to disk, uploaded as is; one split is read (state.json's files)."""
     ds = vqa_dataset(tmp_path / "src", monkeypatch)
     datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(tmp_path / "sd"))
@@ -102,8 +114,12 @@ def test_save_to_disk_folder_on_s3(model: Path, tmp_path: Path, s3_server, s3_bu
         if f.is_file():
             client.upload_file(str(f), s3_bucket, f"vqa/{f.relative_to(tmp_path / 'sd')}")
     client.put_object(Bucket=s3_bucket, Key="vqa/train/cache-0123.arrow", Body=b"not data")
-    spec = job(model, f"s3://{s3_bucket}/vqa/train", f"s3://{s3_bucket}/out",
-               passthrough_columns=["answers", "meta"])  # fmt: skip
+    spec = job(
+        model,
+        f"s3://{s3_bucket}/vqa/train",
+        f"s3://{s3_bucket}/out",
+        passthrough_columns=["answers", "meta"],
+    )
     report = validate_deep(spec, tmp_path, capsys)
     assert "input: datasets, 1 file(s)" in report and "datasets Image() struct" in report
     doc = runner.run_job(spec, DATE, progress=False)
@@ -140,19 +156,30 @@ def img2dataset_shards(folder: Path) -> dict[str, str]:
     """
     jpg = {n: (ASSETS / n).read_bytes() for n in ("chelsea.jpg", "coffee.jpg", "rocket.jpg")}
     meta = {"url": "http://x", "status": "success"}
-    write_shard(folder / "00000.tar", [
-        sample("000000000", jpg["chelsea.jpg"], meta | {"question": "Which animal?"}, "a cat"),
-        sample("000000001", jpg["coffee.jpg"], meta, "a cup of coffee"),
-    ])  # fmt: skip
-    write_shard(folder / "00001.tar", [
-        sample("000010000", jpg["rocket.jpg"][:300] + b"\0" * 64, meta, "corrupt jpeg"),
-        sample("000010001", jpg["rocket.jpg"], b"{not json", "bad json member"),
-        sample("000010002", jpg["rocket.jpg"], meta | {"question": "What is it?"}, "a rocket"),
-    ])  # fmt: skip
+    write_shard(
+        folder / "00000.tar",
+        [
+            sample("000000000", jpg["chelsea.jpg"], meta | {"question": "Which animal?"}, "a cat"),
+            sample("000000001", jpg["coffee.jpg"], meta, "a cup of coffee"),
+        ],
+    )
+    write_shard(
+        folder / "00001.tar",
+        [
+            sample("000010000", jpg["rocket.jpg"][:300] + b"\0" * 64, meta, "corrupt jpeg"),
+            sample("000010001", jpg["rocket.jpg"], b"{not json", "bad json member"),
+            sample("000010002", jpg["rocket.jpg"], meta | {"question": "What is it?"}, "a rocket"),
+        ],
+    )
     cut = write_shard(folder / "00002.tar", [sample("000020000", jpg["coffee.jpg"], meta, "c")])
     (folder / "00002.tar").write_bytes(cut[: len(cut) // 2])
-    return {"000000000": "ok", "000000001": "ok", "000010000": "undecodable",
-            "000010001": "bad_member", "000010002": "ok"}  # fmt: skip
+    return {
+        "000000000": "ok",
+        "000000001": "ok",
+        "000010000": "undecodable",
+        "000010001": "bad_member",
+        "000010002": "ok",
+    }
 
 
 def test_webdataset_local_faults_and_resume(
@@ -170,8 +197,9 @@ def test_webdataset_local_faults_and_resume(
         str(tmp_path / "shards" / "00002.tar")
     ]
     got = output(str(out))
-    assert {k: r["status"] if r["status"] == "ok" else r["error_cause"]
-            for k, r in got.items()} == expect  # fmt: skip
+    assert {
+        k: r["status"] if r["status"] == "ok" else r["error_cause"] for k, r in got.items()
+    } == expect
     assert got["000000000"]["question"] == "Which animal?" and got["000000000"]["txt"] == "a cat"
     assert got["000000001"]["question"] == spec.model.default_question
     assert got["000010001"]["error"].startswith("id=000010001: bad_member: member 000010001.json")
@@ -191,14 +219,26 @@ def test_webdataset_local_faults_and_resume(
     assert sorted(output(str(out))) == sorted([*expect, "000020000"])
 
 
-def test_webdataset_on_s3_with_a_question_field(model: Path, s3_server, s3_bucket: str,
-                                                tmp_path: Path) -> None:  # fmt: skip
+def test_webdataset_on_s3_with_a_question_field(
+    model: Path, s3_server, s3_bucket: str, tmp_path: Path
+) -> None:
     jpg = (ASSETS / "chelsea.jpg").read_bytes()
-    write_shard(tmp_path / "s.tar", [sample("a0", jpg, {"prompt": "Colour?", "n": 3}, "cat"),
-                                     sample("a1", jpg, {"n": 4}, "cat")])  # fmt: skip
+    write_shard(
+        tmp_path / "s.tar",
+        [
+            sample("a0", jpg, {"prompt": "Colour?", "n": 3}, "cat"),
+            sample("a1", jpg, {"n": 4}, "cat"),
+        ],
+    )
     s3_server.client().upload_file(str(tmp_path / "s.tar"), s3_bucket, "wds/00000.tar")
-    spec = job(model, f"s3://{s3_bucket}/wds/", f"s3://{s3_bucket}/out", format="webdataset",
-               question_column="prompt", passthrough_columns=["n"])  # fmt: skip
+    spec = job(
+        model,
+        f"s3://{s3_bucket}/wds/",
+        f"s3://{s3_bucket}/out",
+        format="webdataset",
+        question_column="prompt",
+        passthrough_columns=["n"],
+    )
     doc = runner.run_job(spec, DATE, progress=False)
     assert (doc["status"], doc["items_ok"]) == ("finished", 2)
     got = output(f"{s3_bucket}/out", pafs.S3FileSystem(endpoint_override=s3_server.endpoint))

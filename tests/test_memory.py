@@ -45,9 +45,13 @@ def test_budget_arithmetic_by_hand():
 
 def test_explicit_head_dim_and_grouped_kv_heads():
     qwen_like = SimpleNamespace(
-        hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
-        num_key_value_heads=4, head_dim=128, intermediate_size=18944,
-    )  # fmt: skip
+        hidden_size=3584,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        head_dim=128,
+        intermediate_size=18944,
+    )
     assert kv_bytes_per_token(qwen_like, torch.bfloat16) == 28 * 4 * 128 * 2 * 2
 
 
@@ -85,8 +89,13 @@ def test_answerer_resolves_auto_after_loading(tmp_path):
     from resprune.tiny import build_tiny_checkpoint
 
     model = build_tiny_checkpoint("llava", tmp_path / "m")
-    doc = {"name": "t", "input": {"uri": "in/"}, "output": {"uri": "out/"},
-           "model": {"path": str(model)}, "execution": {"gpus_per_actor": 0}}  # fmt: skip
+    doc = {
+        "name": "t",
+        "input": {"uri": "in/"},
+        "output": {"uri": "out/"},
+        "model": {"path": str(model)},
+        "execution": {"gpus_per_actor": 0},
+    }
     for setting, want in (("auto", DEFAULT_CPU_BATCH_TOKENS), (300, 300)):
         doc["execution"]["max_batch_tokens"] = setting
         spec = parse_spec(doc)

@@ -23,11 +23,30 @@ from tests.s3server import SECRET_KEY
 ASSETS = Path(__file__).resolve().parent.parent / "pipeline" / "assets" / "images"
 DATE = "2026-11-24"
 SUMMARY_KEYS = {
-    "run_id", "name", "run_date", "started_at", "finished_at", "items_total", "items_processed",
-    "items_skipped", "items_ok", "items_error", "gpu_seconds", "actor_seconds", "pruner", "keep",
-    "alpha", "model", "model_shape", "gpu_type", "usd_per_gpu_hour", "shadow_fraction",
-    "shadow_items", "errors_by_cause", "status",
-}  # fmt: skip
+    "run_id",
+    "name",
+    "run_date",
+    "started_at",
+    "finished_at",
+    "items_total",
+    "items_processed",
+    "items_skipped",
+    "items_ok",
+    "items_error",
+    "gpu_seconds",
+    "actor_seconds",
+    "pruner",
+    "keep",
+    "alpha",
+    "model",
+    "model_shape",
+    "gpu_type",
+    "usd_per_gpu_hour",
+    "shadow_fraction",
+    "shadow_items",
+    "errors_by_cause",
+    "status",
+}
 
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -64,8 +83,10 @@ def bad_and_good_rows() -> list[dict]:
         ("bad-thin", png(Image.new("L", (1, 8000))), "What?", "bad_aspect"),
         ("bad-bomb", png(Image.new("1", (9000, 9000))), "What?", "bomb_or_too_large"),
     ]
-    return [{"id": i, "image": b, "question": q, "source": f"case {i}", "score": n, "expect": e}
-            for n, (i, b, q, e) in enumerate(cases)]  # fmt: skip
+    return [
+        {"id": i, "image": b, "question": q, "source": f"case {i}", "score": n, "expect": e}
+        for n, (i, b, q, e) in enumerate(cases)
+    ]
 
 
 def _jpeg(img: Image.Image) -> bytes:
@@ -88,11 +109,15 @@ def job(model: Path | str, inp: str, out: str, **over: dict) -> JobSpec:
         "input": {"uri": inp, "passthrough_columns": ["source", "score"]},
         "model": {"path": str(model), "max_new_tokens": 4, "max_question_tokens": 16},
         "pruning": {"keep": 16},
-        "execution": {"batch_size": 4, "max_batch_tokens": 200, "preprocess_batch_size": 4,
-                      "max_image_pixels": 50_000_000},
+        "execution": {
+            "batch_size": 4,
+            "max_batch_tokens": 200,
+            "preprocess_batch_size": 4,
+            "max_image_pixels": 50_000_000,
+        },
         "output": {"uri": out, "min_rows_per_file": 3},
         "cost": {"shadow_fraction": 0.5, "usd_per_gpu_hour": 2.5},
-    }  # fmt: skip
+    }
     for key, value in over.items():
         doc[key] = doc.get(key, {}) | value
     return parse_spec(doc)
@@ -141,7 +166,11 @@ def _check_ok_rows(ok: list[dict], spec: JobSpec) -> None:
         assert len(row["kept_indices"]) == 16 and row["kept_indices"] == sorted(row["kept_indices"])
         assert row["prompt_tokens"] < row["prompt_tokens_unpruned"] and row["gpu_seconds"] > 0
         assert (row["model"], row["pruner"], row["keep"], row["run_date"]) == (
-            spec.model.path, "resprune", "16", DATE)  # fmt: skip
+            spec.model.path,
+            "resprune",
+            "16",
+            DATE,
+        )
         if row["shadow"]:
             assert row["shadow_answer"] is not None and row["shadow_gpu_seconds"] > 0
             assert row["shadow_prompt_tokens"] == row["prompt_tokens_unpruned"]
@@ -158,8 +187,9 @@ def _check_ok_rows(ok: list[dict], spec: JobSpec) -> None:
 
 
 @pytest.mark.timeout(240)
-def test_s3_end_to_end_with_uris_and_no_secret(model: Path, s3_server, s3_bucket: str,
-                                               capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+def test_s3_end_to_end_with_uris_and_no_secret(
+    model: Path, s3_server, s3_bucket: str, capsys: pytest.CaptureFixture
+) -> None:
     client = s3_server.client()
     for f in model.iterdir():
         client.upload_file(str(f), s3_bucket, f"model/{f.name}")
@@ -169,14 +199,24 @@ def test_s3_end_to_end_with_uris_and_no_secret(model: Path, s3_server, s3_bucket
     uris = [f"s3://{s3_bucket}/images/{n}" for n in names] + [
         f"s3://{s3_bucket}/images/missing.jpg"
     ]
-    table = pa.table({"id": [f"u{i}" for i in range(4)], "path": uris, "question": ["What?"] * 4,
-                      "source": [*names, "none"], "score": [1, 2, 3, 4]})  # fmt: skip
+    table = pa.table(
+        {
+            "id": [f"u{i}" for i in range(4)],
+            "path": uris,
+            "question": ["What?"] * 4,
+            "source": [*names, "none"],
+            "score": [1, 2, 3, 4],
+        }
+    )
     buf = io.BytesIO()
     pq.write_table(table, buf)
     client.put_object(Bucket=s3_bucket, Key="in/2026-11-24/part-0.parquet", Body=buf.getvalue())
-    spec = job(f"s3://{s3_bucket}/model", f"s3://{s3_bucket}/in/{DATE}/",
-               f"s3://{s3_bucket}/captions/run_date={DATE}/",
-               input={"image_column": None, "image_uri_column": "path"})  # fmt: skip
+    spec = job(
+        f"s3://{s3_bucket}/model",
+        f"s3://{s3_bucket}/in/{DATE}/",
+        f"s3://{s3_bucket}/captions/run_date={DATE}/",
+        input={"image_column": None, "image_uri_column": "path"},
+    )
     doc = runner.run_job(spec, DATE, progress=False)
     print(summary.one_line(doc))
     assert (doc["items_ok"], doc["items_error"], doc["errors_by_cause"]) == (
@@ -185,8 +225,9 @@ def test_s3_end_to_end_with_uris_and_no_secret(model: Path, s3_server, s3_bucket
         {"fetch_failed": 1},
     )
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket)["Contents"]]
-    results = [k for k in keys if k.startswith("captions/") and k.endswith(".parquet")
-               and "/_" not in k]  # fmt: skip
+    results = [
+        k for k in keys if k.startswith("captions/") and k.endswith(".parquet") and "/_" not in k
+    ]
     assert results and all(k.startswith(f"captions/run_date={DATE}/part-") for k in results)
     assert any(k.startswith(f"captions/run_date={DATE}/_runs/") for k in keys)
     blob = b"".join(client.get_object(Bucket=s3_bucket, Key=k)["Body"].read() for k in keys)
@@ -203,14 +244,18 @@ def test_batch_failure_falls_back_per_item(model: Path, tmp_path: Path) -> None:
     rows = bad_and_good_rows()[:3]
     spec = job(model, str(tmp_path), str(tmp_path / "o"))
     pre = Preprocess(spec, ["source"])
-    batch = pre(pa.Table.from_pylist([{k: r[k] for k in ("id", "image", "question", "source")}
-                                      for r in rows]))  # fmt: skip
+    batch = pre(
+        pa.Table.from_pylist(
+            [{k: r[k] for k in ("id", "image", "question", "source")} for r in rows]
+        )
+    )
     blobs = batch.column(PREPARED).to_pylist()
     item = __import__("pickle").loads(blobs[1])
     item.pixel_values = item.pixel_values[:, :7, :7]  # wrong shape: fails the whole batch
     blobs[1] = __import__("pickle").dumps(item)
-    batch = batch.set_column(batch.schema.get_field_index(PREPARED), PREPARED,
-                             pa.array(blobs, pa.large_binary()))  # fmt: skip
+    batch = batch.set_column(
+        batch.schema.get_field_index(PREPARED), PREPARED, pa.array(blobs, pa.large_binary())
+    )
     answerer = Answerer(
         spec, run_id="r", run_date=DATE, passthrough=pa.schema([("source", pa.string())])
     )
@@ -228,8 +273,16 @@ def test_other_families_with_fractional_keep(family: str, tmp_path: Path) -> Non
     """keep bounds all the LLM sees (LLaVA-NeXT's kept newlines included); stats are written."""
     model = build_tiny_checkpoint(family, tmp_path / "model")
     images = sorted(ASSETS.glob("*.jpg"))[:3]
-    rows = [{"id": f"{family}-{i}", "image": p.read_bytes(), "question": "Which animal is it?",
-             "source": p.name, "score": i} for i, p in enumerate(images)]  # fmt: skip
+    rows = [
+        {
+            "id": f"{family}-{i}",
+            "image": p.read_bytes(),
+            "question": "Which animal is it?",
+            "source": p.name,
+            "score": i,
+        }
+        for i, p in enumerate(images)
+    ]
     write_shards(rows, tmp_path / "in", shards=1)
     spec = job(model, str(tmp_path / "in"), str(tmp_path / "out"), pruning={"keep": 0.25})
     doc = runner.run_job(spec, DATE, progress=False)

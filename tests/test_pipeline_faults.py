@@ -23,11 +23,17 @@ class OutOfMemoryError(RuntimeError):
 @pytest.mark.parametrize(
     ("exc", "batch", "kind"),
     [
-        (OSError("AWS Error SLOW_DOWN during GetObject operation: Please reduce your rate"), 1,
-         TRANSIENT),
+        (
+            OSError("AWS Error SLOW_DOWN during GetObject operation: Please reduce your rate"),
+            1,
+            TRANSIENT,
+        ),
         (OSError("AWS Error UNKNOWN (HTTP status 503) during HeadObject operation"), 1, TRANSIENT),
-        (OSError("AWS Error NETWORK_CONNECTION: curlCode: 56, Connection reset by peer"), 1,
-         TRANSIENT),
+        (
+            OSError("AWS Error NETWORK_CONNECTION: curlCode: 56, Connection reset by peer"),
+            1,
+            TRANSIENT,
+        ),
         (ConnectionResetError(104, "Connection reset by peer"), 1, TRANSIENT),
         (TimeoutError("timed out"), 1, TRANSIENT),
         (OSError("Path does not exist 'bucket/x.jpg'"), 1, ITEM),
@@ -38,7 +44,7 @@ class OutOfMemoryError(RuntimeError):
         (OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), 8, ITEM),
         (ValueError("shapes do not match"), 1, ITEM),
     ],
-)  # fmt: skip
+)
 def test_classify(exc: BaseException, batch: int, kind: str) -> None:
     assert classify(exc, batch_size=batch) == kind
 
@@ -109,8 +115,9 @@ def test_error_causes_emitted_equal_the_documented_enum() -> None:
 def test_run_status_judges_the_error_fraction_once_enough_items_are_done(
     rows: int, errors: int, pending: int, status: str, why: str | None
 ) -> None:
-    spec = parse_spec({"name": "t", "input": {"uri": "in"}, "model": {"path": "org/m"},
-                       "output": {"uri": "out"}})  # fmt: skip
+    spec = parse_spec(
+        {"name": "t", "input": {"uri": "in"}, "model": {"path": "org/m"}, "output": {"uri": "out"}}
+    )
     plan = SimpleNamespace(items_pending=pending, bad_shards={})
     recorder = Recorder(spec, plan, run_id="r", run_date="2026-11-24", started=0.0)
     got, reason = recorder._status({"rows": rows, "items_error": errors}, None)
@@ -130,9 +137,15 @@ def test_the_model_stage_turns_systemic_faults_into_an_actor_exit(
     from resprune.tiny import build_tiny_checkpoint
 
     model = build_tiny_checkpoint("llava", tmp_path / "model")
-    spec = parse_spec({"name": "t", "input": {"uri": "in"}, "output": {"uri": "out"},
-                       "model": {"path": str(model)},
-                       "execution": {"gpus_per_actor": 0}})  # fmt: skip
+    spec = parse_spec(
+        {
+            "name": "t",
+            "input": {"uri": "in"},
+            "output": {"uri": "out"},
+            "model": {"path": str(model)},
+            "execution": {"gpus_per_actor": 0},
+        }
+    )
     answerer = Answerer(spec, run_id="r", run_date="2026-11-24", passthrough=pa.schema([]))
     raised: list[BaseException] = []
 
@@ -141,8 +154,10 @@ def test_the_model_stage_turns_systemic_faults_into_an_actor_exit(
 
     monkeypatch.setattr(resprune.answer, "answer_batch", fails)
     items, keep = [object()] * 4, spec.pruning.keep
-    cases = [RuntimeError("CUDA error: an illegal memory access was encountered"),
-             OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")]  # fmt: skip
+    cases = [
+        RuntimeError("CUDA error: an illegal memory access was encountered"),
+        OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB"),
+    ]
     for exc in cases:
         raised[:] = [exc]
         with pytest.raises(faults.SystemicFault, match=str(exc)[:20]):

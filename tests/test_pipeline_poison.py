@@ -47,8 +47,13 @@ def ray_session(s3_server):
         "env_vars": {"PYTHONPATH": str(ROOT), "RESPRUNE_FAULTS": str(FAULTS)},
     }  # workers import `tests` too
     ray.shutdown()  # a session shared by earlier modules lacks the setup hook
-    ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, runtime_env=env,
-             object_store_memory=300_000_000)  # fmt: skip
+    ray.init(
+        num_cpus=4,
+        num_gpus=1,
+        include_dashboard=False,
+        runtime_env=env,
+        object_store_memory=300_000_000,
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield
     ray.shutdown()
@@ -61,12 +66,19 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def job(model: Path, inp: str, out: str, **execution) -> dict:
     return {
-        "name": "faults", "input": {"uri": inp}, "model": {"path": str(model),
-                                                         "max_new_tokens": 3},
-        "execution": {"batch_size": 2, "max_task_retries": 2, "gpus_per_actor": 0,
-                      "preprocess_concurrency": 1} | execution,
-        "output": {"uri": out, "min_rows_per_file": 2}, "cost": {"shadow_fraction": 0.0},
-    }  # fmt: skip
+        "name": "faults",
+        "input": {"uri": inp},
+        "model": {"path": str(model), "max_new_tokens": 3},
+        "execution": {
+            "batch_size": 2,
+            "max_task_retries": 2,
+            "gpus_per_actor": 0,
+            "preprocess_concurrency": 1,
+        }
+        | execution,
+        "output": {"uri": out, "min_rows_per_file": 2},
+        "cost": {"shadow_fraction": 0.0},
+    }
 
 
 def write_rows(uri: str, questions: list[str]) -> None:
@@ -109,8 +121,10 @@ def test_poison_item_is_quarantined_and_its_batch_still_answered(
     )
     doc = runner.run_job(spec, DATE, progress=False)
     assert not (FAULTS / "kill-once").exists()  # the one-time kill happened
-    status = {k: (r["status"], r["error_cause"]) for k, r in
-              exactly_once(results(str(tmp_path / "out")), 8).items()}  # fmt: skip
+    status = {
+        k: (r["status"], r["error_cause"])
+        for k, r in exactly_once(results(str(tmp_path / "out")), 8).items()
+    }
     assert status.pop("r5") == ("error", "crashed_worker")
     assert set(status.values()) == {("ok", None)}  # its batch-mates were answered one by one
     assert doc["status"] == "finished" and doc["errors_by_cause"] == {"crashed_worker": 1}
@@ -151,14 +165,20 @@ def test_s3_throttling_and_resets_lose_and_double_nothing(
     every attempt in the first run: its row is left uncommitted, and the rerun answers it."""
     client = s3_server.client()
     for i in range(8):
-        client.put_object(Bucket=s3_bucket, Key=f"img/{i}.jpg",
-                          Body=(ASSETS / "chelsea.jpg").read_bytes())  # fmt: skip
-    table = pa.table({"id": [f"r{i}" for i in range(8)],
-                      "uri": [f"s3://{s3_bucket}/img/{i}.jpg" for i in range(8)]})  # fmt: skip
+        client.put_object(
+            Bucket=s3_bucket, Key=f"img/{i}.jpg", Body=(ASSETS / "chelsea.jpg").read_bytes()
+        )
+    table = pa.table(
+        {
+            "id": [f"r{i}" for i in range(8)],
+            "uri": [f"s3://{s3_bucket}/img/{i}.jpg" for i in range(8)],
+        }
+    )
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
-    client.put_object(Bucket=s3_bucket, Key=f"in/dt={DATE}/p.parquet",
-                      Body=sink.getvalue().to_pybytes())  # fmt: skip
+    client.put_object(
+        Bucket=s3_bucket, Key=f"in/dt={DATE}/p.parquet", Body=sink.getvalue().to_pybytes()
+    )
     out = f"s3://{s3_bucket}/captions/run_date={DATE}/"
     proxy = FaultProxy(s3_server.endpoint, slow_down=0.1, reset=0.05, seed=7).start()
     try:
@@ -215,19 +235,25 @@ def test_killed_commits_and_a_late_orphan_write_then_resume(
     spec = parse_spec(job(model, inp, out))
     meta = json.dumps({"fingerprint": fingerprint(spec), "fields": fingerprint_fields(spec)})
     for step, ids in (("after-marker", ["r0", "r1"]), ("before-marker", ["r2", "r3"])):
-        proc = subprocess.run([sys.executable, "-c", _KILLED_COMMIT, out, step, json.dumps(ids),
-                               meta], cwd=ROOT, capture_output=True, timeout=60)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-c", _KILLED_COMMIT, out, step, json.dumps(ids), meta],
+            cwd=ROOT,
+            capture_output=True,
+            timeout=60,
+        )
         assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     fs, root = filesystem(out)
     planned = runner.make_plan
 
     def plan_then_orphan_commits(*args, **kwargs):
         plan = planned(*args, **kwargs)
-        rows = [{"id": i, "status": "ok", "answer": "late", "run_id": "killed"}
-                for i in ("r4", "r5")]  # fmt: skip
+        rows = [
+            {"id": i, "status": "ok", "answer": "late", "run_id": "killed"} for i in ("r4", "r5")
+        ]
         table = pa.Table.from_pylist(rows, schema=output_schema())
-        commit._publish(fs, root, table, {"run_id": "killed",
-                                          "spec_fingerprint": fingerprint(spec)})  # fmt: skip
+        commit._publish(
+            fs, root, table, {"run_id": "killed", "spec_fingerprint": fingerprint(spec)}
+        )
         return plan
 
     monkeypatch.setattr(runner, "make_plan", plan_then_orphan_commits)

@@ -34,8 +34,13 @@ def rows(ids: list[str], run_date: str = DATE) -> pa.Table:
 
 
 def job(inp: str, out: str, model: str, **pruning) -> dict:
-    return {"name": "t", "input": {"uri": inp}, "model": {"path": model},
-            "pruning": pruning, "output": {"uri": out}}  # fmt: skip
+    return {
+        "name": "t",
+        "input": {"uri": inp},
+        "model": {"path": model},
+        "pruning": pruning,
+        "output": {"uri": out},
+    }
 
 
 def write_input(fs: pafs.FileSystem, root: str, ids: list[str]) -> None:
@@ -104,8 +109,9 @@ def test_validate_deep_and_refusals_touch_nothing(
     fs, root = filesystem(out)
     live = parse_spec(job(inp, out, str(model)))
     commit.take_lease(fs, root, "live-run")
-    commit.commit_table(fs, root, rows(["a"]), "live-run", fingerprint(live),
-                        fingerprint_fields(live))  # fmt: skip
+    commit.commit_table(
+        fs, root, rows(["a"]), "live-run", fingerprint(live), fingerprint_fields(live)
+    )
     with fs.open_output_stream(f"{root}/_staging/part-inflight.parquet") as f:
         pq.write_table(rows(["b"]), f)  # the live run's write before its marker
     before = snapshot(fs, root)

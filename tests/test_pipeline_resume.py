@@ -30,21 +30,27 @@ ROWS, DATE = 48, "2026-11-24"
 def write_job(tmp: Path, model: Path, bucket: str, client) -> Path:
     """The README's layout: input under a `dt=` partition, output `run_date={run_date}/`."""
     images = sorted(ASSETS.glob("*.jpg"))
-    rows = [{"id": f"r{i:03d}", "image": images[i % len(images)].read_bytes(),
-             "question": f"What is in picture {i}?"} for i in range(ROWS)]  # fmt: skip
+    rows = [
+        {
+            "id": f"r{i:03d}",
+            "image": images[i % len(images)].read_bytes(),
+            "question": f"What is in picture {i}?",
+        }
+        for i in range(ROWS)
+    ]
     for n in range(4):
         buf = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pylist(rows[n * 12 : (n + 1) * 12]), buf)
         key = f"incoming/dt={DATE}/s{n}.parquet"
         client.put_object(Bucket=bucket, Key=key, Body=buf.getvalue().to_pybytes())
     doc = {
-        "name": "resume", "input": {"uri": f"s3://{bucket}/incoming/dt={{run_date}}/"},
+        "name": "resume",
+        "input": {"uri": f"s3://{bucket}/incoming/dt={{run_date}}/"},
         "model": {"path": str(model), "max_new_tokens": 24},
         "execution": {"batch_size": 2, "gpus_per_actor": 0, "preprocess_batch_size": 2},
-        "output": {"uri": f"s3://{bucket}/captions/run_date={{run_date}}/",
-                   "min_rows_per_file": 2},
+        "output": {"uri": f"s3://{bucket}/captions/run_date={{run_date}}/", "min_rows_per_file": 2},
         "cost": {"shadow_fraction": 0.0},
-    }  # fmt: skip
+    }
     (tmp / "job.yaml").write_text(yaml.safe_dump(doc))
     return tmp / "job.yaml"
 
@@ -58,8 +64,9 @@ def start(job: Path, ray_tmp: str, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "pipeline", "run", str(job), "--run-date", DATE, "--no-progress"]
     root = Path(__file__).parent.parent
     with open(log, "ab") as out:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, cwd=root)  # fmt: skip
+        return subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=root
+        )
 
 
 def kill_leftovers(ray_tmp: str) -> None:
@@ -102,8 +109,11 @@ def latest_run(fs: pafs.FileSystem, out: str) -> dict:
 def listing(fs: pafs.FileSystem, out: str) -> dict[str, int]:
     infos = fs.get_file_info(pafs.FileSelector(out, recursive=True))
     skip = ("/_runs/", "_lease.json")  # the rerun writes its summary and takes the lease
-    return {i.path: i.size for i in infos
-            if i.type == pafs.FileType.File and not any(s in i.path for s in skip)}  # fmt: skip
+    return {
+        i.path: i.size
+        for i in infos
+        if i.type == pafs.FileType.File and not any(s in i.path for s in skip)
+    }
 
 
 @pytest.mark.slow  # about a minute on 2 cores; CI runs the slow tier
@@ -114,8 +124,9 @@ def test_sigkill_mid_run_then_resume_then_rerun_in_the_readme_layout(
     """On real S3 in `s3://bucket/captions/run_date=.../` (the layout that used to refuse
     resume: a hive partition was inferred from the path). The S3 fixture puts its secret
     sentinel in the environment: it must reach no log."""
-    model = build_tiny_checkpoint("llava", tmp_path / "model", text_hidden=256, text_layers=4,
-                                  text_intermediate=512)  # fmt: skip
+    model = build_tiny_checkpoint(
+        "llava", tmp_path / "model", text_hidden=256, text_layers=4, text_intermediate=512
+    )
     job = write_job(tmp_path, model, s3_bucket, s3_server.client())
     log = tmp_path / "driver.log"
     ray_tmp = tempfile.mkdtemp(prefix="rr", dir="/tmp")

@@ -96,8 +96,14 @@ def test_redact_and_uri_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _spec(tmp_path: Path, **inp) -> object:
     inp = {"uri": str(tmp_path / "in")} | inp
-    return parse_spec({"name": "t", "input": inp, "model": {"path": "org/m"},
-                       "output": {"uri": str(tmp_path / "out")}})  # fmt: skip
+    return parse_spec(
+        {
+            "name": "t",
+            "input": inp,
+            "model": {"path": "org/m"},
+            "output": {"uri": str(tmp_path / "out")},
+        }
+    )
 
 
 def test_plan_checks_columns_ids_and_skips_committed(tmp_path: Path) -> None:

@@ -28,16 +28,24 @@ def test_processor_between_user_steps(tmp_path: Path, monkeypatch: pytest.Monkey
     model = build_tiny_checkpoint("llava", tmp_path / "model")
     hf = vqa_dataset(tmp_path / "vqa", monkeypatch)
     monkeypatch.chdir(tmp_path)
-    config = ProcessorConfig.model_validate({
-        "input": {"id_column": "key", "question_column": "prompt",
-                  "passthrough_columns": ["answers", "tag"], "image_root": str(tmp_path / "vqa")},
-        "model": {"path": str(model), "max_new_tokens": 2}, "pruning": {"keep": 8},
-        "execution": {"batch_size": 2, "preprocess_batch_size": 2},
-        "cost": {"shadow_fraction": 0.0},
-    })  # fmt: skip
+    config = ProcessorConfig.model_validate(
+        {
+            "input": {
+                "id_column": "key",
+                "question_column": "prompt",
+                "passthrough_columns": ["answers", "tag"],
+                "image_root": str(tmp_path / "vqa"),
+            },
+            "model": {"path": str(model), "max_new_tokens": 2},
+            "pruning": {"keep": 8},
+            "execution": {"batch_size": 2, "preprocess_batch_size": 2},
+            "cost": {"shadow_fraction": 0.0},
+        }
+    )
     ds = ray.data.from_arrow(hf.with_format("arrow")[:])
-    ds = ds.map(lambda r: r | {"key": f"vqa-{r['id']}", "prompt": r["question"],
-                               "tag": r["meta"]["source"]})  # fmt: skip
+    ds = ds.map(
+        lambda r: r | {"key": f"vqa-{r['id']}", "prompt": r["question"], "tag": r["meta"]["source"]}
+    )
     ds = ds.filter(lambda r: r["id"] != "rocket")
     processor = build_processor(config, run_date="2026-11-24")
     out = processor(ds).filter(lambda r: r["status"] == "ok")

@@ -149,9 +149,12 @@ def test_relevance_below_the_floor_counts_as_the_floor(alpha):
     x = rng.standard_normal((60, 16))
     rel = rng.uniform(-0.5, 1.0, 60)
     sel = select_tokens(
-        torch.tensor(x, dtype=torch.float32), 10, relevance=torch.tensor(rel), alpha=alpha,
+        torch.tensor(x, dtype=torch.float32),
+        10,
+        relevance=torch.tensor(rel),
+        alpha=alpha,
         relevance_floor=0.2,
-    )  # fmt: skip
+    )
     y = x * np.sqrt(np.maximum(rel, 0.2) ** alpha)[:, None]  # g(r) = max(r, floor)^alpha
     _, _, piv = scipy.linalg.qr(y.T, pivoting=True, mode="economic")
     assert sel.indices.tolist() == sorted(piv[:10].tolist())
@@ -159,9 +162,13 @@ def test_relevance_below_the_floor_counts_as_the_floor(alpha):
 
 @pytest.mark.parametrize(
     ("alpha", "floor", "message"),
-    [(1.0, 0.0, "relevance_floor must be in"), (1.0, 1.5, "relevance_floor must be in"),
-     (-6.0, 1e-6, "float32 overflow"), (float("nan"), 0.1, "alpha must be finite")],
-)  # fmt: skip
+    [
+        (1.0, 0.0, "relevance_floor must be in"),
+        (1.0, 1.5, "relevance_floor must be in"),
+        (-6.0, 1e-6, "float32 overflow"),
+        (float("nan"), 0.1, "alpha must be finite"),
+    ],
+)
 def test_bad_floor_or_alpha_is_refused(alpha, floor, message):
     with pytest.raises(ValueError, match=message):
         select_tokens(torch.randn(10, 4), 2, alpha=alpha, relevance_floor=floor)

@@ -117,8 +117,11 @@ def test_bad_model_path_and_unreachable_storage_fail_in_one_line(
     assert cli(["run", str(write(tmp_path, bad_model)), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: model.path") and "config.json" in err and "\n" not in err
-    dead = MINIMAL | {"input": {"uri": "s3://nowhere/in/"}, "output": out,
-                      "storage": {"endpoint_url": "http://127.0.0.1:9"}}  # fmt: skip
+    dead = MINIMAL | {
+        "input": {"uri": "s3://nowhere/in/"},
+        "output": out,
+        "storage": {"endpoint_url": "http://127.0.0.1:9"},
+    }
     assert cli(["run", str(write(tmp_path, dead)), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: storage unreachable") and "\n" not in err
@@ -126,9 +129,12 @@ def test_bad_model_path_and_unreachable_storage_fail_in_one_line(
 
 @pytest.mark.parametrize(
     ("pruning", "message"),
-    [({"relevance_floor": 0}, "relevance_floor"), ({"alpha": -6}, "float32 overflow"),
-     ({"alpha": -11, "relevance_floor": 1e-3}, "float32 overflow")],
-)  # fmt: skip
+    [
+        ({"relevance_floor": 0}, "relevance_floor"),
+        ({"alpha": -6}, "float32 overflow"),
+        ({"alpha": -11, "relevance_floor": 1e-3}, "float32 overflow"),
+    ],
+)
 def test_relevance_floor_and_negative_alpha_are_validated(pruning, message) -> None:
     assert parse_spec(MINIMAL | {"pruning": {"alpha": -2.0}}).pruning.relevance_floor == 1e-6
     with pytest.raises(SpecError, match=message):

@@ -29,8 +29,15 @@ ASSETS = ROOT / "pipeline" / "assets" / "images"
 
 
 def test_runtime_env_excludes_venv_and_outputs() -> None:
-    spec = parse_spec({"name": "n", "input": {"uri": "i"}, "model": {"path": "m"},
-                       "output": {"uri": "o"}, "runtime_env": {"excludes": ["data/"]}})  # fmt: skip
+    spec = parse_spec(
+        {
+            "name": "n",
+            "input": {"uri": "i"},
+            "model": {"path": "m"},
+            "output": {"uri": "o"},
+            "runtime_env": {"excludes": ["data/"]},
+        }
+    )
     env = runtime_env(spec)
     assert env["working_dir"] == "." and {".venv", "demo-output", "data/"} <= set(env["excludes"])
     assert "env_vars" not in env
@@ -39,8 +46,9 @@ def test_runtime_env_excludes_venv_and_outputs() -> None:
 def test_entrypoint_and_cli_line() -> None:
     args = argparse.Namespace(spec="jobs/caption.yaml", overrides=["pruning.keep=32"])
     entry = entrypoint(args, "2026-11-24")
-    assert entry == ("python -m pipeline run jobs/caption.yaml --run-date 2026-11-24 "
-                     "--set pruning.keep=32")  # fmt: skip
+    assert entry == (
+        "python -m pipeline run jobs/caption.yaml --run-date 2026-11-24 --set pruning.keep=32"
+    )
     line = cli_line("http://h:8265", "caption-nightly-2026-11-24", entry)
     assert line.startswith("ray job submit --address http://h:8265 --working-dir . ")
     assert "--submission-id caption-nightly-2026-11-24" in line and line.endswith(f"-- {entry}")
@@ -74,11 +82,22 @@ def ray_head(s3_server, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("RAY_AUTH_TOKEN", token)
     # the file too: a stale ~/.ray/auth_token on the machine must not decide which token is used
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
-    env = os.environ | {"RAY_USAGE_STATS_ENABLED": "0",
-                        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # fmt: skip
-    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={_port()}",
-           "--num-cpus=4", "--num-gpus=0", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           f"--temp-dir={temp_dir}", "--disable-usage-stats"]  # fmt: skip
+    env = os.environ | {
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    cmd = [
+        str(Path(sys.executable).parent / "ray"),
+        "start",
+        "--head",
+        f"--port={_port()}",
+        "--num-cpus=4",
+        "--num-gpus=0",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
     yield f"http://127.0.0.1:{dash}"
     _kill_cluster(temp_dir)
@@ -93,13 +112,18 @@ def test_submit_to_a_real_cluster(ray_head: str, tmp_path: Path, capsys) -> None
 
     model = build_tiny_checkpoint("llava", tmp_path / "model")
     (tmp_path / "in").mkdir()
-    rows = [{"id": f"k{i}", "image": p.read_bytes(), "question": "What?"}
-            for i, p in enumerate(sorted(ASSETS.glob("*.jpg")))]  # fmt: skip
+    rows = [
+        {"id": f"k{i}", "image": p.read_bytes(), "question": "What?"}
+        for i, p in enumerate(sorted(ASSETS.glob("*.jpg")))
+    ]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in" / "part.parquet")
-    doc = {"name": "submit-test", "input": {"uri": str(tmp_path / "in")},
-           "model": {"path": str(model), "max_new_tokens": 4},
-           "execution": {"batch_size": 2, "gpus_per_actor": 0},
-           "output": {"uri": str(tmp_path / "out")}}  # fmt: skip
+    doc = {
+        "name": "submit-test",
+        "input": {"uri": str(tmp_path / "in")},
+        "model": {"path": str(model), "max_new_tokens": 4},
+        "execution": {"batch_size": 2, "gpus_per_actor": 0},
+        "output": {"uri": str(tmp_path / "out")},
+    }
     job = tmp_path / "job.yaml"
     job.write_text(yaml.safe_dump(doc))
     os.chdir(ROOT)

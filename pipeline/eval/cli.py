@@ -19,9 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The common arguments plus --fail-below and --progress."""
     add_common(parser)
     parser.add_argument(
-        "--fail-below", type=float, default=None, metavar="R",
+        "--fail-below",
+        type=float,
+        default=None,
+        metavar="R",
         help="exit 1 when the configured pruner's relative performance is below R (e.g. 0.95)",
-    )  # fmt: skip
+    )
     parser.add_argument("--progress", action="store_true", help="show Ray Data progress bars")
 
 
@@ -73,6 +76,9 @@ def _verdict(summary: dict, threshold: float | None) -> int:
     ok = gate_passes(summary, threshold)
     rel = "unknown" if gate["relative"] is None else f"{gate['relative']:.3f}"
     verdict = "passed" if ok else "FAILED"
-    print(f"gate {verdict}: {gate['config']} relative {summary['metric']} {rel} "
-          f"(threshold {threshold:g})", file=sys.stdout if ok else sys.stderr)  # fmt: skip
+    print(
+        f"gate {verdict}: {gate['config']} relative {summary['metric']} {rel} "
+        f"(threshold {threshold:g})",
+        file=sys.stdout if ok else sys.stderr,
+    )
     return 0 if ok else 1

@@ -22,25 +22,43 @@ from pipeline.report.content import Block, num
 from pipeline.storage import filesystem, filesystem_path
 
 
-def evaluate(spec: EvalSpec, run_date: str, *, threshold: float | None = None,
-             progress: bool = False) -> dict[str, Any]:  # fmt: skip
+def evaluate(
+    spec: EvalSpec, run_date: str, *, threshold: float | None = None, progress: bool = False
+) -> dict[str, Any]:
     """Run the eval and write its files; returns the summary (also eval.json)."""
     table, images = answer_all(spec, run_date, progress=progress)
     table, problems = score_rows(table, spec.eval.references_column)
     labels = [label for label, _ in configurations(spec)]
     summary = summarize(table, labels, metric=spec.eval.metric, gated=config_label(spec.pruning))
-    summary |= {"name": spec.name, "model": spec.model.path, "run_date": run_date,
-                "threshold": threshold, "problems": problems}  # fmt: skip
+    summary |= {
+        "name": spec.name,
+        "model": spec.model.path,
+        "run_date": run_date,
+        "threshold": threshold,
+        "problems": problems,
+    }
     page = render.blocks(spec.name, spec.model.path, summary, problems)
     charts = {render.CHART: render.chart(summary, threshold)}
     extra = _overlay_blocks(spec, table, labels, images, charts)
-    files = render.write_all(spec.output.uri, spec.storage, summary=summary, table=table,
-                             page=page, charts=charts, html_extra=extra)  # fmt: skip
+    files = render.write_all(
+        spec.output.uri,
+        spec.storage,
+        summary=summary,
+        table=table,
+        page=page,
+        charts=charts,
+        html_extra=extra,
+    )
     return summary | {"files": files}
 
 
-def _overlay_blocks(spec: EvalSpec, table: pa.Table, labels: list[str], images: dict[str, Any],
-                    charts: dict[str, str]) -> list[Block]:  # fmt: skip
+def _overlay_blocks(
+    spec: EvalSpec,
+    table: pa.Table,
+    labels: list[str],
+    images: dict[str, Any],
+    charts: dict[str, str],
+) -> list[Block]:
     """Per drawn item: its question, each configuration's answer, and kept-patch overlays."""
     if not images:
         return []
@@ -49,10 +67,22 @@ def _overlay_blocks(spec: EvalSpec, table: pa.Table, labels: list[str], images: 
     rows = table.filter(pc.is_in(table["id"], pa.array(list(images)))).to_pylist()
     for item_id in sorted(images):
         mine = {r[CONFIG]: r for r in rows if r["id"] == item_id}
-        out += [Block("h2", f"{item_id}: {mine[labels[0]]['question']}"),
-                Block("table", header=["config", "answer", metric, "kept tokens"],
-                      rows=[[lb, str(mine[lb]["answer"]), num(mine[lb][metric]),
-                             str(mine[lb]["kept_tokens"])] for lb in labels])]  # fmt: skip
+        out += [
+            Block("h2", f"{item_id}: {mine[labels[0]]['question']}"),
+            Block(
+                "table",
+                header=["config", "answer", metric, "kept tokens"],
+                rows=[
+                    [
+                        lb,
+                        str(mine[lb]["answer"]),
+                        num(mine[lb][metric]),
+                        str(mine[lb]["kept_tokens"]),
+                    ]
+                    for lb in labels
+                ],
+            ),
+        ]
         try:
             view = overlay.square_view(_bytes(spec, images[item_id]), **_caps(spec))
         except Exception as exc:  # the image was answered, so this is rare; say why, go on

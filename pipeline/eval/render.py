@@ -22,8 +22,18 @@ from pipeline.report.render import to_html, to_markdown
 from pipeline.storage import filesystem, join
 
 CHART = "relative_vs_tokens.svg"
-HEADER = ["config", "kept tokens/item", "LLM prompt tokens/item", "new tokens/item",
-          "s/item", "VQA acc", "exact match", "token F1", "relative", "errors"]  # fmt: skip
+HEADER = [
+    "config",
+    "kept tokens/item",
+    "LLM prompt tokens/item",
+    "new tokens/item",
+    "s/item",
+    "VQA acc",
+    "exact match",
+    "token F1",
+    "relative",
+    "errors",
+]
 
 
 def blocks(name: str, model: str, summary: dict[str, Any], problems: list[str]) -> list[Block]:
@@ -94,9 +104,15 @@ def chart(summary: dict[str, Any], threshold: float | None) -> str:
 
 
 def write_all(
-    uri: str, storage: Any, *, summary: dict[str, Any], table: pa.Table, page: list[Block],
-    charts: dict[str, str], html_extra: list[Block],
-) -> dict[str, str]:  # fmt: skip
+    uri: str,
+    storage: Any,
+    *,
+    summary: dict[str, Any],
+    table: pa.Table,
+    page: list[Block],
+    charts: dict[str, str],
+    html_extra: list[Block],
+) -> dict[str, str]:
     """Write every file under ``uri``; returns name -> path. ``charts``: SVGs by name."""
     fs, root = filesystem(uri, storage)
     fs.create_dir(root, recursive=True)

@@ -32,14 +32,22 @@ CONFIG = "config"
 class EvalAnswerer:
     """Map prepared rows to output rows once per configuration (rows x configurations)."""
 
-    def __init__(self, spec: ProcessorConfig, configs: list[tuple[str, PruningSpec]], *,
-                 run_id: str, run_date: str, passthrough: pa.Schema):  # fmt: skip
+    def __init__(
+        self,
+        spec: ProcessorConfig,
+        configs: list[tuple[str, PruningSpec]],
+        *,
+        run_id: str,
+        run_date: str,
+        passthrough: pa.Schema,
+    ):
         self.answerers: list[tuple[str, Answerer]] = []
         first = None  # its model and engine are loaded once and shared by every configuration
         for label, pruning in configs:
             job = spec.model_copy(update={"pruning": pruning})
-            answerer = Answerer(job, run_id=run_id, run_date=run_date, passthrough=passthrough,
-                                share=first)  # fmt: skip
+            answerer = Answerer(
+                job, run_id=run_id, run_date=run_date, passthrough=passthrough, share=first
+            )
             first = first or answerer
             self.answerers.append((label, answerer))
         self.warm = False
@@ -90,8 +98,11 @@ def _images(job: JobSpec, plan: Plan, ids: list[str]) -> dict[str, Any]:
         return {}
     column = job.input.image_column or job.input.image_uri_column
     keep = {"column": job.input.id_column, "ids": ids}
-    rows = read_input(job.input, plan).map_batches(_keep_ids, batch_format="pyarrow",
-                                                   fn_kwargs=keep).take_all()  # fmt: skip
+    rows = (
+        read_input(job.input, plan)
+        .map_batches(_keep_ids, batch_format="pyarrow", fn_kwargs=keep)
+        .take_all()
+    )
     return {r[job.input.id_column]: r[column] for r in rows}
 
 
@@ -99,8 +110,9 @@ def _keep_ids(batch: pa.Table, *, column: str, ids: list[str]) -> pa.Table:
     return batch.filter(pc.is_in(batch.column(column), value_set=pa.array(ids)))
 
 
-def _dataset(job: JobSpec, plan: Plan, configs: list[tuple[str, PruningSpec]],
-             **ids: Any) -> ray.data.Dataset:  # fmt: skip
+def _dataset(
+    job: JobSpec, plan: Plan, configs: list[tuple[str, PruningSpec]], **ids: Any
+) -> ray.data.Dataset:
     """The job's reader and CPU stage, then the all-configurations model stage."""
     config = ProcessorConfig.from_job(job, dataset_folder=plan.dataset_folder)
     ex = config.execution
@@ -108,14 +120,25 @@ def _dataset(job: JobSpec, plan: Plan, configs: list[tuple[str, PruningSpec]],
     ds = read_input(job.input, plan)  # any input format the job reads
     ds = ds.repartition(target_num_rows_per_block=ex.batch_size)
     ds = ds.map_batches(
-        Preprocess, fn_constructor_kwargs={"spec": config, "passthrough": passthrough},
-        batch_size=ex.preprocess_batch_size, batch_format="pyarrow", num_cpus=1,
+        Preprocess,
+        fn_constructor_kwargs={"spec": config, "passthrough": passthrough},
+        batch_size=ex.preprocess_batch_size,
+        batch_format="pyarrow",
+        num_cpus=1,
         compute=actor_pool(ex.preprocess_concurrency or (1, spare_cpus(config))),
         udf_modifying_row_count=False,
-    )  # fmt: skip
+    )
     return ds.map_batches(
-        EvalAnswerer, batch_size=ex.batch_size, batch_format="pyarrow",
-        fn_constructor_kwargs={"spec": config, "configs": configs,
-                               "passthrough": plan.passthrough, **ids},
-        num_gpus=ex.gpus_per_actor, num_cpus=ex.cpus_per_actor, compute=actor_pool(ex.actors),
-    )  # fmt: skip
+        EvalAnswerer,
+        batch_size=ex.batch_size,
+        batch_format="pyarrow",
+        fn_constructor_kwargs={
+            "spec": config,
+            "configs": configs,
+            "passthrough": plan.passthrough,
+            **ids,
+        },
+        num_gpus=ex.gpus_per_actor,
+        num_cpus=ex.cpus_per_actor,
+        compute=actor_pool(ex.actors),
+    )

@@ -16,8 +16,13 @@ from pipeline.overlap import overlap_f1
 _PUNCT = tuple(';/[]"{}()=+\\_-><@`,?!')
 _PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # as in the official code: a period not before a digit
 _COMMA_NUMBER = re.compile(r"(\d)(,)(\d)")
-_NUMBERS = dict(zip("none zero one two three four five six seven eight nine ten".split(),
-                    "0 0 1 2 3 4 5 6 7 8 9 10".split(), strict=True))  # fmt: skip
+_NUMBERS = dict(
+    zip(
+        "none zero one two three four five six seven eight nine ten".split(),
+        "0 0 1 2 3 4 5 6 7 8 9 10".split(),
+        strict=True,
+    )
+)
 _ARTICLES = {"a", "an", "the"}
 _CONTRACTIONS = dict(
     pair.split(":")

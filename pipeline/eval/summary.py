@@ -20,8 +20,14 @@ import pyarrow as pa
 from pipeline.eval.scoring import METRICS, score
 from pipeline.eval.spec import REFERENCE
 
-PER_ITEM = ("kept_tokens", "kept_newlines", "visual_tokens", "prompt_tokens", "new_tokens",
-            "gpu_seconds")  # fmt: skip
+PER_ITEM = (
+    "kept_tokens",
+    "kept_newlines",
+    "visual_tokens",
+    "prompt_tokens",
+    "new_tokens",
+    "gpu_seconds",
+)
 
 
 def score_rows(table: pa.Table, references_column: str) -> tuple[pa.Table, list[str]]:
@@ -59,19 +65,24 @@ def summarize(table: pa.Table, labels: list[str], *, metric: str, gated: str) ->
     for c in configs.values():
         c["relative"] = c[metric] / ref if ref else None
     return {
-        "metric": metric, "items": len({r["id"] for r in rows}), "common_items": len(common),
-        "configs": configs, "gate": {"config": gated, "relative": configs[gated]["relative"]},
+        "metric": metric,
+        "items": len({r["id"] for r in rows}),
+        "common_items": len(common),
+        "configs": configs,
+        "gate": {"config": gated, "relative": configs[gated]["relative"]},
         "equal_tokens": equal_tokens(configs, configs[gated]["method"]),
-    }  # fmt: skip
+    }
 
 
 def _config(rows: list[dict], common: set[str]) -> dict[str, Any]:
     mine = [r for r in rows if r["id"] in common]
     ok = [r for r in rows if r["status"] == "ok"]
     out: dict[str, Any] = {
-        "method": rows[0]["pruner"] if rows else None, "keep": rows[0]["keep"] if rows else None,
-        "items_ok": len(ok), "items_error": len(rows) - len(ok),
-    }  # fmt: skip
+        "method": rows[0]["pruner"] if rows else None,
+        "keep": rows[0]["keep"] if rows else None,
+        "items_ok": len(ok),
+        "items_error": len(rows) - len(ok),
+    }
     for name in METRICS:
         out[name] = fmean(r[name] for r in mine) if mine else None
     for name in PER_ITEM:

@@ -123,12 +123,20 @@ def _table(records: list[dict[str, Any]], columns: list[tuple[str, Callable]]) -
 HEADLINE = (  # label, hours key, interval key, USD key
     ("GPU hours used (measured per item)", "gpu_hours_used", None, "usd_used"),
     ("GPU hours billed (actors' held time)", "gpu_hours_billed", None, "usd_billed"),
-    ("GPU hours without pruning (measured on shadow sample)", "gpu_hours_unpruned_est",
-     "gpu_hours_unpruned_ci", None),
+    (
+        "GPU hours without pruning (measured on shadow sample)",
+        "gpu_hours_unpruned_est",
+        "gpu_hours_unpruned_ci",
+        None,
+    ),
     ("GPU hours saved", "gpu_hours_saved", "gpu_hours_saved_ci", "usd_saved"),
-    ("GPU hours without pruning (FLOPs model, cross-check)", "gpu_hours_unpruned_flops",
-     None, None),
-)  # fmt: skip
+    (
+        "GPU hours without pruning (FLOPs model, cross-check)",
+        "gpu_hours_unpruned_flops",
+        None,
+        None,
+    ),
+)
 
 
 def _headline(r: dict[str, Any]) -> list[Block]:
@@ -197,23 +205,32 @@ def _buckets(r: dict[str, Any]) -> list[Block]:
     if not rows:
         return []
     source = {True: "own shadow batches", False: "pooled (too few shadow batches)"}
-    columns = [("GPU type", _col("gpu_type", str)), ("batch size", _col("label", str)),
-               ("GPU hours", lambda b: num(b["gpu_seconds"] / 3600)),
-               ("shadow batches", _col("shadow_batches", str)),
-               ("time ratio", _col("ratio", ratio)),
-               ("ratio from", lambda b: source[b["own_ratio"]])]  # fmt: skip
-    return [Block("p", "Time ratio by batch size (applied to that size's hours):"),
-            _table(rows, columns)]  # fmt: skip
+    columns = [
+        ("GPU type", _col("gpu_type", str)),
+        ("batch size", _col("label", str)),
+        ("GPU hours", lambda b: num(b["gpu_seconds"] / 3600)),
+        ("shadow batches", _col("shadow_batches", str)),
+        ("time ratio", _col("ratio", ratio)),
+        ("ratio from", lambda b: source[b["own_ratio"]]),
+    ]
+    return [
+        Block("p", "Time ratio by batch size (applied to that size's hours):"),
+        _table(rows, columns),
+    ]
 
 
 def _gpu_types(r: dict[str, Any]) -> list[Block]:
-    columns = [("GPU type", _col("gpu_type", str)),
-               ("USD/GPU hour", _col("usd_per_gpu_hour", _rate)),
-               ("hours used", _col("gpu_hours_used")), ("hours billed", _col("gpu_hours_billed")),
-               ("hours unpruned (est.)", _col("gpu_hours_unpruned_est")),
-               ("95% CI", _col("gpu_hours_unpruned_ci", interval)),
-               ("hours saved", _col("gpu_hours_saved")), ("USD saved", _col("usd_saved", usd)),
-               ("shadow items", _col("shadow_items", str))]  # fmt: skip
+    columns = [
+        ("GPU type", _col("gpu_type", str)),
+        ("USD/GPU hour", _col("usd_per_gpu_hour", _rate)),
+        ("hours used", _col("gpu_hours_used")),
+        ("hours billed", _col("gpu_hours_billed")),
+        ("hours unpruned (est.)", _col("gpu_hours_unpruned_est")),
+        ("95% CI", _col("gpu_hours_unpruned_ci", interval)),
+        ("hours saved", _col("gpu_hours_saved")),
+        ("USD saved", _col("usd_saved", usd)),
+        ("shadow items", _col("shadow_items", str)),
+    ]
     return [Block("h2", "Per GPU type"), _table(r["by_gpu_type"], columns)]
 
 
@@ -224,10 +241,13 @@ def _quality(r: dict[str, Any]) -> list[Block]:
         return [*out, Block("note", "No shadow items: answer agreement is unknown.")]
     f1 = num(q["token_f1"], 3)
     out.append(Block("p", f"Exact match: {pct(q['exact_match'])}. Token F1: {f1}."))
-    columns = [("id", _col("id", _text)), ("question", _col("question", _text)),
-               ("pruned answer", _col("pruned", _text)),
-               ("unpruned answer", _col("unpruned", _text)),
-               ("token F1", _col("token_f1", _num3))]  # fmt: skip
+    columns = [
+        ("id", _col("id", _text)),
+        ("question", _col("question", _text)),
+        ("pruned answer", _col("pruned", _text)),
+        ("unpruned answer", _col("unpruned", _text)),
+        ("token F1", _col("token_f1", _num3)),
+    ]
     if r["quality"]["worst"]:
         out += [Block("p", "Worst disagreements:"), _table(r["quality"]["worst"], columns)]
     return out
@@ -236,42 +256,57 @@ def _quality(r: dict[str, Any]) -> list[Block]:
 def _profile(r: dict[str, Any]) -> list[Block]:
     p = r["profile"]
     prompts = f"{num(p['prompt_tokens_mean'])} / {num(p['prompt_tokens_unpruned_mean'])}"
-    rows = [["visual tokens per image (mean)", num(p["visual_tokens_mean"])],
-            ["kept tokens per image (mean)", num(p["kept_tokens_mean"])],
-            ["kept fraction", pct(p["kept_fraction"])],
-            ["prompt tokens, pruned / unpruned (mean)", prompts],
-            ["retained energy (mean)", num(p["retained_energy_mean"], 3)]]  # fmt: skip
+    rows = [
+        ["visual tokens per image (mean)", num(p["visual_tokens_mean"])],
+        ["kept tokens per image (mean)", num(p["kept_tokens_mean"])],
+        ["kept fraction", pct(p["kept_fraction"])],
+        ["prompt tokens, pruned / unpruned (mean)", prompts],
+        ["retained energy (mean)", num(p["retained_energy_mean"], 3)],
+    ]
     stages = [[STAGE_NAMES.get(k, k), num(v)] for k, v in p["stage_seconds"].items()]
     errors = [[cause, str(n)] for cause, n in p["errors_by_cause"].items()] or [["(none)", "0"]]
     return [
-        Block("h2", "Pruning profile"), Block("table", header=["", "value"], rows=rows),
+        Block("h2", "Pruning profile"),
+        Block("table", header=["", "value"], rows=rows),
         Block("chart", "distributions.svg"),
-        Block("h2", "Time per stage"), Block("table", header=["stage", "seconds"], rows=stages),
+        Block("h2", "Time per stage"),
+        Block("table", header=["stage", "seconds"], rows=stages),
         Block("chart", "stages.svg"),
-        Block("h2", "Errors by cause"), Block("table", header=["cause", "items"], rows=errors),
-    ]  # fmt: skip
+        Block("h2", "Errors by cause"),
+        Block("table", header=["cause", "items"], rows=errors),
+    ]
 
 
 def _nights(r: dict[str, Any]) -> list[Block]:
     if len(r["nights"]) < 2:
         return []
-    columns = [("night", _col("run_date", str)), ("items ok", _col("items_ok", str)),
-               ("items error", _col("items_error", str)), ("hours used", _col("gpu_hours_used")),
-               ("hours billed", _col("gpu_hours_billed")),
-               ("hours unpruned (est.)", _col("gpu_hours_unpruned_est")),
-               ("hours saved", _col("gpu_hours_saved")), ("USD saved", _col("usd_saved", usd)),
-               ("exact match", lambda n: pct(n["answer_agreement"]["exact_match"])),
-               ("token F1", lambda n: _num3(n["answer_agreement"]["token_f1"]))]  # fmt: skip
+    columns = [
+        ("night", _col("run_date", str)),
+        ("items ok", _col("items_ok", str)),
+        ("items error", _col("items_error", str)),
+        ("hours used", _col("gpu_hours_used")),
+        ("hours billed", _col("gpu_hours_billed")),
+        ("hours unpruned (est.)", _col("gpu_hours_unpruned_est")),
+        ("hours saved", _col("gpu_hours_saved")),
+        ("USD saved", _col("usd_saved", usd)),
+        ("exact match", lambda n: pct(n["answer_agreement"]["exact_match"])),
+        ("token F1", lambda n: _num3(n["answer_agreement"]["token_f1"])),
+    ]
     trend = [Block("h2", "Trend over nights"), _table(r["nights"], columns)]
     return [*trend, Block("chart", "trend.svg")]
 
 
 def _runs(r: dict[str, Any]) -> list[Block]:
-    columns = [("run", _col("run_id", _or_unknown)), ("night", _col("run_date", _or_unknown)),
-               ("status", _col("status", _or_unknown)), ("items ok", _col("items_ok", str)),
-               ("items error", _col("items_error", str)), ("hours used", _col("gpu_hours_used")),
-               ("hours billed", _col("gpu_hours_billed")),
-               ("shadow items", _col("shadow_items", str))]  # fmt: skip
+    columns = [
+        ("run", _col("run_id", _or_unknown)),
+        ("night", _col("run_date", _or_unknown)),
+        ("status", _col("status", _or_unknown)),
+        ("items ok", _col("items_ok", str)),
+        ("items error", _col("items_error", str)),
+        ("hours used", _col("gpu_hours_used")),
+        ("hours billed", _col("gpu_hours_billed")),
+        ("shadow items", _col("shadow_items", str)),
+    ]
     return [Block("h2", "Runs"), _table(r["runs"], columns)]
 
 
