@@ -38,8 +38,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q --durations=15
 
+# The submit test in a process of its own: Ray keeps the first auth token it saw per process,
+# and the fault tests' in-process sessions run without token auth.
 test-slow: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -m slow --durations=15
+	$(VENV)/bin/python -m pytest -q -m slow --durations=15 --ignore=tests/test_submit.py
+	$(VENV)/bin/python -m pytest -q -m slow tests/test_submit.py
 
 test-all: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not gpu"
