@@ -13,6 +13,7 @@ unsupported_mode, fetch_failed (documented in `pipeline.faults.ITEM_CAUSES`).
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -23,6 +24,7 @@ from pipeline import faults
 from resprune.items import ItemError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+_OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
 Image.MAX_IMAGE_PIXELS = None  # our own cap below replaces Pillow's warning/bomb heuristics
 
 
@@ -39,16 +41,25 @@ def decode_image(
             warnings.simplefilter("ignore")
             img = Image.open(io.BytesIO(data))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ItemError("undecodable", f"not a readable image: {exc}") from None
+        raise ItemError(
+            "undecodable", f"not a readable image ({decoder_message(exc)}; starts {data[:8]!r})"
+        ) from None
     _check_geometry(*img.size, max_pixels=max_pixels, max_aspect=max_aspect)
     try:
         img.load()
     except (OSError, ValueError, SyntaxError) as exc:
         if "truncated" in str(exc):
             raise ItemError("truncated", f"decode failed: {exc}") from None
-        raise ItemError("undecodable", f"decode failed: {exc}") from None
+        raise ItemError("undecodable", f"decode failed: {decoder_message(exc)}") from None
     img = ImageOps.exif_transpose(img) or img
     return to_rgb(img)
+
+
+def decoder_message(exc: BaseException) -> str:
+    """Pillow's message without the reprs of our in-memory buffers (``<_io.BytesIO object
+    at 0x...>``), which name nothing a user can find."""
+    text = _OBJECT_REPR.sub("", str(exc)).strip().rstrip(":").strip()
+    return f"Pillow: {text}" if text else f"Pillow: {type(exc).__name__}"
 
 
 def _check_geometry(width: int, height: int, *, max_pixels: int, max_aspect: float) -> None:

@@ -56,6 +56,8 @@ def list_input(fs: pafs.FileSystem, path: str, spec: InputSpec) -> InputListing:
 def detect(fs: pafs.FileSystem, path: str, spec: InputSpec) -> tuple[str, list[str]]:
     """The input format (spec.format, or detected) and its data files, in order."""
     found = list_files(fs, path)
+    if not found and not any(c in path for c in "*?[") and not _exists(fs, path):
+        raise StorageError(f"input.uri {spec.uri} does not exist")
     fmt = spec.format
     if fmt == "auto":
         fmt = "parquet"
@@ -77,6 +79,10 @@ def detect(fs: pafs.FileSystem, path: str, spec: InputSpec) -> tuple[str, list[s
             raise StorageError(f"no {', '.join(what.values())} under {spec.uri}")
         raise StorageError(f"no {what[fmt]} under {spec.uri} (input.format: {fmt})")
     return fmt, files
+
+
+def _exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
 def _schema_and_ids(

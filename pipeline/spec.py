@@ -201,6 +201,11 @@ class PruningSpec(_Strict):
     def _keep_type(cls, v: Any) -> Any:
         if isinstance(v, bool):
             raise ValueError("keep must be an int or a float, not a bool")
+        if isinstance(v, int | float) and not _keep_in_range(v):
+            raise ValueError(
+                "keep must be an int >= 1 (visual tokens) or a float in (0, 1] (a fraction of "
+                f"them), got {v}"
+            )
         return v
 
     @model_validator(mode="after")
@@ -212,6 +217,14 @@ class PruningSpec(_Strict):
     def uses_text(self) -> bool:
         """Whether the question's words change the selection."""
         return self.method == "resprune" and self.alpha != 0
+
+
+def _keep_in_range(v: float) -> bool:
+    """One of keep's two numeric forms accepts ``v`` (so a bad value gets one message, not
+    one per union member)."""
+    if isinstance(v, float) and not v.is_integer():
+        return 0 < v <= 1
+    return v >= 1 or (isinstance(v, float) and 0 < v <= 1)
 
 
 class ExecutionSpec(_Strict):

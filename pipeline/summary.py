@@ -3,7 +3,9 @@
 Counts and GPU-seconds are sums over the commit markers this run wrote (unique committed
 rows, never in-actor counters, which retries can double). ``actor_seconds`` is the model
 actors' held time: from each actor's start to the end of the execution (what is billed);
-``model_seconds`` is the part of it spent inside the model.
+``model_seconds`` is the part of it spent inside the model. ``execution.max_error_fraction``
+is judged over every row committed under the output prefix, earlier runs' included
+(``error_fraction`` in the summary), so a failed night stays failed on a rerun.
 """
 
 from __future__ import annotations
@@ -45,12 +47,11 @@ class Recorder:
     ) -> dict[str, Any]:
         """Sum this run's markers, add actor times, write the JSON; returns it."""
         finished = time.time()
-        mine = [
-            m
-            for m in commit.manifest_stats(self.plan.out_fs, self.plan.out_root)
-            if m.get("run_id") == self.run_id
-        ]
+        every = commit.manifest_stats(self.plan.out_fs, self.plan.out_root)
+        mine = [m for m in every if m.get("run_id") == self.run_id]
         totals = {k: sum(m.get(k, 0) for m in mine) for k in _SUMMED}
+        totals["prefix_rows"] = sum(m.get("rows", 0) for m in every)
+        totals["prefix_errors"] = sum(m.get("items_error", 0) for m in every)
         causes: Counter[str] = Counter()
         extractors: Counter[str] = Counter()
         for m in mine:
@@ -59,6 +60,7 @@ class Recorder:
         doc = self._header(finished) | self._counts(totals, dict(causes), len(mine), finished)
         doc["relevance_extractors"] = dict(extractors)
         doc |= self._actors(actors, finished)
+        doc["error_fraction"] = self._error_fraction(totals)
         doc["status"], doc["failure"] = self._status(totals, error)
         doc["error"] = redact(f"{type(error).__name__}: {error}") if error else None
         doc["unreadable_shards"] = self.plan.bad_shards
@@ -69,6 +71,7 @@ class Recorder:
 
     def _header(self, finished: float) -> dict[str, Any]:
         s, c, p = self.spec, self.spec.cost, self.spec.pruning
+        gpu = s.execution.gpus_per_actor > 0  # what the model actors ran on, not the defaults
         return {
             "run_id": self.run_id,
             "name": s.name,
@@ -80,13 +83,14 @@ class Recorder:
             "output_uri": s.output.uri,
             "model": s.model.path,
             "family": s.model.family,
-            "dtype": s.model.dtype,
+            "device": "gpu" if gpu else "cpu",
+            "dtype": s.model.dtype if gpu else "float32",  # CPU actors load float32
             "max_new_tokens": s.model.max_new_tokens,
             "pruner": p.method,
             "keep": str(p.keep),
             "alpha": p.alpha,
             "relevance_floor": p.relevance_floor,
-            "gpu_type": c.gpu_type,
+            "gpu_type": c.gpu_type if gpu else "cpu",
             "usd_per_gpu_hour": c.usd_per_gpu_hour,
             "shadow_fraction": c.shadow_fraction,
             "gpus_per_actor": s.execution.gpus_per_actor,
@@ -141,15 +145,32 @@ class Recorder:
                 f"{len(self.plan.bad_shards)} unreadable input shard(s) skipped "
                 f"(replace and rerun), e.g. {first}"
             )
-        ex = self.spec.execution
-        if t["rows"] >= ex.error_fraction_min_items and t["items_error"] / t["rows"] > (
-            ex.max_error_fraction
-        ):
+        judged = self._error_fraction(t)
+        if judged["exceeded"]:
             return "failed", (
-                f"error fraction {t['items_error'] / t['rows']:.3f} > "
-                f"execution.max_error_fraction {ex.max_error_fraction}"
+                f"error fraction {judged['fraction']:.3f} > execution.max_error_fraction "
+                f"{judged['limit']} ({judged['errors']} of {judged['items']} items committed "
+                "under the output prefix, earlier runs included)"
             )
         return "finished", None
+
+    def _error_fraction(self, t: dict[str, Any]) -> dict[str, Any]:
+        """The error limit judged over every row committed under the output prefix (earlier
+        runs' too), so a rerun of a night that failed it fails again instead of passing with
+        everything skipped."""
+        ex = self.spec.execution
+        items, errors = t.get("prefix_rows", t["rows"]), t.get("prefix_errors", t["items_error"])
+        fraction = errors / items if items else 0.0
+        judged = items >= ex.error_fraction_min_items
+        return {
+            "scope": "output prefix (all committed rows)",
+            "items": items,
+            "errors": errors,
+            "fraction": fraction,
+            "limit": ex.max_error_fraction,
+            "judged": judged,
+            "exceeded": judged and fraction > ex.max_error_fraction,
+        }
 
 
 def one_line(doc: dict[str, Any]) -> str:

@@ -70,6 +70,7 @@ class Night:
     columns: dict[str, np.ndarray]
     runs: list[dict[str, Any]] = field(default_factory=list)
     duplicate_ids: int = 0
+    markers: int = 0  # commit markers under _manifest/ (a job's output has them)
 
     @property
     def rows(self) -> int:
@@ -180,7 +181,8 @@ def read_night(fs: fsspec.AbstractFileSystem, root: str, uri: str) -> Night:
         dates = [str(r["run_date"]) for r in runs if r.get("run_date")]
         dates += sorted({str(d) for d in columns["run_date"] if d})
         run_date = dates[-1] if dates else None
-    return Night(uri, run_date, columns, runs, dropped)
+    markers = len(fs.glob(_join(root, "_manifest/*")))
+    return Night(uri, run_date, columns, runs, dropped, markers)
 
 
 def _read_empty() -> pa.Table:
@@ -201,9 +203,12 @@ def load_output(uri: str) -> list[Night]:
         nights = [read_night(fs, p, _join(uri, _basename(p))) for p in dirs]
     else:
         nights = [read_night(fs, root, uri)]
-    nights = [n for n in nights if n.rows or n.runs]
+    nights = [n for n in nights if n.runs or n.markers]
     if not nights:
-        raise ReportInputError(f"{uri}: no result files and no _runs/*.json summaries")
+        raise ReportInputError(
+            f"{uri}: not a job's output (no _runs/*.json summaries and no _manifest/ commit "
+            "markers); give the output.uri a run wrote"
+        )
     return sorted(nights, key=lambda n: n.run_date or "")
 
 

@@ -87,7 +87,8 @@ def to_markdown(blocks: list[Block]) -> str:
 
 
 def _html_cell(text: str) -> str:
-    css = ' class="short"' if len(text) <= 16 or _NUMERIC.match(text) else ""
+    shown = visible(text)  # escapes (\\x00) widen the cell: decide on what is shown
+    css = ' class="short"' if len(shown) <= 16 or _NUMERIC.match(shown) else ""
     return f"<td{css}>{html.escape(_clip(text))}</td>"
 
 
