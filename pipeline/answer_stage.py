@@ -91,7 +91,7 @@ class Answerer:
         *,
         run_id: str,
         run_date: str,
-        passthrough: pa.Schema,
+        passthrough: pa.Schema | None,
         ledger: Any = None,
         share: Answerer | None = None,
     ):
@@ -181,7 +181,15 @@ class Answerer:
         if self.ledger is not None:
             self.ledger.end.remote(ids)
             self.ledger.actor_busy.remote(self.key, self.busy_s)
-        return pa.Table.from_pylist(rows, schema=output_schema(self.passthrough))
+        return pa.Table.from_pylist(rows, schema=output_schema(self._passthrough(batch)))
+
+    def _passthrough(self, batch: pa.Table) -> pa.Schema:
+        """The pass-through columns' types: given, else the batch's (the stage API does not
+        run the user's pipeline to learn them)."""
+        if self.passthrough is not None:
+            return self.passthrough
+        inp = self.spec.input
+        return pa.schema([batch.schema.field(inp.output_name(c)) for c in inp.passthrough_columns])
 
     def _solo(self, rows: list[dict], i: int, item: PreparedItem) -> None:
         """Answer one item with the ledger told, so a crash here marks this item alone."""

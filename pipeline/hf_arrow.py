@@ -45,16 +45,16 @@ def open_stream(fs: pafs.FileSystem, path: str) -> pa.ipc.RecordBatchStreamReade
     return pa.ipc.open_stream(fs.open_input_stream(path))
 
 
-def read_schema_and_ids(
-    fs: pafs.FileSystem, path: str, id_column: str, check: Callable[[str, pa.Schema], None]
-) -> tuple[pa.Schema, list]:
-    """The file's schema (checked by ``check`` before any row is read) and its ids."""
+def read_schema_and_columns(
+    fs: pafs.FileSystem, path: str, columns: list[str], check: Callable[[str, pa.Schema], None]
+) -> tuple[pa.Schema, pa.Table]:
+    """The file's schema (checked by ``check`` before any row is read) and ``columns``
+    (its ids, and what input.filter reads)."""
     try:
         reader = open_stream(fs, path)
         check(path, reader.schema)
-        ids: list = []
-        for batch in reader:
-            ids += batch.column(id_column).to_pylist()
+        batches = [batch.select(columns) for batch in reader]
     except pa.ArrowInvalid as exc:
         raise StorageError(f"cannot read input {path}: not an Arrow stream file: {exc}") from None
-    return reader.schema, ids
+    wanted = pa.schema([reader.schema.field(c) for c in columns])
+    return reader.schema, pa.Table.from_batches(batches, schema=wanted)

@@ -55,6 +55,25 @@ def decode_image(
     return to_rgb(img)
 
 
+def from_pixels(
+    value: np.ndarray | Image.Image, *, max_pixels: int, max_aspect: float
+) -> Image.Image:
+    """An already decoded image (Ray Data ``read_images`` arrays, a user's PIL or numpy rows)
+    -> RGB within the same pixel and aspect caps; raises ItemError."""
+    if isinstance(value, Image.Image):
+        _check_geometry(*value.size, max_pixels=max_pixels, max_aspect=max_aspect)
+        return to_rgb(value)
+    arr = np.asarray(value)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+        raise ItemError("unsupported_mode", f"pixel array of shape {arr.shape} is not HxW[xC]")
+    _check_geometry(arr.shape[1], arr.shape[0], max_pixels=max_pixels, max_aspect=max_aspect)
+    if arr.dtype != np.uint8:
+        raise ItemError("unsupported_mode", f"pixel array of dtype {arr.dtype} (uint8 expected)")
+    return to_rgb(Image.fromarray(np.ascontiguousarray(arr)))
+
+
 def decoder_message(exc: BaseException) -> str:
     """Pillow's message without the reprs of our in-memory buffers (``<_io.BytesIO object
     at 0x...>``), which name nothing a user can find."""

@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 
 from pipeline import hf_arrow, webdataset
 from pipeline.columns import OUTPUT_COLUMNS
-from pipeline.spec import InputSpec
+from pipeline.filters import apply_filter, filter_columns
+from pipeline.spec import ColumnsSpec, InputSpec
 from pipeline.storage import StorageError, is_remote, list_files, redact
 
 SUFFIX = {"parquet": ".parquet", "webdataset": ".tar"}
@@ -38,19 +39,27 @@ class InputListing:
     schema: pa.Schema
     image_encoding: str
     bad_shards: dict[str, str] = field(default_factory=dict)
+    filtered_out: int = 0  # rows input.filter dropped (not counted, never read for the job)
 
 
 def list_input(fs: pafs.FileSystem, path: str, spec: InputSpec) -> InputListing:
     """Detect the format, check every file's columns and ids; raises StorageError."""
     fmt, files = detect(fs, path, spec)
     if fmt == "webdataset":
+        if spec.filter:
+            raise StorageError(
+                "input.filter applies to Parquet and datasets inputs, not WebDataset"
+            )
         return _list_webdataset(fs, files, spec)
     per_file: dict[str, list[str]] = {}
-    schema = pa.schema([])
+    schema, dropped = pa.schema([]), 0
     for file in files:
-        schema, per_file[file] = _schema_and_ids(fmt, fs, file, spec)
+        schema, ids, n = _schema_and_ids(fmt, fs, file, spec)
+        per_file[file], dropped = ids, dropped + n
     check_ids(per_file, spec.id_column)
-    return InputListing(fmt, files, per_file, schema, image_encoding(schema, spec))
+    listing = InputListing(fmt, files, per_file, schema, image_encoding(schema, spec))
+    listing.filtered_out = dropped
+    return listing
 
 
 def detect(fs: pafs.FileSystem, path: str, spec: InputSpec) -> tuple[str, list[str]]:
@@ -87,18 +96,35 @@ def _exists(fs: pafs.FileSystem, path: str) -> bool:
 
 def _schema_and_ids(
     fmt: str, fs: pafs.FileSystem, path: str, spec: InputSpec
-) -> tuple[pa.Schema, list[str]]:
+) -> tuple[pa.Schema, list[str], int]:
+    """A file's schema, the ids input.filter keeps, and how many rows it dropped."""
+
     def check(where: str, schema: pa.Schema) -> None:
         check_columns(where, schema, spec)
 
+    columns = list(dict.fromkeys([spec.id_column, *_filter_columns(spec)]))
     if fmt == "datasets":
-        return hf_arrow.read_schema_and_ids(fs, path, spec.id_column, check)
+        schema, table = hf_arrow.read_schema_and_columns(fs, path, columns, check)
+    else:
+        try:
+            pf = pq.ParquetFile(fs.open_input_file(path))
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise StorageError(f"cannot read input {path}: {redact(str(exc))}") from None
+        check(path, pf.schema_arrow)
+        schema, table = pf.schema_arrow, pf.read(columns=columns)
+    kept = _filtered(path, table, spec.filter)
+    return schema, kept.column(spec.id_column).to_pylist(), table.num_rows - kept.num_rows
+
+
+def _filter_columns(spec: InputSpec) -> list[str]:
+    return filter_columns(spec.filter) if spec.filter else []
+
+
+def _filtered(path: str, table: pa.Table, text: str | None) -> pa.Table:
     try:
-        pf = pq.ParquetFile(fs.open_input_file(path))
-    except (OSError, pa.ArrowInvalid) as exc:
-        raise StorageError(f"cannot read input {path}: {redact(str(exc))}") from None
-    check(path, pf.schema_arrow)
-    return pf.schema_arrow, pf.read(columns=[spec.id_column]).column(0).to_pylist()
+        return apply_filter(table, text)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
+        raise StorageError(f"{path}: input.filter {text!r} cannot apply: {exc}") from None
 
 
 def _list_webdataset(fs: pafs.FileSystem, files: list[str], spec: InputSpec) -> InputListing:
@@ -140,10 +166,11 @@ def check_ids(per_file: dict[str, list[str]], column: str) -> None:
         seen.update(ids)
 
 
-def check_columns(path: str, schema: pa.Schema, spec: InputSpec) -> None:
+def check_columns(path: str, schema: pa.Schema, spec: ColumnsSpec) -> None:
     """The spec's columns exist with usable types; pass-through ones do not clash."""
     image_col = spec.image_column or spec.image_uri_column
     needed = [spec.id_column, image_col, *spec.passthrough_columns]
+    needed += _filter_columns(spec) if isinstance(spec, InputSpec) else []
     missing = [c for c in needed if c not in schema.names]
     if missing:
         raise StorageError(f"{path}: missing column(s) {missing}; it has {schema.names}")
@@ -163,9 +190,20 @@ def check_columns(path: str, schema: pa.Schema, spec: InputSpec) -> None:
             f"{path}: wrong column type(s) {wrong}: ids, questions and URIs are "
             f"strings, images are binary or the {HF_IMAGE}"
         )
-    clash = sorted(set(spec.passthrough_columns) & {name for name, _, _ in OUTPUT_COLUMNS})
+    renamed = {spec.output_name(c) for c in spec.passthrough_columns}
+    clash = sorted(renamed & {name for name, _, _ in OUTPUT_COLUMNS})
     if clash:
-        raise StorageError(f"passthrough column(s) {clash} clash with output columns")
+        raise StorageError(
+            f"passthrough column(s) {clash} clash with output columns; rename them with "
+            f"input.passthrough_rename, e.g. {{{clash[0]}: input_{clash[0]}}}"
+        )
+
+
+def passthrough_schema(schema: pa.Schema, spec: ColumnsSpec) -> pa.Schema:
+    """The pass-through columns' fields under their output names."""
+    return pa.schema(
+        [schema.field(c).with_name(spec.output_name(c)) for c in spec.passthrough_columns]
+    )
 
 
 def image_encoding(schema: pa.Schema, spec: InputSpec) -> str:
@@ -201,7 +239,10 @@ def _is_bytes(t: pa.DataType) -> bool:
 
 
 def _is_image(t: pa.DataType) -> bool:
-    """Encoded bytes, or a struct with binary ``bytes`` (and string ``path``) fields."""
+    """Encoded bytes, a struct with binary ``bytes`` (and string ``path``) fields, or Ray
+    Data's tensor / pickled-object columns (``read_images`` arrays, a user's PIL rows)."""
+    if isinstance(t, pa.ExtensionType):
+        return t.extension_name.startswith("ray.data.")
     if not pa.types.is_struct(t):
         return _is_bytes(t)
     fields = {t.field(i).name: t.field(i).type for i in range(t.num_fields)}

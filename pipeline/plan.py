@@ -41,6 +41,7 @@ class Plan:
     image_encoding: str = "encoded bytes"
     bad_shards: dict[str, str] = field(default_factory=dict)  # unreadable shard -> why
     dataset_folder: str = ""
+    items_filtered: int = 0  # input rows input.filter dropped before counting
 
     @property
     def items_pending(self) -> int:
@@ -102,12 +103,13 @@ def _input_fields(listing: inputs.InputListing, spec: InputSpec, folder: str) ->
     """The plan's fields that describe the input (format, columns, image encoding)."""
     schema, question = listing.schema, spec.question_column
     return {
-        "passthrough": pa.schema([schema.field(c) for c in spec.passthrough_columns]),
+        "passthrough": inputs.passthrough_schema(schema, spec),
         "has_question": bool(question) and question in schema.names,
         "input_format": listing.format,
         "image_encoding": listing.image_encoding,
         "bad_shards": listing.bad_shards,
         "dataset_folder": folder,
+        "items_filtered": listing.filtered_out,
     }
 
 

@@ -15,10 +15,13 @@ import pickle
 import time
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+from PIL import Image
 
 from pipeline import faults
-from pipeline.images import decode_image, fetch_bytes
+from pipeline.images import decode_image, fetch_bytes, from_pixels
+from pipeline.inputs import check_columns
 from pipeline.spec import JobSpec, ProcessorConfig
 from pipeline.storage import filesystem, filesystem_path, is_remote, join, redact
 from pipeline.webdataset import INPUT_ERROR
@@ -62,10 +65,12 @@ def resolve_path(path: str, root: str | None) -> str:
 class Preprocess:
     """Map a batch of input rows to prepared rows (same rows, same order)."""
 
-    def __init__(self, spec: ProcessorConfig | JobSpec, passthrough: list[str]):
+    def __init__(
+        self, spec: ProcessorConfig | JobSpec, passthrough: list[str], check_columns: bool = False
+    ):
         from resprune.loading import load_preprocessor
 
-        self.spec, self.passthrough = spec, passthrough
+        self.spec, self.passthrough, self.unchecked = spec, passthrough, check_columns
         m = spec.model
         self.pre = load_preprocessor(
             m.path,
@@ -79,6 +84,9 @@ class Preprocess:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         inp = self.spec.input
+        if self.unchecked:  # the stage API's dataset had no schema in its plan: check here
+            check_columns("the dataset", batch.schema, inp)
+            self.unchecked = False
         cols = batch.to_pydict()
         n = batch.num_rows
         questions = cols.get(inp.question_column or "", [None] * n)
@@ -89,8 +97,10 @@ class Preprocess:
             for r in zip(cols[inp.id_column], questions, images, faults_in, strict=True)
         ]
         out = pa.Table.from_pylist(rows, schema=PRE_SCHEMA)
-        for name in self.passthrough:
-            out = out.append_column(batch.schema.field(name), batch.column(name))
+        source = {inp.output_name(c): c for c in inp.passthrough_columns}
+        for name in self.passthrough:  # output names; input.passthrough_rename maps them
+            src = source.get(name, name)
+            out = out.append_column(batch.schema.field(src).with_name(name), batch.column(src))
         return out
 
     def _row(self, item_id: str, question: Any, image: Any, fault: str | None) -> dict[str, Any]:
@@ -104,7 +114,7 @@ class Preprocess:
         try:
             if fault:  # the reader found the sample unusable (e.g. a .json member that is not)
                 raise ItemError("bad_member", fault)
-            img = decode_image(self._bytes(image), **self._caps())
+            img = self._image(image)
             row["image_width"], row["image_height"] = img.size
             item = self.pre.prepare(img, row["question"])
             item.item_id = str(item_id)
@@ -118,6 +128,14 @@ class Preprocess:
             row["error"] = f"id={item_id}: {row['error_cause']}: {row['error']}"
         row["preprocess_s"] = time.perf_counter() - t0
         return row
+
+    def _image(self, image: Any) -> Image.Image:
+        """Decoded pixels as they come (Ray Data ``read_images``, PIL or numpy rows), else
+        the encoded bytes decoded within the caps."""
+        if isinstance(image, np.ndarray | Image.Image):
+            caps = self._caps()
+            return from_pixels(image, max_pixels=caps["max_pixels"], max_aspect=caps["max_aspect"])
+        return decode_image(self._bytes(image), **self._caps())
 
     def _bytes(self, image: Any) -> bytes | None:
         """Encoded bytes of a row's image: the bytes themselves, the datasets ``Image()``

@@ -5,12 +5,19 @@
 
     config = ProcessorConfig.model_validate({"model": {"path": "llava-hf/llava-1.5-7b-hf"},
                                              "pruning": {"keep": 64}})
-    processor = build_processor(config)
-    ds = processor(ray.data.read_parquet("s3://bucket/vqa/"))   # lazy, like any Dataset
-    ds.filter(lambda r: r["status"] == "ok").write_parquet("s3://bucket/answers/")
+    processor = build_processor(
+        config,
+        preprocess=lambda r: {"id": r["path"], "image": r["image"], "question": None},
+        postprocess=lambda r: {"id": r["id"], "caption": r["answer"], "status": r["status"]},
+    )
+    ds = processor(ray.data.read_images("s3://bucket/photos/", include_paths=True))  # lazy
+    ds.filter(lambda r: r["status"] == "ok").write_parquet("s3://bucket/captions/")
 
 The dataset needs an id column, an image column (encoded bytes, the ``datasets`` ``Image()``
-struct, or paths with ``image_uri_column``) and, optionally, a question column; the output
+struct, ``read_images``' uint8 arrays, PIL images or numpy arrays from a user's ``map``, or
+paths with ``image_uri_column``) and, optionally, a question column. Building it runs nothing:
+columns are checked from the dataset's plan when it knows them, else on the first block in
+the CPU stage. The output
 has the columns of `pipeline.columns` plus ``input.passthrough_columns``. `build_processor`
 is the one place where concurrency, GPUs and batch sizes are set; the CLI job
 (`pipeline.runner`) is this processor between its reader and its committed writer.
@@ -23,6 +30,7 @@ import datetime as dt
 import logging
 import uuid
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +39,12 @@ import ray
 import yaml
 
 from pipeline.answer_stage import Answerer
-from pipeline.inputs import check_columns
+from pipeline.inputs import check_columns, passthrough_schema
 from pipeline.preprocess import Preprocess
 from pipeline.spec import JobSpec, ProcessorConfig
 
 logger = logging.getLogger(__name__)
+RowFn = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 class Processor:
@@ -49,24 +58,38 @@ class Processor:
         run_id: str | None = None,
         run_date: str | None = None,
         ledger: Any = None,
+        preprocess: RowFn | None = None,
+        postprocess: RowFn | None = None,
+        preprocess_map_kwargs: dict[str, Any] | None = None,
+        postprocess_map_kwargs: dict[str, Any] | None = None,
     ):
         self.config, self.passthrough, self.ledger = config, passthrough, ledger
+        self.preprocess, self.postprocess = preprocess, postprocess
+        self.preprocess_map_kwargs = preprocess_map_kwargs or {}
+        self.postprocess_map_kwargs = postprocess_map_kwargs or {}
         self.run_date = run_date or dt.datetime.now(dt.UTC).date().isoformat()
         self.run_id = (
             run_id or f"processor-{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
         )
 
     def __call__(self, ds: ray.data.Dataset) -> ray.data.Dataset:
-        """Add the answer and pruning-statistics columns to ``ds``'s rows."""
-        cfg, ex = self.config, self.config.execution
+        """Add the answer and pruning-statistics columns to ``ds``'s rows (lazy: nothing of
+        ``ds`` runs here)."""
+        if self.preprocess is not None:
+            ds = ds.map(self.preprocess, **self.preprocess_map_kwargs)
+        cfg = fit_to_cluster(self.config)
+        ex = cfg.execution
         passthrough = self.passthrough if self.passthrough is not None else self._check(ds)
-        _warn_if_starved(cfg)
         # One model batch per block: in the job each model task's rows commit on their own,
         # so a crash loses at most the batches in flight, and the actor pool gets enough blocks.
         ds = ds.repartition(target_num_rows_per_block=ex.batch_size)
         ds = ds.map_batches(
             Preprocess,
-            fn_constructor_kwargs={"spec": cfg, "passthrough": passthrough.names},
+            fn_constructor_kwargs={
+                "spec": cfg,
+                "passthrough": [cfg.input.output_name(c) for c in cfg.input.passthrough_columns],
+                "check_columns": passthrough is None,
+            },
             batch_size=ex.preprocess_batch_size,
             batch_format="pyarrow",
             num_cpus=1,
@@ -82,24 +105,32 @@ class Processor:
         }
         with warnings.catch_warnings():  # the retry bounds below go through ray_remote_args
             warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-            return _answer_stage(ds, cfg, kwargs)
+            ds = _answer_stage(ds, cfg, kwargs)
+        if self.postprocess is not None:
+            ds = ds.map(self.postprocess, **self.postprocess_map_kwargs)
+        return ds
 
-    def _check(self, ds: ray.data.Dataset) -> pa.Schema:
-        """The dataset's columns against the config (may run the first block); returns the
-        pass-through columns' schema."""
-        schema = ds.schema()
+    def _check(self, ds: ray.data.Dataset) -> pa.Schema | None:
+        """The dataset's columns against the config when its plan knows them without running
+        anything (``schema(fetch_if_missing=False)``); returns the pass-through columns'
+        schema, or None (the CPU stage then checks the first block it gets)."""
+        schema = ds.schema(fetch_if_missing=False)
         if schema is None:
-            raise ValueError("the dataset has no schema (is it empty?)")
+            return None
         # Columns Ray cannot type in Arrow (pandas objects) are checked by name only (null).
         types = [t if isinstance(t, pa.DataType) else pa.null() for t in schema.types]
         arrow = pa.schema(list(zip(schema.names, types, strict=True)))
         check_columns("the dataset", arrow, self.config.input)
-        return pa.schema([arrow.field(c) for c in self.config.input.passthrough_columns])
+        return passthrough_schema(arrow, self.config.input)
 
 
 def build_processor(
     config: ProcessorConfig | JobSpec | dict | str | Path,
+    preprocess: RowFn | None = None,
+    postprocess: RowFn | None = None,
     *,
+    preprocess_map_kwargs: dict[str, Any] | None = None,
+    postprocess_map_kwargs: dict[str, Any] | None = None,
     passthrough: pa.Schema | None = None,
     run_id: str | None = None,
     run_date: str | None = None,
@@ -107,10 +138,22 @@ def build_processor(
 ) -> Processor:
     """A processor from a `ProcessorConfig`, a job spec, a mapping or a YAML file of either.
 
-    ``passthrough`` (types of the pass-through columns) is read from the dataset when None.
+    As in ``ray.data.llm.build_processor(config, preprocess, postprocess)``: ``preprocess``
+    maps each input row to the row the stages read (id, image, question, pass-through
+    columns), ``postprocess`` each output row to what the caller keeps; both run through
+    ``Dataset.map`` with the given ``*_map_kwargs``. ``passthrough`` (types of the
+    pass-through columns) is taken from the dataset's plan, else from the rows, when None.
     """
     return Processor(
-        _config(config), passthrough=passthrough, run_id=run_id, run_date=run_date, ledger=ledger
+        _config(config),
+        passthrough=passthrough,
+        run_id=run_id,
+        run_date=run_date,
+        ledger=ledger,
+        preprocess=preprocess,
+        postprocess=postprocess,
+        preprocess_map_kwargs=preprocess_map_kwargs,
+        postprocess_map_kwargs=postprocess_map_kwargs,
     )
 
 
@@ -152,24 +195,50 @@ def actor_pool(size: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
     return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi)
 
 
-def _warn_if_starved(cfg: ProcessorConfig) -> None:
-    """Fixed-size actor pools that take every CPU leave none to read with: Ray Data then
-    waits forever. Said once, before execution (an autoscaling cluster may grow later)."""
+def fit_to_cluster(cfg: ProcessorConfig) -> ProcessorConfig:
+    """The layout sized to the connected cluster: model actors left at the default
+    ``execution.cpus_per_actor`` reserve no CPU when the cluster has too few for them plus
+    one preprocessing actor and one read/write task (else Ray Data waits forever, "3/2 CPU").
+    An explicit setting that does not fit is kept, with one warning (a cluster may grow)."""
     ex = cfg.execution
     if not ray.is_initialized():
-        return
+        return cfg
     total = ray.cluster_resources().get("CPU", 0)
     lowest = (ex.actors if isinstance(ex.actors, int) else ex.actors[0]) * ex.cpus_per_actor
     needed = lowest + 2  # one preprocessing actor, one read/write task
-    if total < needed:
-        logger.warning(
-            "the Ray cluster has %s CPU(s); the model actors reserve %s, preprocessing and "
-            "reading need 2 more, so the run may stall until the cluster grows: start Ray "
-            "with more CPUs (e.g. ray.init(num_cpus=%d)) or lower execution.cpus_per_actor",
+    if total >= needed:
+        return cfg
+    if "cpus_per_actor" not in ex.model_fields_set and total >= 2:
+        logger.info(
+            "the Ray cluster has %s CPU(s): model actors reserve none (execution.cpus_per_actor "
+            "0 instead of the default 1), leaving 2 for preprocessing and reading",
             total,
-            lowest,
-            int(needed),
         )
+        execution = ex.model_copy(update={"cpus_per_actor": 0.0})
+        return cfg.model_copy(update={"execution": execution})
+    logger.warning(
+        "the Ray cluster has %s CPU(s); the model actors reserve %s, preprocessing and reading "
+        "need 2 more, so the run may stall until the cluster grows: %s",
+        total,
+        lowest,
+        _more_cpus_hint(int(needed)),
+    )
+    return cfg
+
+
+def _more_cpus_hint(needed: int) -> str:
+    """What to change: ray.init's CPUs only when this process started Ray itself."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    started_here = node is not None and getattr(node, "head", False)
+    if started_here:
+        return (
+            f"start Ray with more CPUs (ray.init(num_cpus={needed})) or lower "
+            "execution.cpus_per_actor"
+        )
+    return (
+        f"give the cluster {needed} CPU(s) or more (ray start --num-cpus, or more workers), or "
+        "lower execution.cpus_per_actor"
+    )
 
 
 def spare_cpus(cfg: ProcessorConfig | JobSpec) -> int:

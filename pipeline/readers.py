@@ -16,6 +16,7 @@ import ray
 from ray.data.datasource import FileBasedDatasource
 
 from pipeline import webdataset
+from pipeline.filters import apply_filter, filter_columns
 from pipeline.plan import Plan
 from pipeline.spec import InputSpec
 
@@ -40,10 +41,22 @@ def read_input(spec: InputSpec, plan: Plan) -> ray.data.Dataset:
         return samples.map_batches(
             webdataset.to_rows, fn_kwargs={"spec": spec}, batch_format="pyarrow", batch_size=None
         )
-    cols = [spec.id_column, spec.image_column or spec.image_uri_column, *plan.passthrough.names]
+    cols = [spec.id_column, spec.image_column or spec.image_uri_column, *spec.passthrough_columns]
     if plan.has_question:
         cols.append(spec.question_column)
     cols = list(dict.fromkeys(cols))
+    read = list(dict.fromkeys(cols + (filter_columns(spec.filter) if spec.filter else [])))
     if plan.input_format == "datasets":
-        return ray.data.read_datasource(ArrowStreamDatasource(files, columns=cols, filesystem=fs))
-    return ray.data.read_parquet(files, filesystem=fs, columns=cols, partitioning=None)
+        ds = ray.data.read_datasource(ArrowStreamDatasource(files, columns=read, filesystem=fs))
+    else:
+        ds = ray.data.read_parquet(files, filesystem=fs, columns=read, partitioning=None)
+    if not spec.filter:
+        return ds
+    return ds.map_batches(
+        _keep_rows, fn_kwargs={"text": spec.filter, "columns": cols}, batch_format="pyarrow"
+    )
+
+
+def _keep_rows(batch: pa.Table, *, text: str, columns: list[str]) -> pa.Table:
+    """The rows input.filter keeps (the plan counted the same), the job's columns only."""
+    return apply_filter(batch, text).select(columns)

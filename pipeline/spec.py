@@ -67,6 +67,25 @@ class ColumnsSpec(_Strict):
         description="Folder that relative image paths resolve against (default: the input "
         "dataset's folder; the working directory for the stage API).",
     )
+    passthrough_rename: dict[str, str] = Field(
+        default_factory=dict,
+        description="Pass-through columns renamed in the output, input name -> output name "
+        "(e.g. {status: download_status} for img2dataset's status, which clashes with ours).",
+    )
+
+    def output_name(self, column: str) -> str:
+        """A pass-through column's name in the output."""
+        return self.passthrough_rename.get(column, column)
+
+    @model_validator(mode="after")
+    def _renames_passthrough(self) -> ColumnsSpec:
+        stray = sorted(set(self.passthrough_rename) - set(self.passthrough_columns))
+        if stray:
+            raise ValueError(f"passthrough_rename: {stray} not in passthrough_columns")
+        names = [self.output_name(c) for c in self.passthrough_columns]
+        if len(set(names)) < len(names):
+            raise ValueError(f"passthrough_rename: two columns would be named alike: {names}")
+        return self
 
     @model_validator(mode="after")
     def _one_image_source(self) -> ColumnsSpec:
@@ -87,6 +106,22 @@ class InputSpec(ColumnsSpec):
         description="Input format; auto detects .tar shards (webdataset) and save_to_disk "
         "folders (state.json + .arrow files), else Parquet.",
     )
+    filter: str | None = Field(
+        None,
+        description='Rows to keep, as an expression over input columns, e.g. "status == '
+        "'success'\" (img2dataset's failed downloads); applied before counting and "
+        "recorded in the run summary. Grammar: pipeline/filters.py (parsed, never evaluated; "
+        "Parquet and datasets inputs).",
+    )
+
+    @field_validator("filter")
+    @classmethod
+    def _filter_parses(cls, v: str | None) -> str | None:
+        from pipeline.filters import parse_filter
+
+        if v is not None:
+            parse_filter(v)  # FilterError is a ValueError: reported with its key path
+        return v
 
 
 class VllmSpec(_Strict):
@@ -419,6 +454,9 @@ def _fingerprinted(spec: JobSpec) -> dict[str, Any]:
     parts = spec.model_dump(include={"model", "pruning", "input"}, mode="json")
     for where in ("uri", "format", "image_root"):  # where the input lives, not what it means
         parts["input"].pop(where, None)
+    for unset in ("filter", "passthrough_rename"):  # absent keeps older outputs' fingerprints
+        if not parts["input"].get(unset):
+            parts["input"].pop(unset, None)
     for knobs in ("transformers", "vllm"):  # engine throughput settings
         parts["model"].pop(knobs, None)
     parts["model"]["path"] = canonical_model_path(spec.model.path)
