@@ -1,7 +1,12 @@
 """`python -m pipeline submit JOB.yaml [--address A] [--no-wait]`: submit through the Jobs SDK.
 
 The submission id is deterministic (``<name>-<run_date>``): a second submit of the same
-job and date is reported, not duplicated. ``runtime_env`` comes from the spec (working
+job and date is reported, not duplicated, while that job is pending, running or succeeded;
+a retry of a FAILED (or STOPPED) night gets the next attempt id (``<name>-<run_date>-2``,
+``-3``, ...), so its logs are its own. Before submitting, the spec's local relative paths
+that the job's working dir will not hold (excluded, or ignored by ``.gitignore`` /
+``.rayignore`` as Ray's upload does) are named in a warning. A cluster that wants a token
+and got none is one line saying what to set. ``runtime_env`` comes from the spec (working
 directory ``.``, with the venv, outputs and caches excluded). The equivalent ``ray job
 submit`` line is printed, so plain Ray tooling stays an option. Credentials are never put
 in ``env_vars`` (Ray stores them in plaintext); the cluster gets them from its own identity.
@@ -10,16 +15,21 @@ in ``env_vars`` (Ray stores them in plaintext); the cluster gets them from its o
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
 import shlex
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from pipeline.cli_run import add_common
 from pipeline.spec import JobSpec, SpecError, load_spec
 from pipeline.storage import redact
 
+_QUIET = logging.getLogger("pipeline.submit.ignore_files")
+_QUIET.setLevel(logging.WARNING)  # Ray's helper logs every ignore file it reads at INFO
 EXCLUDES = [
     ".venv",
     ".git",
@@ -71,6 +81,80 @@ def cli_line(address: str, sid: str, entry: str) -> str:
     )
 
 
+def local_path_warnings(spec: JobSpec, env: dict[str, Any]) -> list[str]:
+    """One line per spec path that is local and relative but will not exist in the job's
+    working dir (missing here, or left out of the upload by excludes / ignore files)."""
+    root = Path(env.get("working_dir", ".")).resolve()
+    if not root.is_dir():
+        return []
+    out = []
+    for key, path in _relative_paths(spec):
+        if key == "output.uri":
+            why = "results would land in its temporary copy of the working dir"
+        else:
+            why = _not_shipped(root, Path(path), env.get("excludes", []))
+        if why:
+            out.append(
+                f"warning: {key} {path!r} is relative to the job's working dir, which will not "
+                f"have it ({why}); use an absolute path the cluster can read or an s3:// URI"
+            )
+    return out
+
+
+def _relative_paths(spec: JobSpec) -> list[tuple[str, str]]:
+    paths = [("input.uri", spec.input.uri), ("output.uri", spec.output.uri)]
+    if spec.input.image_root:
+        paths.append(("input.image_root", spec.input.image_root))
+    model = spec.model.path  # a hub id is org/name; anything else path-like is a path
+    if model.startswith(".") or model.endswith("/") or model.count("/") > 1 or Path(model).exists():
+        paths.append(("model.path", model))
+    return [(k, p) for k, p in paths if "://" not in p and not os.path.isabs(os.path.expanduser(p))]
+
+
+def _not_shipped(root: Path, path: Path, excludes: list[str]) -> str | None:
+    """Why Ray's working_dir upload will not hold ``path`` (relative to the cwd), or None."""
+    from ray._private import ray_constants
+    from ray._private.runtime_env.packaging import _get_excludes, get_excludes_from_ignore_files
+
+    target = path.resolve()
+    if not target.is_relative_to(root):
+        return f"outside {root}"
+    if not target.exists():
+        return "it does not exist here"
+    patterns = ray_constants.get_runtime_env_default_excludes() + list(excludes)
+    excluded = _get_excludes(root, patterns)
+    gitignore = os.environ.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
+    node, checks = root, []
+    for part in target.relative_to(root).parts:
+        checks += get_excludes_from_ignore_files(node, include_gitignore=gitignore, logger=_QUIET)
+        node = node / part
+        if excluded(node):
+            return f"{node.relative_to(root)} is in runtime_env excludes"
+        if any(check(node) for check in checks):
+            return f"{node.relative_to(root)} is ignored by .gitignore/.rayignore"
+    return None
+
+
+def submission_id(client: Any, base: str) -> tuple[str, Any]:
+    """The id to use: the newest attempt of ``base`` with its status when it is pending,
+    running or succeeded (not submitted again), else the next attempt's id and None."""
+    from ray.job_submission import JobStatus
+
+    pattern = re.compile(rf"^{re.escape(base)}(?:-(\d+))?$")
+    attempts: dict[int, Any] = {}
+    for job in client.list_jobs():
+        hit = pattern.match(job.submission_id or "")
+        if hit:
+            attempts[int(hit.group(1) or 1)] = job.status
+    if not attempts:
+        return base, None
+    last = max(attempts)
+    sid = base if last == 1 else f"{base}-{last}"
+    if attempts[last] in (JobStatus.FAILED, JobStatus.STOPPED):
+        return f"{base}-{last + 1}", None
+    return sid, attempts[last]
+
+
 def _submit(client: Any, *, wait_s: float = 90.0, **kwargs: Any) -> None:
     """Submit, retrying while a fresh cluster's job agent is not up yet."""
     deadline = time.monotonic() + wait_s
@@ -85,8 +169,9 @@ def _submit(client: Any, *, wait_s: float = 90.0, **kwargs: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Submit (once per name and run date), print the CLI line, optionally follow to the end."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    """Submit (once per name and run date; a failed night's retry as a new attempt), print
+    the CLI line, optionally follow to the end."""
+    from ray.exceptions import AuthenticationError
 
     try:
         spec, run_date = load_spec(args.spec, run_date=args.run_date, overrides=args.overrides)
@@ -94,18 +179,42 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     address = args.address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
-    sid, entry = f"{spec.name}-{run_date}", entrypoint(args, run_date)
-    print(f"equivalent: {cli_line(address, sid, entry)}")
-    client = JobSubmissionClient(address)
+    env = runtime_env(spec)
+    for line in local_path_warnings(spec, env):
+        print(line, file=sys.stderr)
     try:
-        status = client.get_job_status(sid)
+        return _submit_and_follow(args, spec, run_date, address, env)
+    except AuthenticationError:
+        print(f"error: {token_hint(address)}", file=sys.stderr)
+        return 2
+
+
+def token_hint(address: str) -> str:
+    """The one line for a cluster that wants a token (Ray's token auth) and got none."""
+    return (
+        f"the Ray cluster at {address} requires token authentication: set RAY_AUTH_TOKEN "
+        "to its token (or RAY_AUTH_TOKEN_PATH to a file holding it; `ray get-auth-token` on "
+        "the head prints it) and submit again"
+    )
+
+
+def _submit_and_follow(
+    args: argparse.Namespace, spec: JobSpec, run_date: str, address: str, env: dict[str, Any]
+) -> int:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    entry = entrypoint(args, run_date)
+    client = JobSubmissionClient(address)
+    sid, status = submission_id(client, f"{spec.name}-{run_date}")
+    print(f"equivalent: {cli_line(address, sid, entry)}")
+    if status is not None:
         print(f"already submitted: {sid} is {status.value}; not submitting again")
-    except RuntimeError:
+    else:
         _submit(
             client,
             entrypoint=entry,
             submission_id=sid,
-            runtime_env=runtime_env(spec),
+            runtime_env=env,
             metadata={"job": spec.name, "run_date": run_date},
         )
         print(f"submitted: {sid}")

@@ -80,6 +80,7 @@ class Recorder:
             "finished_at": _iso(finished),
             "wall_seconds": finished - self.started,
             "input_uri": s.input.uri,
+            "input_filter": s.input.filter,
             "output_uri": s.output.uri,
             "model": s.model.path,
             "family": s.model.family,
@@ -105,6 +106,7 @@ class Recorder:
         wall = max(finished - self.started, 1e-9)
         return {
             "items_total": self.plan.items_total,
+            "items_filtered_out": self.plan.items_filtered,
             "items_skipped": self.plan.items_skipped,
             "items_pending": self.plan.items_pending,
             "items_processed": t["rows"],
