@@ -19,6 +19,7 @@ COMMANDS = {
     "eval": ("pipeline.eval.cli", "Answer a labelled set under several pruners; score; gate."),
     "render-k8s": ("pipeline.k8s", "Render KubeRay manifests for a job spec into infra/."),
     "demo": ("pipeline.demo", "Run the whole job on the bundled sample (local Ray, tiny model)."),
+    "tiny": ("pipeline.tiny", "Build a tiny random-weight checkpoint to try jobs with."),
     "schemas": ("pipeline.schemas", "Regenerate the JSON/Arrow schemas in schemas/."),
 }
 
