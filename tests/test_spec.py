@@ -92,7 +92,8 @@ def test_run_fails_fast_before_any_model(tmp_path: Path, capsys: pytest.CaptureF
     }
     assert cli(["run", str(write(tmp_path, missing_input)), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: no Parquet files") and "\n" not in err
+    assert err.startswith("error: input.uri ") and err.endswith("none does not exist")
+    assert "\n" not in err
 
 
 def _input(tmp_path: Path) -> dict:

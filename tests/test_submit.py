@@ -21,7 +21,7 @@ import yaml
 
 from pipeline.__main__ import main as cli
 from pipeline.spec import parse_spec
-from pipeline.submit import cli_line, entrypoint, runtime_env
+from pipeline.submit import cli_line, entrypoint, runtime_env, submission_id
 from tests.s3server import SECRET_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,13 +70,27 @@ def _kill_cluster(temp_dir: str) -> None:
             continue
 
 
+# One token for every cluster of this module: Ray keeps the first token it saw per process.
+TOKEN = secrets.token_hex(32)
+
+
 @pytest.fixture
 def ray_head(s3_server, monkeypatch: pytest.MonkeyPatch):
     """`ray start --head` on loopback with token auth and its own ports/temp dir."""
+    yield from _head(monkeypatch, cpus=4)
+
+
+@pytest.fixture
+def two_cpu_head(monkeypatch: pytest.MonkeyPatch):
+    """`ray start --head --num-cpus 2`, as a newcomer's laptop cluster (token auth)."""
+    yield from _head(monkeypatch, cpus=2)
+
+
+def _head(monkeypatch: pytest.MonkeyPatch, *, cpus: int):
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")
     dash = _port()
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    token = secrets.token_hex(32)
+    token = TOKEN
     token_file = Path(temp_dir) / "auth_token"
     token_file.write_text(token)
     monkeypatch.setenv("RAY_AUTH_TOKEN", token)
@@ -91,16 +105,18 @@ def ray_head(s3_server, monkeypatch: pytest.MonkeyPatch):
         "start",
         "--head",
         f"--port={_port()}",
-        "--num-cpus=4",
+        f"--num-cpus={cpus}",
         "--num-gpus=0",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dash}",
         f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
     ]
-    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
-    yield f"http://127.0.0.1:{dash}"
-    _kill_cluster(temp_dir)
+    try:
+        subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
+        yield f"http://127.0.0.1:{dash}"
+    finally:
+        _kill_cluster(temp_dir)
 
 
 @pytest.mark.slow
@@ -139,3 +155,90 @@ def test_submit_to_a_real_cluster(ray_head: str, tmp_path: Path, capsys) -> None
     assert len([j for j in jobs if j.submission_id == "submit-test-2026-11-24"]) == 1
     listing = json.dumps([j.dict() for j in jobs], default=str)
     assert SECRET_KEY not in listing and os.environ["RAY_AUTH_TOKEN"] not in listing
+
+
+def _pipeline(*argv: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "pipeline", *argv]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_demo_spec_on_a_two_cpu_cluster_through_ray_job_submit(
+    two_cpu_head: str, tmp_path: Path
+) -> None:
+    """The newcomer's path: the default demo spec on `ray start --num-cpus 2`; a night that
+    failed (its relative paths are not uploaded) is retried under a new attempt id with the
+    plain `ray job submit` CLI, and a third submit is refused as a duplicate."""
+    from ray.job_submission import JobSubmissionClient
+
+    from pipeline.demo import _prepare
+
+    data = tmp_path / "demo-output"
+    _prepare(data, fresh=False)  # the demo's tiny model and input, outside the working dir
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    date, spec = "2026-11-24", "jobs/demo.yaml"
+    # no token in a new shell: one line saying what to set
+    bare = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH_TOKEN")}
+    denied = _pipeline(
+        "submit", spec, "--address", two_cpu_head, "--no-wait", env=bare | {"HOME": str(tmp_path)}
+    )
+    assert denied.returncode == 2, denied.stderr
+    last = denied.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the Ray cluster at") and "RAY_AUTH_TOKEN" in last
+    assert "Traceback" not in denied.stderr
+    # the spec as written: warned before submitting, then the job fails on the cluster
+    first = _pipeline("submit", spec, "--address", two_cpu_head, "--run-date", date, env=env)
+    assert first.returncode == 1
+    assert "warning: input.uri 'demo-output/input/'" in first.stderr
+    assert f"demo-{date}: FAILED" in first.stdout
+    # the retry, through Ray's own CLI, under the next attempt id
+    client = JobSubmissionClient(two_cpu_head)
+    sid = submission_id(client, f"demo-{date}")[0]
+    assert sid == f"demo-{date}-2"
+    paths = {"input.uri": data / "input", "model.path": data / "model"}
+    paths["output.uri"] = data / "results"
+    sets = [f"--set={k}={v}" for k, v in paths.items()]
+    excludes = json.dumps({"excludes": sorted(set(runtime_env_excludes()))})
+    cmd = [
+        str(Path(sys.executable).parent / "ray"),
+        "job",
+        "submit",
+        "--address",
+        two_cpu_head,
+        "--working-dir",
+        ".",
+        "--submission-id",
+        sid,
+        "--runtime-env-json",
+        excludes,
+        "--",
+        "python",
+        "-m",
+        "pipeline",
+        "run",
+        spec,
+        "--run-date",
+        date,
+        "--no-progress",
+        *sets,
+    ]
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-2000:]
+    assert f"demo {date} finished: 6 ok, 2 error, 0 skipped of 8" in second.stdout
+    assert "ray.init(num_cpus" not in second.stdout + second.stderr
+    out = pads.dataset(str(data / "results"), format="parquet").to_table()
+    assert out.num_rows == 8
+    third = _pipeline(
+        "submit", spec, "--address", two_cpu_head, "--run-date", date, "--no-wait", *sets, env=env
+    )
+    assert third.returncode == 0
+    assert f"already submitted: demo-{date}-2 is SUCCEEDED" in third.stdout
+    ids = sorted(j.submission_id for j in client.list_jobs())
+    assert ids == [f"demo-{date}", f"demo-{date}-2"]
+
+
+def runtime_env_excludes() -> list[str]:
+    from pipeline.submit import EXCLUDES
+
+    return EXCLUDES
