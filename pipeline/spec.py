@@ -423,6 +423,8 @@ class ProcessorConfig(_Strict):
         parts = spec.model_dump(include=set(cls.model_fields))
         parts["input"] = {k: v for k, v in parts["input"].items() if k in ColumnsSpec.model_fields}
         parts["input"]["image_root"] = spec.input.image_root or dataset_folder
+        # only what the spec set: defaults stay defaults (the layout is sized to the cluster)
+        parts["execution"] = spec.execution.model_dump(exclude_unset=True)
         return cls.model_validate(parts)
 
 

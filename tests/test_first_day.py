@@ -354,18 +354,20 @@ def test_read_images_and_pil_rows_through_build_processor_with_hooks(
     assert sorted(rows) == names and len(list(marks.iterdir())) == len(names)
     assert all(r["ok"] and isinstance(r["caption"], str) for r in rows.values())
     assert set(next(iter(rows.values()))) == {"id", "caption", "ok"}
-    # PIL images and numpy arrays from a user's map, and one array the caps refuse
+    # PIL images and numpy arrays from a user's map (one kind per dataset, as a map makes
+    # them), and an array the caps refuse
     rgb = np.asarray(Image.open(ASSETS / "chelsea.jpg").convert("RGB"))
-    items = [
-        {"id": "pil", "image": Image.fromarray(rgb)},
-        {"id": "np", "image": rgb},
-        {"id": "thin", "image": np.zeros((1, 400, 3), np.uint8)},
-    ]
-    ds = ray.data.from_items([{"i": i} for i in range(3)]).map(lambda r: items[r["i"]])
-    got = {r["id"]: r for r in build_processor(config)(ds).take_all()}
-    assert got["pil"]["status"] == got["np"]["status"] == "ok"
-    assert got["pil"]["answer"] == got["np"]["answer"]  # the same pixels, the same answer
-    assert got["thin"]["error_cause"] == "bad_aspect"
+    thin = np.zeros((1, 400, 3), np.uint8)
+    got = {}
+    for kind, make in (("pil", Image.fromarray), ("np", np.asarray)):
+        pixels = [make(rgb), make(thin)]
+        ds = ray.data.range(2).map(
+            lambda r, p=pixels, k=kind: {"id": f"{k}{r['id']}", "image": p[r["id"]]}
+        )
+        got |= {r["id"]: r for r in build_processor(config)(ds).take_all()}
+    assert got["pil0"]["status"] == got["np0"]["status"] == "ok"
+    assert got["pil0"]["answer"] == got["np0"]["answer"]  # the same pixels, the same answer
+    assert got["pil1"]["error_cause"] == got["np1"]["error_cause"] == "bad_aspect"
 
 
 @pytest.mark.slow

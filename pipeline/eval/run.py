@@ -21,7 +21,7 @@ from pipeline.checks import check_model_path
 from pipeline.eval.spec import EvalSpec, configurations, job_of
 from pipeline.plan import Plan, make_plan
 from pipeline.preprocess import Preprocess
-from pipeline.processor import actor_pool, spare_cpus
+from pipeline.processor import actor_pool, fit_to_cluster, spare_cpus
 from pipeline.readers import read_input
 from pipeline.runner import ensure_ray, new_run_id
 from pipeline.spec import JobSpec, ProcessorConfig, PruningSpec
@@ -114,7 +114,7 @@ def _dataset(
     job: JobSpec, plan: Plan, configs: list[tuple[str, PruningSpec]], **ids: Any
 ) -> ray.data.Dataset:
     """The job's reader and CPU stage, then the all-configurations model stage."""
-    config = ProcessorConfig.from_job(job, dataset_folder=plan.dataset_folder)
+    config = fit_to_cluster(ProcessorConfig.from_job(job, dataset_folder=plan.dataset_folder))
     ex = config.execution
     passthrough = list(plan.passthrough.names)
     ds = read_input(job.input, plan)  # any input format the job reads
