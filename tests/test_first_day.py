@@ -264,14 +264,14 @@ def _job(tmp_path: Path, model: Path, out: str, **input_extra) -> Path:
             "passthrough_columns": ["caption", "url"],
         }
         | input_extra,
-        "model": {"path": str(model), "max_new_tokens": 2},
+        "model": {"path": str(model), "max_new_tokens": 1},
         "pruning": {"keep": 8},
         "execution": {
-            "batch_size": 4,
+            "batch_size": 5,
             "gpus_per_actor": 0,
             "error_fraction_min_items": 5,
         },
-        "output": {"uri": str(tmp_path / out), "min_rows_per_file": 4},
+        "output": {"uri": str(tmp_path / out), "min_rows_per_file": 5},
         "cost": {"shadow_fraction": 0.0},
     }
     path = tmp_path / f"{out}.yaml"
@@ -289,7 +289,7 @@ def _summaries(out: Path) -> list[dict]:
 def test_img2dataset_parquet_a_failed_night_sticks_and_a_filter_fixes_it(
     tiny_llava: Path, tmp_path: Path, capsys
 ) -> None:
-    ok_keys = _img2dataset_parquet(tmp_path / "in", n_ok=8, n_failed=2)
+    ok_keys = _img2dataset_parquet(tmp_path / "in", n_ok=4, n_failed=1)
     raw = _job(tmp_path, tiny_llava, "raw")
     assert cli(["run", str(raw), "--run-date", DATE, "--no-progress"]) == 1
     first = capsys.readouterr()
@@ -297,10 +297,10 @@ def test_img2dataset_parquet_a_failed_night_sticks_and_a_filter_fixes_it(
     # the rerun has nothing left to answer, and the night still failed
     assert cli(["run", str(raw), "--run-date", DATE, "--no-progress"]) == 1
     again = capsys.readouterr().out
-    assert "0 ok, 0 error, 10 skipped of 10" in again and "2 of 10 items committed" in again
+    assert "0 ok, 0 error, 5 skipped of 5" in again and "1 of 5 items committed" in again
     runs = _summaries(tmp_path / "raw")
     assert [r["status"] for r in runs] == ["failed", "failed"]
-    assert runs[1]["error_fraction"]["items"] == 10 and runs[1]["error_fraction"]["errors"] == 2
+    assert runs[1]["error_fraction"]["items"] == 5 and runs[1]["error_fraction"]["errors"] == 1
     assert runs[1]["error_fraction"]["scope"].startswith("output prefix")
     # the user's tool already marked those rows: filter them, keep its status under a new name
     fixed = _job(
@@ -312,9 +312,9 @@ def test_img2dataset_parquet_a_failed_night_sticks_and_a_filter_fixes_it(
         passthrough_rename={"status": "download_status"},
     )
     assert cli(["run", str(fixed), "--run-date", DATE, "--no-progress"]) == 0
-    assert "8 ok, 0 error, 0 skipped of 8" in capsys.readouterr().out
+    assert "4 ok, 0 error, 0 skipped of 4" in capsys.readouterr().out
     (doc,) = _summaries(tmp_path / "filtered")
-    assert doc["input_filter"] == "status == 'success'" and doc["items_filtered_out"] == 2
+    assert doc["input_filter"] == "status == 'success'" and doc["items_filtered_out"] == 1
     assert doc["gpu_type"] == "cpu" and doc["dtype"] == "float32" and doc["device"] == "cpu"
     table = pads.dataset(str(tmp_path / "filtered"), format="parquet").to_table()
     assert sorted(table.column("id").to_pylist()) == ok_keys
@@ -354,20 +354,33 @@ def test_read_images_and_pil_rows_through_build_processor_with_hooks(
     assert sorted(rows) == names and len(list(marks.iterdir())) == len(names)
     assert all(r["ok"] and isinstance(r["caption"], str) for r in rows.values())
     assert set(next(iter(rows.values()))) == {"id", "caption", "ok"}
-    # PIL images and numpy arrays from a user's map (one kind per dataset, as a map makes
-    # them), and an array the caps refuse
-    rgb = np.asarray(Image.open(ASSETS / "chelsea.jpg").convert("RGB"))
-    thin = np.zeros((1, 400, 3), np.uint8)
-    got = {}
-    for kind, make in (("pil", Image.fromarray), ("np", np.asarray)):
-        pixels = [make(rgb), make(thin)]
-        ds = ray.data.range(2).map(
-            lambda r, p=pixels, k=kind: {"id": f"{k}{r['id']}", "image": p[r["id"]]}
-        )
-        got |= {r["id"]: r for r in build_processor(config)(ds).take_all()}
-    assert got["pil0"]["status"] == got["np0"]["status"] == "ok"
-    assert got["pil0"]["answer"] == got["np0"]["answer"]  # the same pixels, the same answer
-    assert got["pil1"]["error_cause"] == got["np1"]["error_cause"] == "bad_aspect"
+    # PIL images from a user's map, and one the caps refuse (numpy rows: the next test)
+    pixels = [Image.open(ASSETS / "chelsea.jpg").convert("RGB"), Image.new("RGB", (400, 1))]
+    ds = ray.data.range(2).map(lambda r: {"id": f"pil{r['id']}", "image": pixels[r["id"]]})
+    got = {r["id"]: r for r in build_processor(config)(ds).take_all()}
+    assert got["pil0"]["status"] == "ok" and got["pil0"]["answer"] == rows["chelsea"]["caption"]
+    assert got["pil1"]["error_cause"] == "bad_aspect"
+
+
+def test_numpy_rows_decode_like_the_same_pixels_encoded() -> None:
+    from pipeline.images import from_pixels
+    from resprune.items import ItemError
+
+    caps = {"max_pixels": 10_000_000, "max_aspect": 50.0}
+    data = (ASSETS / "camera.png").read_bytes()
+    encoded = decode_image(data, max_bytes=len(data), **caps)
+    arr = np.asarray(Image.open(ASSETS / "camera.png"))
+    for pixels in (arr, arr[:, :, None], np.dstack([arr] * 3)):
+        got = from_pixels(pixels, **caps)
+        assert got.mode == "RGB" and np.array_equal(np.asarray(got), np.asarray(encoded))
+    for bad, cause in (
+        (arr.astype(np.float32), "unsupported_mode"),
+        (np.zeros((2, 2, 2), np.uint8), "unsupported_mode"),
+        (np.zeros((1, 400), np.uint8), "bad_aspect"),
+    ):
+        with pytest.raises(ItemError) as err:
+            from_pixels(bad, **caps)
+        assert err.value.cause == cause
 
 
 @pytest.mark.slow
