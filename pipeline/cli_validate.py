@@ -57,5 +57,7 @@ def describe_input(plan: Plan) -> str:
     lines = [
         f"input: {plan.input_format}, {plan.files_total} file(s); images: {plan.image_encoding}"
     ]
+    if plan.items_filtered:
+        lines.append(f"input.filter: {plan.items_filtered} row(s) dropped before counting")
     lines += [f"unreadable shard (skipped): {why}" for why in plan.bad_shards.values()]
     return "\n".join(lines)

@@ -311,6 +311,8 @@ def test_img2dataset_parquet_a_failed_night_sticks_and_a_filter_fixes_it(
         passthrough_columns=["caption", "url", "status"],
         passthrough_rename={"status": "download_status"},
     )
+    assert cli(["validate", str(fixed), "--deep", "--run-date", DATE]) == 0
+    assert "input.filter: 1 row(s) dropped before counting" in capsys.readouterr().out
     assert cli(["run", str(fixed), "--run-date", DATE, "--no-progress"]) == 0
     assert "4 ok, 0 error, 0 skipped of 4" in capsys.readouterr().out
     (doc,) = _summaries(tmp_path / "filtered")
