@@ -236,6 +236,39 @@ def test_demo_spec_on_a_two_cpu_cluster_through_ray_job_submit(
     assert f"already submitted: demo-{date}-2 is SUCCEEDED" in third.stdout
     ids = sorted(j.submission_id for j in client.list_jobs())
     assert ids == [f"demo-{date}", f"demo-{date}-2"]
+    # an explicit layout that cannot fit, in a driver on the running cluster: the warning
+    # names the cluster's own settings, never ray.init(num_cpus=...)
+    logs = _job_logs(client, PROBE)
+    assert "may stall" in logs and "ray start --num-cpus" in logs
+    assert "ray.init(num_cpus" not in logs
+
+
+PROBE = (
+    "import ray; ray.init(); "
+    "from pipeline.processor import fit_to_cluster; from pipeline.spec import ProcessorConfig; "
+    "fit_to_cluster(ProcessorConfig.model_validate("
+    "{'model': {'path': 'm'}, 'execution': {'cpus_per_actor': 1}}))"
+)
+
+
+def _job_logs(client, code: str) -> str:
+    """Run ``python -c code`` as a job on the cluster and return its logs once it ended."""
+    import shlex
+    import time
+
+    from ray.job_submission import JobStatus
+
+    from pipeline.submit import EXCLUDES
+
+    sid = client.submit_job(
+        entrypoint=f"python -c {shlex.quote(code)}",
+        runtime_env={"working_dir": ".", "excludes": EXCLUDES},
+    )
+    deadline = time.monotonic() + 180
+    while client.get_job_status(sid) not in {JobStatus.SUCCEEDED, JobStatus.FAILED}:
+        assert time.monotonic() < deadline, "the probe job did not end"
+        time.sleep(2)
+    return client.get_job_logs(sid)
 
 
 def runtime_env_excludes() -> list[str]:
