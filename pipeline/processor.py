@@ -10,7 +10,7 @@
         preprocess=lambda r: {"id": r["path"], "image": r["image"], "question": None},
         postprocess=lambda r: {"id": r["id"], "caption": r["answer"], "status": r["status"]},
     )
-    ds = processor(ray.data.read_images("s3://bucket/photos/", include_paths=True))  # lazy
+    ds = processor(ray.data.read_images("s3://bucket/photos/", include_paths=True, mode="RGB"))
     ds.filter(lambda r: r["status"] == "ok").write_parquet("s3://bucket/captions/")
 
 The dataset needs an id column, an image column (encoded bytes, the ``datasets`` ``Image()``
