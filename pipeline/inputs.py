@@ -63,8 +63,13 @@ def detect(fs: pafs.FileSystem, path: str, spec: InputSpec) -> tuple[str, list[s
             fmt = "webdataset"
         elif any(hf_arrow.is_state_file(f) for f in found):
             fmt = "datasets"
+    if spec.split is not None and fmt != "datasets":
+        raise StorageError(
+            f"input.split applies to a datasets save_to_disk DatasetDict; {spec.uri} holds {fmt}"
+        )
     if fmt == "datasets":
-        files = hf_arrow.data_files(fs, [f for f in found if hf_arrow.is_state_file(f)])
+        states = [f for f in found if hf_arrow.is_state_file(f)]
+        files = hf_arrow.data_files(fs, hf_arrow.one_split(states, path, spec.split, spec.uri))
     else:
         files = [f for f in found if f.endswith(SUFFIX[fmt])]
     if not files:
@@ -86,13 +91,36 @@ def _schema_and_ids(
         check_columns(where, schema, spec)
 
     if fmt == "datasets":
-        return hf_arrow.read_schema_and_ids(fs, path, spec.id_column, check)
+        schema, ids = hf_arrow.read_schema_and_ids(fs, path, spec.id_column, check)
+    else:
+        pf = _parquet(fs, path)
+        check(path, pf.schema_arrow)
+        schema, ids = pf.schema_arrow, pf.read(columns=[spec.id_column]).column(0).to_pylist()
+    return schema, [str(i) if isinstance(i, int) else i for i in ids]  # integer ids as text
+
+
+def _parquet(fs: pafs.FileSystem, path: str) -> pq.ParquetFile:
     try:
-        pf = pq.ParquetFile(fs.open_input_file(path))
+        return pq.ParquetFile(fs.open_input_file(path))
     except (OSError, pa.ArrowInvalid) as exc:
         raise StorageError(f"cannot read input {path}: {redact(str(exc))}") from None
-    check(path, pf.schema_arrow)
-    return pf.schema_arrow, pf.read(columns=[spec.id_column]).column(0).to_pylist()
+
+
+def check_schema(fs: pafs.FileSystem, path: str, spec: InputSpec) -> tuple[str, pa.Schema | None]:
+    """Format and columns from the files' metadata alone (Parquet footers, Arrow stream
+    schemas; no rows, no ids): a line saying what was found, and the last file's schema (None
+    for WebDataset, whose members are only known by reading the shards)."""
+    fmt, files = detect(fs, path, spec)
+    if fmt == "webdataset":
+        return f"input: webdataset, {len(files)} shard(s); samples are read by --deep", None
+    schema = pa.schema([])
+    for file in files:
+        schema = (
+            hf_arrow.read_schema(fs, file) if fmt == "datasets" else _parquet(fs, file).schema_arrow
+        )
+        check_columns(file, schema, spec)
+    line = f"input: {fmt}, {len(files)} file(s); images: {image_encoding(schema, spec)}"
+    return line + " (columns from metadata; ids and rows are read by --deep)", schema
 
 
 def _list_webdataset(fs: pafs.FileSystem, files: list[str], spec: InputSpec) -> InputListing:
@@ -142,7 +170,7 @@ def check_columns(path: str, schema: pa.Schema, spec: InputSpec) -> None:
     if missing:
         raise StorageError(f"{path}: missing column(s) {missing}; it has {schema.names}")
     expected = {
-        spec.id_column: _is_text,
+        spec.id_column: _is_id,
         spec.question_column: _is_text,
         spec.image_uri_column: _is_text,
         spec.image_column: _is_image,
@@ -154,8 +182,8 @@ def check_columns(path: str, schema: pa.Schema, spec: InputSpec) -> None:
     ]
     if wrong:
         raise StorageError(
-            f"{path}: wrong column type(s) {wrong}: ids, questions and URIs are "
-            f"strings, images are binary or the {HF_IMAGE}"
+            f"{path}: wrong column type(s) {wrong}: ids are strings or integers, questions "
+            f"and URIs are strings, images are binary or the {HF_IMAGE}"
         )
     clash = sorted(set(spec.passthrough_columns) & {name for name, _, _ in OUTPUT_COLUMNS})
     if clash:
@@ -188,6 +216,11 @@ def _null_or(ok: Callable[[pa.DataType], bool], t: pa.DataType) -> bool:
 
 def _is_text(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_id(t: pa.DataType) -> bool:
+    """Strings, or integers (the hub's question ids; written out as decimal strings)."""
+    return _is_text(t) or pa.types.is_integer(t)
 
 
 def _is_bytes(t: pa.DataType) -> bool:
