@@ -13,7 +13,7 @@ from pathlib import Path
 
 COMMANDS = {
     "run": ("pipeline.cli_run", "Run a job spec on the current Ray cluster (or a local one)."),
-    "validate": ("pipeline.cli_validate", "Check a job spec without running it."),
+    "validate": ("pipeline.cli_validate", "Check a job spec or an eval file without running it."),
     "submit": ("pipeline.submit", "Submit a job spec to a Ray cluster through the Jobs SDK."),
     "report": ("pipeline.report.cli", "Write the cost report of a run's output."),
     "eval": ("pipeline.eval.cli", "Answer a labelled set under several pruners; score; gate."),

@@ -111,7 +111,7 @@ class Answerer:
             "run_date": run_date,
             "model": spec.model.path,
             "pruner": spec.pruning.method,
-            "keep": str(spec.pruning.keep),
+            "keep": str(spec.pruning.keep_value),
         }
         engine = engine_class(spec.model.engine)  # not installed: fail before loading weights
         gpu = spec.execution.gpus_per_actor > 0 and torch.cuda.is_available()
@@ -206,7 +206,7 @@ class Answerer:
     def _answer_rows(self, rows: list[dict], todo: list[int], items: list[PreparedItem]) -> None:
         """Answer ``items`` (the rows at ``todo``) pruned, then the shadow batches unpruned."""
         p = self.spec.pruning
-        done = self._answer(items, self.pruner, p.keep)
+        done = self._answer(items, self.pruner, p.keep_value)
         batches: dict[str, list[int]] = {}
         for k, (i, item, res) in enumerate(zip(todo, items, done, strict=True)):
             rows[i]["relevance_extractor"] = item.relevance_extractor
@@ -229,7 +229,7 @@ class Answerer:
             else:  # a partial twin would bias the ratio: its time is failed work instead
                 row["failed_gpu_seconds"] += twin.seconds + twin.failed_s
 
-    def _answer(self, items: list[PreparedItem], pruner: Any, keep: int | float) -> list[Answered]:
+    def _answer(self, items: list[PreparedItem], pruner: Any, keep: Any) -> list[Answered]:
         """Answer items in token-budget batches, in input order."""
         out: list[Any] = [None] * len(items)
         ex = self.spec.execution
@@ -241,7 +241,7 @@ class Answerer:
                 out[i] = res
         return out
 
-    def _run(self, items: list[PreparedItem], pruner: Any, keep: int | float) -> list[Answered]:
+    def _run(self, items: list[PreparedItem], pruner: Any, keep: Any) -> list[Answered]:
         from resprune.answer import answer_batch
 
         kw = {
@@ -298,13 +298,15 @@ class Answerer:
 
             torch.cuda.synchronize()
 
-    def _cost(self, item: PreparedItem, pruner: Any, keep: int | float) -> int:
-        """LLM tokens the item will hold: pruned prompt + new tokens."""
-        from resprune.pruners import resolve_keep
+    def _cost(self, item: PreparedItem, pruner: Any, keep: Any) -> int:
+        """LLM tokens the item will hold: pruned prompt + new tokens. Packing happens before
+        selection, so an energy budget counts its max (an upper bound: batches never overrun
+        the token budget, and hold fewer items than they could when images keep less)."""
+        from resprune.adaptive import max_kept
 
         n = len(item.input_ids)
         visual = int((item.input_ids == self.image_token_id).sum())
-        kept = visual if pruner.name == "none" else resolve_keep(keep, visual)
+        kept = visual if pruner.name == "none" else max_kept(keep, visual)
         return n - visual + kept + self.spec.model.max_new_tokens
 
 

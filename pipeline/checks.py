@@ -65,11 +65,17 @@ def check_engine(spec: JobSpec) -> None:
 
 def _model_type(spec: JobSpec) -> str | None:
     """config.json's model_type for a folder or S3 prefix; None for hub ids or unreadable."""
+    return model_config(spec).get("model_type")
+
+
+def model_config(spec: JobSpec) -> dict:
+    """config.json of a model folder or S3 prefix; {} for hub ids or when unreadable."""
     path = spec.model.path
     if not (is_remote(path) or os.path.isdir(path)):
-        return None
+        return {}
     try:
         fs, root = filesystem(path, spec.storage)
-        return read_json(fs, join(root, "config.json")).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
+        config = read_json(fs, join(root, "config.json"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}

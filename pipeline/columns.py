@@ -24,9 +24,19 @@ OUTPUT_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("error_cause", _STR, "Short cause enum: " + ", ".join(ERROR_CAUSES) + "."),
     ("model", _STR, "Model path of the job spec."),
     ("pruner", _STR, "Pruning method (resprune, none, random, uniform, pool, divprune)."),
-    ("keep", _STR, "The spec's keep value as written (int tokens or fraction)."),
+    (
+        "keep",
+        _STR,
+        "The spec's keep value: int tokens, a fraction, or an energy budget "
+        "(energy=0.95,min=16,max=192).",
+    ),
     ("visual_tokens", _I32, "Visual tokens the image produced before pruning."),
-    ("kept_tokens", _I32, "Image tokens the LLM saw (LLaVA-NeXT: kept newlines included)."),
+    (
+        "kept_tokens",
+        _I32,
+        "Image tokens the LLM saw (LLaVA-NeXT: kept newlines included); with an energy budget, "
+        "the item's chosen k.",
+    ),
     ("kept_newlines", _I32, "LLaVA-NeXT image_newline tokens kept (inside kept_tokens); else 0."),
     ("kept_indices", pa.list_(pa.int32()), "Kept token indices, ascending."),
     ("retained_energy", _F64, "Share of the visual tokens' energy in the kept span."),

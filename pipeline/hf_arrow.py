@@ -2,7 +2,8 @@
 
 Such a folder holds ``state.json`` (which lists the data files, in order), ``dataset_info.json``
 and Arrow IPC *stream* files (``data-00000-of-00001.arrow``); a ``DatasetDict`` holds one such
-folder per split. We take the file list from ``state.json`` (a folder re-used by
+folder per split (one is read: ``input.split`` names it when there are several). We take
+the file list from ``state.json`` (a folder re-used by
 ``load_from_disk(...).map`` also holds ``cache-*.arrow`` files that are not the dataset), and
 let pyarrow parse the files (here for the plan's ids; `pipeline.readers` for the job).
 Non-goals: the ``_indices`` mapping of an unflattened dataset (``save_to_disk`` flattens it),
@@ -26,6 +27,31 @@ def is_state_file(path: str) -> bool:
     return path.rsplit("/", 1)[-1] == STATE
 
 
+def one_split(states: list[str], root: str, split: str | None, uri: str) -> list[str]:
+    """The ``state.json`` of the split to read: a DatasetDict's splits are never merged.
+
+    Several splits need ``split`` (their folder names under ``root``); one is read as is.
+    """
+    names = {_split_name(state, root): state for state in states}
+    if split is None:
+        if len(states) > 1:
+            raise StorageError(
+                f"{uri} is a DatasetDict with splits {sorted(names)}: set input.split to one "
+                "of them, or point input.uri at one split's folder"
+            )
+        return states
+    chosen = [state for name, state in names.items() if split in (name, name.rsplit("/", 1)[-1])]
+    if len(chosen) != 1:
+        raise StorageError(f"input.split {split!r}: {uri} holds split(s) {sorted(names)}")
+    return chosen
+
+
+def _split_name(state: str, root: str) -> str:
+    folder = state.rsplit("/", 1)[0]
+    name = folder[len(root) :].strip("/") if folder.startswith(root) else folder
+    return name or "(the folder itself)"
+
+
 def data_files(fs: pafs.FileSystem, states: list[str]) -> list[str]:
     """The Arrow files each ``state.json`` lists, in the dataset's order."""
     files: list[str] = []
@@ -43,6 +69,14 @@ def open_stream(fs: pafs.FileSystem, path: str) -> pa.ipc.RecordBatchStreamReade
     if isinstance(fs, pafs.LocalFileSystem):
         return pa.ipc.open_stream(pa.memory_map(path))
     return pa.ipc.open_stream(fs.open_input_stream(path))
+
+
+def read_schema(fs: pafs.FileSystem, path: str) -> pa.Schema:
+    """The file's schema (the stream's first message; no rows are read)."""
+    try:
+        return open_stream(fs, path).schema
+    except pa.ArrowInvalid as exc:
+        raise StorageError(f"cannot read input {path}: not an Arrow stream file: {exc}") from None
 
 
 def read_schema_and_columns(

@@ -74,8 +74,13 @@ def detect(fs: pafs.FileSystem, path: str, spec: InputSpec) -> tuple[str, list[s
             fmt = "webdataset"
         elif any(hf_arrow.is_state_file(f) for f in found):
             fmt = "datasets"
+    if spec.split is not None and fmt != "datasets":
+        raise StorageError(
+            f"input.split applies to a datasets save_to_disk DatasetDict; {spec.uri} holds {fmt}"
+        )
     if fmt == "datasets":
-        files = hf_arrow.data_files(fs, [f for f in found if hf_arrow.is_state_file(f)])
+        states = [f for f in found if hf_arrow.is_state_file(f)]
+        files = hf_arrow.data_files(fs, hf_arrow.one_split(states, path, spec.split, spec.uri))
     else:
         files = [f for f in found if f.endswith(SUFFIX[fmt])]
     if not files:
@@ -106,14 +111,12 @@ def _schema_and_ids(
     if fmt == "datasets":
         schema, table = hf_arrow.read_schema_and_columns(fs, path, columns, check)
     else:
-        try:
-            pf = pq.ParquetFile(fs.open_input_file(path))
-        except (OSError, pa.ArrowInvalid) as exc:
-            raise StorageError(f"cannot read input {path}: {redact(str(exc))}") from None
+        pf = _parquet(fs, path)
         check(path, pf.schema_arrow)
         schema, table = pf.schema_arrow, pf.read(columns=columns)
     kept = _filtered(path, table, spec.filter)
-    return schema, kept.column(spec.id_column).to_pylist(), table.num_rows - kept.num_rows
+    ids = [str(i) if isinstance(i, int) else i for i in kept.column(spec.id_column).to_pylist()]
+    return schema, ids, table.num_rows - kept.num_rows  # integer ids as text
 
 
 def _filter_columns(spec: InputSpec) -> list[str]:
@@ -125,6 +128,30 @@ def _filtered(path: str, table: pa.Table, text: str | None) -> pa.Table:
         return apply_filter(table, text)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as exc:
         raise StorageError(f"{path}: input.filter {text!r} cannot apply: {exc}") from None
+
+
+def _parquet(fs: pafs.FileSystem, path: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(fs.open_input_file(path))
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise StorageError(f"cannot read input {path}: {redact(str(exc))}") from None
+
+
+def check_schema(fs: pafs.FileSystem, path: str, spec: InputSpec) -> tuple[str, pa.Schema | None]:
+    """Format and columns from the files' metadata alone (Parquet footers, Arrow stream
+    schemas; no rows, no ids): a line saying what was found, and the last file's schema (None
+    for WebDataset, whose members are only known by reading the shards)."""
+    fmt, files = detect(fs, path, spec)
+    if fmt == "webdataset":
+        return f"input: webdataset, {len(files)} shard(s); samples are read by --deep", None
+    schema = pa.schema([])
+    for file in files:
+        schema = (
+            hf_arrow.read_schema(fs, file) if fmt == "datasets" else _parquet(fs, file).schema_arrow
+        )
+        check_columns(file, schema, spec)
+    line = f"input: {fmt}, {len(files)} file(s); images: {image_encoding(schema, spec)}"
+    return line + " (columns from metadata; ids and rows are read by --deep)", schema
 
 
 def _list_webdataset(fs: pafs.FileSystem, files: list[str], spec: InputSpec) -> InputListing:
@@ -175,7 +202,7 @@ def check_columns(path: str, schema: pa.Schema, spec: ColumnsSpec) -> None:
     if missing:
         raise StorageError(f"{path}: missing column(s) {missing}; it has {schema.names}")
     expected = {
-        spec.id_column: _is_text,
+        spec.id_column: _is_id,
         spec.question_column: _is_text,
         spec.image_uri_column: _is_text,
         spec.image_column: _is_image,
@@ -187,8 +214,8 @@ def check_columns(path: str, schema: pa.Schema, spec: ColumnsSpec) -> None:
     ]
     if wrong:
         raise StorageError(
-            f"{path}: wrong column type(s) {wrong}: ids, questions and URIs are "
-            f"strings, images are binary or the {HF_IMAGE}"
+            f"{path}: wrong column type(s) {wrong}: ids are strings or integers, questions "
+            f"and URIs are strings, images are binary or the {HF_IMAGE}"
         )
     renamed = {spec.output_name(c) for c in spec.passthrough_columns}
     clash = sorted(renamed & {name for name, _, _ in OUTPUT_COLUMNS})
@@ -232,6 +259,11 @@ def _null_or(ok: Callable[[pa.DataType], bool], t: pa.DataType) -> bool:
 
 def _is_text(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_id(t: pa.DataType) -> bool:
+    """Strings, or integers (the hub's question ids; written out as decimal strings)."""
+    return _is_text(t) or pa.types.is_integer(t)
 
 
 def _is_bytes(t: pa.DataType) -> bool:

@@ -42,6 +42,7 @@ class Plan:
     bad_shards: dict[str, str] = field(default_factory=dict)  # unreadable shard -> why
     dataset_folder: str = ""
     items_filtered: int = 0  # input rows input.filter dropped before counting
+    integer_ids: bool = False  # the id column holds integers: read as their decimal strings
 
     @property
     def items_pending(self) -> int:
@@ -102,7 +103,9 @@ def make_plan(spec: JobSpec, *, run_id: str | None = None) -> Plan:
 def _input_fields(listing: inputs.InputListing, spec: InputSpec, folder: str) -> dict:
     """The plan's fields that describe the input (format, columns, image encoding)."""
     schema, question = listing.schema, spec.question_column
+    ids = schema.field(spec.id_column).type if spec.id_column in schema.names else pa.string()
     return {
+        "integer_ids": pa.types.is_integer(ids),
         "passthrough": inputs.passthrough_schema(schema, spec),
         "has_question": bool(question) and question in schema.names,
         "input_format": listing.format,

@@ -107,7 +107,7 @@ class Preprocess:
         t0 = time.perf_counter()
         q = question if isinstance(question, str) and question.strip() else None
         row: dict[str, Any] = {
-            "id": item_id,
+            "id": item_id if isinstance(item_id, str) or item_id is None else str(item_id),
             "question": q or self.spec.model.default_question,
             "status": "ok",
         }

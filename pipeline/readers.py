@@ -4,7 +4,9 @@ Each format goes through a Ray Data reader: ``read_parquet`` (no hive-partition 
 invented from paths), a `FileBasedDatasource` over pyarrow's Arrow IPC stream reader for
 ``datasets`` ``save_to_disk`` folders, and ``read_webdataset`` (members kept as bytes, then
 shaped into rows by `pipeline.webdataset.to_rows`). Only the columns the job needs are kept.
-Non-goals: checks and ids (the plan did them), decoding (the CPU stage does it).
+Integer ids become their decimal strings here, so everything after the reader (resume,
+filters, the output) sees text. Non-goals: checks and ids (the plan did them), decoding
+(the CPU stage does it).
 """
 
 from __future__ import annotations
@@ -50,13 +52,21 @@ def read_input(spec: InputSpec, plan: Plan) -> ray.data.Dataset:
         ds = ray.data.read_datasource(ArrowStreamDatasource(files, columns=read, filesystem=fs))
     else:
         ds = ray.data.read_parquet(files, filesystem=fs, columns=read, partitioning=None)
-    if not spec.filter:
-        return ds
-    return ds.map_batches(
-        _keep_rows, fn_kwargs={"text": spec.filter, "columns": cols}, batch_format="pyarrow"
-    )
+    if spec.filter:
+        ds = ds.map_batches(
+            _keep_rows, fn_kwargs={"text": spec.filter, "columns": cols}, batch_format="pyarrow"
+        )
+    if plan.integer_ids:
+        ds = ds.map_batches(text_ids, batch_format="pyarrow", fn_kwargs={"column": spec.id_column})
+    return ds
 
 
 def _keep_rows(batch: pa.Table, *, text: str, columns: list[str]) -> pa.Table:
     """The rows input.filter keeps (the plan counted the same), the job's columns only."""
     return apply_filter(batch, text).select(columns)
+
+
+def text_ids(batch: pa.Table, *, column: str) -> pa.Table:
+    """Integer ids as their decimal strings (what the output's id column and resume hold)."""
+    at = batch.schema.get_field_index(column)
+    return batch.set_column(at, column, batch.column(column).cast(pa.string()))

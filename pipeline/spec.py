@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from resprune.floor import check_relevance_floor
+from resprune.keep import EnergyKeep, energy_keep_problem
 from resprune.words import active_extractor
 
 SECRET_NAME = re.compile(r"(SECRET|PASSWORD|TOKEN|CREDENTIAL|ACCESS_KEY|PRIVATE)", re.IGNORECASE)
@@ -44,7 +45,11 @@ class StorageSpec(_Strict):
 class ColumnsSpec(_Strict):
     """Which input column is which (shared by the job's input and the stage API)."""
 
-    id_column: str = Field("id", description="Unique string id of each row.")
+    id_column: str = Field(
+        "id",
+        description="Unique id of each row: strings, or integers (written as their decimal "
+        "string).",
+    )
     image_column: str | None = Field(
         "image",
         description="Column of encoded image bytes or of the Hugging Face datasets Image() "
@@ -112,6 +117,12 @@ class InputSpec(ColumnsSpec):
         "'success'\" (img2dataset's failed downloads); applied before counting and "
         "recorded in the run summary. Grammar: pipeline/filters.py (parsed, never evaluated; "
         "Parquet and datasets inputs).",
+    )
+
+    split: str | None = Field(
+        None,
+        description="The split to read when input.uri is a datasets DatasetDict folder with "
+        "several splits (refused without it).",
     )
 
     @field_validator("filter")
@@ -202,12 +213,45 @@ class ModelSpec(_Strict):
     )
 
 
+class EnergyKeepSpec(_Strict):
+    """``keep`` as an energy budget (resprune only): per image the fewest picks that retain a
+    share ``energy`` of its token energy, clamped to [min, max] tokens."""
+
+    energy: float = Field(
+        gt=0,
+        le=1,
+        description="Share of each image's token energy the kept tokens retain (tau); 1 keeps max.",
+    )
+    min: int = Field(16, ge=1, description="Fewest tokens an image keeps.")
+    max: int = Field(
+        192,
+        ge=1,
+        description="Most tokens an image keeps (LLaVA-NeXT: the item's cap, newlines included).",
+    )
+
+    @model_validator(mode="after")
+    def _range(self) -> EnergyKeepSpec:
+        problem = energy_keep_problem(self.energy, self.min, self.max)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    def value(self) -> EnergyKeep:
+        """The library's budget (`resprune.keep.EnergyKeep`)."""
+        return EnergyKeep(self.energy, self.min, self.max)
+
+
 class PruningSpec(_Strict):
     method: Literal["resprune", "none", "random", "uniform", "pool", "divprune"] = Field(
         "resprune", description="Token selector; the others are baselines."
     )
-    keep: Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0, le=1)] = Field(
-        64, description="Visual tokens kept per image (int) or fraction of them (float in (0, 1])."
+    keep: Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0, le=1)] | EnergyKeepSpec = (
+        Field(
+            64,
+            description="Visual tokens kept per image (int), a fraction of them (float in "
+            "(0, 1]), or an energy budget {energy, min, max} (resprune: per image the fewest "
+            "picks that retain that share of its token energy, within [min, max]).",
+        )
     )
     alpha: float = Field(
         1.0,
@@ -234,6 +278,9 @@ class PruningSpec(_Strict):
     @field_validator("keep", mode="before")
     @classmethod
     def _keep_type(cls, v: Any) -> Any:
+        """Every bad keep in one line (a plain union would list one error per form)."""
+        if isinstance(v, dict):
+            return _energy_keep(v)
         if isinstance(v, bool):
             raise ValueError("keep must be an int or a float, not a bool")
         if isinstance(v, int | float) and not _keep_in_range(v):
@@ -241,12 +288,30 @@ class PruningSpec(_Strict):
                 "keep must be an int >= 1 (visual tokens) or a float in (0, 1] (a fraction of "
                 f"them), got {v}"
             )
+        if not isinstance(v, int | float | EnergyKeepSpec):
+            raise ValueError(
+                f"keep must be an int, a fraction in (0, 1] or {{energy, min, max}}, got {v!r}"
+            )
         return v
 
     @model_validator(mode="after")
     def _weights_finite(self) -> PruningSpec:
         check_relevance_floor(self.alpha, self.relevance_floor)
         return self
+
+    @model_validator(mode="after")
+    def _energy_needs_resprune(self) -> PruningSpec:
+        if isinstance(self.keep, EnergyKeepSpec) and self.method != "resprune":
+            raise ValueError(
+                f"keep {{energy: ...}} needs method resprune (its picks carry the energy each "
+                f"prefix retains), got method {self.method}"
+            )
+        return self
+
+    @property
+    def keep_value(self) -> int | float | EnergyKeep:
+        """keep as the library takes it (`resprune.answer.answer_batch`)."""
+        return self.keep.value() if isinstance(self.keep, EnergyKeepSpec) else self.keep
 
     @property
     def uses_text(self) -> bool:
@@ -391,6 +456,22 @@ class JobSpec(_Strict):
         return self
 
 
+def _energy_keep(value: dict[str, Any]) -> EnergyKeepSpec:
+    unknown = sorted(set(value) - set(EnergyKeepSpec.model_fields))
+    if unknown:
+        raise ValueError(
+            f"keep: unknown key(s) {unknown}; an energy budget is {{energy, min, max}}"
+        )
+    if "energy" not in value:
+        raise ValueError("keep.energy is required in an energy budget {energy, min, max}")
+    defaults = {name: f.default for name, f in EnergyKeepSpec.model_fields.items()}
+    merged = defaults | value
+    problem = energy_keep_problem(merged["energy"], merged["min"], merged["max"])
+    if problem:
+        raise ValueError(problem)
+    return EnergyKeepSpec.model_validate(value)
+
+
 def _check_engine_positions(model: ModelSpec, pruning: PruningSpec) -> None:
     policy = pruning.position_policy
     if model.engine == "vllm" and policy != "contiguous":
@@ -454,7 +535,7 @@ def fingerprint_fields(spec: JobSpec) -> dict[str, Any]:
 
 def _fingerprinted(spec: JobSpec) -> dict[str, Any]:
     parts = spec.model_dump(include={"model", "pruning", "input"}, mode="json")
-    for where in ("uri", "format", "image_root"):  # where the input lives, not what it means
+    for where in ("uri", "format", "split", "image_root"):  # where it lives, not what it means
         parts["input"].pop(where, None)
     for unset in ("filter", "passthrough_rename"):  # absent keeps older outputs' fingerprints
         if not parts["input"].get(unset):

@@ -88,7 +88,7 @@ class Recorder:
             "dtype": s.model.dtype if gpu else "float32",  # CPU actors load float32
             "max_new_tokens": s.model.max_new_tokens,
             "pruner": p.method,
-            "keep": str(p.keep),
+            "keep": str(p.keep_value),
             "alpha": p.alpha,
             "relevance_floor": p.relevance_floor,
             "gpu_type": c.gpu_type if gpu else "cpu",

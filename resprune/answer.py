@@ -5,8 +5,9 @@ is per image or crop, never normalised across the batch); then each prompt's ima
 run and positions are cut to the kept tokens, and the kept sequences go to a generation
 engine (`resprune.engines`; default: the VLM's own transformers ``generate`` with the kept
 features as ``mm_encoder_outputs``). ``keep`` bounds all the LLM sees of an image, layout
-rows included (`resprune.budget`). No attention maps are needed, so SDPA / FlashAttention
-keep working. Timings are per batch, synchronised with the device, and reported per item as
+rows included (`resprune.budget`), or asks for the energy it retains (`resprune.adaptive`).
+No attention maps are needed, so SDPA / FlashAttention keep working. Timings are per batch,
+synchronised with the device, and reported per item as
 the batch time divided by the batch size (``generate_s`` is the engine call, whatever the
 engine, so cost reports stay comparable).
 Non-goals: sampling (decoding is greedy), streaming, multi-image prompts.
@@ -19,10 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
+from resprune.adaptive import select_by_energy
 from resprune.budget import ImageTokens, Picks, kept_index, kept_rows, select_within_budget
 from resprune.engines import Engine, Plan
 from resprune.engines.hf import TransformersEngine
 from resprune.items import ItemError, ItemResult, PreparedItem
+from resprune.keep import EnergyKeep
 from resprune.models.base import POSITION_POLICIES, VLM, Crop, Layout, sync
 from resprune.pruners import Pruner, build_pruner
 
@@ -44,7 +47,7 @@ def answer_batch(
     items: list[PreparedItem],
     *,
     pruner: Pruner | None,
-    keep: int | float,
+    keep: int | float | EnergyKeep,
     max_new_tokens: int,
     position_policy: str = "original",
     anyres: str = "per_crop",
@@ -115,7 +118,10 @@ def _select(vlm, items, feats, pruner, keep, anyres, policy) -> list[_Plan | Ite
         )
         for item, feat, lay in zip(items, feats, layouts, strict=True)
     ]
-    picks = select_within_budget(pruner, keep, images)
+    if isinstance(keep, EnergyKeep):
+        picks = select_by_energy(pruner, keep, images)
+    else:
+        picks = select_within_budget(pruner, keep, images)
     plans = []
     for item, image, mine in zip(items, images, picks, strict=True):
         try:

@@ -175,3 +175,22 @@ def _prune_crops(pruner: Pruner, images: list[ImageTokens], shares: list[list[in
     for (i, crop), s, p in zip(owners, sets, pruned, strict=True):
         picks[i].append((crop, s, p))
     return picks
+
+
+# ---- used by energy budgets (`resprune.adaptive`): one call, then cuts of it
+
+
+def prune_crops(pruner: Pruner, images: list[ImageTokens], shares: list[list[int]]) -> list[Picks]:
+    """One pruner call over every crop with a positive share (``shares[i][c]`` tokens)."""
+    return _prune_crops(pruner, images, shares)
+
+
+def search_on_picks(pruner: Pruner, image: ImageTokens, longest: Picks, target: int) -> Picks:
+    """What `select_within_budget` picks for ``image`` at ``target`` tokens, cut from
+    ``longest`` (a prefix-consistent pruner's picks at per-crop shares no smaller than
+    `largest_shares` gives for ``target``)."""
+    search = _Search(target, image)
+    sizes = [len(c.index) for c in image.crops]
+    while not search.step(_cut(pruner, image, longest, split_budget(search.k, sizes)), False):
+        pass
+    return search.best

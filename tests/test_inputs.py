@@ -9,11 +9,13 @@ import datasets
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from PIL import Image
 
 from pipeline import cli_validate, commit, runner
+from pipeline.__main__ import main as cli
 from pipeline.plan import make_plan
 from pipeline.preprocess import Preprocess
 from pipeline.spec import JobSpec, ProcessorConfig, parse_spec
@@ -267,3 +269,55 @@ def test_struct_paths_resolve_against_an_s3_folder(
         out[2]["error_cause"] == "fetch_failed"
         and f"{s3_bucket}/hub/images/no.jpg" in out[2]["error"]
     )
+
+
+def test_integer_ids_and_a_datasetdict_with_several_splits(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The hub's int64 question ids come out as their decimal strings (and resume by them);
+    a DatasetDict root with several splits is refused naming them, or read as input.split."""
+    ds = vqa_dataset(tmp_path / "src", monkeypatch)
+    ds = ds.add_column("question_id", [262148000 + i for i in range(4)])
+    assert ds.features["question_id"].dtype == "int64"
+    splits = {"train": ds, "validation": ds.select([0, 1])}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "dd"))
+    keys = {"id_column": "question_id", "passthrough_columns": ["answers"]}
+    merged = job(model, str(tmp_path / "dd"), str(tmp_path / "out"), **keys)
+    (tmp_path / "merged.yaml").write_text(yaml.safe_dump(merged.model_dump(mode="json")))
+    for deep in ([], ["--deep"]):  # plain validate reads the folder's metadata too
+        assert cli(["validate", str(tmp_path / "merged.yaml"), *deep]) == 2
+        err = capsys.readouterr().err
+        assert "DatasetDict with splits ['train', 'validation']: set input.split" in err
+    spec = job(model, str(tmp_path / "dd"), str(tmp_path / "out"), split="validation", **keys)
+    assert "storage ok: 2 of 2 items pending" in validate_deep(spec, tmp_path, capsys)
+    doc = runner.run_job(spec, DATE, progress=False)
+    assert (doc["status"], doc["items_ok"]) == ("finished", 2)
+    got = output(str(tmp_path / "out"))
+    assert sorted(got) == ["262148000", "262148001"] and got["262148000"]["answers"] == [
+        "cat",
+        "a cat",
+    ]
+    again = runner.run_job(spec, DATE, progress=False)
+    assert (again["items_processed"], again["items_skipped"]) == (0, 2)
+
+
+def test_plain_validate_checks_column_types_from_metadata(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    jpg = (ASSETS / "chelsea.jpg").read_bytes()
+    (tmp_path / "in").mkdir()
+    table = pa.table({"id": [7, 8], "image": [jpg, jpg], "question": [1, 2]})
+    pq.write_table(table, tmp_path / "in" / "part-0.parquet")
+    spec = job("org/model", str(tmp_path / "in"), str(tmp_path / "out"))
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    assert cli(["validate", str(tmp_path / "job.yaml")]) == 2  # no --deep: no ids read
+    assert "wrong column type(s) ['question (int64)']" in capsys.readouterr().err
+    table = table.set_column(2, "question", pa.array(["a?", "b?"]))
+    pq.write_table(table, tmp_path / "in" / "part-0.parquet")
+    assert cli(["validate", str(tmp_path / "job.yaml")]) == 0  # integer ids are fine
+    assert "input: parquet, 1 file(s); images: encoded bytes" in capsys.readouterr().out
+    missing = job("org/model", str(tmp_path / "later"), str(tmp_path / "out"))
+    (tmp_path / "later.yaml").write_text(yaml.safe_dump(missing.model_dump(mode="json")))
+    assert cli(["validate", str(tmp_path / "later.yaml")]) == 0
+    assert "nothing at" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 
 from pipeline.__main__ import main as pipeline_main
 from pipeline.report import write_report
+from pipeline.report.estimate import LlmShape, generation_flops
 from pipeline.report.load import filesystem
 from tests.report_helpers import SHAPE, rows, run_json, write_output
 
@@ -260,3 +262,26 @@ def test_files_with_fewer_or_differently_typed_columns_still_load(tmp_path) -> N
     report = json.loads(_read(write_report(uri)["json"]))
     assert (report["items_ok"], report["shadow_items"]) == (10, 4)
     assert report["profile"]["stage_seconds"]["generate_s"] > 0
+
+
+def test_energy_budget_kept_tokens_show_as_a_distribution_and_drive_the_flops(tmp_path) -> None:
+    """Per-item kept tokens (an energy budget): their histogram, quantiles, and a FLOPs
+    estimate from each item's own prompt, equal to fixed rows with the same prompts."""
+    kept = [16, 16, 20, 33, 40, 64, 90, 192]
+    data = rows(len(kept))
+    data["keep"] = ["energy=0.95,min=16,max=192"] * len(kept)
+    data["kept_tokens"] = kept
+    data["prompt_tokens"] = [36 + k for k in kept]
+    uri = str(tmp_path / "energy")
+    write_output(uri, data, [run_json(keep="energy=0.95,min=16,max=192")])
+    written = write_report(uri)
+    report = json.loads(_read(written["json"]))
+    dist = report["profile"]["kept_tokens"]
+    assert (dist["min"], dist["median"], dist["max"]) == (16, 36.5, 192)
+    assert sum(dist["counts"]) == len(kept) and dist["edges"][0] == 16 <= 192 < dist["edges"][-1]
+    assert "kept_tokens.svg" in written and "kept_tokens.svg" in _read(written["html"])
+    assert "| 16 / 36.5 / " in _read(written["md"])
+    shape, new = LlmShape.from_dict(SHAPE), np.array(data["new_tokens"])
+    pruned = generation_flops(shape, np.array(data["prompt_tokens"]), new).sum()
+    unpruned = generation_flops(shape, np.array(data["prompt_tokens_unpruned"]), new).sum()
+    assert report["flops_ratio"] == pytest.approx(unpruned / pruned)  # item by item

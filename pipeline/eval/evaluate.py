@@ -1,21 +1,24 @@
 """One eval from spec to files: answer, score, summarise, draw, write.
 
 `evaluate` is what `python -m pipeline eval` and tests call. The overlays are drawn for
-the first items (by id) answered under every configuration, from their input images.
+items answered under every configuration, on different images where the set has them
+(`pipeline.eval.run`), from their input images, with each item's reference answers.
 Non-goals: the exit code (the CLI's), resume.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.checks import model_config
 from pipeline.eval import overlay, render
 from pipeline.eval.run import CONFIG, answer_all
-from pipeline.eval.spec import EvalSpec, config_label, configurations
-from pipeline.eval.summary import score_rows, summarize
+from pipeline.eval.spec import EvalSpec, config_label, configurations, series_of
+from pipeline.eval.summary import reference_texts, score_rows, summarize
 from pipeline.images import fetch_bytes
 from pipeline.preprocess import resolve_path
 from pipeline.report.content import Block, num
@@ -28,17 +31,27 @@ def evaluate(
     """Run the eval and write its files; returns the summary (also eval.json)."""
     table, images = answer_all(spec, run_date, progress=progress)
     table, problems = score_rows(table, spec.eval.references_column)
-    labels = [label for label, _ in configurations(spec)]
-    summary = summarize(table, labels, metric=spec.eval.metric, gated=config_label(spec.pruning))
+    configs = configurations(spec)
+    labels = [label for label, _ in configs]
+    summary = summarize(
+        table,
+        labels,
+        metric=spec.eval.metric,
+        gated=config_label(spec.pruning),
+        series={label: series_of(p) for label, p in configs},
+    )
     summary |= {
         "name": spec.name,
         "model": spec.model.path,
         "run_date": run_date,
         "threshold": threshold,
         "problems": problems,
+        "tiny_random_model": bool(model_config(spec).get("resprune_tiny_random")),
     }
+    drawn = render.chart(summary, threshold)
+    charts = {render.CHART: drawn} if drawn else {}
     page = render.blocks(spec.name, spec.model.path, summary, problems)
-    charts = {render.CHART: render.chart(summary, threshold)}
+    page = [b for b in page if b.kind != "chart" or b.text in charts]
     extra = _overlay_blocks(spec, table, labels, images, charts)
     files = render.write_all(
         spec.output.uri,
@@ -67,8 +80,10 @@ def _overlay_blocks(
     rows = table.filter(pc.is_in(table["id"], pa.array(list(images)))).to_pylist()
     for item_id in sorted(images):
         mine = {r[CONFIG]: r for r in rows if r["id"] == item_id}
+        refs = mine[labels[0]][spec.eval.references_column]
         out += [
             Block("h2", f"{item_id}: {mine[labels[0]]['question']}"),
+            Block("p", f"References: {references_text(refs)}"),
             Block(
                 "table",
                 header=["config", "answer", metric, "kept tokens"],
@@ -94,6 +109,14 @@ def _overlay_blocks(
                 charts[f"overlay {item_id} {lb}"] = svg
                 out += [Block("p", lb), Block("chart", f"overlay {item_id} {lb}")]
     return out
+
+
+def references_text(value: Any) -> str:
+    """An item's reference answers, most frequent first: ``yes (7), no (2), (blank) (1)``."""
+    counts = Counter(reference_texts(value))
+    if not counts:
+        return "(none)"
+    return ", ".join(f"{r.strip() or '(blank)'} ({n})" for r, n in counts.most_common())
 
 
 def _caps(spec: EvalSpec) -> dict[str, int]:

@@ -5,11 +5,13 @@ an actor that loads the model once and holds one job `Answerer` per configuratio
 it. Each batch is answered under every configuration back to back on the same actor, so
 their times compare like with like; the first batch of each actor is answered once more
 beforehand and discarded (warm-up). Rows come back to the driver (a labelled set is small)
-with a ``config`` column. Non-goals: resume (an eval reruns whole), committed writes.
+with a ``config`` column; the overlay items are spread over different images. Non-goals:
+resume (an eval reruns whole), committed writes.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import pyarrow as pa
@@ -18,7 +20,7 @@ import ray
 
 from pipeline.answer_stage import Answerer
 from pipeline.checks import check_model_path
-from pipeline.eval.spec import EvalSpec, configurations, job_of
+from pipeline.eval.spec import EvalSpec, check_references, configurations, job_of
 from pipeline.plan import Plan, make_plan
 from pipeline.preprocess import Preprocess
 from pipeline.processor import actor_pool, fit_to_cluster, spare_cpus
@@ -67,10 +69,12 @@ def answer_all(
     spec: EvalSpec, run_date: str, *, progress: bool = False
 ) -> tuple[pa.Table, dict[str, Any]]:
     """Every item under every configuration (the job's output columns plus ``config``), and
-    the input images of the first ``eval.overlay_items`` items answered under all of them."""
+    the input images of up to ``eval.overlay_items`` items answered under all of them (on
+    different images where the set has them)."""
     job = job_of(spec)
     run_id = new_run_id(job, run_date)
-    plan = make_plan(job, run_id=run_id)
+    check_references(spec.input.uri, make_plan(job).passthrough, spec.eval.references_column)
+    plan = make_plan(job, run_id=run_id)  # the read-only checks passed: now it may write
     check_model_path(job)
     started_ray = ensure_ray(job)
     try:
@@ -78,7 +82,7 @@ def answer_all(
         configs = configurations(spec)
         ds = _dataset(job, plan, configs, run_id=run_id, run_date=run_date)
         table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
-        ids = answered_by_all(table, len(configs))[: spec.eval.overlay_items]
+        ids = _spread(job, plan, answered_by_all(table, len(configs)), spec.eval.overlay_items)
         return table, _images(job, plan, ids)
     finally:
         if started_ray:
@@ -90,6 +94,36 @@ def answered_by_all(table: pa.Table, n_configs: int) -> list[str]:
     ok = table.filter(pc.equal(table["status"], "ok"))
     counts = pc.value_counts(ok["id"]).to_pylist()
     return sorted(c["values"] for c in counts if c["counts"] == n_configs)
+
+
+def _spread(job: JobSpec, plan: Plan, ids: list[str], n: int) -> list[str]:
+    """Up to ``n`` of ``ids`` (in order) on different images where the set has them (a VQA
+    set asks several questions per image), topped up with the next ids when it has not."""
+    if not n or not ids:
+        return []
+    column = job.input.image_column or job.input.image_uri_column
+    kw = {"id_column": job.input.id_column, "column": column}
+    rows = read_input(job.input, plan).map_batches(
+        _image_keys, batch_format="pyarrow", fn_kwargs=kw
+    )
+    keys = {r["id"]: r["key"] for r in rows.take_all()}
+    chosen: list[str] = []
+    seen: set[str] = set()
+    for i in ids:
+        if len(chosen) < n and keys.get(i) not in seen:
+            chosen.append(i)
+            seen.add(keys.get(i))
+    return chosen + [i for i in ids if i not in chosen][: n - len(chosen)]
+
+
+def _image_keys(batch: pa.Table, *, id_column: str, column: str) -> pa.Table:
+    """Each row's id and a key of its image: a digest of its bytes, else its path."""
+    keys = []
+    for value in batch.column(column).to_pylist():
+        if isinstance(value, dict):
+            value = value.get("bytes") or value.get("path")
+        keys.append(hashlib.sha256(value).hexdigest() if isinstance(value, bytes) else str(value))
+    return pa.table({"id": batch.column(id_column), "key": pa.array(keys, pa.string())})
 
 
 def _images(job: JobSpec, plan: Plan, ids: list[str]) -> dict[str, Any]:

@@ -1,12 +1,14 @@
 """Per-configuration numbers of an eval: scores, relative performance, tokens, time, gate.
 
-Scores are means over the *common* items: answered ok under every configuration and with
-at least one reference, so each configuration is scored on the same items. Relative
-performance is a configuration's mean metric over the reference's (``none``). Kept tokens
-are what the LLM saw of each image (LLaVA-NeXT's kept newlines included), so pruners are
-also compared at equal kept tokens: each pruner's relative performance is interpolated
-linearly between its budgets at the kept-token levels of the configured method (never
-extrapolated). Non-goals: significance tests, per-question-type breakdowns.
+Scores, and the per-item tokens and seconds beside them, are means over the *common* items:
+answered ok under every configuration and with at least one reference, so each
+configuration is scored and counted on the same items. Relative performance is a
+configuration's mean metric over the reference's (``none``). Kept tokens are what the LLM
+saw of each image (LLaVA-NeXT's kept newlines included), so pruners are also compared at
+equal kept tokens: each pruner's relative performance is interpolated linearly between its
+fixed budgets at the kept-token levels of the configured method and at the mean kept tokens
+of every energy budget (never extrapolated). Non-goals: significance tests,
+per-question-type breakdowns.
 """
 
 from __future__ import annotations
@@ -35,8 +37,7 @@ def score_rows(table: pa.Table, references_column: str) -> tuple[pa.Table, list[
     problems: set[str] = set()
     columns: dict[str, list[float | None]] = {name: [] for name in METRICS}
     for row in table.select(["id", "status", "answer", references_column]).to_pylist():
-        refs = [_text(r) for r in row[references_column] or []]
-        refs = [r for r in refs if r.strip()]
+        refs = reference_texts(row[references_column])  # blank ones count
         if not refs:
             problems.add(f"id={row['id']}: {references_column}: no reference answers")
         scores = score(row["answer"], refs) if refs and row["status"] == "ok" else {}
@@ -47,6 +48,19 @@ def score_rows(table: pa.Table, references_column: str) -> tuple[pa.Table, list[
     return table, sorted(problems)
 
 
+def reference_texts(value: Any) -> list[str]:
+    """A row's reference answers as text: strings, ``{answer: ...}`` structs, or datasets'
+    ``Sequence({answer: ...})`` (a struct of lists); None and missing answers are blank."""
+    return [_text(r) for r in _listed(value)]
+
+
+def _listed(value: Any) -> list[Any]:
+    """The references of a row: a list, or datasets' Sequence({answer: ...}) struct of lists."""
+    if isinstance(value, dict):
+        return list(value.get("answer") or [])
+    return list(value or [])
+
+
 def _text(reference: Any) -> str:
     """A reference answer: a string, or a VQA-style {"answer": ...} struct."""
     if isinstance(reference, dict):
@@ -54,23 +68,36 @@ def _text(reference: Any) -> str:
     return "" if reference is None else str(reference)
 
 
-def summarize(table: pa.Table, labels: list[str], *, metric: str, gated: str) -> dict[str, Any]:
-    """The eval's numbers: one entry per configuration, equal-token comparison, gate."""
+def summarize(
+    table: pa.Table,
+    labels: list[str],
+    *,
+    metric: str,
+    gated: str,
+    series: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The eval's numbers: one entry per configuration, equal-token comparison, gate.
+
+    ``series``: label -> the curve it belongs to at equal kept tokens (default: its method;
+    an energy budget is a series of its own, see `pipeline.eval.spec.series_of`).
+    """
     rows = table.to_pylist()
     by_config = {label: [r for r in rows if r["config"] == label] for label in labels}
     scored = [{r["id"] for r in rs if r[metric] is not None} for rs in by_config.values()]
     common = set.intersection(*scored) if scored else set()
     configs = {label: _config(rs, common) for label, rs in by_config.items()}
     ref = configs[REFERENCE][metric]
-    for c in configs.values():
+    for label, c in configs.items():
         c["relative"] = c[metric] / ref if ref else None
+        c["series"] = (series or {}).get(label) or c["method"]
+        c["adaptive"] = c["series"] == label and c["method"] != REFERENCE
     return {
         "metric": metric,
         "items": len({r["id"] for r in rows}),
         "common_items": len(common),
         "configs": configs,
         "gate": {"config": gated, "relative": configs[gated]["relative"]},
-        "equal_tokens": equal_tokens(configs, configs[gated]["method"]),
+        "equal_tokens": equal_tokens(configs, gated),
     }
 
 
@@ -85,19 +112,21 @@ def _config(rows: list[dict], common: set[str]) -> dict[str, Any]:
     }
     for name in METRICS:
         out[name] = fmean(r[name] for r in mine) if mine else None
-    for name in PER_ITEM:
-        values = [r[name] for r in ok if r[name] is not None]
+    for name in PER_ITEM:  # over the scored items, as the metrics are
+        values = [r[name] for r in mine if r[name] is not None]
         out[f"{name}_per_item"] = fmean(values) if values else None
     return out
 
 
-def equal_tokens(configs: dict[str, dict], method: str) -> dict[str, Any]:
-    """Relative performance per method at the kept-token levels of ``method``'s budgets."""
+def equal_tokens(configs: dict[str, dict], gated: str) -> dict[str, Any]:
+    """Relative performance per series at the kept-token levels of the gated configuration's
+    series and of every energy budget (each at its mean kept tokens per item)."""
     points: dict[str, list[tuple[float, float]]] = {}
     for c in configs.values():
         if c["method"] != REFERENCE and c["relative"] is not None and c["kept_tokens_per_item"]:
-            points.setdefault(c["method"], []).append((c["kept_tokens_per_item"], c["relative"]))
-    levels = sorted(x for x, _ in points.get(method, []))
+            points.setdefault(c["series"], []).append((c["kept_tokens_per_item"], c["relative"]))
+    shown = {configs[gated]["series"]} | {c["series"] for c in configs.values() if c["adaptive"]}
+    levels = sorted({x for s in shown for x, _ in points.get(s, [])})
     table = {m: [_interpolate(sorted(pts), x) for x in levels] for m, pts in points.items()}
     return {"levels": levels, "relative": table}
 

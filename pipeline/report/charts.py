@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from pipeline.report.content import STAGE_NAMES
 
@@ -88,6 +89,24 @@ def distribution_chart(report: dict[str, Any]) -> str | None:
     return _svg(fig, "distributions")
 
 
+def kept_tokens_chart(report: dict[str, Any]) -> str | None:
+    """Histogram of kept image tokens per item (what the LLM saw of each image)."""
+    dist = report["profile"]["kept_tokens"]
+    if not dist["counts"]:
+        return None
+    edges = dist["edges"]
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.stairs(dist["counts"], edges, fill=True, color="#17becf")
+    if len(edges) == 2:  # one value: a bar at least a token wide, centred on it
+        ax.set_xlim(edges[0] - 4, edges[-1] + 4)
+    ax.set_xlabel("kept image tokens per item")
+    ax.set_ylabel("items")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    keep = report.get("config", {}).get("keep")
+    ax.set_title("Kept tokens per item" + (f" (keep {keep})" if keep else ""))
+    return _svg(fig, "kept-tokens")
+
+
 def trend_chart(report: dict[str, Any]) -> str | None:
     """GPU hours per night: used vs estimated unpruned (95% CI band); needs two nights."""
     nights = report["nights"]
@@ -125,6 +144,7 @@ CHARTS: dict[str, Callable[[dict[str, Any]], str | None]] = {
     "hours.svg": hours_chart,
     "stages.svg": stage_chart,
     "distributions.svg": distribution_chart,
+    "kept_tokens.svg": kept_tokens_chart,
     "trend.svg": trend_chart,
 }
 

@@ -44,7 +44,8 @@ METHOD = (
     "95% CI: percentile bootstrap (2000 seeded draws) that resamples runs, then whole shadow "
     "batches within them: items of one batch share one time and are never resampled apart.",
     "FLOPs cross-check: decoder matmuls + causal attention for the prompt (pruned vs unpruned "
-    "prompt tokens) + decode steps + LM head, applied to the generate stage's share of GPU time.",
+    "prompt tokens) + decode steps + LM head, applied to the generate stage's share of GPU time; "
+    "each item counts its own prompt, so an energy budget's per-item kept tokens are used.",
     "Quality: exact match and token F1 between pruned and unpruned answers after lower-casing "
     "and removing punctuation and extra whitespace.",
 )
@@ -259,6 +260,7 @@ def _profile(r: dict[str, Any]) -> list[Block]:
     rows = [
         ["visual tokens per image (mean)", num(p["visual_tokens_mean"])],
         ["kept tokens per image (mean)", num(p["kept_tokens_mean"])],
+        ["kept tokens per image (min / median / p90 / max)", _spread(p["kept_tokens"])],
         ["kept fraction", pct(p["kept_fraction"])],
         ["prompt tokens, pruned / unpruned (mean)", prompts],
         ["retained energy (mean)", num(p["retained_energy_mean"], 3)],
@@ -268,6 +270,7 @@ def _profile(r: dict[str, Any]) -> list[Block]:
     return [
         Block("h2", "Pruning profile"),
         Block("table", header=["", "value"], rows=rows),
+        Block("chart", "kept_tokens.svg"),
         Block("chart", "distributions.svg"),
         Block("h2", "Time per stage"),
         Block("table", header=["stage", "seconds"], rows=stages),
@@ -275,6 +278,11 @@ def _profile(r: dict[str, Any]) -> list[Block]:
         Block("h2", "Errors by cause"),
         Block("table", header=["cause", "items"], rows=errors),
     ]
+
+
+def _spread(dist: dict[str, Any]) -> str:
+    values = [dist[k] for k in ("min", "median", "p90", "max")]
+    return " / ".join(str(v) if isinstance(v, int) else num(v, 3) for v in values)
 
 
 def _nights(r: dict[str, Any]) -> list[Block]:

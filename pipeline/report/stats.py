@@ -70,6 +70,7 @@ class RunStats:
     energy_sum: float = 0.0
     energy_hist: np.ndarray = field(default_factory=lambda: np.zeros(len(BINS) - 1, np.int64))
     keep_hist: np.ndarray = field(default_factory=lambda: np.zeros(len(BINS) - 1, np.int64))
+    kept_counts: Counter = field(default_factory=Counter)  # kept tokens per item -> items
     flops_pruned: float | None = 0.0
     flops_unpruned: float | None = 0.0
     shadow: Shadow = field(default_factory=Shadow)
@@ -117,6 +118,7 @@ def _add_tokens(stats: RunStats, cols: dict[str, np.ndarray], ok: np.ndarray) ->
     stats.token_items = int(have.sum())
     stats.visual_tokens, stats.kept_tokens = _nansum(visual[have]), _nansum(kept[have])
     stats.keep_hist = _hist(kept[have] / visual[have])
+    stats.kept_counts = Counter(int(k) for k in kept[have])  # exact, summable: any bins later
     prompt, unpruned = cols["prompt_tokens"], cols["prompt_tokens_unpruned"]
     both = ok & np.isfinite(prompt) & np.isfinite(unpruned)
     stats.prompt_tokens, stats.prompt_tokens_unpruned = (

@@ -11,6 +11,7 @@ makes the amount unknown (None). Non-goals: reading files, formatting, charts.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ from pipeline.report.load import Night
 from pipeline.report.stats import BINS, RunStats, split_by_run
 
 WORST = 10
+KEPT_BINS = 24  # most bars in the kept-tokens histogram
 CONFIG_KEYS = (
     "model",
     "pruner",
@@ -236,12 +238,33 @@ def scope_summary(runs: Sequence[Run], *, price: float | None, seed: int = 0) ->
     }
 
 
+def kept_tokens_distribution(counts: Counter, bins: int = KEPT_BINS) -> dict[str, Any]:
+    """Kept tokens per item: quantiles and a histogram of at most ``bins`` integer-wide bins
+    (an energy budget keeps a different number per item; a fixed keep, one or a few)."""
+    if not counts:
+        return {"min": None, "median": None, "p90": None, "max": None, "edges": [], "counts": []}
+    values = np.repeat(np.array(sorted(counts)), [counts[v] for v in sorted(counts)])
+    lo, hi = int(values[0]), int(values[-1])
+    width = max(1, -(-(hi - lo + 1) // bins))
+    edges = np.arange(lo, hi + width + 1, width)
+    hist = np.histogram(values, bins=edges)[0]
+    return {
+        "min": lo,
+        "median": float(np.median(values)),
+        "p90": float(np.percentile(values, 90)),
+        "max": hi,
+        "edges": edges.tolist(),
+        "counts": hist.tolist(),
+    }
+
+
 def profile(stats: RunStats) -> dict[str, Any]:
     """Pruning profile: token budgets, retained energy, time per stage, errors by cause."""
     n, e = stats.token_items, stats.energy_items
     return {
         "visual_tokens_mean": stats.visual_tokens / n if n else None,
         "kept_tokens_mean": stats.kept_tokens / n if n else None,
+        "kept_tokens": kept_tokens_distribution(stats.kept_counts),
         "kept_fraction": stats.kept_tokens / stats.visual_tokens if stats.visual_tokens else None,
         "prompt_tokens_mean": stats.prompt_tokens / n if n else None,
         "prompt_tokens_unpruned_mean": stats.prompt_tokens_unpruned / n if n else None,
