@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from pipeline.webdataset import sample_keys
+from pipeline.io.webdataset import sample_keys
 from tests.input_helpers import ASSETS, sample, write_shard
 
 

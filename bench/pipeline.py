@@ -109,7 +109,7 @@ def run(
     max_batch_tokens: int | None = None,
 ) -> dict:
     """One pipeline run into a fresh output folder; returns the run summary + peak RSS."""
-    from pipeline import runner
+    from pipeline.job import runner
     from pipeline.spec import parse_spec
 
     out = OUT / "results"

@@ -12,15 +12,18 @@ import sys
 from pathlib import Path
 
 COMMANDS = {
-    "run": ("pipeline.cli_run", "Run a job spec on the current Ray cluster (or a local one)."),
-    "validate": ("pipeline.cli_validate", "Check a job spec or an eval file without running it."),
-    "submit": ("pipeline.submit", "Submit a job spec to a Ray cluster through the Jobs SDK."),
+    "run": ("pipeline.cli.run", "Run a job spec on the current Ray cluster (or a local one)."),
+    "validate": ("pipeline.cli.validate", "Check a job spec or an eval file without running it."),
+    "submit": ("pipeline.cli.submit", "Submit a job spec to a Ray cluster through the Jobs SDK."),
     "report": ("pipeline.report.cli", "Write the cost report of a run's output."),
     "eval": ("pipeline.eval.cli", "Answer a labelled set under several pruners; score; gate."),
     "render-k8s": ("pipeline.k8s", "Render KubeRay manifests for a job spec into infra/."),
-    "demo": ("pipeline.demo", "Run the whole job on the bundled sample (local Ray, tiny model)."),
-    "tiny": ("pipeline.tiny", "Build a tiny random-weight checkpoint to try jobs with."),
-    "schemas": ("pipeline.schemas", "Regenerate the JSON/Arrow schemas in schemas/."),
+    "demo": (
+        "pipeline.cli.demo",
+        "Run the whole job on the bundled sample (local Ray, tiny model).",
+    ),
+    "tiny": ("pipeline.cli.tiny", "Build a tiny random-weight checkpoint to try jobs with."),
+    "schemas": ("pipeline.cli.schemas", "Regenerate the JSON/Arrow schemas in schemas/."),
 }
 
 

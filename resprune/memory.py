@@ -2,7 +2,7 @@
 
 A batch's memory beyond the weights is its KV cache plus the transient activations of the
 layer being run, both proportional to the batch's LLM tokens (prompt after pruning + new
-tokens, the cost `pipeline.answer_stage.pack` packs by). So the budget is
+tokens, the cost `pipeline.stages.answer.pack` packs by). So the budget is
 
     tokens = (free bytes after the weights are loaded) * (1 - RESERVE_SHARE)
              / (KV bytes per token + activation bytes per token)

@@ -85,7 +85,7 @@ def test_wheel_ships_the_demo_spec(tmp_path: Path) -> None:
     assert "pipeline/assets/demo.yaml" in names and "pipeline/assets/images/chelsea.jpg" in names
     site = str(tmp_path / "site")
     probe = (
-        "import pipeline, pipeline.demo as d; from pipeline.spec import load_spec; "
+        "import pipeline, pipeline.cli.demo as d; from pipeline.spec import load_spec; "
         f"assert pipeline.__file__.startswith({site!r}), pipeline.__file__; "
         "print(load_spec(d.JOB)[0].name)"
     )

@@ -20,8 +20,8 @@ import torch
 
 pytest.importorskip("vllm")
 
-from pipeline import runner
-from pipeline.checks import ModelPathError, check_engine
+from pipeline.job import runner
+from pipeline.job.checks import ModelPathError, check_engine
 from pipeline.spec import SpecError, parse_spec
 from resprune.answer import answer_batch
 from resprune.engines import build_engine

@@ -116,7 +116,7 @@ def test_vllm_needs_contiguous_positions():
 
 @NO_VLLM
 def test_vllm_not_installed_fails_validate_deep_and_actor_start(tmp_path: Path, capsys):
-    from pipeline.answer_stage import Answerer
+    from pipeline.stages.answer import Answerer
 
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"id": ["a"], "image": [b"x"]}), tmp_path / "in" / "p.parquet")
@@ -140,8 +140,8 @@ def test_vllm_not_installed_fails_validate_deep_and_actor_start(tmp_path: Path, 
 
 def test_actor_builds_the_engine_its_spec_names(tiny_llava: Path, tmp_path: Path):
     """`model.transformers.cache: static` reaches the actor's engine; answers are unchanged."""
-    from pipeline.answer_stage import Answerer
-    from pipeline.preprocess import Preprocess
+    from pipeline.stages.answer import Answerer
+    from pipeline.stages.preprocess import Preprocess
 
     images = sorted(Path("pipeline/assets/images").glob("*.jpg"))[:3]
     rows = [{"id": p.stem, "image": p.read_bytes(), "question": "What is it?"} for p in images]

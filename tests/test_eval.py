@@ -21,9 +21,9 @@ from pipeline.eval.evaluate import references_text
 from pipeline.eval.scoring import exact_match, normalize_answer, token_f1, vqa_accuracy
 from pipeline.eval.spec import check_references
 from pipeline.eval.summary import PER_ITEM, score_rows, summarize
+from pipeline.io.storage import StorageError
 from pipeline.report.content import TINY
 from pipeline.report.render import visible
-from pipeline.storage import StorageError
 from resprune.answer import answer_batch
 from resprune.loading import load_preprocessor, load_vlm
 from resprune.tiny import build_tiny_checkpoint

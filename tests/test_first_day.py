@@ -18,14 +18,14 @@ from PIL import Image
 
 from pipeline import build_processor
 from pipeline.__main__ import main as cli
+from pipeline.cli.submit import local_path_warnings, runtime_env, submission_id
 from pipeline.filters import FilterError, apply_filter, filter_columns, parse_filter
-from pipeline.images import decode_image
-from pipeline.inputs import detect
-from pipeline.processor import fit_to_cluster
+from pipeline.io.images import decode_image
+from pipeline.io.inputs import detect
+from pipeline.io.storage import StorageError, filesystem
 from pipeline.report.render import _html_cell
 from pipeline.spec import InputSpec, ProcessorConfig, SpecError, parse_spec
-from pipeline.storage import StorageError, filesystem
-from pipeline.submit import local_path_warnings, runtime_env, submission_id
+from pipeline.stages.processor import fit_to_cluster
 
 ASSETS = Path(__file__).resolve().parent.parent / "pipeline" / "assets" / "images"
 DATE = "2026-11-24"
@@ -365,7 +365,7 @@ def test_read_images_and_pil_rows_through_build_processor_with_hooks(
 
 
 def test_numpy_rows_decode_like_the_same_pixels_encoded() -> None:
-    from pipeline.images import from_pixels
+    from pipeline.io.images import from_pixels
     from resprune.items import ItemError
 
     caps = {"max_pixels": 10_000_000, "max_aspect": 50.0}

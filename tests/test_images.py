@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.images import decode_image, fetch_bytes, to_rgb
+from pipeline.io.images import decode_image, fetch_bytes, to_rgb
 from resprune.items import ItemError
 
 ASSETS = Path(__file__).resolve().parent.parent / "pipeline" / "assets" / "images"

@@ -14,12 +14,14 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipeline import cli_validate, commit, runner
 from pipeline.__main__ import main as cli
-from pipeline.plan import make_plan
-from pipeline.preprocess import Preprocess
+from pipeline.cli import validate as cli_validate
+from pipeline.io.webdataset import ShardError, sample_keys
+from pipeline.job import runner
+from pipeline.job.plan import make_plan
+from pipeline.output import commit
 from pipeline.spec import JobSpec, ProcessorConfig, parse_spec
-from pipeline.webdataset import ShardError, sample_keys
+from pipeline.stages.preprocess import Preprocess
 from resprune.tiny import build_tiny_checkpoint
 from tests.input_helpers import ASSETS, export_hub_layout, sample, vqa_dataset, write_shard
 

@@ -9,8 +9,8 @@ import jsonschema
 import pytest
 import yaml
 
+from pipeline.cli.schemas import SCHEMA_DIR, stale
 from pipeline.eval.spec import EvalSpec
-from pipeline.schemas import SCHEMA_DIR, stale
 from pipeline.spec import load_spec
 
 JOBS = sorted((Path(__file__).resolve().parent.parent / "jobs").glob("*.yaml"))

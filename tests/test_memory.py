@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from pipeline.answer_stage import pack
 from pipeline.spec import ExecutionSpec
+from pipeline.stages.answer import pack
 from resprune.memory import (
     DEFAULT_CPU_BATCH_TOKENS,
     activation_bytes_per_token,
@@ -84,8 +84,8 @@ def test_spec_accepts_auto_and_ints_only():
 def test_answerer_resolves_auto_after_loading(tmp_path):
     import pyarrow as pa
 
-    from pipeline.answer_stage import Answerer
     from pipeline.spec import parse_spec
+    from pipeline.stages.answer import Answerer
     from resprune.tiny import build_tiny_checkpoint
 
     model = build_tiny_checkpoint("llava", tmp_path / "m")

@@ -13,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import runner, summary
-from pipeline.columns import output_schema
+from pipeline.job import runner
+from pipeline.output import summary
+from pipeline.output.columns import output_schema
 from pipeline.spec import JobSpec, parse_spec
 from resprune.tiny import build_tiny_checkpoint
 from resprune.words import active_extractor
@@ -238,8 +239,8 @@ def test_s3_end_to_end_with_uris_and_no_secret(
 
 def test_batch_failure_falls_back_per_item(model: Path, tmp_path: Path) -> None:
     """An item that breaks the model's batch is isolated; the others of the batch succeed."""
-    from pipeline.answer_stage import Answerer
-    from pipeline.preprocess import PREPARED, Preprocess
+    from pipeline.stages.answer import Answerer
+    from pipeline.stages.preprocess import PREPARED, Preprocess
 
     rows = bad_and_good_rows()[:3]
     spec = job(model, str(tmp_path), str(tmp_path / "o"))

@@ -10,8 +10,8 @@ import pytest
 
 from pipeline import faults
 from pipeline.faults import ITEM, ITEM_CAUSES, SYSTEMIC, TRANSIENT, classify
+from pipeline.output.summary import Recorder
 from pipeline.spec import parse_spec
-from pipeline.summary import Recorder
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -133,7 +133,7 @@ def test_the_model_stage_turns_systemic_faults_into_an_actor_exit(
     import pyarrow as pa
 
     import resprune.answer
-    from pipeline.answer_stage import ERROR_STREAK, Answerer
+    from pipeline.stages.answer import ERROR_STREAK, Answerer
     from resprune.tiny import build_tiny_checkpoint
 
     model = build_tiny_checkpoint("llava", tmp_path / "model")

@@ -21,11 +21,12 @@ import pytest
 import ray
 import yaml
 
-from pipeline import commit, runner
 from pipeline.__main__ import main as cli
-from pipeline.columns import output_schema
+from pipeline.io.storage import filesystem
+from pipeline.job import runner
+from pipeline.output import commit
+from pipeline.output.columns import output_schema
 from pipeline.spec import fingerprint, fingerprint_fields, parse_spec
-from pipeline.storage import filesystem
 from resprune.tiny import build_tiny_checkpoint
 from tests.poison import CUDA_ERROR, KILL_ONCE, MARK
 from tests.s3proxy import FaultProxy
@@ -204,9 +205,9 @@ def test_s3_throttling_and_resets_lose_and_double_nothing(
 _KILLED_COMMIT = """
 import json, os, signal, sys
 import pyarrow as pa
-from pipeline import commit
-from pipeline.columns import output_schema
-from pipeline.storage import filesystem
+from pipeline.output import commit
+from pipeline.output.columns import output_schema
+from pipeline.io.storage import filesystem
 uri, step, ids, meta = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
 fs, root = filesystem(uri)
 rows = [{"id": i, "status": "ok", "answer": "from the killed run", "run_id": "killed"}

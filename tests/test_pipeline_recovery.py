@@ -17,13 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline import commit, prefix
 from pipeline.__main__ import main as cli
-from pipeline.columns import output_schema
-from pipeline.plan import make_plan
+from pipeline.io.storage import StorageError, filesystem
+from pipeline.job.plan import make_plan
+from pipeline.output import commit, prefix
+from pipeline.output.columns import output_schema
 from pipeline.report.load import load_output
 from pipeline.spec import fingerprint, fingerprint_fields, parse_spec
-from pipeline.storage import StorageError, filesystem
 
 DATE = "2026-11-24"
 

@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline import commit, prefix
-from pipeline.storage import filesystem, list_files, read_json
+from pipeline.io.storage import filesystem, list_files, read_json
+from pipeline.output import commit, prefix
 from resprune.tiny import build_tiny_checkpoint
 from tests.s3server import SECRET_KEY
 

@@ -10,12 +10,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import commit
-from pipeline.answer_stage import pack, shadow_batch
-from pipeline.columns import output_schema
-from pipeline.plan import make_plan
+from pipeline.io.storage import StorageError, filesystem, redact
+from pipeline.job.plan import make_plan
+from pipeline.output import commit
+from pipeline.output.columns import output_schema
 from pipeline.spec import fingerprint, parse_spec
-from pipeline.storage import StorageError, filesystem, redact
+from pipeline.stages.answer import pack, shadow_batch
 
 FS = pafs.LocalFileSystem()
 

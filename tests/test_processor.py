@@ -9,8 +9,8 @@ import pytest
 import ray
 
 from pipeline import ProcessorConfig, build_processor
+from pipeline.io.storage import StorageError
 from pipeline.spec import JobSpec
-from pipeline.storage import StorageError
 from resprune.tiny import build_tiny_checkpoint
 from tests.input_helpers import vqa_dataset
 

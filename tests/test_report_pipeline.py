@@ -13,8 +13,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pytest
 
-from pipeline import demo, runner
 from pipeline.__main__ import main as pipeline_main
+from pipeline.cli import demo
+from pipeline.job import runner
 from pipeline.report.load import filesystem
 from pipeline.spec import load_spec
 

@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from pipeline.__main__ import main as cli
+from pipeline.cli.submit import cli_line, entrypoint, runtime_env, submission_id
 from pipeline.spec import parse_spec
-from pipeline.submit import cli_line, entrypoint, runtime_env, submission_id
 from tests.s3server import SECRET_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,7 +172,7 @@ def test_demo_spec_on_a_two_cpu_cluster_through_ray_job_submit(
     plain `ray job submit` CLI, and a third submit is refused as a duplicate."""
     from ray.job_submission import JobSubmissionClient
 
-    from pipeline.demo import _prepare
+    from pipeline.cli.demo import _prepare
 
     data = tmp_path / "demo-output"
     _prepare(data, fresh=False)  # the demo's tiny model and input, outside the working dir
@@ -246,7 +246,8 @@ def test_demo_spec_on_a_two_cpu_cluster_through_ray_job_submit(
 
 PROBE = (
     "import ray; ray.init(); "
-    "from pipeline.processor import fit_to_cluster; from pipeline.spec import ProcessorConfig; "
+    "from pipeline.stages.processor import fit_to_cluster; "
+    "from pipeline.spec import ProcessorConfig; "
     "fit_to_cluster(ProcessorConfig.model_validate("
     "{'model': {'path': 'm'}, 'execution': {'cpus_per_actor': 1}}))"
 )
@@ -259,7 +260,7 @@ def _job_logs(client, code: str) -> str:
 
     from ray.job_submission import JobStatus
 
-    from pipeline.submit import EXCLUDES, _submit
+    from pipeline.cli.submit import EXCLUDES, _submit
 
     sid = f"probe-{secrets.token_hex(4)}"
     env = {"working_dir": ".", "excludes": EXCLUDES}
@@ -273,6 +274,6 @@ def _job_logs(client, code: str) -> str:
 
 
 def runtime_env_excludes() -> list[str]:
-    from pipeline.submit import EXCLUDES
+    from pipeline.cli.submit import EXCLUDES
 
     return EXCLUDES

@@ -6,4 +6,7 @@ preprocess stages, then one model actor that answers each item under every confi
 `summary` (per-configuration metrics, relative performance, comparison at equal kept tokens,
 the gate), `overlay` (kept patches drawn over the image), `render` (eval.md / eval.json /
 eval.html / chart), `cli`.
+
+May import: anything in `pipeline` (it is a command of its own: `cli.run` for the shared
+arguments, `job`, `stages`, `report`) and `resprune`.
 """

@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.cli_run import add_common
+from pipeline.cli.run import add_common
+from pipeline.io.storage import redact
 from pipeline.spec import SpecError, load_spec
-from pipeline.storage import redact
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,9 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the eval, print one line per configuration and the gate's verdict."""
-    from pipeline.checks import ModelPathError
     from pipeline.eval.spec import EvalSpec
-    from pipeline.storage import StorageError
+    from pipeline.io.storage import StorageError
+    from pipeline.job.checks import ModelPathError
 
     try:
         spec, run_date = load_spec(

@@ -14,15 +14,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.checks import model_config
 from pipeline.eval import overlay, render
 from pipeline.eval.run import CONFIG, answer_all
 from pipeline.eval.spec import EvalSpec, config_label, configurations, series_of
 from pipeline.eval.summary import reference_texts, score_rows, summarize
-from pipeline.images import fetch_bytes
-from pipeline.preprocess import resolve_path
+from pipeline.io.images import fetch_bytes
+from pipeline.io.storage import filesystem, filesystem_path
+from pipeline.job.checks import model_config
 from pipeline.report.content import Block, num
-from pipeline.storage import filesystem, filesystem_path
+from pipeline.stages.preprocess import resolve_path
 
 
 def evaluate(

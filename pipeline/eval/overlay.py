@@ -15,7 +15,7 @@ import math
 
 from PIL import Image
 
-from pipeline.images import decode_image
+from pipeline.io.images import decode_image
 
 SIDE = 240  # drawn size in pixels
 

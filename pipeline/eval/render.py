@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 
 from pipeline.eval.spec import REFERENCE
 from pipeline.eval.summary import METRICS
+from pipeline.io.storage import filesystem, join
 from pipeline.report.charts import _svg
 from pipeline.report.content import TINY, Block, num
 from pipeline.report.render import to_html, to_markdown
-from pipeline.storage import filesystem, join
 
 CHART = "relative_vs_tokens.svg"
 HEADER = [

@@ -18,15 +18,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipeline.answer_stage import Answerer
-from pipeline.checks import check_model_path
 from pipeline.eval.spec import EvalSpec, check_references, configurations, job_of
-from pipeline.plan import Plan, make_plan
-from pipeline.preprocess import Preprocess
-from pipeline.processor import actor_pool, fit_to_cluster, spare_cpus
-from pipeline.readers import read_input
-from pipeline.runner import ensure_ray, new_run_id
+from pipeline.io.readers import read_input
+from pipeline.job.checks import check_model_path
+from pipeline.job.plan import Plan, make_plan
+from pipeline.job.runner import ensure_ray, new_run_id
 from pipeline.spec import JobSpec, ProcessorConfig, PruningSpec
+from pipeline.stages.answer import Answerer
+from pipeline.stages.preprocess import Preprocess
+from pipeline.stages.processor import actor_pool, fit_to_cluster, spare_cpus
 
 CONFIG = "config"
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from pipeline.overlap import overlap_f1
+from pipeline.report.overlap import overlap_f1
 
 _PUNCT = tuple(';/[]"{}()=+\\_-><@`,?!')
 _PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # as written there: a period not before a digit

@@ -13,8 +13,8 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import Field
 
+from pipeline.io.storage import StorageError
 from pipeline.spec import EnergyKeepSpec, JobSpec, PruningSpec, _Strict
-from pipeline.storage import StorageError
 
 DEFAULT_COMPARE = [{"method": "resprune", "keep": k} for k in (192, 128, 64)] + [
     {"method": m, "keep": 64} for m in ("random", "uniform", "pool", "divprune")

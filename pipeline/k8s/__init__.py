@@ -5,6 +5,8 @@ settings (`infra/deploy.yaml`) render `infra/rayjob-<job>.yaml`,
 `infra/raycronjob-<job>.yaml` and `infra/cronjob-<job>.yaml`; the checked-in files are
 exactly this output (a test re-renders them). `--run-date D` prints one night's RayJob
 for a manual run or a backfill instead. Non-goals: no `kubectl` calls, no cluster access.
+
+May import: `pipeline.spec`, `pipeline.io`, and this package.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.overlap import overlap_f1
+from pipeline.report.overlap import overlap_f1
 
 N_BOOT = 2000
 MIN_BATCHES = 3  # shadow batches a batch-size bucket needs to use its own ratio

@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.cli_run import add_common
+from pipeline.cli.run import add_common
+from pipeline.io.storage import redact
 from pipeline.spec import JobSpec, SpecError, load_spec
-from pipeline.storage import redact
 
-_QUIET = logging.getLogger("pipeline.submit.ignore_files")
+_QUIET = logging.getLogger("pipeline.cli.submit.ignore_files")
 _QUIET.setLevel(logging.WARNING)  # Ray's helper logs every ignore file it reads at INFO
 EXCLUDES = [
     ".venv",

@@ -18,9 +18,9 @@ struct, ``read_images``' uint8 arrays, PIL images or numpy arrays from a user's 
 paths with ``image_uri_column``) and, optionally, a question column. Building it runs nothing:
 columns are checked from the dataset's plan when it knows them, else on the first block in
 the CPU stage. The output
-has the columns of `pipeline.columns` plus ``input.passthrough_columns``. `build_processor`
+has the columns of `pipeline.output.columns` plus ``input.passthrough_columns``. `build_processor`
 is the one place where concurrency, GPUs and batch sizes are set; the CLI job
-(`pipeline.runner`) is this processor between its reader and its committed writer.
+(`pipeline.job.runner`) is this processor between its reader and its committed writer.
 Non-goals: reading, resume and exactly-once writes (the job's), and starting Ray.
 """
 
@@ -38,10 +38,11 @@ import pyarrow as pa
 import ray
 import yaml
 
-from pipeline.answer_stage import Answerer
-from pipeline.inputs import check_columns, passthrough_schema
-from pipeline.preprocess import Preprocess
+from pipeline.io.inputs import check_columns, passthrough_schema
+from pipeline.output.columns import check_passthrough_names
 from pipeline.spec import JobSpec, ProcessorConfig
+from pipeline.stages.answer import Answerer
+from pipeline.stages.preprocess import Preprocess
 
 logger = logging.getLogger(__name__)
 RowFn = Callable[[dict[str, Any]], dict[str, Any]]
@@ -77,6 +78,7 @@ class Processor:
         ``ds`` runs here)."""
         if self.preprocess is not None:
             ds = ds.map(self.preprocess, **self.preprocess_map_kwargs)
+        check_passthrough_names(self.config.input)
         cfg = fit_to_cluster(self.config)
         ex = cfg.execution
         passthrough = self.passthrough if self.passthrough is not None else self._check(ds)

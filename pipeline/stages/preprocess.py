@@ -20,11 +20,11 @@ import pyarrow as pa
 from PIL import Image
 
 from pipeline import faults
-from pipeline.images import decode_image, fetch_bytes, from_pixels
-from pipeline.inputs import check_columns
+from pipeline.io.images import decode_image, fetch_bytes, from_pixels
+from pipeline.io.inputs import check_columns
+from pipeline.io.storage import filesystem, filesystem_path, is_remote, join, redact
+from pipeline.io.webdataset import INPUT_ERROR
 from pipeline.spec import JobSpec, ProcessorConfig
-from pipeline.storage import filesystem, filesystem_path, is_remote, join, redact
-from pipeline.webdataset import INPUT_ERROR
 from resprune.items import ItemError
 
 PREPARED = "_prepared"

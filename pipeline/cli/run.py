@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from pipeline.io.storage import redact
 from pipeline.spec import SpecError, load_spec
-from pipeline.storage import redact
 
 
 def add_common(parser: argparse.ArgumentParser) -> None:
@@ -44,12 +44,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the job and print the one-line summary."""
-    from pipeline.checks import ModelPathError
-    from pipeline.storage import StorageError
+    from pipeline.io.storage import StorageError
+    from pipeline.job.checks import ModelPathError
 
     try:
         spec, run_date = load_spec(args.spec, run_date=args.run_date, overrides=args.overrides)
-        from pipeline import runner, summary
+        from pipeline.job import runner
+        from pipeline.output import summary
 
         doc = runner.run_job(spec, run_date, progress=False if args.no_progress else None)
     except (SpecError, StorageError, ModelPathError) as exc:

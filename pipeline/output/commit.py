@@ -45,10 +45,11 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data import Datasink
 
-from pipeline import faults, prefix
-from pipeline.prefix import MANIFEST, RUNS, STAGING, PrefixState
+from pipeline import faults
+from pipeline.io.storage import StorageError, exists, filesystem, join, read_json, write_json
+from pipeline.output import prefix
+from pipeline.output.prefix import MANIFEST, RUNS, STAGING, PrefixState
 from pipeline.spec import StorageSpec
-from pipeline.storage import StorageError, exists, filesystem, join, read_json, write_json
 
 __all__ = ["MANIFEST", "RUNS", "STAGING", "CommitSink", "SupersededError", "commit_table"]
 LEASE = "_lease.json"

@@ -13,12 +13,13 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, Protocol
 
-from pipeline import commit
-from pipeline.plan import Plan
+import pyarrow.fs as pafs
+
+from pipeline.io.storage import join, redact, write_json
+from pipeline.output import commit
 from pipeline.spec import JobSpec, fingerprint
-from pipeline.storage import join, redact, write_json
 
 _SUMMED = (
     "rows",
@@ -31,6 +32,21 @@ _SUMMED = (
 )
 
 
+class PlannedRun(Protocol):
+    """What the summary reports of the job's plan (``pipeline.job.plan.Plan`` has it)."""
+
+    out_fs: pafs.FileSystem
+    out_root: str
+    bad_shards: dict[str, str]
+    items_total: int
+    items_filtered: int
+    items_skipped: int
+    recovered_files: int
+
+    @property
+    def items_pending(self) -> int: ...
+
+
 def _iso(t: float) -> str:
     return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="seconds")
 
@@ -38,7 +54,9 @@ def _iso(t: float) -> str:
 class Recorder:
     """Builds the summary of one run (attempt) and writes it under ``_runs/``."""
 
-    def __init__(self, spec: JobSpec, plan: Plan, *, run_id: str, run_date: str, started: float):
+    def __init__(
+        self, spec: JobSpec, plan: PlannedRun, *, run_id: str, run_date: str, started: float
+    ):
         self.spec, self.plan, self.run_id, self.run_date = spec, plan, run_id, run_date
         self.started = started
 

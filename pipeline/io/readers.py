@@ -3,7 +3,7 @@
 Each format goes through a Ray Data reader: ``read_parquet`` (no hive-partition columns are
 invented from paths), a `FileBasedDatasource` over pyarrow's Arrow IPC stream reader for
 ``datasets`` ``save_to_disk`` folders, and ``read_webdataset`` (members kept as bytes, then
-shaped into rows by `pipeline.webdataset.to_rows`). Only the columns the job needs are kept.
+shaped into rows by `pipeline.io.webdataset.to_rows`). Only the columns the job needs are kept.
 Integer ids become their decimal strings here, so everything after the reader (resume,
 filters, the output) sees text. Non-goals: checks and ids (the plan did them), decoding
 (the CPU stage does it).
@@ -12,14 +12,15 @@ filters, the output) sees text. Non-goals: checks and ids (the plan did them), d
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Protocol
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import ray
 from ray.data.datasource import FileBasedDatasource
 
-from pipeline import webdataset
 from pipeline.filters import apply_filter, filter_columns
-from pipeline.plan import Plan
+from pipeline.io import webdataset
 from pipeline.spec import InputSpec
 
 
@@ -35,7 +36,17 @@ class ArrowStreamDatasource(FileBasedDatasource):
             yield pa.Table.from_batches([batch]).select(self.columns)
 
 
-def read_input(spec: InputSpec, plan: Plan) -> ray.data.Dataset:
+class PendingInput(Protocol):
+    """What the reader needs of the job's plan (``pipeline.job.plan.Plan`` has it)."""
+
+    pending_files: list[str]
+    in_fs: pafs.FileSystem
+    input_format: str
+    has_question: bool
+    integer_ids: bool
+
+
+def read_input(spec: InputSpec, plan: PendingInput) -> ray.data.Dataset:
     """The pending files' rows: id, image, question (when present), pass-through columns."""
     files, fs = plan.pending_files, plan.in_fs
     if plan.input_format == "webdataset":

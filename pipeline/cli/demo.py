@@ -85,7 +85,8 @@ def write_input(folder: Path) -> int:
 
 def main(args: argparse.Namespace) -> int:
     """Prepare model and input, run (or resume) the job, print where results and report are."""
-    from pipeline import console, runner, summary
+    from pipeline.job import console, runner
+    from pipeline.output import summary
     from pipeline.spec import load_spec
 
     console.quiet(progress=console.show_progress(None))

@@ -10,8 +10,7 @@ from __future__ import annotations
 import os
 import re
 
-from pipeline.spec import JobSpec
-from pipeline.storage import (
+from pipeline.io.storage import (
     StorageError,
     exists,
     filesystem,
@@ -20,6 +19,7 @@ from pipeline.storage import (
     read_json,
     redact,
 )
+from pipeline.spec import JobSpec
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

@@ -4,7 +4,7 @@ Read-only: `scan` lists the prefix once (one recursive listing) and reads each m
 `read_ids` reads the id column of each committed file. Both work on any layout: every file
 is read on its own (``pq.ParquetFile``), never as a dataset, so no hive partition is inferred
 from ``key=value`` segments such as ``run_date=2026-11-24/`` in the prefix. Decisions that
-write (recovery, de-duplication, the lease) live in `pipeline.commit`.
+write (recovery, de-duplication, the lease) live in `pipeline.output.commit`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import faults
-from pipeline.storage import join, read_json
+from pipeline.io.storage import join, read_json
 
 MANIFEST, STAGING, RUNS = "_manifest", "_staging", "_runs"
 MARKER_SUFFIX = ".parquet.json"

@@ -5,7 +5,7 @@ storage, no input files, missing columns, duplicate or null ids, a bad model pat
 another config, no write access) fail fast with one line, and all but the last before the
 output prefix is touched. Reads only each file's footer and id column. Shards whose ids are all
 committed are dropped from the read; partly committed shards get a row filter. The input's
-formats and column checks are `pipeline.inputs`'.
+formats and column checks are `pipeline.io.inputs`'.
 """
 
 from __future__ import annotations
@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from pipeline import commit, faults, inputs, prefix
-from pipeline.checks import check_model_path
+from pipeline import faults
+from pipeline.io import inputs
+from pipeline.io.storage import StorageError, filesystem, join, redact
+from pipeline.job.checks import check_model_path
+from pipeline.output import commit, prefix
+from pipeline.output.columns import check_passthrough_names
 from pipeline.spec import InputSpec, JobSpec, fingerprint, fingerprint_fields
-from pipeline.storage import StorageError, filesystem, join, redact
 
 
 @dataclass
@@ -61,6 +64,7 @@ def make_plan(spec: JobSpec, *, run_id: str | None = None) -> Plan:
     in_fs, in_path = filesystem(spec.input.uri, spec.storage)
     out_fs, out_root = filesystem(spec.output.uri, spec.storage)
     try:
+        check_passthrough_names(spec.input)
         listing = faults.retry(
             lambda: inputs.list_input(in_fs, in_path, spec.input), what=f"read {spec.input.uri}"
         )

@@ -1,11 +1,11 @@
 """The job's input on the driver: detect its format, list its files, check columns, read ids.
 
 Three formats, one result (`InputListing`): Parquet files (ours, or a Hugging Face hub
-``data/*.parquet`` layout), a ``datasets`` ``save_to_disk`` folder (`pipeline.hf_arrow`), and
-WebDataset tar shards (`pipeline.webdataset`). Image columns may hold encoded bytes or the
+``data/*.parquet`` layout), a ``datasets`` ``save_to_disk`` folder (`pipeline.io.hf_arrow`), and
+WebDataset tar shards (`pipeline.io.webdataset`). Image columns may hold encoded bytes or the
 ``datasets`` ``Image()`` struct ``{bytes, path}`` (detected from the type). Reads only what the
 plan needs (footers and id columns; a tar shard's member headers). Non-goals: reading rows for
-the job (`pipeline.readers`), and resume (`pipeline.plan`).
+the job (`pipeline.io.readers`), and resume (`pipeline.job.plan`).
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline import hf_arrow, webdataset
-from pipeline.columns import OUTPUT_COLUMNS
 from pipeline.filters import apply_filter, filter_columns
+from pipeline.io import hf_arrow, webdataset
+from pipeline.io.storage import StorageError, is_remote, list_files, redact
 from pipeline.spec import ColumnsSpec, InputSpec
-from pipeline.storage import StorageError, is_remote, list_files, redact
 
 SUFFIX = {"parquet": ".parquet", "webdataset": ".tar"}
 HF_IMAGE = "datasets Image() struct {bytes, path}"
@@ -216,13 +215,6 @@ def check_columns(path: str, schema: pa.Schema, spec: ColumnsSpec) -> None:
         raise StorageError(
             f"{path}: wrong column type(s) {wrong}: ids are strings or integers, questions "
             f"and URIs are strings, images are binary or the {HF_IMAGE}"
-        )
-    renamed = {spec.output_name(c) for c in spec.passthrough_columns}
-    clash = sorted(renamed & {name for name, _, _ in OUTPUT_COLUMNS})
-    if clash:
-        raise StorageError(
-            f"passthrough column(s) {clash} clash with output columns; rename them with "
-            f"input.passthrough_rename, e.g. {{{clash[0]}: input_{clash[0]}}}"
         )
 
 

@@ -5,7 +5,7 @@ and Arrow IPC *stream* files (``data-00000-of-00001.arrow``); a ``DatasetDict`` 
 folder per split (one is read: ``input.split`` names it when there are several). We take
 the file list from ``state.json`` (a folder re-used by
 ``load_from_disk(...).map`` also holds ``cache-*.arrow`` files that are not the dataset), and
-let pyarrow parse the files (here for the plan's ids; `pipeline.readers` for the job).
+let pyarrow parse the files (here for the plan's ids; `pipeline.io.readers` for the job).
 Non-goals: the ``_indices`` mapping of an unflattened dataset (``save_to_disk`` flattens it),
 and datasets' own feature decoding (images stay encoded until the CPU stage).
 """
@@ -17,7 +17,7 @@ from collections.abc import Callable
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from pipeline.storage import StorageError, join, read_json
+from pipeline.io.storage import StorageError, join, read_json
 
 STATE = "state.json"
 

@@ -36,10 +36,10 @@ import pyarrow as pa
 import ray
 
 from pipeline import faults
-from pipeline.columns import output_schema
-from pipeline.preprocess import PREPARED
+from pipeline.io.storage import redact
+from pipeline.output.columns import output_schema
 from pipeline.spec import JobSpec
-from pipeline.storage import redact
+from pipeline.stages.preprocess import PREPARED
 from resprune.items import ItemError, ItemResult, PreparedItem
 
 ERROR_STREAK = 8  # consecutive items the model raised for: the model, not the items, is broken

@@ -10,6 +10,8 @@ from __future__ import annotations
 import pyarrow as pa
 
 from pipeline.faults import ITEM_CAUSES
+from pipeline.io.storage import StorageError
+from pipeline.spec import ColumnsSpec
 
 ERROR_CAUSES = tuple(ITEM_CAUSES)  # the documented enum: pipeline.faults decides
 
@@ -87,3 +89,14 @@ def output_schema(passthrough: pa.Schema | None = None) -> pa.Schema:
     if passthrough is not None:
         fields += [passthrough.field(n) for n in passthrough.names]
     return pa.schema(fields)
+
+
+def check_passthrough_names(spec: ColumnsSpec) -> None:
+    """Refuse pass-through columns whose output names clash with the output's own columns."""
+    renamed = {spec.output_name(c) for c in spec.passthrough_columns}
+    clash = sorted(renamed & {name for name, _, _ in OUTPUT_COLUMNS})
+    if clash:
+        raise StorageError(
+            f"passthrough column(s) {clash} clash with output columns; rename them with "
+            f"input.passthrough_rename, e.g. {{{clash[0]}: input_{clash[0]}}}"
+        )

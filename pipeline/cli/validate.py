@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from pipeline.cli_run import add_common
+from pipeline.cli.run import add_common
+from pipeline.io.storage import redact
 from pipeline.spec import JobSpec, SpecError, load_spec
-from pipeline.storage import redact
 
 if TYPE_CHECKING:
-    from pipeline.plan import Plan
+    from pipeline.job.plan import Plan
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Print `ok: ...` or every problem; exit 0 or 2."""
-    from pipeline.checks import ModelPathError
-    from pipeline.storage import StorageError
+    from pipeline.io.storage import StorageError
+    from pipeline.job.checks import ModelPathError
 
     try:
         spec, run_date = load_spec(
@@ -89,8 +89,8 @@ def _job(spec: JobSpec) -> JobSpec:
 
 def _deep(spec: JobSpec) -> list[str]:
     """Storage, ids, model path, output fingerprint and engine (read-only)."""
-    from pipeline.checks import check_engine
-    from pipeline.plan import make_plan
+    from pipeline.job.checks import check_engine
+    from pipeline.job.plan import make_plan
 
     job = _job(spec)
     plan = make_plan(job)  # read-only: no lease, no recovery, no write
@@ -110,9 +110,9 @@ def _quick(spec: JobSpec) -> list[str]:
     """What needs no data read: a local input's column types, a local model's config.json."""
     import pyarrow.fs as pafs
 
-    from pipeline.checks import check_model_path
-    from pipeline.inputs import check_schema
-    from pipeline.storage import filesystem, is_remote
+    from pipeline.io.inputs import check_schema
+    from pipeline.io.storage import filesystem, is_remote
+    from pipeline.job.checks import check_model_path
 
     job, lines = _job(spec), []
     if is_remote(job.input.uri):

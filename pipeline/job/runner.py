@@ -1,11 +1,11 @@
 """Compose and run the job: plan -> one lazy Ray Data chain -> committed Parquet -> summary.
 
-`build_dataset` chains the input reader and the stage API's processor (`pipeline.processor`,
+`build_dataset` chains the input reader and the stage API's processor (`pipeline.stages.processor`,
 where concurrency, GPUs and batch sizes are set).
 `run_job` is the driver: it plans (fails fast on whole-job problems before any model is
 loaded), connects to Ray or starts a local cluster, executes the chain into `CommitSink`,
 and writes ``_runs/<run_id>.json``. Non-goals: scheduling, retries of the whole job (a
-rerun of the same spec resumes; see pipeline.commit).
+rerun of the same spec resumes; see pipeline.output.commit).
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipeline import commit, faults, summary
-from pipeline.commit import CommitSink
-from pipeline.console import quiet, show_progress
-from pipeline.plan import Plan, make_plan
-from pipeline.processor import build_processor
-from pipeline.readers import read_input
+from pipeline import faults
+from pipeline.io.readers import read_input
+from pipeline.job.console import quiet, show_progress
+from pipeline.job.plan import Plan, make_plan
+from pipeline.output import commit, summary
+from pipeline.output.commit import CommitSink
 from pipeline.spec import JobSpec, ProcessorConfig, fingerprint, fingerprint_fields
+from pipeline.stages.processor import build_processor
 
 
 @ray.remote(num_cpus=0)
