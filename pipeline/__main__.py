@@ -29,16 +29,20 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and dispatch to the command's module."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    return int(importlib.import_module(COMMANDS[args.command][0]).main(args) or 0)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The parsed command line (only the chosen command's module is imported)."""
     parser = argparse.ArgumentParser(prog=_prog(), description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if a in COMMANDS), None)
     for name, (module, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
             importlib.import_module(module).add_arguments(cmd)
-    args = parser.parse_args(argv)
-    return int(importlib.import_module(COMMANDS[args.command][0]).main(args) or 0)
+    return parser.parse_args(argv)
 
 
 def _prog() -> str:

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]  # the pipeline package
 IMAGES = ROOT / "assets" / "images"
 JOB = resources.files("pipeline") / "assets" / "demo.yaml"
 DEFAULT_OUT = "demo-output"

@@ -18,7 +18,7 @@ from pipeline.faults import ITEM_CAUSES
 from pipeline.output.columns import OUTPUT_COLUMNS
 from pipeline.spec import JobSpec
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 
 
 def render() -> dict[str, str]:
