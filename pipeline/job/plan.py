@@ -11,7 +11,7 @@ formats and column checks are `pipeline.io.inputs`'.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -53,54 +53,89 @@ class Plan:
         return self.items_total - self.items_skipped
 
 
+@dataclass
+class Facts:
+    """What planning reads, once: the input's listing and the output prefix's scan."""
+
+    in_fs: pafs.FileSystem
+    out_fs: pafs.FileSystem
+    out_root: str
+    listing: inputs.InputListing
+    folder: str  # the datasets folder ("" for other formats)
+    state: prefix.PrefixState
+    recovered_files: int = 0
+
+
 def make_plan(spec: JobSpec, *, run_id: str | None = None) -> Plan:
     """Check input, model path and output, then compute the pending work.
 
-    Every read-only check (input files and columns, model path, the output prefix's markers
-    and fingerprint) runs first and raises StorageError / ModelPathError. Only with
-    ``run_id`` (a run, not a validation) does it then write: a probe, the prefix's lease, and
-    recovery. Without ``run_id`` nothing is written. The output is listed once per phase.
+    In one direction: read-only facts first (one listing of the input, one scan of the output
+    prefix, the fingerprint check), raising StorageError / ModelPathError; then, only with
+    ``run_id`` (a run, not a validation), the writes (a probe, the prefix's lease, recovery of
+    a crashed run's staged files); then the decision, a pure function of the facts. Without
+    ``run_id`` nothing is written.
     """
-    in_fs, in_path = filesystem(spec.input.uri, spec.storage)
-    out_fs, out_root = filesystem(spec.output.uri, spec.storage)
     try:
-        check_passthrough_names(spec.input)
-        listing = faults.retry(
-            lambda: inputs.list_input(in_fs, in_path, spec.input), what=f"read {spec.input.uri}"
-        )
-        folder = inputs.dataset_folder(in_fs, in_path, spec.input.uri)
-        check_model_path(spec)
-        state = faults.retry(lambda: prefix.scan(out_fs, out_root), what=f"list {out_root}")
-        commit.check_unmarked(state)
-        check_fingerprint(state, spec)
-        recovered = 0
+        facts = read_facts(spec)
         if run_id is not None:
-            _probe_write(out_fs, out_root)
-            commit.take_lease(out_fs, out_root, run_id)
-            state = prefix.scan(out_fs, out_root, known=state.markers)
-            recovered = commit.recover(out_fs, out_root, state)
-        done = prefix.all_ids(out_fs, state)
+            facts = claim_output(facts, run_id)
+        done = prefix.all_ids(facts.out_fs, facts.state)
     except (OSError, faults.TransientFault) as exc:
         raise StorageError(f"storage unreachable or refused: {redact(str(exc))}") from None
+    return decide(spec, facts, done)
+
+
+def read_facts(spec: JobSpec) -> Facts:
+    """The read-only facts and checks: input listing and columns, model path, output scan,
+    unmarked files and the fingerprint. Writes nothing."""
+    in_fs, in_path = filesystem(spec.input.uri, spec.storage)
+    out_fs, out_root = filesystem(spec.output.uri, spec.storage)
+    check_passthrough_names(spec.input)
+    listing = faults.retry(
+        lambda: inputs.list_input(in_fs, in_path, spec.input), what=f"read {spec.input.uri}"
+    )
+    folder = inputs.dataset_folder(in_fs, in_path, spec.input.uri)
+    check_model_path(spec)
+    state = faults.retry(lambda: prefix.scan(out_fs, out_root), what=f"list {out_root}")
+    commit.check_unmarked(state)
+    check_fingerprint(state, spec)
+    return Facts(in_fs, out_fs, out_root, listing, folder, state)
+
+
+def claim_output(facts: Facts, run_id: str) -> Facts:
+    """The writes: probe, lease, then recovery of staged files; the scan is refreshed (reading
+    only markers it has not seen) so the decision sees what recovery published."""
+    fs, root = facts.out_fs, facts.out_root
+    _probe_write(fs, root)
+    commit.take_lease(fs, root, run_id)
+    state = prefix.scan(fs, root, known=facts.state.markers)
+    recovered = commit.recover(fs, root, state)
+    return replace(facts, state=state, recovered_files=recovered)
+
+
+def decide(spec: JobSpec, facts: Facts, done: set[str]) -> Plan:
+    """The pending work, a pure function of the facts: files with uncommitted ids, and the
+    committed ids to filter out of partly done files."""
     pending, skip, total, skipped = [], [], 0, 0
-    for path, ids in listing.ids.items():
+    for path, ids in facts.listing.ids.items():
         total += len(ids)
         hit = [i for i in ids if i in done]
         skipped += len(hit)
         if len(hit) < len(ids):
             pending.append(path)
             skip += hit
+    listing = facts.listing
     return Plan(
-        in_fs,
-        out_fs,
-        out_root,
+        facts.in_fs,
+        facts.out_fs,
+        facts.out_root,
         len(listing.files) + len(listing.bad_shards),
         pending,
         total,
         skipped,
         skip,
-        recovered_files=recovered,
-        **_input_fields(listing, spec.input, folder),
+        recovered_files=facts.recovered_files,
+        **_input_fields(listing, spec.input, facts.folder),
     )
 
 
