@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from pipeline.__main__ import parse_args
+from pipeline.__main__ import main, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -84,18 +82,14 @@ def test_documented_command_parses_and_its_files_exist(doc: str, argv: list[str]
     [c for c in COMMANDS if c[1][0] in RUN_HERE],
     ids=lambda v: " ".join(v) if isinstance(v, list) else v,
 )
-def test_cheap_documented_command_runs(doc: str, argv: list[str]) -> None:
+def test_cheap_documented_command_runs(
+    doc: str, argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     if argv[0] in ("schemas", "render-k8s") and "--check" not in argv:
         argv = [*argv, "--check"]  # never rewrite the repo from a test
     argv = [a for a in argv if a != "--deep"]  # --deep reads the spec's storage: not here
-    done = subprocess.run(
-        [sys.executable, "-m", "pipeline", *argv],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, f"{doc}: {' '.join(argv)}\n{done.stdout}{done.stderr}"
+    monkeypatch.chdir(REPO)
+    assert main(argv) == 0, f"{doc}: {' '.join(argv)}\n{capsys.readouterr()}"
 
 
 @pytest.mark.parametrize(("doc", "target"), MAKE_TARGETS)
