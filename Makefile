@@ -11,7 +11,7 @@ VLLM_VENV   := .venv-vllm
 VLLM_STAMP  := $(VLLM_VENV)/.installed
 VLLM_FLAGS  := --compile-bytecode --python $(VLLM_VENV)/bin/python $(if $(FIND_LINKS),--find-links "$(FIND_LINKS)")
 
-.PHONY: demo test test-slow test-all test-vllm vllm-env quality format schemas bench bench-vllm clean
+.PHONY: demo test test-slow test-all test-gpu test-vllm vllm-env quality format schemas bench bench-vllm clean
 
 $(STAMP): pyproject.toml requirements-ci.txt
 	@echo "make: setting up $(VENV): torch (CPU build), Ray, transformers and the project,"
@@ -46,6 +46,12 @@ test-slow: $(STAMP)
 
 test-all: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not gpu"
+
+# The GPU tier (tests marked `gpu`: tests/test_gpu.py and the selector's CUDA test; skipped
+# without CUDA) with the interpreter in $(PY), not .venv (whose torch is the CPU build): run it
+# where torch has CUDA and this project is installed (`pip install -e ".[dev]"`).
+test-gpu:
+	$(PY) -m pytest -q -rs -m gpu
 
 # The vLLM engine's tests (marked `vllm`; `make test` skips them where vLLM is not installed).
 test-vllm: $(VLLM_STAMP)

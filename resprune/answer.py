@@ -9,7 +9,8 @@ rows included (`resprune.budget`), or asks for the energy it retains (`resprune.
 No attention maps are needed, so SDPA / FlashAttention keep working. Timings are per batch,
 synchronised with the device, and reported per item as
 the batch time divided by the batch size (``generate_s`` is the engine call, whatever the
-engine, so cost reports stay comparable).
+engine, so cost reports stay comparable); compile and capture time (`resprune.overhead`: a
+new shape's warm-up) is left out of every stage.
 Non-goals: sampling (decoding is greedy), streaming, multi-image prompts.
 """
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from resprune import overhead
 from resprune.adaptive import select_by_energy
 from resprune.budget import ImageTokens, Picks, kept_index, kept_rows, select_within_budget
 from resprune.engines import Engine, Plan
@@ -79,8 +81,8 @@ def answer_batch(
         todo = [_engine_plan(plans[i], items[i]) for i in ok]
         answers = engine.generate(todo, max_new_tokens) if ok else []
         t3 = _now(vlm)
-    share = {"vision_s": (t1 - t0), "select_s": (t2 - t1), "generate_s": (t3 - t2)}
-    share = {key: value / len(items) for key, value in share.items()}
+    stages = zip(("vision_s", "select_s", "generate_s"), (t0, t1, t2), (t1, t2, t3), strict=True)
+    share = {key: _model_time(a, b) / len(items) for key, a, b in stages}
     for i, gen in zip(ok, answers, strict=True):
         out[i] = gen if isinstance(gen, ItemError) else _result(gen, plans[i].stats, share)
     return out  # type: ignore[return-value]
@@ -102,9 +104,15 @@ def _result(gen, stats: dict, share: dict) -> ItemResult:
     return ItemResult(answer=gen.text, answer_ids=ids, new_tokens=len(ids), **stats, **share)
 
 
-def _now(vlm: VLM) -> float:
+def _now(vlm: VLM) -> tuple[float, float]:
+    """(wall clock, compile and capture seconds so far), the device synchronised."""
     sync(vlm.device)
-    return time.perf_counter()
+    return time.perf_counter(), overhead.seconds()
+
+
+def _model_time(start: tuple[float, float], end: tuple[float, float]) -> float:
+    """Seconds between two `_now` readings, less the compile and capture time between them."""
+    return max(0.0, (end[0] - start[0]) - (end[1] - start[1]))
 
 
 def _select(vlm, items, feats, pruner, keep, anyres, policy) -> list[_Plan | ItemError]:

@@ -36,6 +36,8 @@ SUMMARY_KEYS = {
     "items_error",
     "gpu_seconds",
     "actor_seconds",
+    "model_seconds",
+    "compile_seconds",
     "pruner",
     "keep",
     "alpha",

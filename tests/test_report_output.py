@@ -91,6 +91,29 @@ def test_failed_attempts_count_as_used_and_once_without_pruning(tmp_path) -> Non
     assert "failed attempts" in _read(written["md"])
 
 
+def test_compile_and_capture_hours_are_billed_overhead_not_used(tmp_path) -> None:
+    """The run summary's compile_seconds show as their own line, inside the billed hours and
+    outside the hours used and the estimate (which the items' GPU seconds alone make)."""
+    uri = str(tmp_path / "out")
+    runs = [run_json(actor_seconds=36.0, compile_seconds=9.0, usd_per_gpu_hour=3.6)]
+    write_output(uri, _small_table(), runs)
+    written = write_report(uri)
+    report = json.loads(_read(written["json"]))
+    used_h = (1 + 2 + 3 + 4) / 3600
+    assert report["gpu_hours_compile"] == pytest.approx(9 / 3600)
+    assert report["usd_compile"] == pytest.approx(9 / 3600 * 3.6)
+    assert report["gpu_hours_used"] == pytest.approx(used_h)
+    assert report["gpu_hours_unpruned_est"] == pytest.approx(used_h * 7 / 3)
+    assert report["runs"][0]["compile_seconds"] == 9.0
+    row = _md_row(
+        _read(written["md"]), "of which compiling and capturing (billed overhead, not model time)"
+    )
+    assert _number(row[1]) == pytest.approx(9 / 3600, rel=1e-3)
+    before = str(tmp_path / "before")  # summaries written before it was recorded: unknown
+    write_output(before, _small_table(), [run_json(actor_seconds=36.0)])
+    assert json.loads(_read(write_report(before)["json"]))["gpu_hours_compile"] is None
+
+
 def test_unknown_price_is_reported_as_unknown(tmp_path) -> None:
     uri = str(tmp_path / "out")
     write_output(uri, rows(20, shadow=5), [run_json(usd_per_gpu_hour=None)])

@@ -4,9 +4,11 @@ The job's own stages do the work: its reader and `Preprocess` (CPU), then `EvalA
 an actor that loads the model once and holds one job `Answerer` per configuration sharing
 it. Each batch is answered under every configuration back to back on the same actor, so
 their times compare like with like; the first batch of each actor is answered once more
-beforehand and discarded (warm-up). Rows come back to the driver (a labelled set is small)
-with a ``config`` column; the overlay items are spread over different images. Non-goals:
-resume (an eval reruns whole), committed writes.
+beforehand under every configuration and discarded (warm-up: each configuration's first
+shapes, its selector and its caches are warm before any time is kept; later new shapes are
+warmed up by the engine and their compile time is left out of the items'). Rows come back
+to the driver (a labelled set is small) with a ``config`` column; the overlay items are
+spread over different images. Non-goals: resume (an eval reruns whole), committed writes.
 """
 
 from __future__ import annotations
@@ -55,8 +57,9 @@ class EvalAnswerer:
         self.warm = False
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        if not self.warm:
-            self.answerers[0][1](batch)
+        if not self.warm:  # every configuration, not only the first: shapes differ by keep
+            for _, answerer in self.answerers:
+                answerer(batch)
             self.warm = True
         tables = []
         for label, answerer in self.answerers:

@@ -32,7 +32,8 @@ from pipeline.stages.processor import build_processor
 
 @ray.remote(num_cpus=0)
 class Ledger:
-    """Driver-side record of model actors (start, shape, busy seconds) and of batches in flight.
+    """Driver-side record of model actors (start, shape, busy and compile seconds) and of
+    batches in flight.
 
     It outlives the actors, so a retried batch learns that an earlier attempt killed its
     process, and which item was being answered alone when it did (poison quarantine).
@@ -78,10 +79,12 @@ class Ledger:
         )
 
     def actor_started(self, key: str, started: float, shape: dict[str, Any]) -> None:
-        self.actors[key] = {"started": started, "busy_s": 0.0, "shape": shape}
+        self.actors[key] = {"started": started, "busy_s": 0.0, "compile_s": 0.0, "shape": shape}
 
-    def actor_busy(self, key: str, busy_s: float) -> None:
-        self.actors.setdefault(key, {"started": time.time(), "shape": None})["busy_s"] = busy_s
+    def actor_busy(self, key: str, busy_s: float, compile_s: float = 0.0) -> None:
+        """The actor's model seconds and its compile and capture seconds so far."""
+        actor = self.actors.setdefault(key, {"started": time.time(), "shape": None})
+        actor.update(busy_s=busy_s, compile_s=compile_s)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         return self.actors

@@ -45,7 +45,12 @@ OUTPUT_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     ("prompt_tokens", _I32, "Prompt length the LLM processed (after pruning)."),
     ("prompt_tokens_unpruned", _I32, "Prompt length without pruning."),
     ("new_tokens", _I32, "Generated tokens."),
-    ("gpu_seconds", _F64, "Measured device wall time of the item's batch, split over its items."),
+    (
+        "gpu_seconds",
+        _F64,
+        "Measured device wall time of the item's batch, split over its items (compile and "
+        "capture of a new shape excluded: the run summary's compile_seconds).",
+    ),
     ("batch_id", _STR, "Model batch the item was answered in (its items share one time)."),
     ("batch_size", _I32, "Items in that model batch."),
     (

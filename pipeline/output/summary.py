@@ -3,7 +3,9 @@
 Counts and GPU-seconds are sums over the commit markers this run wrote (unique committed
 rows, never in-actor counters, which retries can double). ``actor_seconds`` is the model
 actors' held time: from each actor's start to the end of the execution (what is billed);
-``model_seconds`` is the part of it spent inside the model. ``execution.max_error_fraction``
+``model_seconds`` is the part of it spent inside the model, and ``compile_seconds`` the part
+spent compiling and capturing each new shape (billed overhead: in ``actor_seconds``, never in
+``model_seconds`` or any item's ``gpu_seconds``). ``execution.max_error_fraction``
 is judged over every row committed under the output prefix, earlier runs' included
 (``error_fraction`` in the summary), so a failed night stays failed on a rerun.
 """
@@ -146,6 +148,7 @@ class Recorder:
             "actors": len(actors),
             "actor_seconds": sum(finished - a["started"] for a in actors.values()),
             "model_seconds": sum(a.get("busy_s", 0.0) for a in actors.values()),
+            "compile_seconds": sum(a.get("compile_s", 0.0) for a in actors.values()),
             "model_shape": shapes[0] if shapes else None,
         }
 
@@ -199,7 +202,8 @@ def one_line(doc: dict[str, Any]) -> str:
         f"{doc['name']} {doc['run_date']} {doc['status']}: {doc['items_ok']} ok, "
         f"{doc['items_error']} error, {doc['items_skipped']} skipped of {doc['items_total']} "
         f"in {doc['wall_seconds']:.1f}s ({doc['items_per_second']:.2f} items/s), "
-        f"gpu {doc['gpu_seconds']:.1f}s, actors {doc['actor_seconds']:.1f}s -> "
+        f"gpu {doc['gpu_seconds']:.1f}s, actors {doc['actor_seconds']:.1f}s "
+        f"(compile {doc.get('compile_seconds', 0.0):.1f}s) -> "
         f"{doc['output_uri']} (summary _runs/{doc['run_id']}.json)"
         + (f"; failed: {doc['failure']}" if doc.get("failure") else "")
     )

@@ -201,6 +201,14 @@ def _billed(runs: Sequence[Run]) -> float | None:
     return _hours(float(sum(seconds))) if seconds else None
 
 
+def _compile(runs: Sequence[Run]) -> float | None:
+    """Hours the actors spent compiling and capturing new shapes (billed, not in used hours);
+    None when no run summary says (runs from before it was recorded)."""
+    key = "compile_seconds"
+    seconds = [r.info[key] for r in runs if r.info.get(key) is not None]
+    return _hours(float(sum(seconds))) if seconds else None
+
+
 def scope_summary(runs: Sequence[Run], *, price: float | None, seed: int = 0) -> dict[str, Any]:
     """The headline numbers (report.json contract keys and more) over a set of runs."""
     stats = sum((r.stats for r in runs), RunStats())
@@ -215,12 +223,14 @@ def scope_summary(runs: Sequence[Run], *, price: float | None, seed: int = 0) ->
         "gpu_hours_used": used,
         "gpu_hours_failed": stats.failed_seconds / 3600,
         "gpu_hours_billed": _billed(runs),
+        "gpu_hours_compile": _compile(runs),
         "gpu_hours_unpruned_est": est["unpruned"],
         "gpu_hours_unpruned_ci": percentile_ci(boot_h),
         "gpu_hours_saved": None if est["unpruned"] is None else est["unpruned"] - used,
         "gpu_hours_saved_ci": None if boot_h is None else percentile_ci(boot_h - used),
         "usd_used": _money(runs, price, lambda r: r.stats.used_seconds / 3600),
         "usd_billed": _money(runs, price, lambda r: _billed([r])),
+        "usd_compile": _money(runs, price, lambda r: _compile([r])),
         "usd_saved": est["usd_saved"] if est["unpruned"] is not None else None,
         "usd_saved_ci": percentile_ci(est["boot_usd"])
         if isinstance(est["boot_usd"], np.ndarray)
@@ -301,6 +311,7 @@ def run_summary(run: Run, price: float | None) -> dict[str, Any]:
         "items_processed",
         "items_skipped",
         "actor_seconds",
+        "compile_seconds",
         "summary_missing",
         *CONFIG_KEYS,
     )

@@ -18,7 +18,10 @@ to the run's ledger (side effects are at-least-once; the run's GPU-seconds come 
 committed rows instead). A batch whose earlier attempt killed the actor process is answered
 one item at a time, and an item that killed it while answered alone is quarantined
 (``crashed_worker``) instead of retried: a poison item costs at most three attempts
-(``execution.max_task_retries`` >= 2). Non-goal: batching across Ray calls.
+(``execution.max_task_retries`` >= 2). Compile and capture time (`resprune.overhead`: the
+first batch of each shape warms that shape up first, pruned and shadow alike) is left out of
+the items' GPU seconds and the busy time; the actor reports it as ``compile_s``, which the run
+summary and the cost report show as billed overhead. Non-goal: batching across Ray calls.
 """
 
 from __future__ import annotations
@@ -144,7 +147,7 @@ class Answerer:
         self.batch_tokens = (
             None if auto_vllm else resolve_batch_tokens(tokens, self.vlm.model, self.vlm.device)
         )
-        self.busy_s, self.error_streak = 0.0, 0
+        self.busy_s, self.compile_s, self.error_streak = 0.0, 0.0, 0
         if ledger is not None:
             ledger.actor_started.remote(self.key, self.started, self.vlm.describe())
 
@@ -180,7 +183,7 @@ class Answerer:
             r.update(self.const, shadow=bool(r.get("shadow")) and r["status"] == "ok")
         if self.ledger is not None:
             self.ledger.end.remote(ids)
-            self.ledger.actor_busy.remote(self.key, self.busy_s)
+            self.ledger.actor_busy.remote(self.key, self.busy_s, self.compile_s)
         return pa.Table.from_pylist(rows, schema=output_schema(self._passthrough(batch)))
 
     def _passthrough(self, batch: pa.Table) -> pa.Schema:
@@ -280,16 +283,23 @@ class Answerer:
             ) from exc
         return ItemError("model_error", message)
 
-    def _start(self) -> float:
-        """Synchronise the device and start the clock."""
-        self._sync()
-        return time.perf_counter()
+    def _start(self) -> tuple[float, float]:
+        """Synchronise the device and start the clock (and the compile-and-capture count)."""
+        from resprune import overhead
 
-    def _stop(self, started: float) -> float:
-        """Synchronise the device, stop the clock, count the time as busy; returns seconds."""
         self._sync()
-        seconds = time.perf_counter() - started
+        return time.perf_counter(), overhead.seconds()
+
+    def _stop(self, started: tuple[float, float]) -> float:
+        """Synchronise the device, stop the clock; returns the model seconds since ``started``:
+        compile and capture seconds in between count as ``compile_s``, the rest as busy."""
+        from resprune import overhead
+
+        self._sync()
+        wall, compiled = time.perf_counter() - started[0], overhead.seconds() - started[1]
+        seconds = max(0.0, wall - compiled)
         self.busy_s += seconds
+        self.compile_s += compiled
         return seconds
 
     def _sync(self) -> None:

@@ -12,6 +12,19 @@ and the explicit positions work as in the dynamic path. To keep the number of co
 shapes small over a long job, the batch is bucketed (1, 2, 4, 8, then multiples of 8; extra
 rows are copies of the first plan, dropped afterwards) and the cache length is rounded up to
 four steps per power of two (`length_bucket`: at most 25 % or 64 tokens over).
+
+One compile per bucket, whatever the attention: the compiled decode step must see the same
+shapes every step. sdpa and eager get a 4-D mask over the whole static cache (fixed shape);
+flash_attention_2 gets the 2-D padding mask ``[B, L + t]``, one longer each step, so dynamo
+would recompile every step (and FA2's unpadding breaks the graph). So when the decode is
+compiled, a language model on any other attention is switched to sdpa (`fixed_shape_decode`;
+the vision tower keeps its own, e.g. FA2): decode is memory-bound and a CUDA graph is what
+makes it fast, while the prefill it also moves to sdpa is short once pruned.
+
+Compile and capture are overhead, not model time: the first batch of each (batch bucket,
+cache length) shape first runs a short warm-up ``generate`` of that shape (prefill and
+``WARMUP_TOKENS - 1`` decode steps: compile, CUDA-graph record, first replay), timed into
+`resprune.overhead`, which the callers subtract from the batch's time.
 A whole batch fails together: ``generate`` raising is a batch failure.
 """
 
@@ -20,9 +33,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from transformers import CompileConfig, StaticCache
+from transformers import CompileConfig
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from resprune import overhead
 from resprune.engines.base import Generation, Plan
 from resprune.engines.static_cache import CachePool
 from resprune.items import ItemError
@@ -31,6 +45,8 @@ from resprune.models.base import VLM
 CACHES = ("auto", "static", "dynamic")
 MIN_LENGTH_STEP = 64
 RECOMPILE_LIMIT = 64  # compiled (batch, cache length) shapes per process before eager fallback
+WARMUP_TOKENS = 4  # a new shape's warm-up: prefill + 3 decode steps (compile, record, replay)
+FIXED_SHAPE_ATTENTION = ("sdpa", "eager")  # their decode mask spans the whole static cache
 
 
 class TransformersEngine:
@@ -69,6 +85,9 @@ class TransformersEngine:
         model = vlm.model
         text = model.config.get_text_config(decoder=True)
         self.pool = CachePool(text, model.dtype, vlm.device) if self.static else None
+        # language model's attention (before -> now) when the decode is compiled
+        self.attention = fixed_shape_decode(model) if self.compile else None
+        self.warmups: dict[tuple[int, int], float] = {}  # shape -> warm-up seconds
 
     def generate(self, plans: Sequence[Plan], max_new_tokens: int) -> list[Generation | ItemError]:
         """One left-padded ``generate`` over ``plans``; answers cut after the first EOS."""
@@ -78,16 +97,31 @@ class TransformersEngine:
         if self.bucket:
             rows += [plans[0]] * (batch_bucket(len(plans)) - len(plans))
         ids, mask, positions = left_pad(self.vlm, rows)
-        out = self._generate(rows, ids, mask, positions, max_new_tokens)
+        length = self._cache_length(ids.shape[1] + max_new_tokens)
+        if self.compile and max_new_tokens > 1:
+            self._warm_up(rows, ids, mask, positions, length)
+        out = self._generate(rows, ids, mask, positions, max_new_tokens, length)
         return decode(self.vlm, out[: len(plans), ids.shape[1] :].cpu())
 
-    def _generate(self, rows, ids, mask, positions, max_new_tokens: int) -> torch.Tensor:
+    def _warm_up(self, rows, ids, mask, positions, length: int) -> None:
+        """A new shape's compile and capture, on these rows, counted as overhead."""
+        key = (len(rows), length)
+        if key in self.warmups:
+            return
+        tokens = min(WARMUP_TOKENS, length - ids.shape[1])
+        with overhead.counted(f"decode {key[0]}x{key[1]}", self.vlm.device) as span:
+            self._generate(rows, ids, mask, positions, tokens, length, min_new_tokens=tokens)
+        self.warmups[key] = span.seconds
+
+    def _generate(
+        self, rows, ids, mask, positions, max_new_tokens: int, length: int, **extra
+    ) -> torch.Tensor:
         model = self.vlm.model
         if hasattr(model.model, "rope_deltas"):
             model.model.rope_deltas = None  # cached M-RoPE state from an earlier call
-        kwargs: dict = {}
+        kwargs: dict = dict(extra)
         if self.static:
-            kwargs["past_key_values"] = self._static_cache(len(rows), ids.shape[1] + max_new_tokens)
+            kwargs["past_key_values"] = self.pool.get(len(rows), length)
             if self.compile:
                 kwargs["compile_config"] = self.compile_config
             else:
@@ -104,9 +138,24 @@ class TransformersEngine:
             **kwargs,
         )
 
-    def _static_cache(self, batch: int, length: int) -> StaticCache:
-        """A reset static cache for ``batch`` rows of ``length`` tokens (bucketed)."""
-        return self.pool.get(batch, length_bucket(length) if self.bucket else length)
+    def _cache_length(self, tokens: int) -> int:
+        """Static-cache length for ``tokens`` (prompt + new): bucketed when bucketing."""
+        return length_bucket(tokens) if self.bucket else tokens
+
+
+def fixed_shape_decode(model) -> dict[str, str]:
+    """Put the language model on an attention whose compiled decode keeps one shape.
+
+    Any implementation but sdpa and eager (flash_attention_2: a 2-D mask that grows each
+    step) is switched to sdpa for the language model (and the top-level config, which
+    ``generate`` reads); the vision tower keeps its own. Returns {"before", "now"}.
+    """
+    text = model.config.get_text_config(decoder=True)
+    before = text._attn_implementation
+    if before not in FIXED_SHAPE_ATTENTION:
+        keys = [k for k in model.config.sub_configs if getattr(model.config, k, None) is text]
+        model.set_attn_implementation({"": "sdpa", **dict.fromkeys(keys, "sdpa")})
+    return {"before": before, "now": text._attn_implementation}
 
 
 def batch_bucket(n: int) -> int:
