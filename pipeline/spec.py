@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from resprune.floor import check_relevance_floor
 from resprune.words import active_extractor
 
+QWEN_MAX_PIXELS = 1280 * 28 * 28  # = resprune.models.qwen_processor.DEFAULT_MAX_PIXELS
 SECRET_NAME = re.compile(r"(SECRET|PASSWORD|TOKEN|CREDENTIAL|ACCESS_KEY|PRIVATE)", re.IGNORECASE)
 
 
@@ -159,12 +160,34 @@ class ModelSpec(_Strict):
         default_factory=TransformersSpec, description="transformers engine settings."
     )
     vllm: VllmSpec = Field(default_factory=VllmSpec, description="vLLM engine settings.")
+    max_pixels: int | None = Field(
+        QWEN_MAX_PIXELS,
+        ge=28 * 28,
+        description="Qwen2.5-VL: images are resized (never refused) to at most this many pixels, "
+        "so at most max_pixels / 784 merged tokens each (default 1280 * 28 * 28: 1280 tokens); "
+        "the checkpoint's own cap (12.8 MP for Qwen2.5-VL) wins when smaller; null keeps the "
+        "checkpoint's. Other families ignore it.",
+    )
+    min_pixels: int | None = Field(
+        None,
+        ge=1,
+        description="Qwen2.5-VL: smaller images are resized up to at least this many pixels "
+        "(null: the checkpoint's, 56 * 56 for Qwen2.5-VL). Other families ignore it.",
+    )
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
         "sdpa",
         description="Attention kernels of the transformers model; flash_attention_2 needs "
         "flash_attn (in the GPU image) and runs Qwen2.5-VL's windowed vision attention as one "
         "varlen call per layer.",
     )
+
+
+    @model_validator(mode="after")
+    def _pixel_bounds(self) -> ModelSpec:
+        low, high = self.min_pixels, self.max_pixels
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"model.min_pixels ({low}) must be <= model.max_pixels ({high})")
+        return self
 
 
 class PruningSpec(_Strict):
