@@ -181,7 +181,6 @@ class ModelSpec(_Strict):
         "varlen call per layer.",
     )
 
-
     @model_validator(mode="after")
     def _pixel_bounds(self) -> ModelSpec:
         low, high = self.min_pixels, self.max_pixels

@@ -203,7 +203,8 @@ def test_s3_keys_that_would_escape_the_cache_are_refused(key, tmp_path, monkeypa
     with pytest.raises(ModelNotFoundError, match="refusing s3://") as err:
         fetch_s3_prefix("s3://bkt/models/q/", cache_dir=str(cache))
     assert "\n" not in str(err.value)
-    assert fetched == [] and not any(p.is_file() for p in tmp_path.rglob("*") if p.suffix != ".lock")
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".lock"]
+    assert fetched == [] and written == []
 
 
 def _merged_tokens(item) -> int:
