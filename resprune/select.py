@@ -45,9 +45,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from resprune.floor import RELEVANCE_FLOOR, check_relevance_floor
+from resprune.host import to_device, to_host
 
 SPENT_TOL = 1e-3  # residual energy share at float32 round-off (see the docstring)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -97,11 +99,15 @@ def select_tokens(
         alpha: exponent of the relevance modulation; 0 ignores relevance.
         mask: None or bool [B, N] (or [N]), True for valid tokens; padding is never kept.
         relevance_floor: relevance below it counts as the floor, ``g(r) = max(r, floor) ** alpha``.
+
+    The arguments' values (finite, enough valid tokens) are checked with one host read after
+    the run, the call's only synchronisation with the device.
     """
     check_relevance_floor(alpha, relevance_floor)
-    x, r, m = _validate(tokens, relevance, mask)
-    _check_budgets(m, [k] * x.shape[0])
-    order, curve = _select(x, r, (alpha, relevance_floor), m, k)
+    x, r, m, r_ok = _validate(tokens, relevance, mask)
+    _check_budget_types([k] * x.shape[0], x.shape)
+    order, curve, x_ok = _select(x, r, (alpha, relevance_floor), m, k)
+    _check_values(to_host(_checks(m, r_ok, x_ok))[0], [k] * x.shape[0])
     indices, retained = order.sort(dim=-1).values, curve[:, -1]
     if tokens.dim() == 2:
         return Selection(indices[0], retained[0])
@@ -116,19 +122,26 @@ def select_prefixes(
     alpha: float = 1.0,
     mask: torch.Tensor | None = None,
     relevance_floor: float = RELEVANCE_FLOOR,
+    host: bool = False,
 ) -> list[Selection]:
     """`select_tokens` with a budget per image: one run to ``max(ks)``, row b keeps ``ks[b]``.
 
     Equal to one `select_tokens` call per distinct budget (greedy picks are prefix-consistent).
     Arguments as for `select_tokens` with tokens [B, N, D]; returns one Selection per image.
+    ``host``: the Selections' tensors on the host, read with the checks in one device read.
     """
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
         raise ValueError("tokens must be a [B, N, D] tensor")
     check_relevance_floor(alpha, relevance_floor)
-    x, r, m = _validate(tokens, relevance, mask)
-    _check_budgets(m, ks)
-    order, curve = _select(x, r, (alpha, relevance_floor), m, max(ks))
-    budgets = torch.tensor(ks, device=order.device)
+    x, r, m, r_ok = _validate(tokens, relevance, mask)
+    _check_budget_types(ks, x.shape)
+    order, curve, x_ok = _select(x, r, (alpha, relevance_floor), m, max(ks))
+    if host:
+        checks, order_h, curve_h = to_host(_checks(m, r_ok, x_ok), order, curve)
+        _check_values(checks, ks)
+        return [_host_selection(order_h[b], curve_h[b], k) for b, k in enumerate(ks)]
+    _check_values(to_host(_checks(m, r_ok, x_ok))[0], ks)
+    budgets = to_device(np.asarray(ks, dtype=np.int64), order.device)
     beyond = torch.arange(order.shape[1], device=order.device) >= budgets[:, None]
     kept = order.masked_fill(beyond, x.shape[1]).sort(dim=-1).values  # kept first, ascending
     retained = curve.gather(1, (budgets - 1)[:, None])[:, 0]
@@ -137,14 +150,22 @@ def select_prefixes(
     ]
 
 
+def _host_selection(order: np.ndarray, curve: np.ndarray, k: int) -> Selection:
+    """One row's Selection from its host pick order and retained curve."""
+    order_k = torch.from_numpy(np.ascontiguousarray(order[:k]))
+    curve_k = torch.from_numpy(np.ascontiguousarray(curve[:k]))
+    return Selection(torch.from_numpy(np.sort(order[:k])), curve_k[-1], order_k, curve_k)
+
+
 def _select(
     x: torch.Tensor,
     r: torch.Tensor | None,
     g: tuple[float, float],
     mask: torch.Tensor,
     k: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick order [B, k] and the energy share retained by each prefix of it [B, k].
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pick order [B, k], the energy share retained by each prefix of it [B, k], and whether
+    every valid token is finite (a bool on the device, read by the caller with the rest).
 
     ``g`` = (alpha, relevance floor) of the relevance weights.
     """
@@ -152,20 +173,21 @@ def _select(
     w = None if r is None or alpha == 0 else relevance_weights(r, alpha, floor)
     gram = _gram(x)
     energy_x = torch.diagonal(gram, dim1=1, dim2=2).clone()  # the Gram is weighted in place
-    if not torch.isfinite(energy_x).logical_or(~mask).all():  # ||x_i||^2 of a NaN/inf token
-        raise ValueError("tokens contains NaN or inf among the valid tokens (or overflows float32)")
+    finite = torch.isfinite(energy_x).logical_or(~mask).all()  # ||x_i||^2 of a NaN/inf token
     norm = energy_x.clamp_min(0.0).sqrt()
     spent_below = SPENT_TOL * norm * norm.masked_fill(~mask, 0.0).amax(-1, keepdim=True)
     if w is not None:
         gram.mul_(w.sqrt()[:, :, None] * w.sqrt()[:, None, :])
         spent_below = spent_below * w
     order, coef = _run_greedy(gram, mask, spent_below, k)
-    return order, _retained_curve(energy_x, mask, coef, w)
+    return order, _retained_curve(energy_x, mask, coef, w), finite
 
 
 def _validate(
     tokens: torch.Tensor, relevance: torch.Tensor | None, mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """Tokens [B, N, D], relevance, mask on the tokens' device; the shapes checked here, and
+    whether the relevance is finite as a device bool (read later with the other checks)."""
     if not isinstance(tokens, torch.Tensor) or not tokens.is_floating_point():
         raise ValueError(f"tokens must be a float tensor, got {type(tokens).__name__}")
     if tokens.dim() not in (2, 3):
@@ -176,19 +198,40 @@ def _validate(
     m = torch.ones(b, n, dtype=torch.bool, device=x.device) if m is None else m.bool()
     m = m.to(x.device)
     r = _batched(relevance, "relevance", (b, n), tokens.dim())
-    if r is not None and not torch.isfinite(r.float()).logical_or(~m.to(r.device)).all():
-        raise ValueError("relevance contains NaN or inf")
-    return x, (None if r is None else r.to(x.device)), m
+    if r is None:
+        return x, None, m, None
+    r = r.to(x.device)
+    return x, r, m, torch.isfinite(r.float()).logical_or(~m).all()
 
 
-def _check_budgets(mask: torch.Tensor, ks: Sequence[int]) -> None:
-    if len(ks) != mask.shape[0]:
-        raise ValueError(f"got {len(ks)} budgets for {mask.shape[0]} images")
-    for k, valid in zip(ks, mask.sum(-1).tolist(), strict=True):
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= valid:
+def _check_budget_types(ks: Sequence[int], shape: torch.Size) -> None:
+    """What the host knows: one int budget per image, each in [1, N]."""
+    if len(ks) != shape[0]:
+        raise ValueError(f"got {len(ks)} budgets for {shape[0]} images")
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= shape[1]:
             raise ValueError(
-                f"k must be an int in [1, {valid}] (valid tokens per image), got {k!r}"
+                f"k must be an int in [1, {shape[1]}] (valid tokens per image), got {k!r}"
             )
+
+
+def _checks(mask: torch.Tensor, r_ok: torch.Tensor | None, x_ok: torch.Tensor) -> torch.Tensor:
+    """Valid tokens per image, then relevance finite, then tokens finite: long [B + 2]."""
+    r_ok = torch.ones((), dtype=torch.bool, device=mask.device) if r_ok is None else r_ok
+    return torch.cat([mask.sum(-1), torch.stack([r_ok, x_ok]).long()])
+
+
+def _check_values(checks: np.ndarray, ks: Sequence[int]) -> None:
+    """The checks `_checks` read back: relevance finite, budgets within the valid tokens,
+    tokens finite (in that order)."""
+    valid, r_ok, x_ok = checks[:-2], checks[-2], checks[-1]
+    if not r_ok:
+        raise ValueError("relevance contains NaN or inf")
+    for k, n in zip(ks, valid.tolist(), strict=True):
+        if not k <= n:
+            raise ValueError(f"k must be an int in [1, {n}] (valid tokens per image), got {k!r}")
+    if not x_ok:
+        raise ValueError("tokens contains NaN or inf among the valid tokens (or overflows float32)")
 
 
 def _batched(
