@@ -241,8 +241,10 @@ class ExecutionSpec(_Strict):
     max_batch_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         None,
         description="Pack model batches up to this many LLM tokens (prompt after pruning + new); "
-        "auto: from the GPU's free memory after the weights and the model's KV bytes per token "
-        "(16384 on CPU; see resprune/memory.py). Raise batch_size with auto: it still caps items.",
+        "auto: by each batch's device bytes (vision tower, selector, padded and bucketed KV "
+        "cache, prefill) within the actor's share of the GPU (16384 tokens on CPU; see "
+        "resprune/memory.py). An out-of-memory shrinks the actor's budget and splits the "
+        "batch. Raise batch_size with auto: it still caps items.",
     )
     actors: int | tuple[int, int] = Field(
         1, description="Model actors: a fixed count or [min, max]."
