@@ -22,6 +22,7 @@ from resprune.floor import check_relevance_floor
 from resprune.keep import EnergyKeep, energy_keep_problem
 from resprune.words import active_extractor
 
+QWEN_MAX_PIXELS = 1280 * 28 * 28  # = resprune.models.qwen_processor.DEFAULT_MAX_PIXELS
 SECRET_NAME = re.compile(r"(SECRET|PASSWORD|TOKEN|CREDENTIAL|ACCESS_KEY|PRIVATE)", re.IGNORECASE)
 
 
@@ -205,12 +206,33 @@ class ModelSpec(_Strict):
         default_factory=TransformersSpec, description="transformers engine settings."
     )
     vllm: VllmSpec = Field(default_factory=VllmSpec, description="vLLM engine settings.")
+    max_pixels: int | None = Field(
+        QWEN_MAX_PIXELS,
+        ge=28 * 28,
+        description="Qwen2.5-VL: images are resized (never refused) to at most this many pixels, "
+        "so at most max_pixels / 784 merged tokens each (default 1280 * 28 * 28: 1280 tokens); "
+        "the checkpoint's own cap (12.8 MP for Qwen2.5-VL) wins when smaller; null keeps the "
+        "checkpoint's. Other families ignore it.",
+    )
+    min_pixels: int | None = Field(
+        None,
+        ge=1,
+        description="Qwen2.5-VL: smaller images are resized up to at least this many pixels "
+        "(null: the checkpoint's, 56 * 56 for Qwen2.5-VL). Other families ignore it.",
+    )
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
         "sdpa",
         description="Attention kernels of the transformers model; flash_attention_2 needs "
         "flash_attn (in the GPU image) and runs Qwen2.5-VL's windowed vision attention as one "
         "varlen call per layer.",
     )
+
+    @model_validator(mode="after")
+    def _pixel_bounds(self) -> ModelSpec:
+        low, high = self.min_pixels, self.max_pixels
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"model.min_pixels ({low}) must be <= model.max_pixels ({high})")
+        return self
 
 
 class EnergyKeepSpec(_Strict):
@@ -332,8 +354,10 @@ class ExecutionSpec(_Strict):
     max_batch_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         None,
         description="Pack model batches up to this many LLM tokens (prompt after pruning + new); "
-        "auto: from the GPU's free memory after the weights and the model's KV bytes per token "
-        "(16384 on CPU; see resprune/memory.py). Raise batch_size with auto: it still caps items.",
+        "auto: by each batch's device bytes (vision tower, selector, padded and bucketed KV "
+        "cache, prefill) within the actor's share of the GPU (16384 tokens on CPU; see "
+        "resprune/memory.py). An out-of-memory shrinks the actor's budget and splits the "
+        "batch. Raise batch_size with auto: it still caps items.",
     )
     actors: int | tuple[int, int] = Field(
         1, description="Model actors: a fixed count or [min, max]."

@@ -16,16 +16,26 @@ Non-goals: sampling (decoding is greedy), streaming, multi-image prompts.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from resprune import overhead
 from resprune.adaptive import select_by_energy
-from resprune.budget import ImageTokens, Picks, kept_index, kept_rows, select_within_budget
+from resprune.budget import (
+    ImageTokens,
+    Picks,
+    host_indices,
+    kept_index,
+    kept_rows,
+    select_within_budget,
+)
 from resprune.engines import Engine, Plan
 from resprune.engines.hf import TransformersEngine
+from resprune.host import to_device, to_host
 from resprune.items import ItemError, ItemResult, PreparedItem
 from resprune.keep import EnergyKeep
 from resprune.models.base import POSITION_POLICIES, VLM, Crop, Layout, sync
@@ -36,12 +46,11 @@ ANYRES_MODES = ("per_crop", "global")
 
 @dataclass
 class _Plan:
-    """One item after selection: the kept sequence, its features and positions, its stats."""
+    """One item after selection: what the engine gets, the prompt's span, its stats."""
 
-    ids: torch.Tensor  # [L'] kept prompt ids
-    features: torch.Tensor  # [k, D] features for the kept image tokens, in sequence order
-    positions: torch.Tensor  # [R, L'] (R = 1, or 3 for M-RoPE)
-    stats: dict
+    engine: Plan  # kept ids, features and positions (device views of batch-wide tensors)
+    span: int  # positions the prompt spans (its largest position + 1), from the host
+    stats: dict  # the host-side stats; retained_energy and relevance come after generation
 
 
 def answer_batch(
@@ -58,7 +67,10 @@ def answer_batch(
     """Answer ``items`` in one batch; an item-level failure is an ItemError in its slot.
 
     ``engine`` generates from the kept sequences (default: the VLM's transformers engine,
-    built once per VLM).
+    built once per VLM). Host and device cross a fixed number of times per batch, whatever
+    its size (`resprune.host`): the images in, the pruner's picks out (one read), the kept
+    sequences in (one copy), the answers out, then the statistics out (one read, once the
+    device is idle).
     """
     if position_policy not in POSITION_POLICIES:
         raise ValueError(f"position_policy must be one of {POSITION_POLICIES}")
@@ -72,19 +84,21 @@ def answer_batch(
         t0 = _now(vlm)
         feats = vlm.adapter.encode(vlm.model, items)
         t1 = _now(vlm)
-        plans = _select(vlm, items, feats, pruner, keep, anyres, position_policy)
+        images, picks = _select(vlm, items, feats, pruner, keep, anyres)
+        plans = _plans(vlm, items, images, picks, position_policy)
         t2 = _now(vlm)
         out: list[ItemResult | ItemError | None] = [
             p if isinstance(p, ItemError) else _fits(vlm, p, max_new_tokens) for p in plans
         ]
         ok = [i for i, r in enumerate(out) if r is None]
-        todo = [_engine_plan(plans[i], items[i]) for i in ok]
-        answers = engine.generate(todo, max_new_tokens) if ok else []
+        answers = engine.generate([plans[i].engine for i in ok], max_new_tokens) if ok else []
         t3 = _now(vlm)
+        device_stats = _device_stats([picks[i] for i in ok])
     stages = zip(("vision_s", "select_s", "generate_s"), (t0, t1, t2), (t1, t2, t3), strict=True)
     share = {key: _model_time(a, b) / len(items) for key, a, b in stages}
-    for i, gen in zip(ok, answers, strict=True):
-        out[i] = gen if isinstance(gen, ItemError) else _result(gen, plans[i].stats, share)
+    for i, gen, more in zip(ok, answers, device_stats, strict=True):
+        stats = plans[i].stats | more
+        out[i] = gen if isinstance(gen, ItemError) else _result(gen, stats, share)
     return out  # type: ignore[return-value]
 
 
@@ -92,11 +106,6 @@ def _default_engine(vlm: VLM) -> Engine:
     if vlm.default_engine is None:
         vlm.default_engine = TransformersEngine(vlm)
     return vlm.default_engine  # type: ignore[return-value]
-
-
-def _engine_plan(plan: _Plan, item: PreparedItem) -> Plan:
-    prompt = torch.from_numpy(item.input_ids).to(plan.ids.device)
-    return Plan(plan.ids, plan.features, plan.positions, prompt)
 
 
 def _result(gen, stats: dict, share: dict) -> ItemResult:
@@ -115,91 +124,162 @@ def _model_time(start: tuple[float, float], end: tuple[float, float]) -> float:
     return max(0.0, (end[0] - start[0]) - (end[1] - start[1]))
 
 
-def _select(vlm, items, feats, pruner, keep, anyres, policy) -> list[_Plan | ItemError]:
-    """One pruner call over every crop of every item (within budget), then each kept sequence."""
+def _select(vlm, items, feats, pruner, keep, anyres) -> tuple[list[ImageTokens], list[Picks]]:
+    """One pruner call over every crop of every item (within budget)."""
     layouts = [
         vlm.adapter.layout(vlm.model, it, f.shape[0]) for it, f in zip(items, feats, strict=True)
     ]
+    texts = _text_embeddings(vlm, items)
     images = [
-        ImageTokens(
-            feat, _crops(lay, anyres), lay.newline_rows, _text_embeddings(vlm, item), item.item_id
-        )
-        for item, feat, lay in zip(items, feats, layouts, strict=True)
+        ImageTokens(feat, _crops(lay, anyres), lay.newline_rows, text, item.item_id)
+        for item, feat, lay, text in zip(items, feats, layouts, texts, strict=True)
     ]
     if isinstance(keep, EnergyKeep):
-        picks = select_by_energy(pruner, keep, images)
-    else:
-        picks = select_within_budget(pruner, keep, images)
-    plans = []
-    for item, image, mine in zip(items, images, picks, strict=True):
-        try:
-            plans.append(_plan(vlm, item, image, mine, policy))
-        except ItemError as err:
-            plans.append(err)
-    return plans
+        return images, select_by_energy(pruner, keep, images)
+    return images, select_within_budget(pruner, keep, images)
 
 
 def _crops(layout: Layout, anyres: str) -> list[Crop]:
     if anyres == "per_crop" or len(layout.crops) == 1:
         return layout.crops
-    index = torch.cat([c.index for c in layout.crops]).sort().values
-    return [Crop(index, None)]
+    index = np.sort(np.concatenate([c.index.numpy() for c in layout.crops]))
+    return [Crop(torch.from_numpy(index), None)]
 
 
-def _text_embeddings(vlm: VLM, item: PreparedItem) -> torch.Tensor | None:
-    """One LLM input embedding per content word (mean over its sub-word tokens)."""
-    words = [ids for ids in item.relevance_token_ids if ids]
-    if not words:
-        return None
+def _text_embeddings(vlm: VLM, items: list[PreparedItem]) -> list[torch.Tensor | None]:
+    """Per item, one LLM input embedding per content word (mean over its sub-word tokens),
+    for the whole batch with one host-to-device copy of the word ids."""
+    words = [[ids for ids in item.relevance_token_ids if ids] for item in items]
+    flat = [w for ws in words for w in ws]
+    if not flat:
+        return [None] * len(items)
+    longest = max(len(w) for w in flat)
+    ids = np.zeros((len(flat), longest + 1), dtype=np.int64)  # last column: sub-word count
+    for j, w in enumerate(flat):
+        ids[j, : len(w)], ids[j, -1] = w, len(w)
+    both = to_device(ids, vlm.device)
+    lengths = both[:, -1:]
+    valid = torch.arange(longest, device=vlm.device) < lengths
     table = vlm.model.get_input_embeddings()
-    rows = [table(torch.tensor(ids, device=vlm.device)).float().mean(0) for ids in words]
-    return torch.stack(rows)
+    rows = (table(both[:, :-1]).float() * valid[..., None]).sum(1) / lengths
+    bounds = np.cumsum([0, *(len(ws) for ws in words)]).tolist()
+    return [rows[a:b] if b > a else None for a, b in itertools.pairwise(bounds)]
 
 
-def _plan(vlm: VLM, item, image: ImageTokens, chosen: Picks, policy: str) -> _Plan:
-    """Cut the item's image-token run to the kept tokens; positions and stats follow."""
-    feat = image.features
+def _plans(vlm, items, images, picks, policy) -> list[_Plan | ItemError]:
+    """Every item's kept sequence, cut on the host; then one copy of all kept ids, positions,
+    unpruned ids and feature rows to the device, and one gather of the kept features."""
+    cuts: list[_Cut | ItemError] = []
+    sources: list[torch.Tensor] = []  # rows the kept features are gathered from
+    offset = 0
+    for item, image, mine in zip(items, images, picks, strict=True):
+        feat = image.features
+        try:
+            cut = _cut(vlm, item, image, mine, policy, offset)
+        except ItemError as err:
+            cuts.append(err)
+            continue
+        cuts.append(cut)
+        sources += [feat, *cut.replaced]
+        offset += feat.shape[0] + sum(t.shape[0] for t in cut.replaced)
+    done = [c for c in cuts if isinstance(c, _Cut)]
+    if not done:
+        return cuts  # type: ignore[return-value]
+    parts = [p for c in done for p in (c.rows, c.ids, c.positions.ravel(), c.prompt)]
+    flat = to_device(np.concatenate(parts), vlm.device).split([len(p) for p in parts])
+    source = torch.cat(sources) if len(sources) > 1 else sources[0]
+    features = source[torch.cat(flat[0::4])].to(vlm.model.dtype).split([len(c.rows) for c in done])
+    engine = iter(
+        Plan(ids, feat, pos.view(c.positions.shape), prompt)
+        for c, feat, ids, pos, prompt in zip(
+            done, features, flat[1::4], flat[2::4], flat[3::4], strict=True
+        )
+    )
+    return [c if isinstance(c, ItemError) else _Plan(next(engine), c.span, c.stats) for c in cuts]
+
+
+@dataclass
+class _Cut:
+    """One item's kept sequence on the host (see `_cut`)."""
+
+    rows: np.ndarray  # rows of the batch's feature source, in sequence order
+    ids: np.ndarray  # kept prompt ids
+    positions: np.ndarray  # [R, L'] of the kept prompt
+    prompt: np.ndarray  # the unpruned prompt ids
+    replaced: list[torch.Tensor]  # replacement features (pool), appended to the source
+    span: int
+    stats: dict
+
+
+def _cut(vlm, item, image: ImageTokens, chosen: Picks, policy: str, offset: int) -> _Cut:
+    """Cut the item's image-token run to the kept tokens (host arithmetic only); ``offset``
+    is where this item's features start in the batch's feature source."""
     kept = kept_index(chosen)
-    parts = [p.tokens if p.tokens is not None else s.tokens[p.indices] for c, s, p in chosen]
     newlines = kept_rows(image, kept)
-    order = torch.cat([kept, torch.tensor(newlines, dtype=torch.long)]).argsort()
-    extra = feat[torch.tensor(newlines, dtype=torch.long, device=feat.device)]
-    features = torch.cat([*parts, extra]).to(vlm.model.dtype)[order.to(feat.device)]
-    kept_all = torch.cat([kept, torch.tensor(newlines, dtype=torch.long)])[order]
-    ids = torch.from_numpy(item.input_ids).to(vlm.device)
-    run = torch.nonzero(ids == vlm.model.config.image_token_id).flatten()
-    if len(run) != feat.shape[0]:
-        raise ItemError("image_tokens", f"{len(run)} image tokens for {feat.shape[0]} features")
-    keep = torch.ones_like(ids, dtype=torch.bool)
+    n = image.features.shape[0]
+    rows, replaced, extra = [], [], offset + n
+    for crop, _, p in chosen:
+        if p.tokens is not None:  # the pool baseline's replacement features
+            rows.append(np.arange(extra, extra + p.tokens.shape[0]))
+            replaced.append(p.tokens)
+            extra += p.tokens.shape[0]
+        else:
+            rows.append(offset + crop.index.numpy()[host_indices(p)])
+    position = np.concatenate([kept, np.asarray(newlines, dtype=np.int64)])
+    order = np.argsort(position, kind="stable")
+    rows = np.concatenate([*rows, offset + np.asarray(newlines, dtype=np.int64)])[order]
+    kept_all = position[order]
+    ids = item.input_ids
+    run = np.flatnonzero(ids == vlm.model.config.image_token_id)
+    if len(run) != n:
+        raise ItemError("image_tokens", f"{len(run)} image tokens for {n} features")
+    keep = np.ones(len(ids), dtype=bool)
     keep[run] = False
-    keep[run[kept_all.to(vlm.device)]] = True
-    positions = vlm.adapter.positions(vlm.model, ids, item, keep, policy)
-    stats = _stats(feat, kept_all, len(newlines), chosen, ids, keep)
-    return _Plan(ids[keep], features, positions, stats)
-
-
-def _stats(feat, kept_all, n_newlines, chosen, ids, keep) -> dict:
-    energy = [float(s.tokens.float().pow(2).sum()) for _, s, _ in chosen]
-    retained = sum(e * p.retained_energy for e, (_, _, p) in zip(energy, chosen, strict=True))
-    rel = [p.relevance.float() for _, _, p in chosen if p.relevance is not None]
-    r = torch.cat(rel) if rel else None
-    return {
-        "visual_tokens": int(feat.shape[0]),
+    keep[run[kept_all]] = True
+    positions = vlm.adapter.positions(vlm.model, item, keep, policy)
+    stats = {
+        "visual_tokens": n,
         "kept_tokens": len(kept_all),
-        "kept_newlines": n_newlines,
+        "kept_newlines": len(newlines),
         "kept_indices": kept_all.tolist(),
-        "retained_energy": retained / sum(energy) if sum(energy) > 0 else 1.0,
-        "relevance_mean": float(r.mean()) if r is not None else None,
-        "relevance_max": float(r.max()) if r is not None else None,
         "prompt_tokens": int(keep.sum()),
-        "prompt_tokens_unpruned": int(ids.shape[0]),
+        "prompt_tokens_unpruned": len(ids),
     }
+    span = int(positions.max()) + 1
+    return _Cut(rows, ids[keep], positions, ids, replaced, span, stats)
+
+
+def _device_stats(picks: list[Picks]) -> list[dict]:
+    """Per item, the stats that need device values (each crop's token energy, the relevance),
+    read in one go: called after generation, when the device is idle anyway."""
+    values: list[torch.Tensor] = []
+    for mine in picks:
+        values += [s.tokens.float().pow(2).sum() for _, s, _ in mine]
+        rel = [p.relevance.float() for _, _, p in mine if p.relevance is not None]
+        if rel:
+            r = torch.cat(rel)
+            values += [r.mean(), r.max()]
+    host = iter(to_host(torch.stack(values))[0].tolist() if values else [])
+    stats = []
+    for mine in picks:
+        energy = [next(host) for _ in mine]
+        retained = sum(e * p.retained_energy for e, (_, _, p) in zip(energy, mine, strict=True))
+        with_rel = any(p.relevance is not None for _, _, p in mine)
+        mean, top = (next(host), next(host)) if with_rel else (None, None)
+        stats.append(
+            {
+                "retained_energy": retained / sum(energy) if sum(energy) > 0 else 1.0,
+                "relevance_mean": mean,
+                "relevance_max": top,
+            }
+        )
+    return stats
 
 
 def _fits(vlm: VLM, plan: _Plan, max_new_tokens: int) -> ItemError | None:
     """prompt_too_long when the prompt's positions plus the new tokens exceed the context."""
     context = vlm.model.config.text_config.max_position_embeddings
-    span = int(plan.positions.max()) + 1
+    span = plan.span
     if span + max_new_tokens <= context:
         return None
     return ItemError(

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from resprune.host import to_device, to_host
 from resprune.models.base import Crop
 from resprune.pruners import Pruned, Pruner, TokenSet, resolve_keep
 
@@ -32,6 +34,16 @@ class ImageTokens:
     newline_rows: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     text: torch.Tensor | None = None  # [T, D] content-word embeddings
     key: str = ""  # item id ("" when unknown): seeds the random baseline per image
+    _row_of: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def row_of(self) -> np.ndarray:
+        """Per packed token, the layout token closing its row (-1: none), on the host."""
+        if self._row_of is None:
+            rows = np.full(self.features.shape[0], -1, dtype=np.int64)
+            for newline, members in self.newline_rows:
+                rows[members.numpy()] = newline
+            self._row_of = rows
+        return self._row_of
 
 
 Picks = list[tuple[Crop, TokenSet, Pruned]]
@@ -48,9 +60,13 @@ def split_budget(k: int, sizes: list[int]) -> list[int]:
     return ks
 
 
-def kept_rows(image: ImageTokens, kept: torch.Tensor) -> list[int]:
-    """Layout tokens that stay: those whose row keeps at least one token (packed indices)."""
-    return [nl for nl, row in image.newline_rows if torch.isin(row, kept).any()]
+def kept_rows(image: ImageTokens, kept: np.ndarray) -> list[int]:
+    """Layout tokens that stay: those whose row keeps at least one token (packed indices,
+    ascending; host arithmetic)."""
+    if not image.newline_rows:
+        return []
+    rows = image.row_of()[kept]
+    return np.unique(rows[rows >= 0]).tolist()
 
 
 def largest_shares(k: int, sizes: list[int]) -> list[int]:
@@ -144,10 +160,17 @@ class _Search:
         return False
 
 
-def kept_index(picks: Picks) -> torch.Tensor:
-    """Packed indices of the kept visual tokens (crop order), layout rows excluded."""
-    index = [c.index[p.indices.cpu()] for c, _, p in picks]
-    return torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
+def kept_index(picks: Picks) -> np.ndarray:
+    """Packed indices of the kept visual tokens (crop order), layout rows excluded (host)."""
+    index = [c.index.numpy()[host_indices(p)] for c, _, p in picks]
+    return np.concatenate(index) if index else np.zeros(0, dtype=np.int64)
+
+
+def host_indices(pruned: Pruned) -> np.ndarray:
+    """A pruner's kept indices on the host (resprune and none give them there; a baseline
+    that keeps them on the device pays a read)."""
+    t = pruned.indices
+    return t.numpy() if t.device.type == "cpu" else to_host(t)[0]
 
 
 def _prune(pruner: Pruner, images: list[ImageTokens], ks: list[int]) -> list[Picks]:
@@ -161,20 +184,48 @@ def _prune(pruner: Pruner, images: list[ImageTokens], ks: list[int]) -> list[Pic
 
 def _prune_crops(pruner: Pruner, images: list[ImageTokens], shares: list[list[int]]) -> list[Picks]:
     """One pruner call over every crop with a positive share (``shares[i][c]`` tokens)."""
-    sets, budgets, owners = [], [], []
-    for i, (img, per_crop) in enumerate(zip(images, shares, strict=True)):
-        for c, (crop, kc) in enumerate(zip(img.crops, per_crop, strict=True)):
-            if kc > 0:
-                key = f"{img.key}#{c}" if img.key else None
-                index = crop.index.to(img.features.device)
-                sets.append(TokenSet(img.features[index], crop.grid, img.text, key))
-                budgets.append(kc)
-                owners.append((i, crop))
+    owners = [
+        (i, c, crop)
+        for i, (img, per_crop) in enumerate(zip(images, shares, strict=True))
+        for c, (crop, kc) in enumerate(zip(img.crops, per_crop, strict=True))
+        if kc > 0
+    ]
+    tokens = crop_tokens(images, [(i, crop) for i, _, crop in owners])
+    sets = [
+        TokenSet(t, crop.grid, images[i].text, f"{images[i].key}#{c}" if images[i].key else None)
+        for (i, c, crop), t in zip(owners, tokens, strict=True)
+    ]
+    budgets = [shares[i][c] for i, c, _ in owners]
     pruned = pruner.prune(sets, budgets) if sets else []
     picks: list[Picks] = [[] for _ in images]
-    for (i, crop), s, p in zip(owners, sets, pruned, strict=True):
+    for (i, _, crop), s, p in zip(owners, sets, pruned, strict=True):
         picks[i].append((crop, s, p))
     return picks
+
+
+def crop_tokens(images: list[ImageTokens], crops: list[tuple[int, Crop]]) -> list[torch.Tensor]:
+    """The features of each (image, crop): the image's own tensor for a crop that is all of
+    it, in order; the others with one gather over the batch (one host-to-device index copy)."""
+    out: list[torch.Tensor | None] = [None] * len(crops)
+    gather: list[int] = []
+    for j, (i, crop) in enumerate(crops):
+        index, n = crop.index.numpy(), images[i].features.shape[0]
+        if len(index) == n and (index == np.arange(n)).all():
+            out[j] = images[i].features
+        else:
+            gather.append(j)
+    if gather:
+        sources = sorted({crops[j][0] for j in gather})
+        lengths = [len(images[i].features) for i in sources]
+        start = dict(zip(sources, np.cumsum([0, *lengths])[:-1].tolist(), strict=True))
+        flat = np.concatenate([crops[j][1].index.numpy() + start[crops[j][0]] for j in gather])
+        source = torch.cat([images[i].features for i in sources]) if len(sources) > 1 else None
+        source = images[sources[0]].features if source is None else source
+        taken = source[to_device(flat, source.device)]
+        sizes = [len(crops[j][1].index) for j in gather]
+        for j, t in zip(gather, taken.split(sizes), strict=True):
+            out[j] = t
+    return out  # type: ignore[return-value]
 
 
 # ---- used by energy budgets (`resprune.adaptive`): one call, then cuts of it

@@ -24,7 +24,11 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from resprune.models import ADAPTERS, FAMILIES, VLM
-from resprune.models.qwen_processor import ImageOnlyQwen2_5_VLProcessor
+from resprune.models.qwen_processor import (
+    DEFAULT_MAX_PIXELS,
+    ImageOnlyQwen2_5_VLProcessor,
+    limit_pixels,
+)
 from resprune.prompts import Preprocessor
 
 ATTENTION = ("sdpa", "flash_attention_2", "eager")
@@ -103,8 +107,14 @@ def load_preprocessor(
     max_question_tokens: int = 256,
     cache_dir: str | None = None,
     endpoint_url: str | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    min_pixels: int | None = None,
 ) -> Preprocessor:
-    """Load only the processor and tokenizer (no weights), for CPU preprocessing."""
+    """Load only the processor and tokenizer (no weights), for CPU preprocessing.
+
+    ``max_pixels`` / ``min_pixels`` bound Qwen2.5-VL's image resize (see
+    `resprune.models.qwen_processor.limit_pixels`); other families ignore them.
+    """
     local = resolve_model_path(path, cache_dir=cache_dir, endpoint_url=endpoint_url)
     fam, config = read_config(
         local, family=family, revision=revision, trust_remote_code=trust_remote_code
@@ -112,6 +122,7 @@ def load_preprocessor(
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     if fam == "qwen2_5_vl":
         processor = _qwen_processor(local, kwargs)
+        limit_pixels(processor.image_processor, max_pixels=max_pixels, min_pixels=min_pixels)
     else:
         processor = AutoProcessor.from_pretrained(local, **kwargs)
     if not getattr(processor, "chat_template", None):
@@ -188,7 +199,7 @@ def fetch_s3_prefix(
         fs = fsspec.filesystem("s3", skip_instance_cache=True, **endpoint)
         listing = fs.find(prefix, detail=True)
         manifest = {
-            os.path.relpath(key, prefix): {"size": info["size"], "etag": info.get("ETag")}
+            cache_relpath(key, prefix): {"size": info["size"], "etag": info.get("ETag")}
             for key, info in listing.items()
         }
         if not manifest:
@@ -201,6 +212,24 @@ def fetch_s3_prefix(
             raise
         raise ModelNotFoundError(f"cannot fetch {uri!r}: {_first_line(err)}") from err
     return dest
+
+
+def cache_relpath(key: str, prefix: str) -> str:
+    """Where object ``key`` (listed under ``prefix``, both ``bucket/...``) goes in the cache
+    entry: its path after the prefix, refused when it could land outside the entry.
+
+    S3 keys are strings, not paths: AWS stores ``a/../../x`` or ``a//x`` as written. A key
+    with a ``..``, ``.`` or empty part, or one not under the prefix, raises
+    `ModelNotFoundError` (the whole download is refused; nothing is written).
+    """
+    rel = key[len(prefix) + 1 :] if key.startswith(prefix + "/") else None
+    parts = rel.split("/") if rel else []
+    if not parts or any(p in ("", ".", "..") for p in parts) or Path(rel).is_absolute():
+        raise ModelNotFoundError(
+            f"refusing s3://{key}: not a plain relative path under s3://{prefix}/ "
+            "(a '..', '.', empty or absolute part would escape the model cache folder)"
+        )
+    return rel
 
 
 def _download(fs, prefix: str, manifest: dict, dest: Path) -> None:

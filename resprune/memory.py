@@ -1,23 +1,48 @@
-"""Memory turned into batch size: the LLM-token budget per model batch from free device memory.
+"""Memory turned into batch size: what one model batch holds on the device, and the budget.
 
-A batch's memory beyond the weights is its KV cache plus the transient activations of the
-layer being run, both proportional to the batch's LLM tokens (prompt after pruning + new
-tokens, the cost `pipeline.stages.answer.pack` packs by). So the budget is
+`BatchMemory` estimates the device bytes of one model batch beyond the weights, from the
+model's config alone (no weights), buffer by buffer. Some buffers outlive the batch, the
+rest live in one phase of it, so the peak is what persists plus the largest phase:
 
-    tokens = (free bytes after the weights are loaded) * (1 - RESERVE_SHARE)
-             / (KV bytes per token + activation bytes per token)
+* **kv** (persists): the static cache (the default on CUDA) is one pool grown to the largest
+  shape seen (`resprune.engines.static_cache`): `batch_bucket`(n) rows of
+  `length_bucket`(longest) tokens, since left padding gives every row the longest item's
+  length and the engine rounds both up (`resprune.engines.hf`). A dynamic cache is
+  n x longest, and lives in the prefill phase instead.
+* **graphs** (persists): the selector's CUDA-graph static input at its bucket
+  (`resprune.select._bucket`: [S, N, N] float32) and the captured outputs.
+* **vision** phase: per image, all images at once, the tower's hidden states (for a LLaVA
+  family with a ``vision_feature_layer``, transformers keeps every CLIP layer's output:
+  layers + 1 of [tokens, width] per tile), one layer's transients (q, k, v, attention
+  output, MLP) and the projector's; Qwen2.5-VL's tower keeps only its last hidden state
+  (4 patches per merged token) and adds the merger. Plus the features [N, D] it returns.
+* **selection** phase (when the pruner selects): the features and their padded copy, per crop
+  set (S sets of N tokens) the float32 Gram and the weight product while it is scaled, and
+  four [S, k, N] float32 coefficient-sized tensors.
+* **prefill** phase: the features and the gather source of the kept ones, the padded prompt
+  [rows, longest prompt] x one decoder layer's transients per token ((6 hidden + 3
+  intermediate) x dtype: q, k, v, attention output, residual and norm; MLP gate, up,
+  activation), the attention mask [rows, prompt, cache length] and the float32 logits of
+  each row's last position.
 
-with KV bytes per token = layers * kv heads * head_dim * 2 (K and V) * dtype bytes, and
-activation bytes per token = (6 * hidden + 3 * intermediate) * dtype bytes (one decoder
-layer's prefill transients: q, k, v, attention output, residual and norm; MLP gate, up and
-activation). RESERVE_SHARE keeps room for the vision tower, the selector's Gram matrix,
-CUDA graphs, allocator fragmentation and a static cache's rounded-up length. Pruning shrinks
-every item's tokens, so the same memory holds several times more pruned items. On the CPU
-``auto`` is DEFAULT_CPU_BATCH_TOKENS (host memory is not the limit there; time is).
+A batch fits when kv + graphs + its largest phase is within the actor's budget
+(`device_budget`): its share of the GPU (total x ``gpus_per_actor``, at most what is free)
+less what the process already holds, less RESERVE_SHARE for the CUDA context, cuBLAS
+workspaces, compiled decode graphs and allocator fragmentation. `pipeline.stages.answer`
+packs batches under it, and an out-of-memory that gets through anyway shrinks the actor's
+budget (see there). On the CPU ``auto`` is DEFAULT_CPU_BATCH_TOKENS LLM tokens (host memory
+is not the limit there; time is).
+
+Worked example (`tests/test_memory.py`): H200 (141 GB), LLaVA-1.5-7B in bf16, keep 64, 32 new
+tokens. The LLM-only rule (KV + activations per token, 15 % kept back) allowed ~1,076 items
+a batch: at their real footprint that is ~109 GB of KV (1,080 rows x 192 tokens) plus a
+~67 GB vision phase (CLIP's 25 kept hidden states alone are ~31 GB) in a ~107 GB budget.
+The whole-batch estimate packs 648.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,22 +67,186 @@ def activation_bytes_per_token(text_config: Any, dtype: torch.dtype) -> int:
 
 
 def batch_token_budget(free_bytes: int, text_config: Any, dtype: torch.dtype) -> int:
-    """LLM tokens per batch that fit in ``free_bytes`` with the reserve kept back."""
+    """LLM tokens whose KV and activations fit in ``free_bytes`` with the reserve kept back.
+
+    The LLM part alone: `BatchMemory` is the whole batch (vision, selector, padding)."""
     per_token = kv_bytes_per_token(text_config, dtype) + activation_bytes_per_token(
         text_config, dtype
     )
     return max(1, int(free_bytes * (1 - RESERVE_SHARE)) // per_token)
 
 
-def resolve_batch_tokens(setting: int | str | None, model: Any, device: torch.device) -> int | None:
-    """``execution.max_batch_tokens`` as a number: ints and None pass, ``auto`` is computed.
+@dataclass(frozen=True)
+class ItemMemory:
+    """One item's share of a batch: its LLM tokens and what its image holds."""
 
-    Call after the weights are on the device: ``auto`` reads the free memory left then
-    (``torch.cuda.mem_get_info``); on the CPU it is DEFAULT_CPU_BATCH_TOKENS.
-    """
+    cost: int  # LLM tokens: pruned prompt + new tokens (what `pack` counts)
+    tower: int  # bytes: vision tower and projector activations while the tower runs
+    features: int  # bytes: the projector outputs [N, D]
+    sets: int  # crop sets it gives the selector (0: the pruner builds no Gram)
+    set_tokens: int  # tokens of its largest set
+    keep: int  # picks per set (the selector's k)
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """A batch being packed, summed item by item (`BatchMemory.add`)."""
+
+    items: int = 0
+    longest: int = 0  # the longest item's LLM tokens
+    tower: int = 0
+    features: int = 0
+    sets: int = 0
+    set_tokens: int = 0
+    keep: int = 0
+
+
+class BatchMemory:
+    """Device bytes of a model batch beyond the weights (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: Any,
+        dtype: torch.dtype,
+        *,
+        max_new_tokens: int,
+        static_cache: bool = True,
+        bucketed: bool = True,
+    ):
+        self.config, self.dtype = config, dtype
+        self.size = torch.empty((), dtype=dtype).element_size()
+        self.text = config.get_text_config(decoder=True)
+        self.family = getattr(config, "model_type", "llava")
+        self.new_tokens = max_new_tokens
+        self.static, self.bucketed = static_cache, bucketed and static_cache
+        self.kv = kv_bytes_per_token(self.text, dtype)
+        self.act = activation_bytes_per_token(self.text, dtype)
+
+    # ---- one item
+
+    def item(
+        self, item: Any, *, cost: int, keep: int | float | None, anyres: str = "per_crop"
+    ) -> ItemMemory:
+        """An item's `ItemMemory` from its prepared inputs; ``keep`` None: no selection."""
+        from resprune.pruners import resolve_keep
+
+        visual = int((item.input_ids == self.config.image_token_id).sum())
+        features = visual * self.text.hidden_size * self.size
+        if self.family == "qwen2_5_vl":
+            tower = self.qwen_tower_bytes(item.pixel_values.shape[0], visual)
+            sets, tokens = 1, visual
+        else:
+            v = self.config.vision_config
+            tiles = item.pixel_values.shape[0] if self.family == "llava_next" else 1
+            tower = self.clip_tower_bytes(tiles)
+            per_crop = self.family == "llava_next" and anyres == "per_crop"
+            per_tile = (v.image_size // v.patch_size) ** 2
+            sets, tokens = (tiles, min(per_tile, visual)) if per_crop else (1, visual)
+        if keep is None:
+            return ItemMemory(cost, tower, features, 0, 0, 0)
+        return ItemMemory(
+            cost, tower, features, sets, tokens, min(tokens, resolve_keep(keep, visual))
+        )
+
+    def clip_tower_bytes(self, tiles: int) -> int:
+        """LLaVA / LLaVA-NeXT, per tile: the CLIP tower's kept hidden states and one layer's
+        transients, and the projector's activations."""
+        v = self.config.vision_config
+        tokens = (v.image_size // v.patch_size) ** 2 + 1  # + CLS
+        layer = getattr(self.config, "vision_feature_layer", None)
+        kept = v.num_hidden_layers + 1 if layer is not None else 2  # all hidden states
+        width = self.text.hidden_size
+        per_token = kept * v.hidden_size + 4 * v.hidden_size + 2 * v.intermediate_size + 3 * width
+        return tiles * tokens * per_token * self.size
+
+    def qwen_tower_bytes(self, patches: int, merged: int) -> int:
+        """Qwen2.5-VL: per patch, the hidden state in and out and one layer's transients (the
+        rotary tables in float32); the merger per merged token."""
+        v = self.config.vision_config
+        hidden, width = v.hidden_size, self.text.hidden_size
+        per_patch = (8 * hidden + 3 * v.intermediate_size) * self.size + 2 * 4 * hidden // 8
+        return patches * per_patch + merged * (2 * 4 * hidden + 2 * width) * self.size
+
+    # ---- a batch
+
+    def add(self, shape: BatchShape, item: ItemMemory) -> BatchShape:
+        """``shape`` with ``item`` added."""
+        return BatchShape(
+            shape.items + 1,
+            max(shape.longest, item.cost),
+            shape.tower + item.tower,
+            shape.features + item.features,
+            shape.sets + item.sets,
+            max(shape.set_tokens, item.set_tokens),
+            max(shape.keep, item.keep),
+        )
+
+    def parts(self, shape: BatchShape) -> dict[str, int]:
+        """The batch's bytes by part and phase (the module docstring says what each holds)."""
+        from resprune.engines.hf import batch_bucket, length_bucket  # the engine's own rules
+
+        n, longest = shape.items, shape.longest
+        rows = batch_bucket(n) if self.bucketed else n
+        length = length_bucket(longest) if self.bucketed else longest
+        prompt = max(1, longest - self.new_tokens)
+        cache = rows * length * self.kv
+        graphs, gram = self.selector_bytes(shape.sets, shape.set_tokens, shape.keep)
+        prefill = rows * prompt * (self.act + 2 * length) + rows * 2 * 4 * self.text.vocab_size
+        return {
+            "kv": cache if self.static else 0,
+            "graphs": graphs,
+            "vision": shape.tower + shape.features,
+            "selection": 2 * shape.features + gram,
+            "prefill": 2 * shape.features + prefill + (0 if self.static else cache),
+        }
+
+    def bytes(self, shape: BatchShape) -> int:
+        """The batch's peak: what persists plus its largest phase."""
+        p = self.parts(shape)
+        return p["kv"] + p["graphs"] + max(p["vision"], p["selection"], p["prefill"])
+
+    def selector_bytes(self, sets: int, tokens: int, keep: int) -> tuple[int, int]:
+        """(the CUDA graphs' static input and outputs, the selection phase's transients)."""
+        if not sets:
+            return 0, 0
+        from resprune.select import _bucket
+
+        bb, nb, kb = _bucket(sets, tokens, max(1, keep))
+        graphs = 4 * (bb * nb * nb + 2 * bb * kb * nb)
+        return graphs, 4 * (2 * sets * tokens * tokens + 4 * sets * keep * tokens)
+
+    def largest_batch(self, budget: int, item: ItemMemory, max_items: int = 1 << 16) -> int:
+        """How many items like ``item`` fit one batch within ``budget`` bytes (at least 1)."""
+        low, high = 1, max_items
+        while low < high:
+            mid = (low + high + 1) // 2
+            shape = BatchShape(
+                mid,
+                item.cost,
+                mid * item.tower,
+                mid * item.features,
+                mid * item.sets,
+                item.set_tokens,
+                item.keep,
+            )
+            low, high = (mid, high) if self.bytes(shape) <= budget else (low, mid - 1)
+        return low
+
+
+def device_budget(device: torch.device, share: float = 1.0) -> int:
+    """Bytes this actor's batches may use on ``device``: its share of the GPU (total x
+    ``share``, at most what is free) less what the process holds now (weights, caches), less
+    RESERVE_SHARE."""
+    free, total = torch.cuda.mem_get_info(device)
+    held = torch.cuda.memory_reserved(device)
+    mine = free if share >= 1 else min(free, int(total * share) - held)
+    return max(0, int(mine * (1 - RESERVE_SHARE)))
+
+
+def resolve_batch_tokens(setting: int | str | None, model: Any, device: torch.device) -> int | None:
+    """``execution.max_batch_tokens`` as an LLM-token cap: ints and None pass; ``auto`` is
+    DEFAULT_CPU_BATCH_TOKENS on the CPU and None on CUDA, where `BatchMemory` and
+    `device_budget` size the batches instead."""
     if setting != "auto":
         return setting  # type: ignore[return-value]
-    if device.type != "cuda":
-        return DEFAULT_CPU_BATCH_TOKENS
-    free, _ = torch.cuda.mem_get_info(device)
-    return batch_token_budget(free, model.config.text_config, model.dtype)
+    return None if device.type == "cuda" else DEFAULT_CPU_BATCH_TOKENS

@@ -16,9 +16,11 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from resprune.floor import RELEVANCE_FLOOR, check_relevance_floor
+from resprune.host import to_device
 from resprune.relevance import token_relevance
 from resprune.select import select_prefixes
 
@@ -37,7 +39,7 @@ class TokenSet:
 class Pruned:
     """A pruner's choice for one TokenSet."""
 
-    indices: torch.Tensor  # long [k], ascending
+    indices: torch.Tensor  # long [k], ascending (on the host for resprune and none)
     retained_energy: float
     tokens: torch.Tensor | None = None  # replacement features [k, D]; None: tokens[indices]
     relevance: torch.Tensor | None = None  # [N] r_i when the pruner used the text
@@ -99,41 +101,48 @@ class ResPrune:
         self.alpha, self.relevance_floor = alpha, relevance_floor
 
     def prune(self, sets: list[TokenSet], ks: list[int]) -> list[Pruned]:
-        """One batched selector call over all sets, each truncated to its own budget."""
+        """One batched selector call over all sets, each truncated to its own budget.
+
+        The picks come back on the host (one device read for the whole call, with the
+        selector's checks), so budget searches and prefixes cost no further reads; the
+        relevance stays on the device.
+        """
         _check(sets, ks)
         x = torch.nn.utils.rnn.pad_sequence([s.tokens for s in sets], batch_first=True)
         lengths = [s.tokens.shape[0] for s in sets]
-        mask = (
-            torch.arange(x.shape[1], device=x.device)
-            < torch.tensor(lengths, device=x.device)[:, None]
-        )
+        mask = to_device(np.arange(x.shape[1])[None] < np.asarray(lengths)[:, None], x.device)
         rel = torch.ones(mask.shape, device=x.device)
         with_text = self.alpha != 0
         for b, s in enumerate(sets):
             if with_text and s.text is not None:
                 rel[b, : lengths[b]] = token_relevance(s.tokens, s.text)
         sels = select_prefixes(
-            x, ks, relevance=rel, alpha=self.alpha, mask=mask, relevance_floor=self.relevance_floor
+            x,
+            ks,
+            relevance=rel,
+            alpha=self.alpha,
+            mask=mask,
+            relevance_floor=self.relevance_floor,
+            host=True,
         )
-        energies = torch.stack([sel.retained_energy for sel in sels]).tolist()  # one sync
         return [
             Pruned(
                 indices=sel.indices,
-                retained_energy=energy,
+                retained_energy=float(sel.retained_energy.numpy()),
                 relevance=rel[b, : lengths[b]] if with_text and s.text is not None else None,
                 order=sel.order,
                 retained_by_prefix=sel.retained_by_prefix,
             )
-            for b, (s, sel, energy) in enumerate(zip(sets, sels, energies, strict=True))
+            for b, (s, sel) in enumerate(zip(sets, sels, strict=True))
         ]
 
     def prefix(self, pruned: Pruned, tokens: TokenSet, k: int) -> Pruned:
         """``pruned`` cut to its first ``k`` picks: what ``prune`` at budget k returns."""
-        del tokens  # the retained energy of every prefix came with the picks
+        del tokens  # the retained energy of every prefix came with the picks (on the host)
         curve = pruned.retained_by_prefix[:k]
         return Pruned(
             _sorted_prefix(pruned, k),
-            float(curve[-1]),
+            float(curve.numpy()[-1]),
             relevance=pruned.relevance,
             order=pruned.order[:k],
             retained_by_prefix=curve,
@@ -148,7 +157,7 @@ class KeepAll:
 
     def prune(self, sets: list[TokenSet], ks: list[int]) -> list[Pruned]:
         _check(sets, ks)
-        return [Pruned(torch.arange(s.tokens.shape[0], device=s.tokens.device), 1.0) for s in sets]
+        return [Pruned(torch.arange(s.tokens.shape[0]), 1.0) for s in sets]  # on the host
 
 
 class RandomPrune:

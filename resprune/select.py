@@ -24,28 +24,38 @@ Prefix consistency. Every step depends only on the steps before it, never on k, 
 k' picks of a run to k are the picks of a run to k'. `select_prefixes` uses that to serve
 rows with different budgets (LLaVA-NeXT's crops) from one call at the largest k.
 
-On CUDA the k-step loop (about 15 small kernels per step) is captured once per shape bucket
-in a CUDA graph and replayed: batch padded to a power of two, tokens to a multiple of 64, k to
-a multiple of 16 (picks of a padded call equal the unpadded ones: padding is masked, and a
-longer run's prefix is the shorter run). The loop never synchronises with the host. On the
-CPU the same loop runs eagerly.
+One greedy step is 26 aten ops when eager (`_greedy_step`, counted by a test; plus two
+writes of the pick and its column), on fixed shapes whatever the step. On CUDA the step is
+`torch.compile`d once (dynamic shapes; on the CPU inductor fuses all of it into one kernel,
+bmm included), and the k-step loop is captured once per shape bucket in a CUDA graph and
+replayed: batch to a power of two up to 128, then a multiple of 64; tokens to a multiple of 64
+up to 1024, then eight steps per power of two, at most 12.5 % over (Qwen's N varies per
+image); k to a multiple of 16 (picks of a padded call equal the unpadded ones: padding is
+masked, and a longer run's prefix is the shorter run). All buckets share one memory pool and
+one set of static input buffers, and capturing does not empty the allocator's cache. The loop
+never synchronises with the host. On the CPU the same loop runs eagerly.
 
 This module knows nothing about models, questions or text: relevance arrives as numbers.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from resprune.floor import RELEVANCE_FLOOR, check_relevance_floor
+from resprune.host import to_device, to_host
 
 SPENT_TOL = 1e-3  # residual energy share at float32 round-off (see the docstring)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-_TOKEN_BUCKET, _K_BUCKET, _MAX_GRAPHS = 64, 16, 6
+_TOKEN_BUCKET, _K_BUCKET, _MAX_GRAPHS = 64, 16, 16
+GREEDY_STEP_OPS = 26  # aten ops (views excluded) of one eager `_greedy_step`
+COMPILE_STEP = True  # on CUDA, the greedy step is `torch.compile`d (eager if that fails)
 
 
 @dataclass(frozen=True)
@@ -89,11 +99,15 @@ def select_tokens(
         alpha: exponent of the relevance modulation; 0 ignores relevance.
         mask: None or bool [B, N] (or [N]), True for valid tokens; padding is never kept.
         relevance_floor: relevance below it counts as the floor, ``g(r) = max(r, floor) ** alpha``.
+
+    The arguments' values (finite, enough valid tokens) are checked with one host read after
+    the run, the call's only synchronisation with the device.
     """
     check_relevance_floor(alpha, relevance_floor)
-    x, r, m = _validate(tokens, relevance, mask)
-    _check_budgets(m, [k] * x.shape[0])
-    order, curve = _select(x, r, (alpha, relevance_floor), m, k)
+    x, r, m, r_ok = _validate(tokens, relevance, mask)
+    _check_budget_types([k] * x.shape[0], x.shape)
+    order, curve, x_ok = _select(x, r, (alpha, relevance_floor), m, k)
+    _check_values(to_host(_checks(m, r_ok, x_ok))[0], [k] * x.shape[0])
     indices, retained = order.sort(dim=-1).values, curve[:, -1]
     if tokens.dim() == 2:
         return Selection(indices[0], retained[0])
@@ -108,19 +122,26 @@ def select_prefixes(
     alpha: float = 1.0,
     mask: torch.Tensor | None = None,
     relevance_floor: float = RELEVANCE_FLOOR,
+    host: bool = False,
 ) -> list[Selection]:
     """`select_tokens` with a budget per image: one run to ``max(ks)``, row b keeps ``ks[b]``.
 
     Equal to one `select_tokens` call per distinct budget (greedy picks are prefix-consistent).
     Arguments as for `select_tokens` with tokens [B, N, D]; returns one Selection per image.
+    ``host``: the Selections' tensors on the host, read with the checks in one device read.
     """
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3:
         raise ValueError("tokens must be a [B, N, D] tensor")
     check_relevance_floor(alpha, relevance_floor)
-    x, r, m = _validate(tokens, relevance, mask)
-    _check_budgets(m, ks)
-    order, curve = _select(x, r, (alpha, relevance_floor), m, max(ks))
-    budgets = torch.tensor(ks, device=order.device)
+    x, r, m, r_ok = _validate(tokens, relevance, mask)
+    _check_budget_types(ks, x.shape)
+    order, curve, x_ok = _select(x, r, (alpha, relevance_floor), m, max(ks))
+    if host:
+        checks, order_h, curve_h = to_host(_checks(m, r_ok, x_ok), order, curve)
+        _check_values(checks, ks)
+        return [_host_selection(order_h[b], curve_h[b], k) for b, k in enumerate(ks)]
+    _check_values(to_host(_checks(m, r_ok, x_ok))[0], ks)
+    budgets = to_device(np.asarray(ks, dtype=np.int64), order.device)
     beyond = torch.arange(order.shape[1], device=order.device) >= budgets[:, None]
     kept = order.masked_fill(beyond, x.shape[1]).sort(dim=-1).values  # kept first, ascending
     retained = curve.gather(1, (budgets - 1)[:, None])[:, 0]
@@ -129,36 +150,44 @@ def select_prefixes(
     ]
 
 
+def _host_selection(order: np.ndarray, curve: np.ndarray, k: int) -> Selection:
+    """One row's Selection from its host pick order and retained curve."""
+    order_k = torch.from_numpy(np.ascontiguousarray(order[:k]))
+    curve_k = torch.from_numpy(np.ascontiguousarray(curve[:k]))
+    return Selection(torch.from_numpy(np.sort(order[:k])), curve_k[-1], order_k, curve_k)
+
+
 def _select(
     x: torch.Tensor,
     r: torch.Tensor | None,
     g: tuple[float, float],
     mask: torch.Tensor,
     k: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick order [B, k] and the energy share retained by each prefix of it [B, k].
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pick order [B, k], the energy share retained by each prefix of it [B, k], and whether
+    every valid token is finite (a bool on the device, read by the caller with the rest).
 
     ``g`` = (alpha, relevance floor) of the relevance weights.
     """
     alpha, floor = g
     w = None if r is None or alpha == 0 else relevance_weights(r, alpha, floor)
-    gram_x = _gram(x)
-    energy_x = torch.diagonal(gram_x, dim1=1, dim2=2)
-    if not torch.isfinite(energy_x).logical_or(~mask).all():  # ||x_i||^2 of a NaN/inf token
-        raise ValueError("tokens contains NaN or inf among the valid tokens (or overflows float32)")
+    gram = _gram(x)
+    energy_x = torch.diagonal(gram, dim1=1, dim2=2).clone()  # the Gram is weighted in place
+    finite = torch.isfinite(energy_x).logical_or(~mask).all()  # ||x_i||^2 of a NaN/inf token
     norm = energy_x.clamp_min(0.0).sqrt()
     spent_below = SPENT_TOL * norm * norm.masked_fill(~mask, 0.0).amax(-1, keepdim=True)
-    gram = gram_x
     if w is not None:
-        gram = gram_x * (w.sqrt()[:, :, None] * w.sqrt()[:, None, :])
+        gram.mul_(w.sqrt()[:, :, None] * w.sqrt()[:, None, :])
         spent_below = spent_below * w
     order, coef = _run_greedy(gram, mask, spent_below, k)
-    return order, _retained_curve(energy_x, mask, coef, w)
+    return order, _retained_curve(energy_x, mask, coef, w), finite
 
 
 def _validate(
     tokens: torch.Tensor, relevance: torch.Tensor | None, mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """Tokens [B, N, D], relevance, mask on the tokens' device; the shapes checked here, and
+    whether the relevance is finite as a device bool (read later with the other checks)."""
     if not isinstance(tokens, torch.Tensor) or not tokens.is_floating_point():
         raise ValueError(f"tokens must be a float tensor, got {type(tokens).__name__}")
     if tokens.dim() not in (2, 3):
@@ -169,19 +198,40 @@ def _validate(
     m = torch.ones(b, n, dtype=torch.bool, device=x.device) if m is None else m.bool()
     m = m.to(x.device)
     r = _batched(relevance, "relevance", (b, n), tokens.dim())
-    if r is not None and not torch.isfinite(r.float()).logical_or(~m.to(r.device)).all():
-        raise ValueError("relevance contains NaN or inf")
-    return x, (None if r is None else r.to(x.device)), m
+    if r is None:
+        return x, None, m, None
+    r = r.to(x.device)
+    return x, r, m, torch.isfinite(r.float()).logical_or(~m).all()
 
 
-def _check_budgets(mask: torch.Tensor, ks: Sequence[int]) -> None:
-    if len(ks) != mask.shape[0]:
-        raise ValueError(f"got {len(ks)} budgets for {mask.shape[0]} images")
-    for k, valid in zip(ks, mask.sum(-1).tolist(), strict=True):
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= valid:
+def _check_budget_types(ks: Sequence[int], shape: torch.Size) -> None:
+    """What the host knows: one int budget per image, each in [1, N]."""
+    if len(ks) != shape[0]:
+        raise ValueError(f"got {len(ks)} budgets for {shape[0]} images")
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= shape[1]:
             raise ValueError(
-                f"k must be an int in [1, {valid}] (valid tokens per image), got {k!r}"
+                f"k must be an int in [1, {shape[1]}] (valid tokens per image), got {k!r}"
             )
+
+
+def _checks(mask: torch.Tensor, r_ok: torch.Tensor | None, x_ok: torch.Tensor) -> torch.Tensor:
+    """Valid tokens per image, then relevance finite, then tokens finite: long [B + 2]."""
+    r_ok = torch.ones((), dtype=torch.bool, device=mask.device) if r_ok is None else r_ok
+    return torch.cat([mask.sum(-1), torch.stack([r_ok, x_ok]).long()])
+
+
+def _check_values(checks: np.ndarray, ks: Sequence[int]) -> None:
+    """The checks `_checks` read back: relevance finite, budgets within the valid tokens,
+    tokens finite (in that order)."""
+    valid, r_ok, x_ok = checks[:-2], checks[-2], checks[-1]
+    if not r_ok:
+        raise ValueError("relevance contains NaN or inf")
+    for k, n in zip(ks, valid.tolist(), strict=True):
+        if not k <= n:
+            raise ValueError(f"k must be an int in [1, {n}] (valid tokens per image), got {k!r}")
+    if not x_ok:
+        raise ValueError("tokens contains NaN or inf among the valid tokens (or overflows float32)")
 
 
 def _batched(
@@ -205,46 +255,89 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
 
 
 def _greedy_pivots(
-    gram: torch.Tensor, mask: torch.Tensor, spent_below: torch.Tensor, k: int
+    gram: torch.Tensor,
+    mask: torch.Tensor,
+    spent_below: torch.Tensor,
+    k: int,
+    step: Callable[..., tuple[torch.Tensor, ...]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy pivoted Cholesky of ``gram`` [B, N, N] with the rank-exhaustion rule.
 
     A token whose residual energy is at most ``spent_below`` [B, N] is spent (round-off).
     Returns the pick order [B, k] and ``c[b, s, i] = <q_s, y_i>`` [B, k, N], the coefficients
     of every token on the orthonormal basis (zero rows for picks made after exhaustion).
-    Pure tensor code with no host synchronisation, so a CUDA graph can capture it.
+    Each pick is one call of ``step`` (default `_greedy_step`, eager; CUDA passes the compiled
+    one) on fixed shapes, so one compiled step serves all k steps. Pure tensor code with no
+    host synchronisation, so a CUDA graph can capture it.
     """
     b, n, _ = gram.shape
+    step = step or _greedy_step
     blocked = ~mask  # padding, then every picked token
     energy = torch.diagonal(gram, dim1=1, dim2=2).masked_fill(blocked, -1.0)
     position = torch.arange(n, device=gram.device, dtype=torch.float32)
     gap = torch.full((b, n), float(n + 1), device=gram.device)  # index distance to the picks
     chosen = torch.zeros(b, k, dtype=torch.long, device=gram.device)
     coef = torch.zeros(b, k, n, dtype=gram.dtype, device=gram.device)
-    for step in range(k):
-        live = energy > spent_below
-        has_live = live.any(-1, keepdim=True)
-        by_energy = energy.masked_fill(~live, -1.0)
-        score = torch.where(has_live, by_energy, gap.masked_fill(blocked, -1.0))
-        pick = score.argmax(dim=-1, keepdim=True)  # first maximum: ties to the lowest index
-        chosen[:, step] = pick[:, 0]
-        resid = energy.gather(1, pick).clamp_min(1e-30)
-        picked = coef[:, :step].gather(2, pick[:, None, :].expand(b, step, 1))  # [B, step, 1]
-        row = gram.gather(1, pick[:, :, None].expand(b, 1, n))[:, 0]
-        col = row - torch.bmm(picked.transpose(1, 2), coef[:, :step])[:, 0]
-        col = torch.where(has_live, col / resid.sqrt(), 0.0)
-        coef[:, step] = col
-        blocked.scatter_(1, pick, True)
-        gap = torch.minimum(gap, (position - pick).abs())
-        energy = (energy - col * col).clamp_min(0.0).masked_fill(blocked, -1.0)
+    for s in range(k):
+        pick, col, energy, blocked, gap = step(
+            gram, coef, energy, blocked, gap, spent_below, position
+        )
+        chosen[:, s] = pick[:, 0]
+        coef[:, s] = col
     return chosen, coef
 
 
+def _greedy_step(
+    gram: torch.Tensor,
+    coef: torch.Tensor,
+    energy: torch.Tensor,
+    blocked: torch.Tensor,
+    gap: torch.Tensor,
+    spent_below: torch.Tensor,
+    position: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
+    """One greedy pick for every image: (pick [B, 1], its column [B, N], then the updated
+    energy, blocked and gap). ``coef`` [B, k, N] holds the columns picked so far and zero
+    rows after them, so every step has the same shapes (the zero rows add exact zeros).
+    GREEDY_STEP_OPS aten ops when eager; `torch.compile` fuses them."""
+    b, k, n = coef.shape
+    live = energy > spent_below
+    has_live = live.any(-1, keepdim=True)
+    by_energy = energy.masked_fill(~live, -1.0)
+    score = torch.where(has_live, by_energy, gap.masked_fill(blocked, -1.0))
+    pick = score.argmax(dim=-1, keepdim=True)  # first maximum: ties to the lowest index
+    resid = energy.gather(1, pick).clamp_min(1e-30)
+    picked = coef.gather(2, pick[:, None, :].expand(b, k, 1))  # [B, k, 1]
+    row = gram.gather(1, pick[:, :, None].expand(b, 1, n))[:, 0]
+    col = row - torch.bmm(picked.transpose(1, 2), coef)[:, 0]
+    col = torch.where(has_live, col / resid.sqrt(), 0.0)
+    blocked = blocked.scatter(1, pick, True)
+    gap = torch.minimum(gap, (position - pick).abs())
+    energy = (energy - col * col).clamp_min(0.0).masked_fill(blocked, -1.0)
+    return pick, col, energy, blocked, gap
+
+
+def compiled_step() -> Callable[..., tuple[torch.Tensor, ...]]:
+    """`_greedy_step` compiled once for every shape (dynamic shapes, one graph, no breaks)."""
+    global _COMPILED_STEP
+    if _COMPILED_STEP is None:
+        _COMPILED_STEP = torch.compile(_greedy_step, dynamic=True, fullgraph=True)
+    return _COMPILED_STEP
+
+
+_COMPILED_STEP: Callable[..., tuple[torch.Tensor, ...]] | None = None
+
+
 def _bucket(b: int, n: int, k: int) -> tuple[int, int, int]:
-    """Padded (batch, tokens, k) of the CUDA-graph bucket holding a call of this shape."""
-    nb = -(-n // _TOKEN_BUCKET) * _TOKEN_BUCKET
-    bb = next((c for c in _BATCH_BUCKETS if c >= b), b)
-    return bb, nb, -(-k // _K_BUCKET) * _K_BUCKET
+    """Padded (batch, tokens, k) of the CUDA-graph bucket holding a call of this shape.
+
+    Batch: powers of two to 128, then multiples of 64. Tokens: multiples of 64 to 1024 (LLaVA's
+    576 exactly), then eight steps per power of two (Qwen's N varies with the image: at most
+    12.5 % over, so a few dozen buckets cover 64..16k tokens). k: multiples of 16.
+    """
+    bb = next((c for c in _BATCH_BUCKETS if c >= b), -(-b // 64) * 64)
+    step = max(_TOKEN_BUCKET, 1 << max(0, (n - 1).bit_length() - 4))
+    return bb, -(-n // step) * step, -(-k // _K_BUCKET) * _K_BUCKET
 
 
 def _pad_to_bucket(
@@ -258,33 +351,101 @@ def _pad_to_bucket(
     return (pad(gram, (0, nb - n, *rows)), pad(mask, rows), pad(spent_below, rows)), kb
 
 
-class _CapturedGreedy:
-    """`_greedy_pivots` captured in a CUDA graph for one bucket; a call copies inputs in."""
+class _StaticInputs:
+    """One set of input buffers per device, shared by every captured bucket (graphs replay one
+    at a time): each bucket's inputs are views at offset 0, so memory is the largest bucket's,
+    not the sum. Growing them re-allocates, which makes every graph captured on them stale."""
 
-    def __init__(self, b: int, n: int, k: int, device: torch.device):
-        self.inputs = (
-            torch.zeros(b, n, n, device=device),
-            torch.zeros(b, n, dtype=torch.bool, device=device),
-            torch.zeros(b, n, device=device),
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.gram = self.mask = self.spent = torch.zeros(0, device=device)
+
+    def fits(self, b: int, n: int) -> bool:
+        return b * n * n <= self.gram.numel() and b * n <= self.mask.numel()
+
+    def grow(self, b: int, n: int) -> None:
+        """Buffers for at least (b, n); the caller drops its graphs (and their views) first."""
+        big, small = max(b * n * n, self.gram.numel()), max(b * n, self.mask.numel())
+        self.gram = self.mask = self.spent = None  # free the old ones before allocating
+        self.gram = torch.zeros(big, device=self.device)
+        self.mask = torch.zeros(small, dtype=torch.bool, device=self.device)
+        self.spent = torch.zeros(small, device=self.device)
+
+    def views(self, b: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (
+            self.gram[: b * n * n].view(b, n, n),
+            self.mask[: b * n].view(b, n),
+            self.spent[: b * n].view(b, n),
         )
-        with torch.cuda.device(device):  # capture on the tensors' device
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up off the capture, as torch.cuda.graphs asks
-                _greedy_pivots(*self.inputs, k)
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.outputs = _greedy_pivots(*self.inputs, k)
 
-    def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        for static, value in zip(self.inputs, inputs, strict=True):
-            static.copy_(value)
+
+class _CapturedGreedy:
+    """`_greedy_pivots` for one bucket, captured in a CUDA graph on the shared static inputs and
+    in the shared memory pool; a call replays it and clones the outputs out of the pool."""
+
+    def __init__(self, inputs: tuple[torch.Tensor, ...], k: int, step, pool) -> None:
+        cuda = torch.cuda
+        with cuda.device(inputs[0].device):  # capture on the tensors' device
+            side = cuda.Stream()
+            side.wait_stream(cuda.current_stream())
+            with cuda.stream(side):
+                _greedy_pivots(*inputs, k, step)  # warm-up (and compile) off the capture
+                self.graph = cuda.CUDAGraph()
+                # capture_begin itself: torch.cuda.graph() would synchronise and empty the
+                # allocator's cache before every capture
+                self.graph.capture_begin(pool=pool)
+                try:
+                    self.outputs = _greedy_pivots(*inputs, k, step)
+                finally:
+                    self.graph.capture_end()
+            cuda.current_stream().wait_stream(side)
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
         self.graph.replay()
         return self.outputs[0].clone(), self.outputs[1].clone()
 
 
-_GRAPHS: OrderedDict[tuple, _CapturedGreedy] = OrderedDict()
+class _GraphCache:
+    """Captured buckets of one device, least recently used dropped beyond _MAX_GRAPHS, all in
+    one memory pool (`torch.cuda.graph_pool_handle`) and on one set of static inputs."""
+
+    def __init__(self, device: torch.device):
+        self.inputs = _StaticInputs(device)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: OrderedDict[tuple[int, int, int], _CapturedGreedy] = OrderedDict()
+        self.step = compiled_step() if COMPILE_STEP else _greedy_step
+
+    def run(self, gram, mask, spent_below, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        bucket = _bucket(*gram.shape[:2], k)
+        if not self.inputs.fits(*bucket[:2]):
+            self.graphs.clear()  # captured on the buffers about to go
+            self.inputs.grow(*bucket[:2])
+        views = self.inputs.views(*bucket[:2])
+        for static, value in zip(views, (gram, mask, spent_below), strict=True):
+            static.zero_()  # the padding: invalid tokens, zero Gram entries
+            static[tuple(slice(0, d) for d in value.shape)].copy_(value)
+        if bucket not in self.graphs:
+            while len(self.graphs) >= _MAX_GRAPHS:
+                self.graphs.popitem(last=False)
+            self.graphs[bucket] = self._capture(views, bucket[2])
+        self.graphs.move_to_end(bucket)
+        return self.graphs[bucket]()
+
+    def _capture(self, views, k: int) -> _CapturedGreedy:
+        """Capture with the compiled step; with the eager one where compiling fails (once)."""
+        try:
+            return _CapturedGreedy(views, k, self.step, self.pool)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # no Triton, an inductor bug: eager is slower, not wrong
+            if self.step is _greedy_step:
+                raise
+            warnings.warn(f"selector step runs eager: compiling failed: {exc!r}", stacklevel=2)
+            self.step = _greedy_step
+            return _CapturedGreedy(views, k, self.step, self.pool)
+
+
+_GRAPHS: dict[torch.device, _GraphCache] = {}
 
 
 def _run_greedy(
@@ -295,14 +456,10 @@ def _run_greedy(
         return _greedy_pivots(gram, mask, spent_below, k)
     b, n, _ = gram.shape
     with torch.inference_mode():  # static buffers stay inference tensors in every later call
-        padded, kb = _pad_to_bucket(gram, mask, spent_below, k)
-        key = (gram.device, *padded[1].shape, kb)
-        if key not in _GRAPHS:
-            if len(_GRAPHS) >= _MAX_GRAPHS:
-                _GRAPHS.popitem(last=False)
-            _GRAPHS[key] = _CapturedGreedy(*padded[1].shape, kb, gram.device)
-        _GRAPHS.move_to_end(key)
-        chosen, coef = _GRAPHS[key](*padded)
+        cache = _GRAPHS.get(gram.device) or _GRAPHS.setdefault(
+            gram.device, _GraphCache(gram.device)
+        )
+        chosen, coef = cache.run(gram, mask, spent_below, k)
     return chosen[:b, :k], coef[:b, :k, :n]
 
 

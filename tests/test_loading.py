@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoProcessor
 
+from resprune.items import ItemError
 from resprune.loading import (
     ModelNotFoundError,
     UnsupportedModelError,
@@ -158,3 +159,101 @@ def test_flash_attention_without_flash_attn_is_one_clear_error(qwen_dir):
         load_vlm(str(qwen_dir), attn_implementation="flash_attention_2")
     with pytest.raises(ValueError, match="attn_implementation must be one of"):
         load_vlm(str(qwen_dir), attn_implementation="flash")
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "bkt/models/q/../escape.json",
+        "bkt/models/q/sub/../../escape.json",
+        "bkt/models/q/..",
+        "bkt/models/q//etc/passwd",
+        "bkt/models/q/./config.json",
+        "bkt/models/q-sibling/config.json",
+        "bkt/models/q",
+    ],
+)
+def test_s3_keys_that_would_escape_the_cache_are_refused(key, tmp_path, monkeypatch):
+    """AWS stores keys such as ``a/../../x`` as written (SeaweedFS refuses them at upload, so
+    the listing is stubbed): the download is refused before anything is written."""
+    import fsspec
+
+    from resprune.loading import cache_relpath, fetch_s3_prefix
+
+    assert cache_relpath("bkt/models/q/sub/model.safetensors", "bkt/models/q") == (
+        "sub/model.safetensors"
+    )
+    with pytest.raises(ModelNotFoundError, match="refusing s3://"):
+        cache_relpath(key, "bkt/models/q")
+
+    fetched = []
+
+    class Listing:
+        def find(self, prefix, detail):
+            return {
+                "bkt/models/q/config.json": {"size": 2, "ETag": "a"},
+                key: {"size": 2, "ETag": "b"},
+            }
+
+        def get(self, remote, local):
+            fetched.append(remote)
+
+    monkeypatch.setattr(fsspec, "filesystem", lambda *args, **kwargs: Listing())
+    cache = tmp_path / "cache"
+    with pytest.raises(ModelNotFoundError, match="refusing s3://") as err:
+        fetch_s3_prefix("s3://bkt/models/q/", cache_dir=str(cache))
+    assert "\n" not in str(err.value)
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".lock"]
+    assert fetched == [] and written == []
+
+
+def _merged_tokens(item) -> int:
+    t, h, w = (int(v) for v in item.image_grid_thw)
+    return t * h * w // 4
+
+
+def test_qwen_images_are_resized_to_at_most_max_pixels(qwen_dir, tmp_path):
+    """A 12 MP phone photo against the real checkpoint's 12.8 MP cap: the default
+    model.max_pixels resizes it to at most 1280 merged tokens (not ~15k), a smaller setting to
+    fewer, and a tiny image is scaled up to min_pixels; nothing is refused."""
+    from PIL import Image
+
+    from pipeline.spec import QWEN_MAX_PIXELS, ModelSpec
+    from resprune.models.qwen_processor import DEFAULT_MAX_PIXELS
+
+    assert ModelSpec(path="m").max_pixels == QWEN_MAX_PIXELS == DEFAULT_MAX_PIXELS
+    folder = tmp_path / "hub-sized"
+    shutil.copytree(qwen_dir, folder)
+    config = json.loads((folder / "preprocessor_config.json").read_text())
+    config["size"] = {"longest_edge": 12845056, "shortest_edge": 3136}  # Qwen2.5-VL-7B's
+    (folder / "preprocessor_config.json").write_text(json.dumps(config))
+    photo = Image.new("RGB", (4032, 3024), (120, 80, 40))
+    checkpoint = load_preprocessor(str(folder), max_pixels=None)
+    with pytest.raises(ItemError, match=r"prompt has 1\d{4} tokens"):  # ~15.5k: the problem
+        checkpoint.prepare(photo, "What is it?")
+    default = load_preprocessor(str(folder))
+    item = default.prepare(photo, "What is it?")
+    assert 1000 < _merged_tokens(item) <= DEFAULT_MAX_PIXELS // (28 * 28)
+    assert int((item.input_ids == default.processor.image_token_id).sum()) == _merged_tokens(item)
+    small = load_preprocessor(str(folder), max_pixels=200_704, min_pixels=100_000)
+    assert 100_000 // 784 <= _merged_tokens(small.prepare(photo, "q")) <= 256
+    assert _merged_tokens(small.prepare(Image.new("RGB", (40, 30)), "q")) >= 100_000 // 784
+    # the tiny checkpoint's own cap (336 x 336) is below the default: it stays
+    tiny = load_preprocessor(str(qwen_dir))
+    assert _merged_tokens(tiny.prepare(photo, "q")) <= 336 * 336 // 784
+    with pytest.raises(ValueError, match="min_pixels"):
+        load_preprocessor(str(qwen_dir), min_pixels=200_000)  # above the checkpoint's cap
+
+
+def test_pixel_bounds_are_validated_in_the_spec():
+    from pipeline.spec import ModelSpec, SpecError, parse_spec
+
+    assert ModelSpec(path="m", max_pixels=None, min_pixels=3136).max_pixels is None
+    doc = {"name": "t", "input": {"uri": "i/"}, "output": {"uri": "o/"}}
+    for model, message in (
+        ({"max_pixels": 100}, "model.max_pixels"),
+        ({"min_pixels": 0}, "model.min_pixels"),
+        ({"min_pixels": 600_000, "max_pixels": 500_000}, "must be <= model.max_pixels"),
+    ):
+        with pytest.raises(SpecError, match=message):
+            parse_spec({**doc, "model": {"path": "m", **model}})

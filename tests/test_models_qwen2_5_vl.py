@@ -93,3 +93,16 @@ def test_mixed_batch_equals_one_by_one(qwen):
     batch = answer_batch(vlm, items, pruner=pruner, keep=24, max_new_tokens=NEW)
     alone = [answer_batch(vlm, [it], pruner=pruner, keep=24, max_new_tokens=NEW)[0] for it in items]
     assert [r.answer_ids for r in batch] == [r.answer_ids for r in alone]
+
+
+def test_host_mrope_positions_equal_the_models_rope_index(qwen):
+    """Positions are built on the host (no device read); they are get_rope_index's."""
+    from resprune.models.qwen2_5_vl import mrope_positions
+
+    vlm, items = qwen
+    for it in items:
+        ids = torch.from_numpy(it.input_ids)[None]
+        image = (ids == vlm.model.config.image_token_id).int()
+        grid = torch.from_numpy(it.image_grid_thw)[None]
+        want, _ = vlm.model.model.get_rope_index(ids, image, image_grid_thw=grid)
+        assert torch.equal(torch.from_numpy(mrope_positions(vlm.model, it)), want[:, 0])

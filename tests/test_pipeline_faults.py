@@ -134,7 +134,9 @@ def test_the_model_stage_turns_systemic_faults_into_an_actor_exit(
 
     import resprune.answer
     from pipeline.stages.answer import ERROR_STREAK, Answerer
+    from resprune.loading import load_preprocessor
     from resprune.tiny import build_tiny_checkpoint
+    from tests.vlm_helpers import prepared
 
     model = build_tiny_checkpoint("llava", tmp_path / "model")
     spec = parse_spec(
@@ -154,14 +156,16 @@ def test_the_model_stage_turns_systemic_faults_into_an_actor_exit(
 
     monkeypatch.setattr(resprune.answer, "answer_batch", fails)
     items, keep = [object()] * 4, spec.pruning.keep
+    pre = load_preprocessor(str(model))
+    real = prepared(pre, 3) + prepared(pre, 1)
     cases = [
         RuntimeError("CUDA error: an illegal memory access was encountered"),
-        OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB"),
+        OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB"),  # smaller, then alone
     ]
     for exc in cases:
         raised[:] = [exc]
         with pytest.raises(faults.SystemicFault, match=str(exc)[:20]):
-            answerer._run(items, answerer.pruner, keep)
+            answerer._run(real, answerer.pruner, keep)
     raised[:] = [ValueError("shape mismatch")]
     answerer.error_streak = 0
     out = answerer._run(items, answerer.pruner, keep)  # item faults, below the streak

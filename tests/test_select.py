@@ -1,6 +1,7 @@
 """ResPrune's selector against independent float64 references (scipy pivoted QR, lstsq)."""
 
 import itertools
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -296,3 +297,165 @@ def test_cuda_picks_equal_cpu_and_scipy(dtype):
         assert [g.indices.tolist() for g in gpu] == [c.indices.tolist() for c in cpu]
     y = t[0].double().numpy()
     assert gpu[0].indices.tolist() == _reference_indices(y, 40, rel[0], 1.0)
+
+
+# ---- the greedy step compiled, and the CUDA-graph plumbing emulated on the CPU
+
+
+def _mixed_cases():
+    """Batches with full-rank, rank-exhausted and padded images, budgets per row."""
+    gen = torch.Generator().manual_seed(9)
+    exhausted = _exhausted_images(24)
+    cases = []
+    for b, n, ks in [(5, 144, [40, 7, 19, 30, 24]), (3, 90, [16, 33, 5])]:
+        sets = [torch.randn(n - 9 * i, 24, generator=gen) for i in range(b)]
+        sets[0], sets[1] = exhausted["tiled"][0][:n], exhausted["blank"][0][: n - 9]
+        x = torch.zeros(b, n, 24)
+        mask = torch.zeros(b, n, dtype=torch.bool)
+        for i, s in enumerate(sets):
+            x[i, : len(s)], mask[i, : len(s)] = s, True
+        cases.append((x, torch.rand(b, n, generator=gen) * 1.2 - 0.2, mask, ks))
+    return cases
+
+
+def test_compiled_step_keeps_the_picks(monkeypatch):
+    """The step CUDA runs (`torch.compile`d, dynamic shapes), compiled here on the CPU: same
+    picks as the eager step, one compiled graph for every shape."""
+    from torch._dynamo.utils import counters
+
+    import resprune.select as sel
+
+    cases = _mixed_cases()
+    eager = [select_prefixes(x, ks, relevance=r, mask=m) for x, r, m, ks in cases]
+    torch._dynamo.reset()
+    counters.clear()
+    monkeypatch.setattr(sel, "_COMPILED_STEP", None)
+    monkeypatch.setattr(sel, "_greedy_step", sel.compiled_step())
+    for (x, r, m, ks), want in zip(cases, eager, strict=True):
+        got = select_prefixes(x, ks, relevance=r, mask=m)
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g.order, w.order)
+            torch.testing.assert_close(g.retained_by_prefix, w.retained_by_prefix)
+    assert counters["stats"]["unique_graphs"] == 1
+    monkeypatch.setattr(sel, "_COMPILED_STEP", None)
+
+
+def test_greedy_step_op_count_matches_the_docstring():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import resprune.select as sel
+
+    class Ops(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Ops.n += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    b, k, n = 2, 4, 10
+    args = (torch.randn(b, n, n), torch.zeros(b, k, n), torch.rand(b, n))
+    state = (torch.zeros(b, n, dtype=torch.bool), torch.full((b, n), 11.0), torch.zeros(b, n))
+    with Ops():
+        sel._greedy_step(*args, *state, torch.arange(n, dtype=torch.float32))
+    assert Ops.n == sel.GREEDY_STEP_OPS
+    assert f"{sel.GREEDY_STEP_OPS} " in sel.__doc__.replace("\n", " ")
+
+
+class _FakeGraph:
+    """A CUDA graph emulated on the CPU: capture records every op (a host sync during capture
+    fails, as on CUDA); replay re-runs them into the recorded outputs."""
+
+    pools: ClassVar[list] = []
+
+    def capture_begin(self, pool=None):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        _FakeGraph.pools.append(pool)
+        ops = self.ops = []
+
+        class Record(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                assert name not in ("_local_scalar_dense", "item", "nonzero", "is_nonzero"), name
+                out = func(*args, **(kwargs or {}))
+                ops.append((func, args, kwargs or {}, out))
+                return out
+
+        self.mode = Record()
+        self.mode.__enter__()
+
+    def capture_end(self):
+        self.mode.__exit__(None, None, None)
+
+    def replay(self):
+        for func, args, kwargs, out in self.ops:
+            mutates = any(a.alias_info and a.alias_info.is_write for a in func._schema.arguments)
+            if func.is_view:
+                continue  # the recorded view still aliases its base
+            result = func(*args, **kwargs)
+            if not mutates:
+                outs = [o if isinstance(o, tuple) else (o,) for o in (out, result)]
+                for dst, src in zip(*outs, strict=True):
+                    dst.copy_(src)
+
+
+def test_cuda_graph_plumbing_emulated_on_cpu(monkeypatch):
+    """`_GraphCache` as CUDA runs it, torch.cuda emulated: one memory pool for every capture,
+    no `empty_cache`, shared static inputs, and replays (of any bucket, in any order) give the
+    eager picks."""
+    from contextlib import nullcontext
+    from types import SimpleNamespace
+
+    import resprune.select as sel
+
+    stream = SimpleNamespace(wait_stream=lambda other: None)
+    fake = SimpleNamespace(
+        graph_pool_handle=lambda: ("pool",),
+        device=lambda d: nullcontext(),
+        stream=lambda s: nullcontext(),
+        Stream=lambda: stream,
+        current_stream=lambda: stream,
+        CUDAGraph=_FakeGraph,
+        OutOfMemoryError=torch.cuda.OutOfMemoryError,
+    )
+    monkeypatch.setattr(torch, "cuda", fake)
+    monkeypatch.setattr(sel, "COMPILE_STEP", False)
+    _FakeGraph.pools = []
+    cache = sel._GraphCache(torch.device("cpu"))
+    calls = []
+    for x, r, m, ks in _mixed_cases() * 2:
+        w = sel.relevance_weights(r, 1.0)
+        gram = torch.bmm(x, x.transpose(1, 2)) * (w.sqrt()[:, :, None] * w.sqrt()[:, None, :])
+        spent = torch.full(m.shape, 1e-3) * w
+        want = sel._greedy_pivots(gram, m, spent, max(ks))
+        with torch.inference_mode():
+            order, coef = cache.run(gram, m, spent, max(ks))
+        b, n = m.shape
+        assert torch.equal(order[:b, : max(ks)], want[0])
+        torch.testing.assert_close(coef[:b, : max(ks), :n], want[1])
+        calls.append(sel._bucket(b, n, max(ks)))
+    assert len(cache.graphs) == 2 and list(cache.graphs) == calls[-2:]
+    assert _FakeGraph.pools == [("pool",)] * 2  # two captures, one pool, then replays only
+    assert cache.inputs.gram.numel() == max(b * n * n for b, n, _ in calls)
+
+
+def test_buckets_above_128_and_for_large_n():
+    assert [sel_b for sel_b, _, _ in map(lambda b: _bucket(b, 64, 16), (1, 3, 128, 129, 200))] == [
+        1,
+        4,
+        128,
+        192,
+        256,
+    ]
+    assert [_bucket(1, n, 16)[1] for n in (1, 64, 576, 1000, 1025, 1280, 1300, 5000)] == [
+        64,
+        64,
+        576,
+        1024,
+        1152,
+        1280,
+        1408,
+        5120,
+    ]
+    for n in range(1, 20000, 37):
+        assert n <= _bucket(1, n, 1)[1] <= max(n + 63, n * 9 // 8 + 1)

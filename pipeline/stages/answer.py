@@ -1,17 +1,22 @@
 """The model stage: one actor holds the VLM and answers prepared rows with the pruner.
 
 Per call: rows that failed on the CPU pass through untouched; the rest are packed into
-sub-batches by an LLM-token budget (``execution.max_batch_tokens``: prompt after pruning +
-new tokens, so pruned items form proportionally larger batches; ``auto`` sizes it from free
-GPU memory, see resprune/memory.py), answered, and timed on the device (synchronised wall
-time split over the sub-batch's items; each row names its batch and its size). A sub-batch
-that raises falls back to one item at a time, so one item cannot sink its batch; the failed
-attempt's time stays on its items (``failed_gpu_seconds``). A systemic fault
-(`pipeline.faults`: a CUDA error, out of memory with one item, ``ERROR_STREAK`` items in a
-row raising) is never written as an answer: the actor exits so Ray restarts it and retries
-the batch, within ``execution.max_task_retries``. The shadow sample is drawn by
+sub-batches by an LLM-token budget (``execution.max_batch_tokens``: prompt after pruning + new
+tokens, so pruned items form proportionally larger batches; ``auto`` on a GPU packs by the
+device bytes of each batch instead, vision tower, selector, padded and bucketed KV cache
+included, within the actor's share of the GPU, see resprune/memory.py), answered, and timed
+on the device (synchronised wall time split over the sub-batch's items; each row names its
+batch and its size). A sub-batch that runs out of memory shrinks the actor's budgets to
+SHRINK of what it needed (remembered for its later batches) and is answered again in batches
+packed under them. Any other sub-batch that raises falls back to one item at a time, so one
+item cannot sink its batch. A failed attempt's time is billed as overhead on its items
+(``failed_gpu_seconds``), never as model time: ``gpu_seconds`` is each item's share of the
+attempt that answered it, so their sum is the time of the successful batches. A systemic
+fault (`pipeline.faults`: a CUDA error, out of memory with one item, ``ERROR_STREAK`` items
+in a row raising) is never written as an answer: the actor exits so Ray restarts it and
+retries the batch, within ``execution.max_task_retries``. The shadow sample is drawn by
 batch: a seeded share of the model batches is answered again unpruned, packed under the same
-size cap and token budget, right after its pruned pass on the same actor, so the time ratio
+size cap and budgets, right after its pruned pass on the same actor, so the time ratio
 compares the main pass's own batches with their unpruned twins (same regime: batch 1 is
 memory-bound, full batches are not). The actor reports its start, model shape and busy time
 to the run's ledger (side effects are at-least-once; the run's GPU-seconds come from
@@ -32,6 +37,7 @@ import pickle
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, NoReturn
 
@@ -44,8 +50,10 @@ from pipeline.output.columns import output_schema
 from pipeline.spec import JobSpec
 from pipeline.stages.preprocess import PREPARED
 from resprune.items import ItemError, ItemResult, PreparedItem
+from resprune.keep import EnergyKeep
 
 ERROR_STREAK = 8  # consecutive items the model raised for: the model, not the items, is broken
+SHRINK = 0.75  # after an out-of-memory, budgets drop to this share of what the batch needed
 
 
 @dataclass(frozen=True)
@@ -67,19 +75,34 @@ def shadow_batch(ids: list[str], fraction: float, seed: int) -> bool:
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64 < fraction
 
 
-def pack(costs: list[int], *, budget: int | None, max_items: int) -> list[list[int]]:
-    """Group item indices (longest first) into batches under a token budget and a size cap."""
+def pack(
+    costs: list[int],
+    *,
+    budget: int | None,
+    max_items: int,
+    grow: Callable[[Any, int], tuple[Any, bool]] | None = None,
+) -> list[list[int]]:
+    """Group item indices (longest first) into batches under a token budget and a size cap.
+
+    ``grow(state, i)``, when given, adds item i to a batch's running state (None: empty) and
+    says whether the batch still fits (e.g. in device memory); a lone item always goes.
+    """
     order = sorted(range(len(costs)), key=lambda i: -costs[i])
     batches: list[list[int]] = []
     current: list[int] = []
-    used = 0
+    used, state = 0, None
     for i in order:
-        over = budget is not None and used + costs[i] > budget
-        if current and (over or len(current) >= max_items):
-            batches.append(current)
-            current, used = [], 0
+        if current:
+            grown, fits = grow(state, i) if grow else (None, True)
+            over = budget is not None and used + costs[i] > budget
+            if over or len(current) >= max_items or not fits:
+                batches.append(current)
+                current, used, state = [], 0, None
+        if not current:
+            grown = grow(None, i)[0] if grow else None
         current.append(i)
         used += costs[i]
+        state = grown
     if current:
         batches.append(current)
     return batches
@@ -104,7 +127,7 @@ class Answerer:
 
         from resprune.engines import engine_class
         from resprune.loading import load_vlm
-        from resprune.memory import resolve_batch_tokens
+        from resprune.memory import BatchMemory, device_budget, resolve_batch_tokens
         from resprune.pruners import build_pruner
 
         self.started, self.key = time.time(), uuid.uuid4().hex
@@ -147,6 +170,18 @@ class Answerer:
         self.batch_tokens = (
             None if auto_vllm else resolve_batch_tokens(tokens, self.vlm.model, self.vlm.device)
         )
+        self.memory, self.budget_bytes = None, None  # auto on a GPU: batches by device bytes
+        if tokens == "auto" and not auto_vllm and self.vlm.device.type == "cuda":
+            self.memory = BatchMemory(
+                self.vlm.model.config,
+                self.vlm.model.dtype,
+                max_new_tokens=m.max_new_tokens,
+                static_cache=getattr(self.engine, "static", False),
+                bucketed=getattr(self.engine, "bucket", False),
+            )
+            share = min(1.0, spec.execution.gpus_per_actor)
+            self.budget_bytes = device_budget(self.vlm.device, share)
+        self.oom_tokens: int | None = None  # the token cap an out-of-memory taught this actor
         self.busy_s, self.compile_s, self.error_streak = 0.0, 0.0, 0
         if ledger is not None:
             ledger.actor_started.remote(self.key, self.started, self.vlm.describe())
@@ -233,16 +268,61 @@ class Answerer:
                 row["failed_gpu_seconds"] += twin.seconds + twin.failed_s
 
     def _answer(self, items: list[PreparedItem], pruner: Any, keep: Any) -> list[Answered]:
-        """Answer items in token-budget batches, in input order."""
+        """Answer items in batches that fit the budgets, in input order."""
         out: list[Any] = [None] * len(items)
-        ex = self.spec.execution
         costs = [self._cost(it, pruner, keep) for it in items]
-        for group in pack(costs, budget=self.batch_tokens, max_items=ex.batch_size):
+        for group in self._pack(items, costs, pruner, keep):
             for i, res in zip(
                 group, self._run([items[i] for i in group], pruner, keep), strict=True
             ):
                 out[i] = res
         return out
+
+    def _pack(self, items, costs, pruner, keep) -> list[list[int]]:
+        """Batches under the item cap, the token cap (set, or learnt from an out-of-memory)
+        and, with ``auto`` on a GPU, the device bytes of `resprune.memory.BatchMemory`."""
+        caps = [c for c in (self.batch_tokens, self.oom_tokens) if c is not None]
+        grow = None
+        if self.memory is not None:
+            from resprune.memory import BatchShape
+
+            feet = self._footprints(items, costs, pruner, keep)
+
+            def grow(state, i):
+                shape = self.memory.add(state or BatchShape(), feet[i])
+                return shape, self.memory.bytes(shape) <= self.budget_bytes
+
+        max_items = self.spec.execution.batch_size
+        return pack(costs, budget=min(caps, default=None), max_items=max_items, grow=grow)
+
+    def _footprints(self, items, costs, pruner, keep) -> list[Any]:
+        selects = pruner.name == "resprune"  # the one pruner that holds a Gram per batch
+        keep = keep.max if isinstance(keep, EnergyKeep) else keep  # selection runs to max
+        anyres = self.spec.pruning.anyres
+        return [
+            self.memory.item(it, cost=c, keep=keep if selects else None, anyres=anyres)
+            for it, c in zip(items, costs, strict=True)
+        ]
+
+    def _shrink(self, items, pruner, keep) -> None:
+        """After an out-of-memory with these items: budgets below what they needed, kept for
+        the actor's later batches (each out-of-memory takes off another SHRINK share)."""
+        costs = [self._cost(it, pruner, keep) for it in items]
+        self.oom_tokens = max(1, int(SHRINK * sum(costs)))
+        line = f"out of memory with {len(items)} items ({sum(costs)} LLM tokens)"
+        if self.memory is not None:
+            from resprune.memory import BatchShape
+
+            shape = BatchShape()
+            for foot in self._footprints(items, costs, pruner, keep):
+                shape = self.memory.add(shape, foot)
+            self.budget_bytes = int(SHRINK * min(self.budget_bytes, self.memory.bytes(shape)))
+            line += f"; batches now within {self.budget_bytes / 2**30:.2f} GiB"
+        print(
+            f"model actor: {line} and {self.oom_tokens} LLM tokens",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def _run(self, items: list[PreparedItem], pruner: Any, keep: Any) -> list[Answered]:
         from resprune.answer import answer_batch
@@ -261,6 +341,11 @@ class Answerer:
             results = answer_batch(self.vlm, items, **kw)
         except Exception as exc:
             lost = self._stop(started) / n
+            if n > 1 and faults.is_oom(exc):  # too big a batch, not a bad item: smaller ones
+                _free_device_memory()
+                self._shrink(items, pruner, keep)
+                redo = self._answer(items, pruner, keep)
+                return [replace(a, failed_s=a.failed_s + lost) for a in redo]
             if faults.classify(exc, batch_size=n) == faults.SYSTEMIC:
                 raise faults.SystemicFault(f"{type(exc).__name__}: {exc}") from exc
             if n == 1:

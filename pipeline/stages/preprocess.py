@@ -79,6 +79,8 @@ class Preprocess:
             trust_remote_code=m.trust_remote_code,
             max_question_tokens=m.max_question_tokens,
             endpoint_url=spec.storage.endpoint_url,
+            max_pixels=m.max_pixels,
+            min_pixels=m.min_pixels,
         )
         self.fs_cache: dict[bool, Any] = {}
 

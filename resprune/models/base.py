@@ -3,7 +3,9 @@
 An adapter knows three things about its family: how to run the vision tower + projector on a
 batch of prepared items, how the packed visual features of one image split into crops (with
 grids) and layout-only rows (LLaVA-NeXT's ``image_newline``), and how to give the kept
-sequence its positions. Batching, padding and ``generate`` live in `resprune.answer`.
+sequence its positions. Layouts and positions are host metadata (numpy, or CPU tensors for
+crop indices), computed from the prepared item alone: they never read the device.
+Batching, padding and ``generate`` live in `resprune.answer`.
 Non-goal: video, multi-image prompts.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from resprune.items import PreparedItem
@@ -49,10 +52,9 @@ class Adapter(Protocol):
         """Crops and layout rows of one item's ``n`` packed features."""
         ...
 
-    def positions(
-        self, model, ids: torch.Tensor, item: PreparedItem, keep: torch.Tensor, policy: str
-    ) -> torch.Tensor:
-        """Position ids [R, L'] of the kept sequence ``ids[keep]`` (R = 1, or 3 for M-RoPE)."""
+    def positions(self, model, item: PreparedItem, keep: np.ndarray, policy: str) -> np.ndarray:
+        """Position ids [R, L'] of the kept prompt ``item.input_ids[keep]`` (R = 1, or 3 for
+        M-RoPE), computed on the host from the prepared item (no device work, no sync)."""
         ...
 
 
@@ -109,10 +111,10 @@ def square_grid(n: int) -> tuple[int, int] | None:
     return (side, side) if side * side == n else None
 
 
-def text_positions(keep: torch.Tensor, policy: str) -> torch.Tensor:
-    """1-D positions [1, L'] of the kept tokens: original (with gaps) or contiguous."""
+def text_positions(keep: np.ndarray, policy: str) -> np.ndarray:
+    """1-D positions [1, L'] of the kept tokens (bool ``keep`` over the prompt, on the host):
+    original (with gaps) or contiguous."""
     if policy not in POSITION_POLICIES:
         raise ValueError(f"position_policy must be one of {POSITION_POLICIES}, got {policy!r}")
-    full = torch.arange(keep.shape[0], device=keep.device)
-    kept = full[keep] if policy == "original" else full[: int(keep.sum())]
-    return kept[None]
+    kept = np.flatnonzero(keep) if policy == "original" else np.arange(int(keep.sum()))
+    return kept[None].astype(np.int64)

@@ -5,8 +5,10 @@ Non-goal: multi-image prompts.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from resprune.host import to_device
 from resprune.items import PreparedItem
 from resprune.models.base import Crop, Layout, square_grid, text_positions
 
@@ -18,8 +20,8 @@ class LlavaAdapter:
 
     def encode(self, model, items: list[PreparedItem]) -> list[torch.Tensor]:
         """Projector outputs [576, D] per item (one batched vision-tower call)."""
-        pixels = torch.stack([torch.from_numpy(it.pixel_values) for it in items])
-        pixels = pixels.to(model.device, model.dtype)
+        pixels = np.stack([it.pixel_values for it in items])
+        pixels = to_device(pixels, model.device).to(model.dtype)
         out = model.model.get_image_features(pixel_values=pixels, return_dict=True)
         return list(out.pooler_output)
 
@@ -27,8 +29,6 @@ class LlavaAdapter:
         """One crop: the whole image, a square row-major grid."""
         return Layout([Crop(torch.arange(n), square_grid(n))])
 
-    def positions(
-        self, model, ids: torch.Tensor, item: PreparedItem, keep: torch.Tensor, policy: str
-    ) -> torch.Tensor:
+    def positions(self, model, item: PreparedItem, keep: np.ndarray, policy: str) -> np.ndarray:
         """1-D positions: the original ones (gaps where tokens were dropped) or contiguous."""
         return text_positions(keep, policy)

@@ -19,9 +19,11 @@ item stats says how much of it went to rows).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
 
+from resprune.host import to_device
 from resprune.items import PreparedItem
 from resprune.models.base import Crop, Layout, text_positions
 
@@ -36,35 +38,35 @@ class LlavaNextAdapter:
 
     def encode(self, model, items: list[PreparedItem]) -> list[torch.Tensor]:
         """Packed projector outputs per item (base + high-res grid + newlines), batched."""
-        pixels = torch.cat([torch.from_numpy(it.pixel_values) for it in items])
-        sizes = torch.stack([torch.from_numpy(it.image_sizes) for it in items])
+        pixels = np.concatenate([it.pixel_values for it in items])
         out = model.model.get_image_features(
-            pixel_values=pixels.to(model.device, model.dtype),
-            image_sizes=sizes.to(model.device),
+            pixel_values=to_device(pixels, model.device).to(model.dtype),
+            # a list: transformers reads each image's size with .tolist(), a device read
+            # per image when they are a device tensor
+            image_sizes=[it.image_sizes.tolist() for it in items],
             return_dict=True,
         )
         return list(out.pooler_output)
 
     def layout(self, model, item: PreparedItem, n: int) -> Layout:
         """Crops (base view, then each high-res tile) and the newline closing each row."""
-        coords = _packed_coordinates(model, item)
+        coords = _packed_coordinates(model, item).numpy()
         if coords.shape[0] != n:
             raise ValueError(f"layout has {coords.shape[0]} tokens but features have {n}")
-        tile, row, col, grid_row = coords.unbind(-1)
+        tile, row, col, grid_row = coords.T
         crops = []
-        for t in torch.unique(tile[tile != NEWLINE]).tolist():
-            index = torch.nonzero(tile == t).flatten()
-            rows, cols = len(torch.unique(row[index])), len(torch.unique(col[index]))
-            crops.append(Crop(index, (rows, cols) if rows * cols == len(index) else None))
+        for t in np.unique(tile[tile != NEWLINE]):
+            index = np.flatnonzero(tile == t)
+            rows, cols = len(np.unique(row[index])), len(np.unique(col[index]))
+            grid = (rows, cols) if rows * cols == len(index) else None
+            crops.append(Crop(torch.from_numpy(index), grid))
         newline_rows = []
-        for p in torch.nonzero(tile == NEWLINE).flatten().tolist():
-            members = (grid_row == grid_row[p - 1]) & (tile != NEWLINE)
-            newline_rows.append((p, torch.nonzero(members).flatten()))
+        for p in np.flatnonzero(tile == NEWLINE):
+            members = np.flatnonzero((grid_row == grid_row[p - 1]) & (tile != NEWLINE))
+            newline_rows.append((int(p), torch.from_numpy(members)))
         return Layout(crops, newline_rows)
 
-    def positions(
-        self, model, ids: torch.Tensor, item: PreparedItem, keep: torch.Tensor, policy: str
-    ) -> torch.Tensor:
+    def positions(self, model, item: PreparedItem, keep: np.ndarray, policy: str) -> np.ndarray:
         """1-D positions: the original ones (gaps where tokens were dropped) or contiguous."""
         return text_positions(keep, policy)
 
@@ -86,7 +88,7 @@ def _packed_coordinates(model, item: PreparedItem) -> torch.Tensor:
     coords = torch.stack([t.float(), r.float(), c.float(), g.float()], -1).view(tiles, -1, 4)
     packed, _ = model.model.pack_image_features(
         [coords],
-        torch.from_numpy(item.image_sizes)[None],
+        [item.image_sizes.tolist()],  # a list: transformers reads a tensor's with .tolist()
         vision_feature_select_strategy=model.config.vision_feature_select_strategy,
         image_newline=torch.full((4,), NEWLINE),
     )

@@ -19,3 +19,30 @@ class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+DEFAULT_MAX_PIXELS = 1280 * 28 * 28  # 1,003,520 px: at most 1280 merged tokens per image
+
+
+def limit_pixels(
+    image_processor, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_pixels: int | None = None
+) -> None:
+    """Bound the pixels Qwen's processor resizes an image to (it resizes, never rejects).
+
+    The checkpoint's own ``max_pixels`` (12.8 MP for Qwen2.5-VL) turns a phone photo into
+    ~16k merged tokens (a 1 GB float32 Gram matrix in the selector); ``max_pixels`` caps it
+    (the smaller of the two wins, so a checkpoint with a lower cap keeps it; None keeps the
+    checkpoint's). ``min_pixels`` replaces the checkpoint's lower bound (None keeps it). An
+    image then holds at most ``max_pixels / (28 * 28)`` merged tokens.
+    """
+    from transformers.image_utils import SizeDict
+
+    size = image_processor.size
+    high = size.longest_edge if max_pixels is None else min(max_pixels, size.longest_edge)
+    low = size.shortest_edge if min_pixels is None else min_pixels
+    if low > high:
+        raise ValueError(
+            f"model.min_pixels ({low}) is above the effective max_pixels ({high}): the "
+            "smaller of model.max_pixels and the checkpoint's"
+        )
+    image_processor.size = SizeDict(shortest_edge=low, longest_edge=high)
