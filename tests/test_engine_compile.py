@@ -132,7 +132,7 @@ def test_compile_time_is_billed_overhead_not_item_time(compiling_actor):
     actor, batch = compiling_actor
     before = overhead.seconds()
     first = actor(batch).to_pylist()
-    compiled = actor.compile_s
+    compiled = actor.clock.compile_s
     later = [actor(batch).to_pylist() for _ in range(2)]
     every = first + later[0] + later[1]
     assert [r["status"] for r in every] == ["ok"] * 9 and all(r["shadow"] for r in every)
@@ -140,10 +140,10 @@ def test_compile_time_is_billed_overhead_not_item_time(compiling_actor):
     assert len(actor.engine.warmups) == 2
     assert compiled == pytest.approx(sum(actor.engine.warmups.values()))
     assert compiled == pytest.approx(overhead.seconds() - before) and compiled > 0
-    assert actor.compile_s == compiled  # the later calls compiled nothing
+    assert actor.clock.compile_s == compiled  # the later calls compiled nothing
     # items carry model time only: it adds up to the busy time, with the compile beside it
     item_s = sum(r["gpu_seconds"] + r["shadow_gpu_seconds"] for r in every)
-    assert actor.busy_s == pytest.approx(item_s)
+    assert actor.clock.busy_s == pytest.approx(item_s)
     assert all(r["generate_s"] <= r["gpu_seconds"] + 1e-9 for r in every)
 
     def batch_s(rows, key):
@@ -155,7 +155,7 @@ def test_compile_time_is_billed_overhead_not_item_time(compiling_actor):
     # the run summary shows it as its own line, from what the actor tells the ledger
     ledger = Ledger.__ray_metadata__.modified_class()
     ledger.actor_started("a", time.time() - 60, {})
-    ledger.actor_busy("a", actor.busy_s, actor.compile_s)
+    ledger.actor_busy("a", actor.clock.busy_s, actor.clock.compile_s)
     doc = summary.Recorder._actors(None, ledger.snapshot(), time.time())
     assert doc["compile_seconds"] == pytest.approx(compiled)
     assert doc["model_seconds"] == pytest.approx(item_s)

@@ -122,9 +122,9 @@ def test_auto_batch_budget_peak_fits_the_free_memory(pruned, tmp_path_factory, m
     pre = load_preprocessor(str(path))
     distinct = [pre.prepare(im, "What is in the picture?") for im in images()]
     pruner, keep = (actor.pruner, 16) if pruned else (actor.unpruned, 1.0)
-    cost = max(actor._cost(it, pruner, keep) for it in distinct)
-    n = actor.batch_tokens // cost
-    assert n >= 8, (actor.batch_tokens, cost)  # a real batch, not a degenerate one
+    cost = max(actor.packer.cost(it, pruner, keep) for it in distinct)
+    n = actor.packer.batch_tokens // cost
+    assert n >= 8, (actor.packer.batch_tokens, cost)  # a real batch, not a degenerate one
     items = [distinct[i % len(distinct)] for i in range(n)]
     torch.cuda.synchronize()
     torch.cuda.empty_cache()

@@ -100,7 +100,7 @@ def test_answerer_resolves_auto_after_loading(tmp_path):
         doc["execution"]["max_batch_tokens"] = setting
         spec = parse_spec(doc)
         answerer = Answerer(spec, run_id="r", run_date="2026-01-01", passthrough=pa.schema([]))
-        assert answerer.batch_tokens == want
+        assert answerer.packer.batch_tokens == want
 
 
 # ---- the whole batch: vision, selector, padded and bucketed KV (resprune.memory.BatchMemory)
@@ -306,14 +306,16 @@ def test_out_of_memory_shrinks_the_budget_and_answers_everything(budget, tiny_ll
         parse_spec(doc), run_id="r", run_date="2026-01-01", passthrough=pa.schema([])
     )
     if budget == "device_bytes":  # `auto` on a GPU: packed by device bytes, all in one batch
-        answerer.memory = BatchMemory(answerer.vlm.model.config, torch.float32, max_new_tokens=2)
-        answerer.budget_bytes = 10**12
+        answerer.packer.memory = BatchMemory(
+            answerer.vlm.model.config, torch.float32, max_new_tokens=2
+        )
+        answerer.packer.budget_bytes = 10**12
     pre = load_preprocessor(str(tiny_llava))
     pictures = images()
     items = [pre.prepare(pictures[i % 3], QUESTIONS[i % 3]) for i in range(20)]
     clock = Clock()
     monkeypatch.setattr(time, "perf_counter", clock)
-    cost = answerer._cost(items[0], answerer.pruner, 16)
+    cost = answerer.packer.cost(items[0], answerer.pruner, 16)
     device = answerer.engine = TightDevice(answerer.vlm, limit=5 * cost, clock=clock)
 
     first = answerer._answer(items[:12], answerer.pruner, 16)
@@ -321,7 +323,7 @@ def test_out_of_memory_shrinks_the_budget_and_answers_everything(budget, tiny_ll
     fitted = [a for a in device.attempts if a[2]]
     failed = [a for a in device.attempts if not a[2]]
     assert failed and sum(n for n, _, _ in fitted) == 12  # each item answered once
-    assert answerer.oom_tokens <= 5 * cost  # converged to a budget the device holds
+    assert answerer.packer.oom_tokens <= 5 * cost  # converged to a budget the device holds
     # gpu_seconds: each item's share of the batch that answered it; failed attempts are
     # billed as overhead (failed_gpu_seconds), never as model time
     assert sum(a.seconds for a in first) == pytest.approx(
@@ -337,7 +339,7 @@ def test_out_of_memory_shrinks_the_budget_and_answers_everything(budget, tiny_ll
     )  # one share per item of the batch that answered it, never doubled by the retries
     assert all(max(s) == min(s) for s in by_batch.values())
     if budget == "device_bytes":
-        assert answerer.budget_bytes < 10**12 * SHRINK
+        assert answerer.packer.budget_bytes < 10**12 * SHRINK
 
     before = len(device.attempts)  # remembered: the actor's next batches fit at once
     later = answerer._answer(items[12:], answerer.pruner, 16)

@@ -167,7 +167,7 @@ def test_the_model_stage_turns_systemic_faults_into_an_actor_exit(
         with pytest.raises(faults.SystemicFault, match=str(exc)[:20]):
             answerer._run(real, answerer.pruner, keep)
     raised[:] = [ValueError("shape mismatch")]
-    answerer.error_streak = 0
+    answerer.errors.count = 0
     out = answerer._run(items, answerer.pruner, keep)  # item faults, below the streak
     assert [a.result.cause for a in out] == ["model_error"] * 4
     with pytest.raises(faults.SystemicFault, match=f"{ERROR_STREAK} items in a row"):

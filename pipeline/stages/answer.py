@@ -27,19 +27,18 @@ one item at a time, and an item that killed it while answered alone is quarantin
 first batch of each shape warms that shape up first, pruned and shadow alike) is left out of
 the items' GPU seconds and the busy time; the actor reports it as ``compile_s``, which the run
 summary and the cost report show as billed overhead. Non-goal: batching across Ray calls.
+
+The parts live beside it: `packing` (budgets and batches), `shadow` (the shadow sample),
+`failures` (error streak, quarantine, exits) and `timing` (the device clock).
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import pickle
-import sys
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, NoReturn
+from typing import Any
 
 import pyarrow as pa
 import ray
@@ -48,12 +47,20 @@ from pipeline import faults
 from pipeline.io.storage import redact
 from pipeline.output.columns import output_schema
 from pipeline.spec import JobSpec
+from pipeline.stages.failures import (
+    ERROR_STREAK,
+    ErrorStreak,
+    exit_actor,
+    free_device_memory,
+    quarantine,
+)
+from pipeline.stages.packing import SHRINK, Packer, pack
 from pipeline.stages.preprocess import PREPARED
+from pipeline.stages.shadow import fill_shadow, shadow_batch
+from pipeline.stages.timing import DeviceClock
 from resprune.items import ItemError, ItemResult, PreparedItem
-from resprune.keep import EnergyKeep
 
-ERROR_STREAK = 8  # consecutive items the model raised for: the model, not the items, is broken
-SHRINK = 0.75  # after an out-of-memory, budgets drop to this share of what the batch needed
+__all__ = ["ERROR_STREAK", "SHRINK", "Answered", "Answerer", "pack", "shadow_batch"]
 
 
 @dataclass(frozen=True)
@@ -65,47 +72,6 @@ class Answered:
     batch_id: str
     batch_size: int
     failed_s: float = 0.0  # its share of attempts that raised (batch split, lone failure)
-
-
-def shadow_batch(ids: list[str], fraction: float, seed: int) -> bool:
-    """Seeded membership of a model batch (by its ids) in the shadow sample."""
-    if fraction <= 0 or not ids:
-        return False
-    key = "\0".join([str(seed), *sorted(ids)]).encode()
-    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64 < fraction
-
-
-def pack(
-    costs: list[int],
-    *,
-    budget: int | None,
-    max_items: int,
-    grow: Callable[[Any, int], tuple[Any, bool]] | None = None,
-) -> list[list[int]]:
-    """Group item indices (longest first) into batches under a token budget and a size cap.
-
-    ``grow(state, i)``, when given, adds item i to a batch's running state (None: empty) and
-    says whether the batch still fits (e.g. in device memory); a lone item always goes.
-    """
-    order = sorted(range(len(costs)), key=lambda i: -costs[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    used, state = 0, None
-    for i in order:
-        if current:
-            grown, fits = grow(state, i) if grow else (None, True)
-            over = budget is not None and used + costs[i] > budget
-            if over or len(current) >= max_items or not fits:
-                batches.append(current)
-                current, used, state = [], 0, None
-        if not current:
-            grown = grow(None, i)[0] if grow else None
-        current.append(i)
-        used += costs[i]
-        state = grown
-    if current:
-        batches.append(current)
-    return batches
 
 
 class Answerer:
@@ -123,11 +89,6 @@ class Answerer:
     ):
         """Load the model and engine, or reuse ``share``'s (`pipeline eval` answers every
         configuration with one model per actor)."""
-        import torch
-
-        from resprune.engines import engine_class
-        from resprune.loading import load_vlm
-        from resprune.memory import BatchMemory, device_budget, resolve_batch_tokens
         from resprune.pruners import build_pruner
 
         self.started, self.key = time.time(), uuid.uuid4().hex
@@ -139,50 +100,14 @@ class Answerer:
             "pruner": spec.pruning.method,
             "keep": str(spec.pruning.keep_value),
         }
-        engine = engine_class(spec.model.engine)  # not installed: fail before loading weights
-        gpu = spec.execution.gpus_per_actor > 0 and torch.cuda.is_available()
-        self.device = "cuda" if gpu else "cpu"
-        m = spec.model
-        self.vlm = (
-            share.vlm
-            if share
-            else load_vlm(
-                m.path,
-                family=m.family,
-                dtype=m.dtype if gpu else "float32",
-                device=self.device,
-                revision=m.revision,
-                trust_remote_code=m.trust_remote_code,
-                endpoint_url=spec.storage.endpoint_url,
-                attn_implementation=m.attn_implementation,
-            )
-        )
-        options = getattr(m, m.engine).model_dump()  # the engine's own settings block
-        self.engine = share.engine if share else engine(self.vlm, **options)
+        self.device, self.vlm, self.engine = _load(spec, share)
         p = spec.pruning
         self.pruner = build_pruner(
             p.method, alpha=p.alpha, seed=p.seed, relevance_floor=p.relevance_floor
         )
         self.unpruned = build_pruner("none")
-        self.image_token_id = int(self.vlm.model.config.image_token_id)
-        tokens = spec.execution.max_batch_tokens  # vLLM sizes its own batches from memory
-        auto_vllm = tokens == "auto" and m.engine == "vllm"
-        self.batch_tokens = (
-            None if auto_vllm else resolve_batch_tokens(tokens, self.vlm.model, self.vlm.device)
-        )
-        self.memory, self.budget_bytes = None, None  # auto on a GPU: batches by device bytes
-        if tokens == "auto" and not auto_vllm and self.vlm.device.type == "cuda":
-            self.memory = BatchMemory(
-                self.vlm.model.config,
-                self.vlm.model.dtype,
-                max_new_tokens=m.max_new_tokens,
-                static_cache=getattr(self.engine, "static", False),
-                bucketed=getattr(self.engine, "bucket", False),
-            )
-            share = min(1.0, spec.execution.gpus_per_actor)
-            self.budget_bytes = device_budget(self.vlm.device, share)
-        self.oom_tokens: int | None = None  # the token cap an out-of-memory taught this actor
-        self.busy_s, self.compile_s, self.error_streak = 0.0, 0.0, 0
+        self.packer = Packer(spec, self.vlm, self.engine)
+        self.clock, self.errors = DeviceClock(self.device), ErrorStreak()
         if ledger is not None:
             ledger.actor_started.remote(self.key, self.started, self.vlm.describe())
 
@@ -190,15 +115,7 @@ class Answerer:
         try:
             return self._call(batch)
         except faults.SystemicFault as exc:
-            self._exit(batch.column("id").to_pylist(), str(exc))
-
-    def _exit(self, ids: list[str], cause: str) -> NoReturn:
-        """Leave the process so Ray restarts the actor (bounded) and retries the batch."""
-        line = redact(cause.strip().splitlines()[0] if cause.strip() else cause)
-        print(f"model actor exits on a systemic fault: {line}", file=sys.stderr, flush=True)
-        if self.ledger is not None:
-            ray.get(self.ledger.systemic_exit.remote(ids, line))
-        os._exit(1)
+            exit_actor(self.ledger, batch.column("id").to_pylist(), str(exc))
 
     def _call(self, batch: pa.Table) -> pa.Table:
         rows = batch.drop_columns([PREPARED]).to_pylist()
@@ -211,14 +128,14 @@ class Answerer:
         else:  # an earlier attempt of this batch killed its process: one item at a time
             for i in todo:
                 if rows[i]["id"] in poisoned:
-                    _quarantine(rows[i])
+                    quarantine(rows[i])
                     continue
                 self._solo(rows, i, pickle.loads(blobs[i]))
         for r in rows:
             r.update(self.const, shadow=bool(r.get("shadow")) and r["status"] == "ok")
         if self.ledger is not None:
             self.ledger.end.remote(ids)
-            self.ledger.actor_busy.remote(self.key, self.busy_s, self.compile_s)
+            self.ledger.actor_busy.remote(self.key, self.clock.busy_s, self.clock.compile_s)
         return pa.Table.from_pylist(rows, schema=output_schema(self._passthrough(batch)))
 
     def _passthrough(self, batch: pa.Table) -> pa.Schema:
@@ -243,8 +160,7 @@ class Answerer:
 
     def _answer_rows(self, rows: list[dict], todo: list[int], items: list[PreparedItem]) -> None:
         """Answer ``items`` (the rows at ``todo``) pruned, then the shadow batches unpruned."""
-        p = self.spec.pruning
-        done = self._answer(items, self.pruner, p.keep_value)
+        done = self._answer(items, self.pruner, self.spec.pruning.keep_value)
         batches: dict[str, list[int]] = {}
         for k, (i, item, res) in enumerate(zip(todo, items, done, strict=True)):
             rows[i]["relevance_extractor"] = item.relevance_extractor
@@ -255,162 +171,90 @@ class Answerer:
             ids = [rows[todo[k]]["id"] for k in group]
             if shadow_batch(ids, c.shadow_fraction, c.shadow_seed):
                 ok = [k for k in group if rows[todo[k]]["status"] == "ok"]
-                self._shadow([rows[todo[k]] for k in ok], [items[k] for k in ok])
-
-    def _shadow(self, rows: list[dict], items: list[PreparedItem]) -> None:
-        """Answer one pruned batch's ok items unpruned (same packing rules): the shadow twin."""
-        twins = self._answer(items, self.unpruned, 1.0)
-        paired = all(isinstance(t.result, ItemResult) for t in twins)
-        for row, twin in zip(rows, twins, strict=True):
-            if paired:
-                _fill_shadow(row, twin)
-            else:  # a partial twin would bias the ratio: its time is failed work instead
-                row["failed_gpu_seconds"] += twin.seconds + twin.failed_s
+                twins = self._answer([items[k] for k in ok], self.unpruned, 1.0)
+                fill_shadow([rows[todo[k]] for k in ok], twins, ItemResult)
 
     def _answer(self, items: list[PreparedItem], pruner: Any, keep: Any) -> list[Answered]:
         """Answer items in batches that fit the budgets, in input order."""
         out: list[Any] = [None] * len(items)
-        costs = [self._cost(it, pruner, keep) for it in items]
-        for group in self._pack(items, costs, pruner, keep):
-            for i, res in zip(
-                group, self._run([items[i] for i in group], pruner, keep), strict=True
-            ):
+        for group in self.packer.batches(items, pruner, keep):
+            answered = self._run([items[i] for i in group], pruner, keep)
+            for i, res in zip(group, answered, strict=True):
                 out[i] = res
         return out
 
-    def _pack(self, items, costs, pruner, keep) -> list[list[int]]:
-        """Batches under the item cap, the token cap (set, or learnt from an out-of-memory)
-        and, with ``auto`` on a GPU, the device bytes of `resprune.memory.BatchMemory`."""
-        caps = [c for c in (self.batch_tokens, self.oom_tokens) if c is not None]
-        grow = None
-        if self.memory is not None:
-            from resprune.memory import BatchShape
-
-            feet = self._footprints(items, costs, pruner, keep)
-
-            def grow(state, i):
-                shape = self.memory.add(state or BatchShape(), feet[i])
-                return shape, self.memory.bytes(shape) <= self.budget_bytes
-
-        max_items = self.spec.execution.batch_size
-        return pack(costs, budget=min(caps, default=None), max_items=max_items, grow=grow)
-
-    def _footprints(self, items, costs, pruner, keep) -> list[Any]:
-        selects = pruner.name == "resprune"  # the one pruner that holds a Gram per batch
-        keep = keep.max if isinstance(keep, EnergyKeep) else keep  # selection runs to max
-        anyres = self.spec.pruning.anyres
-        return [
-            self.memory.item(it, cost=c, keep=keep if selects else None, anyres=anyres)
-            for it, c in zip(items, costs, strict=True)
-        ]
-
-    def _shrink(self, items, pruner, keep) -> None:
-        """After an out-of-memory with these items: budgets below what they needed, kept for
-        the actor's later batches (each out-of-memory takes off another SHRINK share)."""
-        costs = [self._cost(it, pruner, keep) for it in items]
-        self.oom_tokens = max(1, int(SHRINK * sum(costs)))
-        line = f"out of memory with {len(items)} items ({sum(costs)} LLM tokens)"
-        if self.memory is not None:
-            from resprune.memory import BatchShape
-
-            shape = BatchShape()
-            for foot in self._footprints(items, costs, pruner, keep):
-                shape = self.memory.add(shape, foot)
-            self.budget_bytes = int(SHRINK * min(self.budget_bytes, self.memory.bytes(shape)))
-            line += f"; batches now within {self.budget_bytes / 2**30:.2f} GiB"
-        print(
-            f"model actor: {line} and {self.oom_tokens} LLM tokens",
-            file=sys.stderr,
-            flush=True,
-        )
-
     def _run(self, items: list[PreparedItem], pruner: Any, keep: Any) -> list[Answered]:
+        """One batch through `resprune.answer.answer_batch`, timed; on failure: smaller
+        batches after an out-of-memory, one item at a time otherwise, or a systemic fault."""
         from resprune.answer import answer_batch
 
-        kw = {
+        batch_id, n = uuid.uuid4().hex[:16], len(items)
+        started = self.clock.start()
+        try:
+            results = answer_batch(self.vlm, items, **self._answer_kwargs(pruner, keep))
+        except Exception as exc:
+            lost = self.clock.stop(started) / n
+            return [
+                replace(a, failed_s=a.failed_s + lost)
+                for a in self._retry(items, exc, pruner, keep, batch_id)
+            ]
+        self.errors.ok()
+        seconds = self.clock.stop(started) / n
+        return [Answered(r, seconds, batch_id, n) for r in results]
+
+    def _retry(
+        self, items, exc: Exception, pruner: Any, keep: Any, batch_id: str
+    ) -> list[Answered]:
+        """What a failed batch becomes (its lost time is added by the caller)."""
+        n = len(items)
+        if n > 1 and faults.is_oom(exc):  # too big a batch, not a bad item: smaller ones
+            free_device_memory()
+            self.packer.shrink(items, pruner, keep)
+            return self._answer(items, pruner, keep)
+        if faults.classify(exc, batch_size=n) == faults.SYSTEMIC:
+            raise faults.SystemicFault(f"{type(exc).__name__}: {exc}") from exc
+        if n == 1:
+            return [Answered(self.errors.model_error(exc), 0.0, batch_id, 1)]
+        free_device_memory()
+        return [a for it in items for a in self._run([it], pruner, keep)]
+
+    def _answer_kwargs(self, pruner: Any, keep: Any) -> dict[str, Any]:
+        p = self.spec.pruning
+        return {
             "pruner": pruner,
             "keep": keep,
             "max_new_tokens": self.spec.model.max_new_tokens,
-            "position_policy": self.spec.pruning.position_policy,
-            "anyres": self.spec.pruning.anyres,
+            "position_policy": p.position_policy,
+            "anyres": p.anyres,
             "engine": self.engine,
         }
-        batch_id, n = uuid.uuid4().hex[:16], len(items)
-        started = self._start()
-        try:
-            results = answer_batch(self.vlm, items, **kw)
-        except Exception as exc:
-            lost = self._stop(started) / n
-            if n > 1 and faults.is_oom(exc):  # too big a batch, not a bad item: smaller ones
-                _free_device_memory()
-                self._shrink(items, pruner, keep)
-                redo = self._answer(items, pruner, keep)
-                return [replace(a, failed_s=a.failed_s + lost) for a in redo]
-            if faults.classify(exc, batch_size=n) == faults.SYSTEMIC:
-                raise faults.SystemicFault(f"{type(exc).__name__}: {exc}") from exc
-            if n == 1:
-                return [Answered(self._model_error(exc), 0.0, batch_id, 1, lost)]
-        else:
-            self.error_streak = 0
-            seconds = self._stop(started) / n
-            return [Answered(r, seconds, batch_id, n) for r in results]
-        _free_device_memory()
-        solo = [a for it in items for a in self._run([it], pruner, keep)]
-        return [replace(a, failed_s=a.failed_s + lost) for a in solo]
-
-    def _model_error(self, exc: Exception) -> ItemError:
-        """An item the model raised for alone; many in a row mean the model is broken."""
-        self.error_streak += 1
-        message = f"{type(exc).__name__}: {exc}"
-        if self.error_streak >= ERROR_STREAK:
-            raise faults.SystemicFault(
-                f"the model raised for {ERROR_STREAK} items in a row, last: {message}"
-            ) from exc
-        return ItemError("model_error", message)
-
-    def _start(self) -> tuple[float, float]:
-        """Synchronise the device and start the clock (and the compile-and-capture count)."""
-        from resprune import overhead
-
-        self._sync()
-        return time.perf_counter(), overhead.seconds()
-
-    def _stop(self, started: tuple[float, float]) -> float:
-        """Synchronise the device, stop the clock; returns the model seconds since ``started``:
-        compile and capture seconds in between count as ``compile_s``, the rest as busy."""
-        from resprune import overhead
-
-        self._sync()
-        wall, compiled = time.perf_counter() - started[0], overhead.seconds() - started[1]
-        seconds = max(0.0, wall - compiled)
-        self.busy_s += seconds
-        self.compile_s += compiled
-        return seconds
-
-    def _sync(self) -> None:
-        if self.device == "cuda":
-            import torch
-
-            torch.cuda.synchronize()
-
-    def _cost(self, item: PreparedItem, pruner: Any, keep: Any) -> int:
-        """LLM tokens the item will hold: pruned prompt + new tokens. Packing happens before
-        selection, so an energy budget counts its max (an upper bound: batches never overrun
-        the token budget, and hold fewer items than they could when images keep less)."""
-        from resprune.adaptive import max_kept
-
-        n = len(item.input_ids)
-        visual = int((item.input_ids == self.image_token_id).sum())
-        kept = visual if pruner.name == "none" else max_kept(keep, visual)
-        return n - visual + kept + self.spec.model.max_new_tokens
 
 
-def _free_device_memory() -> None:
-    """Release cached blocks before retrying smaller (after an out-of-memory, say)."""
+def _load(spec: JobSpec, share: Answerer | None) -> tuple[str, Any, Any]:
+    """(device, VLM, engine): loaded once per actor, or ``share``'s."""
     import torch
 
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    from resprune.engines import engine_class
+    from resprune.loading import load_vlm
+
+    m = spec.model
+    engine = engine_class(m.engine)  # not installed: fail before loading weights
+    gpu = spec.execution.gpus_per_actor > 0 and torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
+    if share is not None:
+        return device, share.vlm, share.engine
+    vlm = load_vlm(
+        m.path,
+        family=m.family,
+        dtype=m.dtype if gpu else "float32",
+        device=device,
+        revision=m.revision,
+        trust_remote_code=m.trust_remote_code,
+        endpoint_url=spec.storage.endpoint_url,
+        attn_implementation=m.attn_implementation,
+    )
+    options = getattr(m, m.engine).model_dump()  # the engine's own settings block
+    return device, vlm, engine(vlm, **options)
 
 
 def _fill(row: dict[str, Any], res: Answered) -> None:
@@ -438,23 +282,3 @@ def _fill(row: dict[str, Any], res: Answered) -> None:
         relevance_mean=result.relevance_mean,
         relevance_max=result.relevance_max,
     )
-
-
-def _quarantine(row: dict[str, Any]) -> None:
-    msg = (
-        f"id={row['id']}: crashed_worker: the model process died while answering this "
-        "item alone; quarantined instead of retried"
-    )
-    row.update(status="error", error_cause="crashed_worker", error=msg)
-
-
-def _fill_shadow(row: dict[str, Any], twin: Answered) -> None:
-    result = twin.result
-    row.update(
-        shadow=True,
-        shadow_answer=result.answer,
-        shadow_gpu_seconds=twin.seconds,
-        shadow_new_tokens=result.new_tokens,
-        shadow_prompt_tokens=result.prompt_tokens,
-    )
-    row["failed_gpu_seconds"] += twin.failed_s
