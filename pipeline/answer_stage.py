@@ -106,6 +106,8 @@ class Answerer:
 
         self.started, self.key = time.time(), uuid.uuid4().hex
         self.spec, self.ledger, self.passthrough = spec, ledger, passthrough
+        if ledger is not None:  # the driver's startup watch: this actor got its resources
+            ledger.actor_placed.remote(self.key)
         self.const = {
             "run_id": run_id,
             "run_date": run_date,
@@ -132,8 +134,14 @@ class Answerer:
             )
         )
         options = getattr(m, m.engine).model_dump()  # the engine's own settings block
-        self.engine = share.engine if share else engine(self.vlm, **options)
         p = spec.pruning
+        if m.engine == "vllm":  # family auto: config.json named it only now
+            from resprune.engines.vllm_plugin import vllm_refusal
+
+            refusal = vllm_refusal(self.vlm.family, p.position_policy)
+            if refusal:
+                raise ValueError(refusal)
+        self.engine = share.engine if share else engine(self.vlm, **options)
         self.pruner = build_pruner(
             p.method, alpha=p.alpha, seed=p.seed, relevance_floor=p.relevance_floor
         )

@@ -23,7 +23,7 @@ from pipeline.plan import Plan, make_plan
 from pipeline.preprocess import Preprocess
 from pipeline.processor import actor_pool, spare_cpus
 from pipeline.readers import read_input
-from pipeline.runner import ensure_ray, new_run_id
+from pipeline.runner import ensure_ray, new_run_id, release_lease
 from pipeline.spec import JobSpec, ProcessorConfig, PruningSpec
 
 CONFIG = "config"
@@ -70,19 +70,22 @@ def answer_all(
     the input images of the first ``eval.overlay_items`` items answered under all of them."""
     job = job_of(spec)
     run_id = new_run_id(job, run_date)
-    plan = make_plan(job, run_id=run_id)
-    check_model_path(job)
-    started_ray = ensure_ray(job)
+    plan = make_plan(job, run_id=run_id)  # takes the output prefix's lease
     try:
-        ray.data.DataContext.get_current().enable_progress_bars = progress
-        configs = configurations(spec)
-        ds = _dataset(job, plan, configs, run_id=run_id, run_date=run_date)
-        table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
-        ids = answered_by_all(table, len(configs))[: spec.eval.overlay_items]
-        return table, _images(job, plan, ids)
+        check_model_path(job)
+        started_ray = ensure_ray(job)
+        try:
+            ray.data.DataContext.get_current().enable_progress_bars = progress
+            configs = configurations(spec)
+            ds = _dataset(job, plan, configs, run_id=run_id, run_date=run_date)
+            table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+            ids = answered_by_all(table, len(configs))[: spec.eval.overlay_items]
+            return table, _images(job, plan, ids)
+        finally:
+            if started_ray:
+                ray.shutdown()
     finally:
-        if started_ray:
-            ray.shutdown()
+        release_lease(plan, run_id)
 
 
 def answered_by_all(table: pa.Table, n_configs: int) -> list[str]:
