@@ -1,18 +1,21 @@
 """Benchmark: the transformers engine vs the vLLM engine on the same pruned items, side by side.
 
-Random weights, LLaVA-1.5 geometry (336 px, patch 14: 576 visual tokens) with a small vision
-tower and a text model large enough that generation dominates. Both engines get the same
-prepared items, the same ResPrune selection (keep, contiguous positions) and the same
-``max_new_tokens``, in one process: each repeat times one pass of the transformers engine
-then one of the vLLM engine (``answer_batch`` over all items in batches of ``--batch``), so
-both see the same machine load; the min over ``--repeats`` counts, after one warm-up pass
-each. Per engine: start-up time, items/s, time per item and its vision / selection /
-generation split, and whether the greedy ids equal across engines. vLLM's CPU backend binds
-the process's OpenMP threads when it starts; both engines then run on those threads. Prints
-a table and, last, one JSON line. Not a test: numbers go to bench/RESULTS.md.
+Random weights, one model per family: LLaVA-1.5 geometry (336 px, patch 14: 576 visual
+tokens) and Qwen2.5-VL geometry (672 px, patch 14, 2x2 merge: 576 merged tokens), each with
+a small vision tower and a text model large enough that generation dominates. Both engines
+get the same prepared items, the same ResPrune selection (keep; positions: contiguous for
+LLaVA, the kept tokens' original M-RoPE positions for Qwen2.5-VL, the policies under which
+the engines answer alike) and the same ``max_new_tokens``, in one process: each repeat times
+one pass of the transformers engine then one of the vLLM engine (``answer_batch`` over all
+items in batches of ``--batch``), so both see the same machine load; the min over
+``--repeats`` counts, after one warm-up pass each. Per family and engine: start-up time,
+items/s, time per item and its vision / selection / generation split, and whether the greedy
+ids equal across engines. vLLM's CPU backend binds the process's OpenMP threads when it
+starts; both engines then run on those threads. Prints a table per family and, last, one
+JSON line. Not a test: numbers go to bench/RESULTS.md.
 
     make bench-vllm      # = .venv-vllm/bin/python bench/engines_vllm.py
-    .venv-vllm/bin/python bench/engines_vllm.py --items 8 --new-tokens 8   # quick look
+    .venv-vllm/bin/python bench/engines_vllm.py --family qwen2_5_vl --items 8 --new-tokens 8
 """
 
 # ruff: noqa: E402  (sys.path is fixed before the other imports)
@@ -39,10 +42,15 @@ QUESTIONS = [
     "What is in the coffee cup?",
 ]
 ENGINES = ("transformers", "vllm")
+FAMILIES = ("llava", "qwen2_5_vl")
+# per family: image size of the checkpoint (visual tokens 576 either way) and the position
+# policy both engines answer alike under (resprune.engines.vllm_plugin.POSITION_POLICIES)
+GEOMETRY = {"llava": (336, "contiguous"), "qwen2_5_vl": (672, "original")}
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--family", choices=[*FAMILIES, "all"], default="all")
     p.add_argument("--items", type=int, default=16)
     p.add_argument("--batch", type=int, default=16, help="items per answer_batch call")
     p.add_argument("--keep", type=int, default=64)
@@ -55,12 +63,13 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def build_model(args: argparse.Namespace, folder: Path) -> Path:
+def build_model(args: argparse.Namespace, family: str, folder: Path) -> Path:
     from resprune.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(
-        "llava",
+        family,
         folder,
+        image_size=GEOMETRY[family][0],
         text_hidden=args.text_hidden,
         text_layers=args.text_layers,
         text_intermediate=args.text_intermediate,
@@ -94,30 +103,33 @@ def start_engines(model: Path) -> dict[str, tuple]:
     return out
 
 
-def timed_pass(vlm, engine, items: list, args: argparse.Namespace) -> tuple[float, list]:
+def timed_pass(
+    vlm, engine, items: list, args: argparse.Namespace, policy: str
+) -> tuple[float, list]:
     from resprune.answer import answer_batch
     from resprune.pruners import build_pruner
 
     kw = {"pruner": build_pruner("resprune"), "keep": args.keep, "engine": engine}
-    kw |= {"max_new_tokens": args.new_tokens, "position_policy": "contiguous"}
+    kw |= {"max_new_tokens": args.new_tokens, "position_policy": policy}
     batches = [items[i : i + args.batch] for i in range(0, len(items), args.batch)]
     t0 = time.perf_counter()
     results = [r for batch in batches for r in answer_batch(vlm, batch, **kw)]
     return time.perf_counter() - t0, results
 
 
-def measure(args: argparse.Namespace, model: Path) -> dict[str, dict]:
+def measure(args: argparse.Namespace, family: str, model: Path) -> dict[str, dict]:
     items = prepared_items(args, model)
     engines = start_engines(model)
     best = dict.fromkeys(ENGINES, float("inf"))
     results: dict[str, list] = {}
     for repeat in range(args.repeats + 1):  # pass 0 is the warm-up
         for name, (vlm, engine, _) in engines.items():
-            seconds, res = timed_pass(vlm, engine, items, args)
+            seconds, res = timed_pass(vlm, engine, items, args, GEOMETRY[family][1])
             if repeat and seconds < best[name]:  # the split is the fastest pass's
                 best[name], results[name] = seconds, res
     rows = {}
     for name, res in results.items():
+        assert all(hasattr(r, "answer_ids") for r in res), res  # no error rows
         split = {k: sum(getattr(r, k) for r in res) / len(res) for k in SPLIT}
         ids = [r.answer_ids for r in res]
         rows[name] = {"start_s": engines[name][2], "seconds": best[name], "items": len(res)}
@@ -128,10 +140,12 @@ def measure(args: argparse.Namespace, model: Path) -> dict[str, dict]:
 SPLIT = ("vision_s", "select_s", "generate_s")
 
 
-def report(rows: dict[str, dict], args: argparse.Namespace) -> None:
+def report(family: str, rows: dict[str, dict], args: argparse.Namespace) -> dict:
+    """Print one family's table; returns its summary for the JSON line."""
     shape = f"text {args.text_hidden} x {args.text_layers} layers, keep {args.keep} of 576"
     run = f"{args.items} items, batch {args.batch}, {args.new_tokens} new tokens, greedy, CPU"
-    print(f"LLaVA-1.5 geometry, {shape}, {run}")
+    size, policy = GEOMETRY[family]
+    print(f"{family} ({size} px, {policy} positions), {shape}, {run}")
     print("| engine | start s | items/s | ms/item | vision ms | select ms | generate ms |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, r in rows.items():
@@ -143,15 +157,19 @@ def report(rows: dict[str, dict], args: argparse.Namespace) -> None:
     same = sum(a == b for a, b in zip(t["ids"], v["ids"], strict=True))
     ratio = t["seconds"] / v["seconds"]
     print(f"vllm / transformers throughput: {ratio:.2f}x; greedy ids equal: {same}/{t['items']}")
-    summary = {k: {x: r[x] for x in r if x != "ids"} for k, r in rows.items()}
-    print(json.dumps({"throughput_ratio": ratio, "ids_equal": same, "engines": summary}))
+    engines = {k: {x: r[x] for x in r if x != "ids"} for k, r in rows.items()}
+    return {"throughput_ratio": ratio, "ids_equal": same, "engines": engines}
 
 
 def main() -> None:
     args = parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = measure(args, build_model(args, Path(tmp) / "llava"))
-    report(rows, args)
+    families = FAMILIES if args.family == "all" else (args.family,)
+    out = {}
+    for family in families:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = measure(args, family, build_model(args, family, Path(tmp) / family))
+        out[family] = report(family, rows, args)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@
   (`retry`); a row still failing is marked `DEFERRED` and never committed, so the run ends
   unfinished (exit 1) and a rerun does it again.
 * **systemic** faults poison the model process (CUDA errors that leave the context unusable,
-  out of memory with one item, the model raising for every item): the actor exits so Ray
-  restarts it (bounded by ``execution.max_task_retries``); a run that cannot progress fails
-  with one line naming the cause and leaves its unanswered rows for the rerun.
+  a generation engine that died: vLLM's ``EngineDeadError`` or an engine-core failure, raised
+  as `resprune.engines.EngineDead`; out of memory with one item, the model raising for every
+  item): the actor exits at once so Ray restarts it (bounded by
+  ``execution.max_task_retries``); a run that cannot progress fails with one line naming
+  the cause and leaves its unanswered rows for the rerun. They are never error rows.
 
 Non-goals: retrying whole runs (a rerun of the same spec resumes) and classifying by
 exception class alone (pyarrow raises ``OSError`` for both missing keys and 503s).
@@ -81,6 +83,9 @@ _SYSTEMIC_TEXT = (
     "unspecified launch failure",
 )
 _OOM_TEXT = ("CUDA out of memory", "out of memory")
+# the generation engine can answer nothing more in this process (matched by class name in the
+# exception's chain: resprune.engines.EngineDead, vLLM's EngineDeadError; no vLLM import)
+_DEAD_ENGINE_TYPES = ("EngineDead", "EngineDeadError")
 
 
 class TransientFault(RuntimeError):
@@ -97,13 +102,25 @@ def is_oom(exc: BaseException) -> bool:
     return name == "OutOfMemoryError" or any(t in str(exc) for t in _OOM_TEXT)
 
 
+def engine_dead(exc: BaseException) -> bool:
+    """The generation engine died (EngineDead / EngineDeadError anywhere in the chain)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if type(cur).__name__ in _DEAD_ENGINE_TYPES:
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
 def classify(exc: BaseException, *, batch_size: int = 1) -> str:
     """ITEM, TRANSIENT or SYSTEMIC for an exception raised while handling ``batch_size`` items.
 
     Out of memory is systemic only with one item (a bigger batch is split instead).
     """
     text = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, SystemicFault):
+    if isinstance(exc, SystemicFault) or engine_dead(exc):
         return SYSTEMIC
     if is_oom(exc):
         return SYSTEMIC if batch_size <= 1 else ITEM

@@ -200,7 +200,8 @@ class ModelSpec(_Strict):
     engine: Literal["transformers", "vllm"] = Field(
         "transformers",
         description="What generates from the kept tokens: transformers (reference) or vllm "
-        "(needs the vllm extra; LLaVA family; contiguous positions).",
+        "(needs the vllm extra; LLaVA family with contiguous positions, Qwen2.5-VL with "
+        "original or contiguous ones).",
     )
     transformers: TransformersSpec = Field(
         default_factory=TransformersSpec, description="transformers engine settings."
@@ -391,6 +392,13 @@ class ExecutionSpec(_Strict):
     error_fraction_min_items: int = Field(
         50, ge=1, description="Items a run must have answered before its error fraction is judged."
     )
+    startup_timeout_s: float = Field(
+        1800,
+        gt=0,
+        description="The run fails (exit 1, one line) when no model actor has started after this "
+        "many seconds; meanwhile it says once a minute what the actors wait for. Long enough by "
+        "default for an autoscaler to add a GPU node.",
+    )
 
     @field_validator("actors")
     @classmethod
@@ -469,16 +477,6 @@ class JobSpec(_Strict):
         _check_engine_positions(self.model, self.pruning)
         return self
 
-    @model_validator(mode="after")
-    def _engine_family(self) -> JobSpec:
-        from resprune.engines.vllm_plugin import vllm_refusal
-
-        family = self.model.family
-        refusal = vllm_refusal(family) if self.model.engine == "vllm" and family != "auto" else None
-        if refusal:
-            raise ValueError(refusal)
-        return self
-
 
 def _energy_keep(value: dict[str, Any]) -> EnergyKeepSpec:
     unknown = sorted(set(value) - set(EnergyKeepSpec.model_fields))
@@ -497,12 +495,24 @@ def _energy_keep(value: dict[str, Any]) -> EnergyKeepSpec:
 
 
 def _check_engine_positions(model: ModelSpec, pruning: PruningSpec) -> None:
+    """engine vllm: the family, and the position policies under which it answers as
+    transformers does for it (family auto: the policies some family takes; `validate --deep`
+    and the model actor check again once config.json names the family)."""
+    from resprune.engines.vllm_plugin import policies_for_any_family, vllm_refusal
+
+    if model.engine != "vllm":
+        return
     policy = pruning.position_policy
-    if model.engine == "vllm" and policy != "contiguous":
-        raise ValueError(
-            f"pruning.position_policy: engine vllm numbers positions contiguously; set "
-            f"pruning.position_policy: contiguous (got {policy})"
-        )
+    if model.family == "auto":
+        allowed = policies_for_any_family()
+        if policy not in allowed:
+            raise ValueError(
+                f"pruning.position_policy: engine vllm takes {' or '.join(allowed)}, not {policy}"
+            )
+        return
+    refusal = vllm_refusal(model.family, policy)
+    if refusal:
+        raise ValueError(refusal)
 
 
 class ProcessorConfig(_Strict):

@@ -1,4 +1,5 @@
-"""The vLLM engine against the transformers engine: greedy ids, per-row refusals, the pipeline.
+"""The vLLM engine against the transformers engine: greedy ids, per-row refusals, a dead
+engine, the pipeline.
 
 Runs in the vLLM environment (`make test-vllm`); skipped where vLLM is not installed. One
 engine per family for the whole session (each start costs tens of seconds on CPU). The tiny
@@ -7,8 +8,10 @@ models have head_dim 32 (vLLM's CPU attention has no kernel for smaller heads).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,16 +20,19 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 
 pytest.importorskip("vllm")
 
+from pipeline import faults
+from pipeline.__main__ import main as cli
 from pipeline.job import runner
 from pipeline.job.checks import ModelPathError, check_engine
-from pipeline.spec import SpecError, parse_spec
+from pipeline.spec import parse_spec
 from resprune.answer import answer_batch
-from resprune.engines import build_engine
+from resprune.engines import EngineDead, build_engine, vllm_plugin
 from resprune.engines.hf import TransformersEngine
-from resprune.engines.vllm_engine import UnsupportedByVllm
+from resprune.engines.vllm_plugin import UnsupportedVllm
 from resprune.items import ItemError, ItemResult
 from resprune.loading import load_preprocessor, load_vlm
 from resprune.pruners import build_pruner
@@ -37,7 +43,13 @@ pytestmark = pytest.mark.vllm
 HEADS = {"heads": 2, "kv_heads": 1}  # head_dim 32
 MAX_MODEL_LEN = 1024
 NEW_TOKENS = 8
-KEEPS = {"llava": [8, 20, 0.5, 1.0], "llava_next": [16, 64, 0.25, 1.0]}
+KEEPS = {
+    "llava": [8, 20, 0.5, 1.0],
+    "llava_next": [16, 64, 0.25, 1.0],
+    "qwen2_5_vl": [8, 20, 0.5, 1.0],  # 3 images of 3 sizes x 4 budgets: 12 requests
+}
+# the position policies vLLM answers as transformers does (resprune.engines.vllm_plugin)
+POLICIES = {"llava": "contiguous", "llava_next": "contiguous", "qwen2_5_vl": "original"}
 
 
 class Recording(TransformersEngine):
@@ -64,8 +76,8 @@ def families(tmp_path_factory) -> dict:
     return out
 
 
-def reference(fam: dict, keeps: list) -> tuple[list, list]:
-    """Plans and transformers' greedy ids for every item at every keep (contiguous)."""
+def reference(fam: dict, keeps: list, policy: str = "contiguous") -> tuple[list, list]:
+    """Plans and transformers' greedy ids for every item at every keep."""
     engine, ids = Recording(fam["ref"]), []
     for keep in keeps:
         results = answer_batch(
@@ -74,7 +86,7 @@ def reference(fam: dict, keeps: list) -> tuple[list, list]:
             pruner=build_pruner("resprune"),
             keep=keep,
             max_new_tokens=NEW_TOKENS,
-            position_policy="contiguous",
+            position_policy=policy,
             engine=engine,
         )
         assert all(isinstance(r, ItemResult) for r in results), results
@@ -82,12 +94,18 @@ def reference(fam: dict, keeps: list) -> tuple[list, list]:
     return engine.plans, ids
 
 
-@pytest.mark.parametrize("family", list(KEEPS))
-def test_greedy_ids_equal_transformers_in_one_mixed_batch(families, family):
+@pytest.mark.parametrize(
+    ("family", "policy"),
+    [(f, p) for f, p in POLICIES.items()] + [("qwen2_5_vl", "contiguous")],
+)
+def test_greedy_ids_equal_transformers_in_one_mixed_batch(families, family, policy):
     fam = families[family]
-    plans, expected = reference(fam, KEEPS[family])
+    plans, expected = reference(fam, KEEPS[family], policy)
     sizes = {int(p.features.shape[0]) for p in plans}
-    assert len(sizes) >= 4  # different K per request, all in one generate call
+    assert len(plans) == 12 and len(sizes) >= 4  # different K per request, one generate call
+    if family == "qwen2_5_vl":  # 3 image sizes, 3 grids (one taller than wide)
+        grids = {tuple(int(v) for v in it.image_grid_thw) for it in fam["items"]}
+        assert len(grids) == 3 and any(h > w for _, h, w in grids)
     got = fam["engine"].generate(plans, NEW_TOKENS)
     fits = [len(p.ids) + NEW_TOKENS <= MAX_MODEL_LEN for p in plans]
     assert sum(fits) >= 9
@@ -95,6 +113,30 @@ def test_greedy_ids_equal_transformers_in_one_mixed_batch(families, family):
         assert g.token_ids == e if ok else g.cause == "prompt_too_long"
     text = fam["ref"].tokenizer.decode(expected[0], skip_special_tokens=True).strip()
     assert got[0].text == text
+
+
+def test_qwen_positions_reach_vllm(families):
+    """The kept tokens' M-RoPE positions decide answers here (the two policies differ for
+    some request), and vLLM follows each plan's own: both policies in one generate call."""
+    fam = families["qwen2_5_vl"]
+    plans, expected = [], []
+    for policy in ("original", "contiguous"):
+        p, e = reference(fam, KEEPS["qwen2_5_vl"], policy)
+        plans, expected = plans + p, expected + e
+    assert expected[:12] != expected[12:]
+    got = fam["engine"].generate(plans, NEW_TOKENS)
+    assert [g.token_ids for g in got] == expected
+
+
+def test_qwen_positions_vllm_cannot_take_are_that_rows_error(families):
+    fam = families["qwen2_5_vl"]
+    plans, expected = reference(fam, [20])
+    bad = plans[1].positions.clone()
+    bad[:, -1] += 5  # the text after the image not numbered contiguously
+    plans[1] = dataclasses.replace(plans[1], positions=bad)
+    got = fam["engine"].generate(plans, NEW_TOKENS)
+    assert got[1].cause == "model_error" and "positions vLLM cannot take" in got[1].message
+    assert [got[0].token_ids, got[2].token_ids] == [expected[0], expected[2]]
 
 
 def test_a_failing_request_is_one_error_row(families):
@@ -117,14 +159,15 @@ def test_a_failing_request_is_one_error_row(families):
             assert g.token_ids == e
 
 
-def test_answer_batch_through_vllm_keeps_statistics(families):
-    fam = families["llava"]
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_answer_batch_through_vllm_keeps_statistics(families, family):
+    fam = families[family]
     pruner = build_pruner("resprune")
     kw = {
         "pruner": pruner,
         "keep": 20,
         "max_new_tokens": NEW_TOKENS,
-        "position_policy": "contiguous",
+        "position_policy": POLICIES[family],
     }
     ours = answer_batch(fam["engine"].vlm, fam["items"], engine=fam["engine"], **kw)
     ref = answer_batch(fam["ref"], fam["items"], **kw)
@@ -133,22 +176,72 @@ def test_answer_batch_through_vllm_keeps_statistics(families):
         assert a.kept_tokens == 20 and a.generate_s > 0
 
 
-def test_qwen_is_refused_in_one_line(tmp_path):
-    path = str(build_tiny_checkpoint("qwen2_5_vl", tmp_path / "qwen", **HEADS))
-    with pytest.raises(UnsupportedByVllm, match="vllm takes llava and llava_next only") as err:
-        build_engine("vllm", load_vlm(path))
+@pytest.mark.parametrize("death", ["EngineDeadError", "RuntimeError"])
+def test_an_engine_that_dies_mid_batch_is_dead_not_an_items_fault(families, death):
+    """The engine core fails on its second step, with requests of the batch in flight
+    (multiprocess: vLLM's EngineDeadError; in-process on CPU: the core's own exception):
+    `EngineDead` for the batch and every later call, classified systemic (the model actor
+    exits at once, no error rows); the requests are dropped from the engine."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    fam = families["llava"]
+    plans, expected = reference(fam, [20, 8])
+    engine = copy.copy(fam["engine"])  # the session's engine stays alive for other tests
+    core = engine.llm.llm_engine.engine_core
+    steps = []
+
+    def dies_on_the_second_step():
+        steps.append(1)
+        if len(steps) == 2:
+            raise EngineDeadError() if death == "EngineDeadError" else RuntimeError("core fault")
+        return type(core).get_output(core)
+
+    core.get_output = dies_on_the_second_step
+    try:
+        with pytest.raises(EngineDead, match="the vLLM engine failed") as info:
+            engine.generate(plans, NEW_TOKENS)
+    finally:
+        del core.get_output
+    assert len(steps) == 2 and faults.classify(info.value) == faults.SYSTEMIC
+    with pytest.raises(EngineDead):  # dead for good: the actor must restart, not retry items
+        engine.generate(plans[:1], NEW_TOKENS)
+    assert len(steps) == 2
+    assert not engine.llm.llm_engine.has_unfinished_requests()  # dropped from the core
+    again = fam["engine"].generate(plans, NEW_TOKENS)
+    assert [g.token_ids for g in again] == expected
+
+
+def test_validate_takes_qwen_with_the_policies_equal_between_engines(families, tmp_path):
+    doc = {
+        "name": "q",
+        "input": {"uri": "in/"},
+        "output": {"uri": "out/"},
+        "model": {"path": families["qwen2_5_vl"]["path"], "family": "auto", "engine": "vllm"},
+    }
+    for policy in ("original", "contiguous"):
+        doc["pruning"] = {"position_policy": policy}
+        check_engine(parse_spec(doc))  # validate --deep: config.json says qwen2_5_vl
+    doc["model"]["path"] = families["llava"]["path"]
+    doc["pruning"] = {"position_policy": "original"}
+    with pytest.raises(ModelPathError, match="vLLM takes contiguous") as err:
+        check_engine(parse_spec(doc))
+    assert "\n" not in str(err.value)
+
+
+def test_an_unsupported_vllm_is_refused_in_one_line(families, monkeypatch):
+    monkeypatch.setattr(vllm_plugin, "vllm_version", lambda: "0.34.0")
+    refused = r"supports vLLM 0\.32\.x, 0\.33\.x, not 0\.34\.0"
+    with pytest.raises(UnsupportedVllm, match=refused) as err:
+        build_engine("vllm", families["llava"]["ref"])  # before vLLM starts
     assert "\n" not in str(err.value)
     doc = {
         "name": "q",
         "input": {"uri": "in/"},
         "output": {"uri": "out/"},
-        "model": {"path": path, "family": "qwen2_5_vl", "engine": "vllm"},
+        "model": {"path": families["llava"]["path"], "engine": "vllm"},
         "pruning": {"position_policy": "contiguous"},
     }
-    with pytest.raises(SpecError, match="not qwen2_5_vl"):
-        parse_spec(doc)
-    doc["model"]["family"] = "auto"  # validate --deep reads the family from config.json
-    with pytest.raises(ModelPathError, match="not qwen2_5_vl"):
+    with pytest.raises(ModelPathError, match=r"not 0\.34\.0"):
         check_engine(parse_spec(doc))
 
 
@@ -202,6 +295,61 @@ def test_pipeline_end_to_end_on_s3_with_engine_vllm(families, s3_server, s3_buck
         assert row["kept_tokens"] == 20 and row["gpu_seconds"] > 0
         assert row["shadow"] and row["shadow_answer"] == u.answer
         assert row["shadow_gpu_seconds"] > 0 and row["shadow_prompt_tokens"] > 576
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.timeout(600)
+def test_qwen_through_pipeline_run_under_run_date_resumed_each_id_once(families, tmp_path, capsys):
+    """`python -m pipeline run` with Qwen2.5-VL on vLLM (original positions), output under
+    run_date=; a second run after more input arrived answers only the new rows; every id is
+    committed once, its answer the transformers engine's."""
+    fam = families["qwen2_5_vl"]
+    questions = ["What is the cat doing?", "Describe it.", "How many red cars are there?"]
+    rows = [
+        {"id": f"q{n}", "image": _png(im), "question": q}
+        for n, (im, q) in enumerate(zip(images(), questions, strict=True))
+    ]
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows[:2]), tmp_path / "in" / "part-0.parquet")
+    doc = {
+        "name": "qwen-vllm",
+        "input": {"uri": str(tmp_path / "in")},
+        "model": {
+            "path": fam["path"],
+            "max_new_tokens": NEW_TOKENS,
+            "engine": "vllm",
+            "vllm": {"max_model_len": MAX_MODEL_LEN},
+        },
+        "pruning": {"keep": 20, "position_policy": "original"},
+        "execution": {"batch_size": 4, "preprocess_batch_size": 4, "gpus_per_actor": 0},
+        "output": {"uri": str(tmp_path / "out" / "run_date={run_date}")},
+        "cost": {"shadow_fraction": 0.0},
+    }
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(doc))
+    argv = ["run", str(job), "--no-progress", "--run-date", "2026-12-01"]
+    assert cli(argv) == 0
+    assert "finished: 2 ok, 0 error, 0 skipped of 2" in capsys.readouterr().out
+    pq.write_table(pa.Table.from_pylist(rows[2:]), tmp_path / "in" / "part-1.parquet")
+    assert cli(argv) == 0  # resumes: the committed ids are skipped
+    assert "finished: 1 ok, 0 error, 2 skipped of 3" in capsys.readouterr().out
+    out = tmp_path / "out" / "run_date=2026-12-01"
+    table = pads.dataset(str(out), format="parquet", partitioning=None).to_table()
+    got = table.to_pylist()
+    assert sorted(r["id"] for r in got) == ["q0", "q1", "q2"]  # each id once
+    pre = load_preprocessor(fam["path"])
+    items = [pre.prepare(im, q) for im, q in zip(images(), questions, strict=True)]
+    kw = {"max_new_tokens": NEW_TOKENS, "position_policy": "original"}
+    ref = answer_batch(fam["ref"], items, pruner=build_pruner("resprune"), keep=20, **kw)
+    by_id = {r["id"]: r for r in got}
+    for n, r in enumerate(ref):
+        row = by_id[f"q{n}"]
+        assert row["status"] == "ok" and row["answer"] == r.answer and row["kept_tokens"] == 20
+        assert row["kept_indices"] == r.kept_indices and row["gpu_seconds"] > 0
+    runs = [json.loads(p.read_text()) for p in (out / "_runs").glob("*.json")]
+    assert sorted(r["items_ok"] for r in runs) == [1, 2]
+    lease = json.loads((out / "_manifest" / "_lease.json").read_text())
+    assert lease["run_id"] is None  # released by the run that held it
 
 
 def _png(image) -> bytes:

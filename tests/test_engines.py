@@ -97,10 +97,21 @@ def test_unknown_engine_is_one_line():
     assert "unknown engine 'tgi'" in engine_problem("tgi")
 
 
-def test_vllm_needs_contiguous_positions():
-    with pytest.raises(SpecError) as info:
-        parse_spec(MINIMAL | {"model": {"path": "m/", "engine": "vllm"}})
-    assert "pruning.position_policy" in str(info.value) and "contiguous" in str(info.value)
+def test_vllm_takes_exactly_the_policies_equal_between_engines():
+    """vLLM numbers LLaVA positions 0..L-1 (contiguous only); a Qwen2.5-VL request carries its
+    M-RoPE positions (original and contiguous; tests/test_engine_vllm.py checks both)."""
+    for family in ("llava", "llava_next"):
+        model = {"path": "m/", "engine": "vllm", "family": family}
+        with pytest.raises(SpecError) as info:
+            parse_spec(MINIMAL | {"model": model})  # the default policy is original
+        assert "pruning.position_policy: original" in str(info.value)
+        assert f"transformers for {family}; vLLM takes contiguous" in str(info.value)
+    qwen = {"path": "m/", "engine": "vllm", "family": "qwen2_5_vl"}
+    for policy in ("original", "contiguous"):
+        spec = parse_spec(MINIMAL | {"model": qwen, "pruning": {"position_policy": policy}})
+        assert spec.pruning.position_policy == policy
+    # family auto: validate --deep (config.json) and the model actor decide
+    assert parse_spec(MINIMAL | {"model": {"path": "m/", "engine": "vllm"}})
     model = {"path": "m/", "engine": "vllm", "vllm": {"max_num_seqs": 8}}
     ok = parse_spec(MINIMAL | {"model": model, "pruning": {"position_policy": "contiguous"}})
     assert ok.model.vllm.max_num_seqs == 8 and ok.model.vllm.max_model_len is None
@@ -112,6 +123,72 @@ def test_vllm_needs_contiguous_positions():
     )
     with pytest.raises(SpecError, match=r"model\.transformers\.cache"):
         parse_spec(MINIMAL | {"model": {"path": "m/", "transformers": {"cache": "paged"}}})
+
+
+def test_vllm_version_guard_is_one_line(monkeypatch: pytest.MonkeyPatch):
+    from resprune.engines import vllm_plugin
+
+    for ok in ("0.32.0", "0.32.0+cpu", "0.33.1"):
+        assert vllm_plugin.vllm_version_problem(ok) is None
+    for bad in ("0.31.2", "0.34.0", "1.0.0"):
+        line = vllm_plugin.vllm_version_problem(bad)
+        assert f"not {bad}" in line and "0.32.x, 0.33.x" in line and "\n" not in line
+    monkeypatch.setattr(vllm_plugin, "vllm_version", lambda: "0.34.0")
+    assert "not 0.34.0" in vllm_plugin.vllm_version_problem()
+    monkeypatch.setattr(vllm_plugin, "vllm_version", lambda: None)  # not installed: not ours
+    assert vllm_plugin.vllm_version_problem() is None
+
+
+class DiesMidBatch(TransformersEngine):
+    """Answers its first call, then dies as vLLM's engine core does (EngineDeadError)."""
+
+    def __init__(self, vlm):
+        super().__init__(vlm)
+        self.calls = 0
+
+    def generate(self, plans, max_new_tokens):
+        from resprune.engines import EngineDead
+
+        self.calls += 1
+        if self.calls > 1:
+            raise EngineDead("the vLLM engine failed: EngineDeadError: EngineCore encountered ...")
+        return super().generate(plans, max_new_tokens)
+
+
+def test_a_dead_engine_exits_the_actor_at_once_and_writes_no_rows(
+    tiny_llava: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Two model batches in one call; the engine dies in the second: the actor exits (Ray
+    restarts it) without retrying items one by one, without error rows, without waiting for
+    the 8-in-a-row rule."""
+    import os
+
+    from pipeline.stages.answer import Answerer
+    from pipeline.stages.preprocess import Preprocess
+
+    images = sorted(Path("pipeline/assets/images").glob("*.jpg"))[:4]
+    rows = [{"id": p.stem, "image": p.read_bytes(), "question": "What is it?"} for p in images]
+    spec = parse_spec(
+        MINIMAL
+        | {
+            "model": {"path": str(tiny_llava), "max_new_tokens": 2},
+            "execution": {"gpus_per_actor": 0, "batch_size": 2},
+        }
+    )
+    batch = Preprocess(spec, [])(pa.Table.from_pylist(rows))
+    actor = Answerer(spec, run_id="r", run_date="2026-01-01", passthrough=pa.schema([]))
+    actor.engine = DiesMidBatch(actor.vlm)
+    exits = []
+
+    def exit_(code):
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(os, "_exit", exit_)
+    with pytest.raises(SystemExit):
+        actor(batch)
+    assert exits == [1] and actor.engine.calls == 2  # no solo retries after the death
+    assert actor.error_streak == 0
 
 
 @NO_VLLM

@@ -12,12 +12,28 @@ from pipeline import faults
 from pipeline.faults import ITEM, ITEM_CAUSES, SYSTEMIC, TRANSIENT, classify
 from pipeline.output.summary import Recorder
 from pipeline.spec import parse_spec
+from resprune.engines import EngineDead
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 class OutOfMemoryError(RuntimeError):
     """Named like torch.OutOfMemoryError (classified by name: no CUDA build needed)."""
+
+
+class EngineDeadError(RuntimeError):
+    """Named like vLLM's EngineDeadError (classified by name: no vLLM needed)."""
+
+
+def _chained(cause: BaseException) -> BaseException:
+    """A ValueError raised while handling ``cause`` (the engine's death deeper in the chain)."""
+    try:
+        try:
+            raise cause
+        except BaseException as inner:
+            raise ValueError("wrapped") from inner
+    except ValueError as outer:
+        return outer
 
 
 @pytest.mark.parametrize(
@@ -43,6 +59,8 @@ class OutOfMemoryError(RuntimeError):
         (OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), 1, SYSTEMIC),
         (OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), 8, ITEM),
         (ValueError("shapes do not match"), 1, ITEM),
+        (EngineDead("the vLLM engine failed: KeyError: 'x'"), 8, SYSTEMIC),
+        (_chained(EngineDeadError("EngineCore encountered an issue")), 1, SYSTEMIC),
     ],
 )
 def test_classify(exc: BaseException, batch: int, kind: str) -> None:

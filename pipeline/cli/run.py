@@ -3,8 +3,9 @@
 Whole-job problems (bad spec, unreachable storage, missing columns, bad model path) end
 with one line on stderr and exit code 2, before any model is loaded. A run whose items
 fail beyond ``execution.max_error_fraction``, that leaves items unanswered (transient
-faults), or that cannot progress (a systemic fault, named in one line) exits 1. Credentials
-never appear in output.
+faults), or that cannot progress (a systemic fault, named in one line) exits 1, as does
+one whose model actors cannot start within ``execution.startup_timeout_s`` or whose Ray
+cluster goes away (`pipeline.job.watchdog`). Credentials never appear in output.
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ def main(args: argparse.Namespace) -> int:
     except (SpecError, StorageError, ModelPathError) as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the summary is written and the lease released by then
+        print(
+            "error: run interrupted; committed rows are kept, a rerun does the rest",
+            file=sys.stderr,
+        )
+        return 130
     except Exception as exc:  # the CLI edge: one line (Ray has logged the details)
         first = (str(exc).strip().splitlines() or [""])[0]
         print(f"error: run failed: {type(exc).__name__}: {redact(first)}", file=sys.stderr)

@@ -24,7 +24,7 @@ from pipeline.eval.spec import EvalSpec, check_references, configurations, job_o
 from pipeline.io.readers import read_input
 from pipeline.job.checks import check_model_path
 from pipeline.job.plan import Plan, make_plan
-from pipeline.job.runner import ensure_ray, new_run_id
+from pipeline.job.runner import ensure_ray, new_run_id, release_lease
 from pipeline.spec import JobSpec, ProcessorConfig, PruningSpec
 from pipeline.stages.answer import Answerer
 from pipeline.stages.preprocess import Preprocess
@@ -77,19 +77,23 @@ def answer_all(
     job = job_of(spec)
     run_id = new_run_id(job, run_date)
     check_references(spec.input.uri, make_plan(job).passthrough, spec.eval.references_column)
-    plan = make_plan(job, run_id=run_id)  # the read-only checks passed: now it may write
-    check_model_path(job)
-    started_ray = ensure_ray(job)
+    plan = make_plan(job, run_id=run_id)  # the read-only checks passed: now it takes the lease
     try:
-        ray.data.DataContext.get_current().enable_progress_bars = progress
-        configs = configurations(spec)
-        ds = _dataset(job, plan, configs, run_id=run_id, run_date=run_date)
-        table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
-        ids = _spread(job, plan, answered_by_all(table, len(configs)), spec.eval.overlay_items)
-        return table, _images(job, plan, ids)
+        check_model_path(job)
+        started_ray = ensure_ray(job)
+        try:
+            ray.data.DataContext.get_current().enable_progress_bars = progress
+            configs = configurations(spec)
+            ds = _dataset(job, plan, configs, run_id=run_id, run_date=run_date)
+            table = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+            done = answered_by_all(table, len(configs))
+            ids = _spread(job, plan, done, spec.eval.overlay_items)
+            return table, _images(job, plan, ids)
+        finally:
+            if started_ray:
+                ray.shutdown()
     finally:
-        if started_ray:
-            ray.shutdown()
+        release_lease(plan, run_id)
 
 
 def answered_by_all(table: pa.Table, n_configs: int) -> list[str]:

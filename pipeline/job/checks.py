@@ -49,16 +49,23 @@ def check_model_path(spec: JobSpec) -> None:
 
 
 def check_engine(spec: JobSpec) -> None:
-    """Raise ModelPathError with one clear line when model.engine is not installed here, or
-    cannot take the checkpoint's family (read from config.json of a folder or S3 prefix)."""
+    """Raise ModelPathError with one clear line when model.engine is not installed here (or
+    is a vLLM release the plugin does not support), or cannot take the checkpoint's family
+    under the job's position policy (the family read from config.json of a folder or S3
+    prefix)."""
     from resprune.engines import engine_problem
-    from resprune.engines.vllm_plugin import vllm_refusal
+    from resprune.engines.vllm_plugin import vllm_refusal, vllm_version_problem
 
     problem = engine_problem(spec.model.engine)
     if problem:
         raise ModelPathError(problem)
-    family = _model_type(spec) if spec.model.engine == "vllm" else None
-    refusal = vllm_refusal(family) if family else None
+    if spec.model.engine != "vllm":
+        return
+    problem = vllm_version_problem()
+    if problem:
+        raise ModelPathError(problem)
+    family = spec.model.family if spec.model.family != "auto" else _model_type(spec)
+    refusal = vllm_refusal(family, spec.pruning.position_policy) if family else None
     if refusal:
         raise ModelPathError(f"model.path {spec.model.path}: {refusal}")
 

@@ -3,15 +3,19 @@
 `build_dataset` chains the input reader and the stage API's processor (`pipeline.stages.processor`,
 where concurrency, GPUs and batch sizes are set).
 `run_job` is the driver: it plans (fails fast on whole-job problems before any model is
-loaded), connects to Ray or starts a local cluster, executes the chain into `CommitSink`,
-and writes ``_runs/<run_id>.json``. Non-goals: scheduling, retries of the whole job (a
-rerun of the same spec resumes; see pipeline.output.commit).
+loaded), connects to Ray or starts a local cluster, executes the chain into `CommitSink`
+under `pipeline.job.watchdog` (actors that cannot start, a cluster that goes away), writes
+``_runs/<run_id>.json`` and releases the output prefix's lease, however the run ends.
+Non-goals: scheduling, retries of the whole job (a rerun of the same spec resumes; see
+pipeline.output.commit).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
+import sys
 import time
 import uuid
 from typing import Any
@@ -22,12 +26,16 @@ import ray
 
 from pipeline import faults
 from pipeline.io.readers import read_input
+from pipeline.io.storage import redact
 from pipeline.job.console import quiet, show_progress
 from pipeline.job.plan import Plan, make_plan
+from pipeline.job.watchdog import ClusterGone, Watchdog
 from pipeline.output import commit, summary
 from pipeline.output.commit import CommitSink
 from pipeline.spec import JobSpec, ProcessorConfig, fingerprint, fingerprint_fields
 from pipeline.stages.processor import build_processor
+
+logger = logging.getLogger(__name__)
 
 
 @ray.remote(num_cpus=0)
@@ -44,6 +52,7 @@ class Ledger:
         self.batch_starts: dict[str, int] = {}  # ids whose batch started and never ended
         self.solo_starts: dict[str, int] = {}  # ids answered alone that never ended
         self.systemic: list[str] = []  # causes of actor exits on systemic faults
+        self.placed_keys: set[str] = set()  # model actors whose constructor has begun
 
     def begin_batch(self, ids: list[str]) -> tuple[bool, list[str]]:
         """Start a model batch: (did an earlier attempt of it die?, ids that died alone)."""
@@ -77,6 +86,13 @@ class Ledger:
             f"run could not progress: {self.systemic[-1]}; unanswered rows are left for "
             "a rerun"
         )
+
+    def actor_placed(self, key: str) -> None:
+        """A model actor got its resources: its constructor has begun (before the weights)."""
+        self.placed_keys.add(key)
+
+    def placed(self) -> int:
+        return len(self.placed_keys)
 
     def actor_started(self, key: str, started: float, shape: dict[str, Any]) -> None:
         self.actors[key] = {"started": started, "busy_s": 0.0, "compile_s": 0.0, "shape": shape}
@@ -112,17 +128,30 @@ def build_dataset(
 def ensure_ray(spec: JobSpec) -> bool:
     """Connect to the current cluster (RAY_ADDRESS or a local `ray start`), else start one.
 
-    Returns True when this call started a local cluster (the caller shuts it down).
+    ``RAY_ADDRESS=local`` always starts a private local cluster. Joining a `ray start` cluster
+    found on this machine (``RAY_ADDRESS`` unset) is said in one line, since its resources
+    may be taken. Returns True when this call started a local cluster (the caller shuts it
+    down).
     """
     if ray.is_initialized():
         return False
-    if os.environ.get("RAY_ADDRESS", "") != "local":
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address != "local":
         try:
-            ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=True)
-            return False
+            ray.init(address=address or "auto", log_to_driver=True)
         except ConnectionError:
-            if os.environ.get("RAY_ADDRESS"):
+            if address:
                 raise
+        else:
+            if not address:
+                print(
+                    f"run: joined the Ray cluster at {ray.get_runtime_context().gcs_address} "
+                    "that `ray start` left on this machine (RAY_ADDRESS=local starts a private "
+                    "one instead)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return False
     import torch
 
     gpus = torch.cuda.device_count()
@@ -153,20 +182,38 @@ def run_job(spec: JobSpec, run_date: str, *, progress: bool | None = None) -> di
     """Run (or resume) a job; returns the run summary (also written to _runs/).
 
     ``progress``: Ray Data's progress bars; None shows them only on a terminal (elsewhere
-    they would print as dozens of snapshot lines).
+    they would print as dozens of snapshot lines). The run releases the output prefix's
+    lease however it ends. While it executes, `pipeline.job.watchdog` watches the cluster: model
+    actors that cannot start end the run after ``execution.startup_timeout_s``
+    (`StartupTimeout`); a cluster that goes away ends the process (exit 1) once the summary
+    is written and the lease released (Ray itself would end it a minute later).
     """
     quiet(progress=show_progress(progress))
     run_id, started = new_run_id(spec, run_date), time.time()
-    plan = make_plan(spec, run_id=run_id)
-    record = summary.Recorder(spec, plan, run_id=run_id, run_date=run_date, started=started)
-    if plan.items_pending == 0:
-        return record.finish({})
-    started_ray = ensure_ray(spec)
+    plan = make_plan(spec, run_id=run_id)  # takes the lease
     try:
-        return _execute(spec, plan, record, run_id=run_id, run_date=run_date, progress=progress)
+        record = summary.Recorder(spec, plan, run_id=run_id, run_date=run_date, started=started)
+        if plan.items_pending == 0:
+            return record.finish({})
+        started_ray = ensure_ray(spec)
+        try:
+            return _execute(spec, plan, record, run_id=run_id, run_date=run_date, progress=progress)
+        finally:
+            if started_ray:
+                ray.shutdown()
     finally:
-        if started_ray:
-            ray.shutdown()
+        release_lease(plan, run_id)
+
+
+def release_lease(plan: Plan, run_id: str) -> None:
+    """Give the prefix's lease up (best effort: a failure is logged, never raised)."""
+    try:
+        faults.retry(
+            lambda: commit.release_lease(plan.out_fs, plan.out_root, run_id),
+            what="release the lease",
+        )
+    except Exception as exc:
+        logger.warning("could not release the lease of %s: %s", plan.out_root, exc)
 
 
 def _execute(
@@ -191,15 +238,48 @@ def _execute(
         rows_per_file=spec.output.rows_per_file,
         min_rows_per_file=spec.output.min_rows_per_file,
     )
-    try:
-        build_dataset(spec, plan, run_id=run_id, run_date=run_date, ledger=ledger).write_datasink(
-            sink
-        )
-    except Exception as exc:
-        cause = ray.get(ledger.systemic_cause.remote())
-        error = faults.SystemicFault(cause) if cause else exc
-        record.finish(ray.get(ledger.snapshot.remote()), error=error)
-        raise error from exc
+
+    def gone(error: ClusterGone, actors: dict[str, Any]) -> None:
+        end_without_cluster(record, plan, run_id, error, actors)
+
+    with Watchdog(spec.execution, ledger, on_gone=gone) as watch:
+        try:
+            dataset = build_dataset(spec, plan, run_id=run_id, run_date=run_date, ledger=ledger)
+            dataset.write_datasink(sink)
+        except BaseException as exc:
+            watch.settle()  # the cluster unreachable: the watchdog ends the run (gone) first
+            error: BaseException = exc
+            if watch.failure is not None:
+                error = watch.failure
+            elif isinstance(exc, Exception):
+                cause = _ask(ledger.systemic_cause, None)
+                error = faults.SystemicFault(cause) if cause else exc
+            record.finish(_ask(ledger.snapshot, watch.snapshot), error=error)
+            if error is exc:
+                raise
+            raise error from exc
     # An orphaned writer of an older run may have committed ids this run also answered.
     commit.dedupe(plan.out_fs, plan.out_root)
     return record.finish(ray.get(ledger.snapshot.remote()))
+
+
+def _ask(method: Any, default: Any) -> Any:
+    """A ledger call's answer after a failed execution, or ``default`` if none comes."""
+    try:
+        return ray.get(method.remote(), timeout=30)
+    except Exception:
+        return default
+
+
+def end_without_cluster(
+    record: summary.Recorder, plan: Plan, run_id: str, error: ClusterGone, actors: dict
+) -> None:
+    """The cluster went away: write the summary and release the lease from storage alone,
+    print the summary line and the cause, and end the process (exit 1)."""
+    try:
+        doc = record.finish(actors, error=error)
+        print(summary.one_line(doc), flush=True)
+    finally:
+        release_lease(plan, run_id)
+        print(f"error: run failed: ClusterGone: {redact(str(error))}", file=sys.stderr, flush=True)
+        os._exit(1)

@@ -64,6 +64,17 @@ def take_lease(fs: pafs.FileSystem, root: str, run_id: str) -> None:
     write_json(fs, join(root, MANIFEST, LEASE), {"run_id": run_id, "taken_at": time.time()})
 
 
+def release_lease(fs: pafs.FileSystem, root: str, run_id: str) -> bool:
+    """Give the prefix's lease up at the end of ``run_id`` (if it still holds it): the lease
+    then names no run, so late writes of this run's orphaned workers are still dropped, and
+    the next run takes it as usual. True when released."""
+    path = join(root, MANIFEST, LEASE)
+    if not exists(fs, path) or read_json(fs, path).get("run_id") != run_id:
+        return False
+    write_json(fs, path, {"run_id": None, "released_by": run_id, "released_at": time.time()})
+    return True
+
+
 def _check_lease(fs: pafs.FileSystem, root: str, run_id: str) -> None:
     path = join(root, MANIFEST, LEASE)
     holder = read_json(fs, path).get("run_id") if exists(fs, path) else run_id

@@ -93,6 +93,8 @@ class Answerer:
 
         self.started, self.key = time.time(), uuid.uuid4().hex
         self.spec, self.ledger, self.passthrough = spec, ledger, passthrough
+        if ledger is not None:  # the driver's startup watch: this actor got its resources
+            ledger.actor_placed.remote(self.key)
         self.const = {
             "run_id": run_id,
             "run_date": run_date,
@@ -253,6 +255,12 @@ def _load(spec: JobSpec, share: Answerer | None) -> tuple[str, Any, Any]:
         endpoint_url=spec.storage.endpoint_url,
         attn_implementation=m.attn_implementation,
     )
+    if m.engine == "vllm":  # family auto: config.json named it only now
+        from resprune.engines.vllm_plugin import vllm_refusal
+
+        refusal = vllm_refusal(vlm.family, spec.pruning.position_policy)
+        if refusal:
+            raise ValueError(refusal)
     options = getattr(m, m.engine).model_dump()  # the engine's own settings block
     return device, vlm, engine(vlm, **options)
 

@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 from typing import TYPE_CHECKING, Any
 
-from resprune.engines.base import Engine, Generation, Plan
+from resprune.engines.base import Engine, EngineDead, Generation, Plan
 
 if TYPE_CHECKING:
     from resprune.models.base import VLM
@@ -61,6 +61,7 @@ def build_engine(name: str, vlm: VLM, **options: Any) -> Engine:
 __all__ = [
     "ENGINES",
     "Engine",
+    "EngineDead",
     "EngineUnavailable",
     "Generation",
     "Plan",

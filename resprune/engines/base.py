@@ -7,8 +7,10 @@ tokens, the K kept features in sequence order (LLaVA-NeXT: kept tokens plus kept
 rows), the positions of the kept prompt, and the unpruned prompt ids for engines that
 rebuild the prompt themselves. An engine answers per row: a failure that belongs to one
 sequence (e.g. a request an engine refuses) is that row's `ItemError`; an exception raised
-from ``generate`` is a failure of the whole batch (the caller retries items one at a time).
-Non-goals: sampling (decoding is greedy), streaming.
+from ``generate`` is a failure of the whole batch (the caller retries items one at a time),
+except `EngineDead`: the engine itself can answer nothing more in this process (vLLM's
+``EngineDeadError``, an engine-core failure), so the caller must not blame items but restart
+the process. Non-goals: sampling (decoding is greedy), streaming.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ from resprune.items import ItemError
 
 if TYPE_CHECKING:
     import torch
+
+
+class EngineDead(RuntimeError):
+    """The engine cannot answer anything more in this process; restart it (never an item's
+    fault, never an error row)."""
 
 
 @dataclass

@@ -4,33 +4,52 @@ One ``vllm.LLM`` per engine, loaded once (safetensors only) from the checkpoint 
 from: its folder (an ``s3://`` model is already in the local cache) or its hub id and
 revision. Each plan becomes one request: its prompt ids with the kept image-token run folded
 back to a single placeholder, and its K kept features (LLaVA-NeXT: kept tokens plus kept
-newline rows, in sequence order) as a ``[1, K, D]`` image embedding, from which vLLM sizes
-the placeholder run again. Every request is enqueued, then one ``wait_for_completion`` lets
-vLLM's scheduler batch them continuously. Per row: a prompt whose new tokens would not fit
-``max_model_len`` is ``prompt_too_long`` (as the transformers engine does with the model's
-context); a request vLLM refuses is ``model_error``. Decoding is greedy; positions are
-contiguous (vLLM numbers them 0..L-1). Before vLLM loads, the transformers copy's decoder
-layers and head are dropped (selection needs only the vision tower, projector and input
-embeddings): the weights are not held twice and vLLM finds the memory it asks for. On CPU
-the engine core runs in-process with a 512 MiB KV cache and no compilation unless told
-otherwise. Non-goals: Qwen2.5-VL (vLLM sizes its placeholder run from the full image grid
-and derives M-RoPE positions from it), sampling, streaming.
+newline rows, in sequence order) as an image embedding from which vLLM sizes the
+placeholder run again. Every request is enqueued, then one ``wait_for_completion`` lets
+vLLM's scheduler batch them continuously. Decoding is greedy.
+
+Positions: vLLM numbers LLaVA prompts 0..L-1 (our ``contiguous`` policy). A Qwen2.5-VL
+request also carries each kept token's M-RoPE position and where the text after the image
+resumes, and vLLM's own pruning path (`resprune.engines.vllm_qwen`) places them, so both
+policies hold; the engine checks each plan's positions are what vLLM will use.
+
+Per row: a prompt whose new tokens would not fit ``max_model_len`` is ``prompt_too_long``
+(as the transformers engine does with the model's context); a request vLLM refuses is
+``model_error``. A failure of the engine itself (vLLM's ``EngineDeadError``, or anything
+raised while the engine steps: with the in-process engine core on CPU that is the core's
+own failure) raises `EngineDead`: the engine is dead for this process, the caller restarts
+it, no row is blamed. Before vLLM loads, the transformers copy's decoder layers and head are
+dropped (selection needs only the vision tower, projector and input embeddings): the weights
+are not held twice and vLLM finds the memory it asks for. On CPU the engine core runs
+in-process with a 512 MiB KV cache and no compilation unless told otherwise.
+Non-goals: sampling, streaming, several images per prompt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 
 import torch
 
-from resprune.engines.base import Generation, Plan
+from resprune.engines.base import EngineDead, Generation, Plan
 from resprune.engines.hf import decode
-from resprune.engines.vllm_plugin import ARCHITECTURES, register, vllm_refusal
+from resprune.engines.vllm_plugin import (
+    ARCHITECTURES,
+    POSITION_POLICIES,
+    UnsupportedVllm,
+    register,
+    vllm_refusal,
+    vllm_version_problem,
+)
 from resprune.items import ItemError
 from resprune.models.base import VLM
 
 CPU_KV_CACHE_BYTES = 512 << 20  # vLLM on CPU sizes its cache from RAM unless told
+# Any rate > 0 opens vLLM's multimodal pruning path (MultiModalConfig.
+# is_multimodal_pruning_enabled); videos are refused, so it never prunes a video.
+PRUNING_GATE_RATE = 0.5
 
 
 class UnsupportedByVllm(ValueError):
@@ -38,7 +57,8 @@ class UnsupportedByVllm(ValueError):
 
 
 class VllmEngine:
-    """Greedy generation of kept sequences by one ``vllm.LLM`` (LLaVA-1.5, LLaVA-NeXT)."""
+    """Greedy generation of kept sequences by one ``vllm.LLM`` (LLaVA-1.5, LLaVA-NeXT,
+    Qwen2.5-VL)."""
 
     name = "vllm"
 
@@ -55,8 +75,14 @@ class VllmEngine:
         refusal = vllm_refusal(vlm.family)
         if refusal:
             raise UnsupportedByVllm(refusal)
+        problem = vllm_version_problem()
+        if problem:
+            raise UnsupportedVllm(problem)
         self.vlm = vlm
+        self.qwen = vlm.family == "qwen2_5_vl"
+        self.position_policies = POSITION_POLICIES[vlm.family]
         self.image_token_id = int(vlm.model.config.image_token_id)
+        self.dead: str | None = None  # why the engine died, once it has
         cpu = vlm.device.type == "cpu"
         if cpu:  # in-process engine core: no process to spawn, no core to keep free for it
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -65,6 +91,15 @@ class VllmEngine:
         from vllm import LLM
 
         release_text_weights(vlm)
+        family_options = (
+            {  # vLLM's pruning path places the kept tokens (resprune.engines.vllm_qwen)
+                "limit_mm_per_prompt": {"image": 1, "video": 0},
+                "video_pruning_rate": PRUNING_GATE_RATE,
+                "enable_prefix_caching": False,  # a hit past the image would skip the recompute
+            }
+            if self.qwen
+            else {"limit_mm_per_prompt": {"image": 1}}
+        )
         self.llm = LLM(
             model=vlm.local_path,
             revision=vlm.revision,
@@ -73,46 +108,81 @@ class VllmEngine:
             dtype=str(vlm.model.dtype).removeprefix("torch."),
             hf_overrides={"architectures": [ARCHITECTURES[vlm.family]]},
             enable_mm_embeds=True,
-            limit_mm_per_prompt={"image": 1},
             max_num_seqs=max_num_seqs,
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
             kv_cache_memory_bytes=kv_cache_memory_bytes or (CPU_KV_CACHE_BYTES if cpu else None),
             enforce_eager=cpu if enforce_eager is None else enforce_eager,
             seed=0,
+            **family_options,
         )
 
     def generate(self, plans: Sequence[Plan], max_new_tokens: int) -> list[Generation | ItemError]:
-        """Enqueue one request per plan, run them together, answer per row in plan order."""
+        """Enqueue one request per plan, run them together, answer per row in plan order.
+
+        Raises `EngineDead` when the engine fails (then and on every later call)."""
         from vllm import SamplingParams
 
+        if self.dead:
+            raise EngineDead(self.dead)
         params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, detokenize=False)
-        slots = [self._enqueue(plan, params, max_new_tokens) for plan in plans]
-        done = self.llm.wait_for_completion(use_tqdm=False) if any(map(_queued, slots)) else []
+        slots: list[tuple[str, str] | ItemError] = []
+        try:
+            for plan in plans:
+                slots.append(self._enqueue(plan, params, max_new_tokens))
+            queued = [s for s in slots if not isinstance(s, ItemError)]
+            done = self.llm.wait_for_completion(use_tqdm=False) if queued else []
+        except Exception as err:
+            raise self._die(err, [s[1] for s in slots if not isinstance(s, ItemError)]) from err
         by_id = {out.request_id: list(out.outputs[0].token_ids) for out in done}
         return [self._answer(by_id, slot) for slot in slots]
 
     def request(self, plan: Plan) -> dict:
-        """The vLLM prompt of a plan: one image placeholder, the kept features as embeddings."""
+        """The vLLM prompt of a plan: one image placeholder, the kept features as embeddings
+        (Qwen2.5-VL: with their M-RoPE position channels)."""
         ids = plan.ids.tolist()
         run = [j for j, t in enumerate(ids) if t == self.image_token_id]
         if run:
             ids = [*ids[: run[0]], self.image_token_id, *ids[run[-1] + 1 :]]
         embeds = plan.features.detach().to("cpu")[None]
-        return {"prompt_token_ids": ids, "multi_modal_data": {"image": embeds}}
+        if not self.qwen:
+            return {"prompt_token_ids": ids, "multi_modal_data": {"image": embeds}}
+        mrope = qwen_mrope_channels(plan, self.image_token_id)
+        image = {"image_embeds": embeds, "image_mrope": mrope[None]}
+        return {"prompt_token_ids": ids, "multi_modal_data": {"image": image}}
 
-    def _enqueue(self, plan: Plan, params, max_new_tokens: int) -> str | ItemError:
-        """The request's id once vLLM has it, or this row's error."""
-        from vllm.exceptions import VLLMClientError
-
-        too_long = self._too_long(len(plan.ids), max_new_tokens)
-        if too_long:
-            return too_long
+    def _enqueue(self, plan: Plan, params, max_new_tokens: int) -> tuple[str, str] | ItemError:
+        """(our request id, vLLM's internal id) once vLLM has it, or this row's error."""
+        refused = self._too_long(len(plan.ids), max_new_tokens) or self._positions(plan)
+        if refused:
+            return refused
         try:
             (internal_id,) = self.llm.enqueue(self.request(plan), params, use_tqdm=False)
-        except (VLLMClientError, ValueError, TypeError) as err:  # refused: this row alone
+        except Exception as err:  # vLLM's input processing refused this row alone ...
+            if engine_died(err):  # ... unless the engine is gone
+                raise
             return ItemError("model_error", f"vLLM refused the request: {_one_line(err)}")
-        return internal_id.rsplit("-", 1)[0]  # vLLM appends "-<8 random chars>" to its own ids
+        # vLLM appends "-<8 random chars>" to its own ids in the outputs' request_id
+        return internal_id.rsplit("-", 1)[0], internal_id
+
+    def _positions(self, plan: Plan) -> ItemError | None:
+        """model_error when vLLM would number this plan otherwise than its positions say."""
+        if self.qwen:
+            try:
+                qwen_mrope_channels(plan, self.image_token_id)
+            except ValueError as err:
+                return ItemError("model_error", f"positions vLLM cannot take: {err}")
+            return None
+        n = len(plan.ids)
+        if plan.positions.shape[0] == 1 and torch.equal(
+            plan.positions[0].cpu(), torch.arange(n, dtype=plan.positions.dtype)
+        ):
+            return None
+        return ItemError(
+            "model_error",
+            "positions vLLM cannot take: it numbers LLaVA prompts 0..L-1 "
+            "(pruning.position_policy: contiguous)",
+        )
 
     def _too_long(self, length: int, max_new_tokens: int) -> ItemError | None:
         """prompt_too_long when prompt + new tokens exceed vLLM's max_model_len (as for
@@ -125,12 +195,56 @@ class VllmEngine:
             f"prompt of {length} tokens + {max_new_tokens} new tokens > vLLM max_model_len {limit}",
         )
 
-    def _answer(self, by_id: dict[str, list[int]], slot: str | ItemError) -> Generation | ItemError:
+    def _answer(
+        self, by_id: dict[str, list[int]], slot: tuple[str, str] | ItemError
+    ) -> Generation | ItemError:
         if isinstance(slot, ItemError):
             return slot
-        if slot not in by_id:
-            return ItemError("model_error", f"vLLM returned no output for request {slot}")
-        return decode(self.vlm, torch.tensor([by_id[slot]], dtype=torch.long))[0]
+        if slot[0] not in by_id:
+            return ItemError("model_error", f"vLLM returned no output for request {slot[0]}")
+        return decode(self.vlm, torch.tensor([by_id[slot[0]]], dtype=torch.long))[0]
+
+    def _die(self, err: BaseException, internal_ids: list[str]) -> EngineDead:
+        """Mark the engine dead (every later call raises too) and drop our requests from it."""
+        self.dead = f"the vLLM engine failed: {type(err).__name__}: {_one_line(err)}"
+        # a live in-process core keeps them otherwise; a dead one refuses, which is fine
+        with contextlib.suppress(Exception):
+            self.llm.llm_engine.abort_request(internal_ids, internal=True)
+        return EngineDead(self.dead)
+
+
+def engine_died(err: BaseException) -> bool:
+    """vLLM's ``EngineDeadError`` anywhere in ``err``'s chain (matched by name: no import)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if type(err).__name__ == "EngineDeadError":
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def qwen_mrope_channels(plan: Plan, image_token_id: int) -> torch.Tensor:
+    """The [K, 4] channels vLLM's ``recompute_mrope_positions`` turns back into ``plan``'s
+    M-RoPE positions: each kept token's (t, h, w) relative to the image start, and the offset
+    where the text after the image resumes. Raises ValueError when no channels can: vLLM
+    numbers the text before the image 0..s-1 and the text after it contiguously."""
+    ids, pos = plan.ids.cpu(), plan.positions.cpu().long()
+    run = torch.nonzero(ids == image_token_id).flatten()
+    if pos.shape[0] != 3:
+        raise ValueError(f"M-RoPE positions have 3 rows, got {pos.shape[0]}")
+    if len(run) == 0 or int(run[-1] - run[0]) + 1 != len(run) or run[0] == 0:
+        raise ValueError("the kept image tokens must form one run after the first token")
+    start, end, n = int(run[0]), int(run[-1]) + 1, len(ids)
+    if not torch.equal(pos[:, :start], torch.arange(start).expand(3, start)):
+        raise ValueError("the text before the image is not numbered 0..s-1")
+    base = start  # vLLM: the position after <|vision_start|>
+    after = pos[0, end] - base if end < n else pos[:, start:end].max() + 1 - base
+    tail = torch.arange(n - end) + base + after
+    if not torch.equal(pos[:, end:], tail.expand(3, n - end)):
+        raise ValueError("the text after the image is not numbered contiguously")
+    rel = pos[:, start:end] - base
+    return torch.cat([rel.T, torch.full((end - start, 1), int(after))], dim=1)
 
 
 def release_text_weights(vlm: VLM) -> None:
@@ -143,10 +257,6 @@ def release_text_weights(vlm: VLM) -> None:
         part.to("meta")
     if vlm.device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def _queued(slot: str | ItemError) -> bool:
-    return not isinstance(slot, ItemError)
 
 
 def _one_line(err: BaseException) -> str:
