@@ -456,10 +456,9 @@ def _run_greedy(
         return _greedy_pivots(gram, mask, spent_below, k)
     b, n, _ = gram.shape
     with torch.inference_mode():  # static buffers stay inference tensors in every later call
-        cache = _GRAPHS.get(gram.device) or _GRAPHS.setdefault(
-            gram.device, _GraphCache(gram.device)
-        )
-        chosen, coef = cache.run(gram, mask, spent_below, k)
+        if gram.device not in _GRAPHS:
+            _GRAPHS[gram.device] = _GraphCache(gram.device)
+        chosen, coef = _GRAPHS[gram.device].run(gram, mask, spent_below, k)
     return chosen[:b, :k], coef[:b, :k, :n]
 
 

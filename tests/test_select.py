@@ -327,8 +327,7 @@ def test_compiled_step_keeps_the_picks(monkeypatch):
 
     cases = _mixed_cases()
     eager = [select_prefixes(x, ks, relevance=r, mask=m) for x, r, m, ks in cases]
-    torch._dynamo.reset()
-    counters.clear()
+    graphs = counters["stats"]["unique_graphs"]
     monkeypatch.setattr(sel, "_COMPILED_STEP", None)
     monkeypatch.setattr(sel, "_greedy_step", sel.compiled_step())
     for (x, r, m, ks), want in zip(cases, eager, strict=True):
@@ -336,7 +335,7 @@ def test_compiled_step_keeps_the_picks(monkeypatch):
         for g, w in zip(got, want, strict=True):
             assert torch.equal(g.order, w.order)
             torch.testing.assert_close(g.retained_by_prefix, w.retained_by_prefix)
-    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["stats"]["unique_graphs"] - graphs <= 1  # no recompile across shapes
     monkeypatch.setattr(sel, "_COMPILED_STEP", None)
 
 
