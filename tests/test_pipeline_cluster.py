@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +23,7 @@ import yaml
 
 from pipeline.output import commit
 from resprune.tiny import build_tiny_checkpoint
+from tests.ray_cluster import free_port, kill_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "pipeline" / "assets" / "images"
@@ -38,26 +37,10 @@ ENV = os.environ | {
 pytestmark = pytest.mark.slow
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_cluster(temp_dir: str) -> None:
-    """Stop only our cluster: processes whose command line names our temp dir, by pid."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if temp_dir.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                os.kill(int(pid), signal.SIGKILL)
-        except OSError:
-            continue
-
-
 @pytest.fixture
 def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="rg", dir="/tmp")
-    port = _port()
+    port = free_port()
     cmd = [
         str(Path(sys.executable).parent / "ray"),
         "start",
@@ -72,7 +55,7 @@ def ray_head():
     ]
     subprocess.run(cmd, check=True, env=ENV, capture_output=True, timeout=120)
     yield f"127.0.0.1:{port}", temp_dir
-    _kill_cluster(temp_dir)
+    kill_cluster(temp_dir)
 
 
 @pytest.mark.timeout(600)
@@ -110,7 +93,7 @@ def test_the_cluster_going_away_mid_run_ends_with_one_line_and_the_summary(
         assert run.poll() is None, run.communicate()
         assert time.monotonic() < deadline, "no commit within 300 s"
         time.sleep(0.5)
-    _kill_cluster(temp_dir)
+    kill_cluster(temp_dir)
     gone = time.monotonic()
     stdout, stderr = run.communicate(timeout=120)
     assert run.returncode == 1, (stdout, stderr)

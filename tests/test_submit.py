@@ -6,8 +6,6 @@ import argparse
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +20,7 @@ import yaml
 from pipeline.__main__ import main as cli
 from pipeline.cli.submit import cli_line, entrypoint, runtime_env, submission_id
 from pipeline.spec import parse_spec
+from tests.ray_cluster import free_port, kill_cluster
 from tests.s3server import SECRET_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,22 +53,6 @@ def test_entrypoint_and_cli_line() -> None:
     assert "--submission-id caption-nightly-2026-11-24" in line and line.endswith(f"-- {entry}")
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill_cluster(temp_dir: str) -> None:
-    """Stop only our cluster: processes whose command line names our temp dir, by pid."""
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if temp_dir.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                os.kill(int(pid), signal.SIGKILL)
-        except OSError:
-            continue
-
-
 # One token for every cluster of this module: Ray keeps the first token it saw per process.
 TOKEN = secrets.token_hex(32)
 
@@ -88,7 +71,7 @@ def two_cpu_head(monkeypatch: pytest.MonkeyPatch):
 
 def _head(monkeypatch: pytest.MonkeyPatch, *, cpus: int):
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")
-    dash = _port()
+    dash = free_port()
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     token = TOKEN
     token_file = Path(temp_dir) / "auth_token"
@@ -104,7 +87,7 @@ def _head(monkeypatch: pytest.MonkeyPatch, *, cpus: int):
         str(Path(sys.executable).parent / "ray"),
         "start",
         "--head",
-        f"--port={_port()}",
+        f"--port={free_port()}",
         f"--num-cpus={cpus}",
         "--num-gpus=0",
         "--dashboard-host=127.0.0.1",
@@ -116,7 +99,7 @@ def _head(monkeypatch: pytest.MonkeyPatch, *, cpus: int):
         subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
         yield f"http://127.0.0.1:{dash}"
     finally:
-        _kill_cluster(temp_dir)
+        kill_cluster(temp_dir)
 
 
 @pytest.mark.slow
