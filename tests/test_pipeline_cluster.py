@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import yaml
 
 from pipeline.output import commit
 from resprune.tiny import build_tiny_checkpoint
-from tests.ray_cluster import free_port, kill_cluster
+from tests.ray_cluster import start_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "pipeline" / "assets" / "images"
@@ -39,30 +38,18 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def ray_head():
-    temp_dir = tempfile.mkdtemp(prefix="rg", dir="/tmp")
-    port = free_port()
-    cmd = [
-        str(Path(sys.executable).parent / "ray"),
-        "start",
-        "--head",
-        "--node-ip-address=127.0.0.1",
-        f"--port={port}",
-        "--num-cpus=4",
-        "--num-gpus=0",
-        "--include-dashboard=false",
-        f"--temp-dir={temp_dir}",
-        "--disable-usage-stats",
-    ]
-    subprocess.run(cmd, check=True, env=ENV, capture_output=True, timeout=120)
-    yield f"127.0.0.1:{port}", temp_dir
-    kill_cluster(temp_dir)
+    cluster = start_cluster(cpus=4, env=ENV, dashboard=False)
+    try:
+        yield cluster
+    finally:
+        cluster.kill()
 
 
 @pytest.mark.timeout(600)
 def test_the_cluster_going_away_mid_run_ends_with_one_line_and_the_summary(
     ray_head, tmp_path: Path
 ) -> None:
-    address, temp_dir = ray_head
+    address = ray_head.gcs_address
     model = build_tiny_checkpoint("llava", tmp_path / "model")
     image = (ASSETS / "chelsea.jpg").read_bytes()
     rows = [{"id": f"c{i}", "image": image, "question": "What is this?"} for i in range(40)]
@@ -93,7 +80,7 @@ def test_the_cluster_going_away_mid_run_ends_with_one_line_and_the_summary(
         assert run.poll() is None, run.communicate()
         assert time.monotonic() < deadline, "no commit within 300 s"
         time.sleep(0.5)
-    kill_cluster(temp_dir)
+    ray_head.kill()
     gone = time.monotonic()
     stdout, stderr = run.communicate(timeout=120)
     assert run.returncode == 1, (stdout, stderr)

@@ -18,9 +18,16 @@ import pytest
 import yaml
 
 from pipeline.__main__ import main as cli
-from pipeline.cli.submit import cli_line, entrypoint, runtime_env, submission_id
+from pipeline.cli.submit import (
+    NoJobAgent,
+    _submit,
+    cli_line,
+    entrypoint,
+    runtime_env,
+    submission_id,
+)
 from pipeline.spec import parse_spec
-from tests.ray_cluster import free_port, kill_cluster
+from tests.ray_cluster import start_cluster
 from tests.s3server import SECRET_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +60,32 @@ def test_entrypoint_and_cli_line() -> None:
     assert "--submission-id caption-nightly-2026-11-24" in line and line.endswith(f"-- {entry}")
 
 
+class _Dashboard:
+    """A dashboard answering as Ray's does before a node's job agent registers."""
+
+    def __init__(self, refusals: int, error: str = "No available agent to submit job") -> None:
+        self.refusals, self.error, self.submitted = refusals, error, []
+
+    def submit_job(self, **kwargs) -> None:
+        if self.refusals:
+            self.refusals -= 1
+            raise RuntimeError(f"Request failed with status code 500: {self.error}")
+        self.submitted.append(kwargs["submission_id"])
+
+
+def test_submit_waits_out_a_late_job_agent_and_names_a_missing_one(monkeypatch) -> None:
+    monkeypatch.setattr("pipeline.cli.submit.time.sleep", lambda s: None)
+    late = _Dashboard(refusals=3)
+    _submit(late, wait_s=60, submission_id="a")
+    assert late.submitted == ["a"] and late.refusals == 0
+    with pytest.raises(NoJobAgent, match="--dashboard-agent-listen-port"):
+        _submit(_Dashboard(refusals=10**6), wait_s=0, submission_id="b")
+    other = _Dashboard(refusals=1, error="Job with submission_id c already exists")
+    with pytest.raises(RuntimeError, match="already exists") as caught:
+        _submit(other, wait_s=60, submission_id="c")
+    assert not isinstance(caught.value, NoJobAgent)
+
+
 # One token for every cluster of this module: Ray keeps the first token it saw per process.
 TOKEN = secrets.token_hex(32)
 
@@ -70,36 +103,22 @@ def two_cpu_head(monkeypatch: pytest.MonkeyPatch):
 
 
 def _head(monkeypatch: pytest.MonkeyPatch, *, cpus: int):
-    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")
-    dash = free_port()
+    token_dir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    token = TOKEN
-    token_file = Path(temp_dir) / "auth_token"
-    token_file.write_text(token)
-    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    token_file = token_dir / "auth_token"
+    token_file.write_text(TOKEN)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", TOKEN)
     # the file too: a stale ~/.ray/auth_token on the machine must not decide which token is used
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
     env = os.environ | {
         "RAY_USAGE_STATS_ENABLED": "0",
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     }
-    cmd = [
-        str(Path(sys.executable).parent / "ray"),
-        "start",
-        "--head",
-        f"--port={free_port()}",
-        f"--num-cpus={cpus}",
-        "--num-gpus=0",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dash}",
-        f"--temp-dir={temp_dir}",
-        "--disable-usage-stats",
-    ]
+    cluster = start_cluster(cpus=cpus, env=env)
     try:
-        subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=120)
-        yield f"http://127.0.0.1:{dash}"
+        yield cluster.dashboard_url
     finally:
-        kill_cluster(temp_dir)
+        cluster.kill()
 
 
 @pytest.mark.slow

@@ -155,6 +155,10 @@ def submission_id(client: Any, base: str) -> tuple[str, Any]:
     return sid, attempts[last]
 
 
+class NoJobAgent(RuntimeError):
+    """The cluster's dashboard accepted the job but no node's job agent ever took it."""
+
+
 def _submit(client: Any, *, wait_s: float = 90.0, **kwargs: Any) -> None:
     """Submit, retrying while a fresh cluster's job agent is not up yet."""
     deadline = time.monotonic() + wait_s
@@ -163,9 +167,21 @@ def _submit(client: Any, *, wait_s: float = 90.0, **kwargs: Any) -> None:
             client.submit_job(**kwargs)
             return
         except RuntimeError as exc:
-            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+            if "No available agent" not in str(exc):
                 raise
+            if time.monotonic() > deadline:
+                raise NoJobAgent(no_agent_hint(wait_s)) from exc
             time.sleep(2)
+
+
+def no_agent_hint(wait_s: float) -> str:
+    """The one line for a cluster whose job agent never registered."""
+    return (
+        f"the Ray cluster has no job agent after {wait_s:.0f} s, so it cannot run jobs; on "
+        "the head node, dashboard_agent.log (in the session's logs folder) says why: most "
+        "often its HTTP port (ray start --dashboard-agent-listen-port, 52365 by default) is "
+        "taken, e.g. by an agent left over from another Ray; free it or pick another port"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -186,6 +202,9 @@ def main(args: argparse.Namespace) -> int:
         return _submit_and_follow(args, spec, run_date, address, env)
     except AuthenticationError:
         print(f"error: {token_hint(address)}", file=sys.stderr)
+        return 2
+    except NoJobAgent as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
