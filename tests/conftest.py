@@ -73,8 +73,12 @@ def s3_bucket(s3_server: S3Server, request: pytest.FixtureRequest) -> str:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the modules sharing the Ray session last and together (stable otherwise), so the
+    session starts once, not once per such module; skip `gpu` tests without CUDA."""
     import torch
 
+    shared = {i.module for i in items if "ray_session" in i.fixturenames}
+    items.sort(key=lambda item: getattr(item, "module", None) in shared)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

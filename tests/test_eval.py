@@ -141,6 +141,7 @@ def _rescore(answer: str, refs: list[str]) -> float:
     return sum(min((sum(hits) - h) / 3, 1) for h in hits) / len(hits)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("ray_session")
 @pytest.mark.timeout(300)
 def test_tiny_eval_numbers_match_its_predictions_and_the_gate_fails(labelled, capsys):

@@ -284,6 +284,7 @@ def _summaries(out: Path) -> list[dict]:
     return sorted(docs, key=lambda d: d["started_at"])
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("ray_session")
 @pytest.mark.timeout(400)
 def test_img2dataset_parquet_a_failed_night_sticks_and_a_filter_fixes_it(
@@ -325,6 +326,7 @@ def test_img2dataset_parquet_a_failed_night_sticks_and_a_filter_fixes_it(
     assert table.column("caption").to_pylist()[0].startswith("caption ")
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("ray_session")
 @pytest.mark.timeout(300)
 def test_read_images_and_pil_rows_through_build_processor_with_hooks(

@@ -102,6 +102,7 @@ def test_hub_parquet_layout_local_with_paths(
     assert (again["items_processed"], again["items_skipped"]) == (0, 4)
 
 
+@pytest.mark.slow
 def test_save_to_disk_folder_on_s3(
     model: Path,
     tmp_path: Path,
@@ -223,6 +224,7 @@ def test_webdataset_local_faults_and_resume(
     assert sorted(output(str(out))) == sorted([*expect, "000020000"])
 
 
+@pytest.mark.slow
 def test_webdataset_on_s3_with_a_question_field(
     model: Path, s3_server, s3_bucket: str, tmp_path: Path
 ) -> None:

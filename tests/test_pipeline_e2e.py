@@ -271,7 +271,9 @@ def test_batch_failure_falls_back_per_item(model: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl"])
+@pytest.mark.parametrize(
+    "family", ["llava_next", pytest.param("qwen2_5_vl", marks=pytest.mark.slow)]
+)
 def test_other_families_with_fractional_keep(family: str, tmp_path: Path) -> None:
     """keep bounds all the LLM sees (LLaVA-NeXT's kept newlines included); stats are written."""
     model = build_tiny_checkpoint(family, tmp_path / "model")

@@ -85,7 +85,9 @@ def _read(uri: str) -> str:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("backend,fraction", [("local", 1.0), ("s3", 0.5)])
+@pytest.mark.parametrize(
+    "backend,fraction", [("local", 1.0), pytest.param("s3", 0.5, marks=pytest.mark.slow)]
+)
 def test_report_on_a_real_run(
     backend, fraction, model_and_input, tmp_path, request, capsys
 ) -> None:
