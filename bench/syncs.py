@@ -24,26 +24,14 @@ from resprune.answer import answer_batch  # noqa: E402
 from resprune.loading import load_preprocessor, load_vlm  # noqa: E402
 from resprune.pruners import build_pruner  # noqa: E402
 from resprune.tiny import FAMILIES, build_tiny_checkpoint  # noqa: E402
-from tests.syncs import count_syncs  # noqa: E402
+from tests.syncs import count_answer_batch_syncs  # noqa: E402
 from tests.vlm_helpers import QUESTIONS, images  # noqa: E402
 
 
 def count(vlm, items, everything: bool):
-    generate = vlm.model.generate
     kwargs = {"pruner": build_pruner("resprune"), "keep": 16, "max_new_tokens": 3}
     answer_batch(vlm, items, **kwargs)  # warm
-    with count_syncs(vlm.model, everything=everything) as counter:
-
-        def uncounted(*args, **kw):
-            with counter.pause():
-                return generate(*args, **kw)
-
-        vlm.model.generate = uncounted
-        try:
-            answer_batch(vlm, items, **kwargs)
-        finally:
-            vlm.model.generate = generate
-    return counter
+    return count_answer_batch_syncs(vlm, items, everything=everything, **kwargs)
 
 
 def main() -> None:

@@ -148,3 +148,23 @@ def count_syncs(model: torch.nn.Module | None = None, *, everything: bool = Fals
         host.LISTENERS.remove(crossing)
         for name, method in patched.items():
             setattr(torch.Tensor, name, method)
+
+
+def count_answer_batch_syncs(vlm, items, *, everything: bool = False, **kwargs) -> SyncCounter:
+    """The syncs of one `resprune.answer.answer_batch` (transformers' own decode loop not
+    counted: its stopping check is one read per step, whatever the batch)."""
+    from resprune.answer import answer_batch
+
+    generate = vlm.model.generate
+    with count_syncs(vlm.model, everything=everything) as counter:
+
+        def uncounted(*args, **kw):
+            with counter.pause():
+                return generate(*args, **kw)
+
+        vlm.model.generate = uncounted
+        try:
+            answer_batch(vlm, items, **kwargs)
+        finally:
+            vlm.model.generate = generate
+    return counter

@@ -23,13 +23,14 @@ TINY = LlamaConfig(
     num_key_value_heads=2,
     intermediate_size=128,
 )
-LLAVA_7B = LlamaConfig(
-    hidden_size=4096,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    intermediate_size=11008,
-)
+LLAVA_7B_TEXT = {  # llava-1.5-7b's language model (Vicuna-7B)
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "intermediate_size": 11008,
+}
+LLAVA_7B = LlamaConfig(**LLAVA_7B_TEXT)
 
 
 def test_budget_arithmetic_by_hand():
@@ -119,15 +120,7 @@ def llava_15_7b_config():
         patch_size=14,
         projection_dim=768,
     )
-    text = LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32064,
-        max_position_embeddings=4096,
-    )
+    text = LlamaConfig(**LLAVA_7B_TEXT, vocab_size=32064, max_position_embeddings=4096)
     return LlavaConfig(
         vision_config=vision,
         text_config=text,

@@ -7,28 +7,10 @@ import pytest
 
 from resprune.answer import answer_batch
 from resprune.pruners import build_pruner
-from tests.syncs import count_syncs
+from tests.syncs import count_answer_batch_syncs, count_syncs
 from tests.vlm_helpers import QUESTIONS, images, tiny_vlm
 
 PER_BATCH = 3  # the picks read, the answers read, the statistics read
-
-
-def counted(vlm, items, **kwargs):
-    """The syncs of one `answer_batch` (transformers' own decode loop not counted: its
-    stopping check is one read per step, whatever the batch)."""
-    generate = vlm.model.generate
-    with count_syncs(vlm.model) as counter:
-
-        def uncounted(*args, **kw):
-            with counter.pause():
-                return generate(*args, **kw)
-
-        vlm.model.generate = uncounted
-        try:
-            answer_batch(vlm, items, **kwargs)
-        finally:
-            vlm.model.generate = generate
-    return counter
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_5_vl"])
@@ -38,7 +20,8 @@ def test_no_sync_or_copy_per_item(family, tmp_path_factory):
     items = [pre.prepare(pictures[i % 3], QUESTIONS[i % 3]) for i in range(8)]
     kwargs = {"pruner": build_pruner("resprune"), "keep": 16, "max_new_tokens": 2}
     answer_batch(vlm, items, **kwargs)  # warm: first-call work is not what is measured
-    one, eight = counted(vlm, items[:1], **kwargs), counted(vlm, items, **kwargs)
+    one = count_answer_batch_syncs(vlm, items[:1], **kwargs)
+    eight = count_answer_batch_syncs(vlm, items, **kwargs)
     assert eight.total <= len(items)  # the target: at most one per item
     assert eight.syncs == one.syncs and eight.total <= PER_BATCH, eight.syncs  # none per item
     assert eight.to_device == one.to_device  # host-to-device copies: per batch, not per item
