@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from resprune.engines.base import engine_dead
+
 T = TypeVar("T")
 
 ITEM, TRANSIENT, SYSTEMIC = "item", "transient", "systemic"
@@ -83,9 +85,6 @@ _SYSTEMIC_TEXT = (
     "unspecified launch failure",
 )
 _OOM_TEXT = ("CUDA out of memory", "out of memory")
-# the generation engine can answer nothing more in this process (matched by class name in the
-# exception's chain: resprune.engines.EngineDead, vLLM's EngineDeadError; no vLLM import)
-_DEAD_ENGINE_TYPES = ("EngineDead", "EngineDeadError")
 
 
 class TransientFault(RuntimeError):
@@ -100,18 +99,6 @@ def is_oom(exc: BaseException) -> bool:
     """Out of device (or host allocator) memory."""
     name = type(exc).__name__
     return name == "OutOfMemoryError" or any(t in str(exc) for t in _OOM_TEXT)
-
-
-def engine_dead(exc: BaseException) -> bool:
-    """The generation engine died (EngineDead / EngineDeadError anywhere in the chain)."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        if type(cur).__name__ in _DEAD_ENGINE_TYPES:
-            return True
-        seen.add(id(cur))
-        cur = cur.__cause__ or cur.__context__
-    return False
 
 
 def classify(exc: BaseException, *, batch_size: int = 1) -> str:

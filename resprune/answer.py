@@ -28,7 +28,6 @@ from resprune.adaptive import select_by_energy
 from resprune.budget import (
     ImageTokens,
     Picks,
-    host_indices,
     kept_index,
     kept_rows,
     select_within_budget,
@@ -217,14 +216,15 @@ def _cut(vlm, item, image: ImageTokens, chosen: Picks, policy: str, offset: int)
     kept = kept_index(chosen)
     newlines = kept_rows(image, kept)
     n = image.features.shape[0]
-    rows, replaced, extra = [], [], offset + n
-    for crop, _, p in chosen:
+    rows, replaced, extra, at = [], [], offset + n, 0
+    for _, _, p in chosen:
         if p.tokens is not None:  # the pool baseline's replacement features
             rows.append(np.arange(extra, extra + p.tokens.shape[0]))
             replaced.append(p.tokens)
             extra += p.tokens.shape[0]
-        else:
-            rows.append(offset + crop.index.numpy()[host_indices(p)])
+        else:  # this pick's slice of `kept` (read from the device once, above)
+            rows.append(offset + kept[at : at + len(p.indices)])
+        at += len(p.indices)
     position = np.concatenate([kept, np.asarray(newlines, dtype=np.int64)])
     order = np.argsort(position, kind="stable")
     rows = np.concatenate([*rows, offset + np.asarray(newlines, dtype=np.int64)])[order]

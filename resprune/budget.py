@@ -219,8 +219,8 @@ def crop_tokens(images: list[ImageTokens], crops: list[tuple[int, Crop]]) -> lis
         lengths = [len(images[i].features) for i in sources]
         start = dict(zip(sources, np.cumsum([0, *lengths])[:-1].tolist(), strict=True))
         flat = np.concatenate([crops[j][1].index.numpy() + start[crops[j][0]] for j in gather])
-        source = torch.cat([images[i].features for i in sources]) if len(sources) > 1 else None
-        source = images[sources[0]].features if source is None else source
+        features = [images[i].features for i in sources]
+        source = torch.cat(features) if len(features) > 1 else features[0]
         taken = source[to_device(flat, source.device)]
         sizes = [len(crops[j][1].index) for j in gather]
         for j, t in zip(gather, taken.split(sizes), strict=True):

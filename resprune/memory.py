@@ -113,7 +113,7 @@ class BatchMemory:
         static_cache: bool = True,
         bucketed: bool = True,
     ):
-        self.config, self.dtype = config, dtype
+        self.config = config
         self.size = torch.empty((), dtype=dtype).element_size()
         self.text = config.get_text_config(decoder=True)
         self.family = getattr(config, "model_type", "llava")
@@ -243,7 +243,7 @@ def device_budget(device: torch.device, share: float = 1.0) -> int:
     return max(0, int(mine * (1 - RESERVE_SHARE)))
 
 
-def resolve_batch_tokens(setting: int | str | None, model: Any, device: torch.device) -> int | None:
+def resolve_batch_tokens(setting: int | str | None, device: torch.device) -> int | None:
     """``execution.max_batch_tokens`` as an LLM-token cap: ints and None pass; ``auto`` is
     DEFAULT_CPU_BATCH_TOKENS on the CPU and None on CUDA, where `BatchMemory` and
     `device_budget` size the batches instead."""

@@ -40,6 +40,7 @@ This module knows nothing about models, questions or text: relevance arrives as 
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -317,15 +318,10 @@ def _greedy_step(
     return pick, col, energy, blocked, gap
 
 
+@functools.cache
 def compiled_step() -> Callable[..., tuple[torch.Tensor, ...]]:
     """`_greedy_step` compiled once for every shape (dynamic shapes, one graph, no breaks)."""
-    global _COMPILED_STEP
-    if _COMPILED_STEP is None:
-        _COMPILED_STEP = torch.compile(_greedy_step, dynamic=True, fullgraph=True)
-    return _COMPILED_STEP
-
-
-_COMPILED_STEP: Callable[..., tuple[torch.Tensor, ...]] | None = None
+    return torch.compile(_greedy_step, dynamic=True, fullgraph=True)
 
 
 def _bucket(b: int, n: int, k: int) -> tuple[int, int, int]:
@@ -338,17 +334,6 @@ def _bucket(b: int, n: int, k: int) -> tuple[int, int, int]:
     bb = next((c for c in _BATCH_BUCKETS if c >= b), -(-b // 64) * 64)
     step = max(_TOKEN_BUCKET, 1 << max(0, (n - 1).bit_length() - 4))
     return bb, -(-n // step) * step, -(-k // _K_BUCKET) * _K_BUCKET
-
-
-def _pad_to_bucket(
-    gram: torch.Tensor, mask: torch.Tensor, spent_below: torch.Tensor, k: int
-) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], int]:
-    """The loop's inputs zero-padded to their bucket (padding invalid), and the bucket's k."""
-    b, n, _ = gram.shape
-    bb, nb, kb = _bucket(b, n, k)
-    pad = torch.nn.functional.pad
-    rows = (0, nb - n, 0, bb - b)
-    return (pad(gram, (0, nb - n, *rows)), pad(mask, rows), pad(spent_below, rows)), kb
 
 
 class _StaticInputs:

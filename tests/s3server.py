@@ -64,7 +64,8 @@ class S3Server:
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -91,7 +92,7 @@ def start_s3_server(timeout_s: float = 60.0) -> S3Server:
         ]
     }
     (data / "s3.json").write_text(json.dumps(identities))
-    s3_port, master_port, volume_port, filer_port = (_free_port() for _ in range(4))
+    s3_port, master_port, volume_port, filer_port = (free_port() for _ in range(4))
     cmd = [
         _weed_binary(),
         "mini",

@@ -57,11 +57,10 @@ def test_explicit_head_dim_and_grouped_kv_heads():
 
 
 def test_resolve_keeps_explicit_numbers_and_falls_back_on_cpu():
-    model = SimpleNamespace(config=SimpleNamespace(text_config=TINY), dtype=torch.float32)
     cpu = torch.device("cpu")
-    assert resolve_batch_tokens(5000, model, cpu) == 5000
-    assert resolve_batch_tokens(None, model, cpu) is None
-    assert resolve_batch_tokens("auto", model, cpu) == DEFAULT_CPU_BATCH_TOKENS
+    assert resolve_batch_tokens(5000, cpu) == 5000
+    assert resolve_batch_tokens(None, cpu) is None
+    assert resolve_batch_tokens("auto", cpu) == DEFAULT_CPU_BATCH_TOKENS
 
 
 def test_pruned_items_pack_several_times_more_per_batch():

@@ -9,7 +9,7 @@ import scipy.linalg
 import torch
 
 from resprune import select_tokens
-from resprune.select import _bucket, _greedy_pivots, _pad_to_bucket, select_prefixes
+from resprune.select import _bucket, _greedy_pivots, select_prefixes
 
 
 def _weights(rel: np.ndarray | None, alpha: float) -> np.ndarray:
@@ -262,6 +262,16 @@ def test_select_prefixes_equals_one_call_per_budget():
         select_prefixes(x, [7, 46, 3, 30, 19], mask=mask)  # 46 > 45 valid tokens
 
 
+def _pad_to_bucket(gram, mask, spent_below, k):
+    """The loop's inputs zero-padded to their bucket, as `_GraphCache.run` writes them into
+    its static buffers (padding invalid), and the bucket's k."""
+    b, n, _ = gram.shape
+    bb, nb, kb = _bucket(b, n, k)
+    pad = torch.nn.functional.pad
+    rows = (0, nb - n, 0, bb - b)
+    return (pad(gram, (0, nb - n, *rows)), pad(mask, rows), pad(spent_below, rows)), kb
+
+
 def test_bucket_padding_keeps_the_picks():
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(3, 70, 16, generator=gen)
@@ -328,7 +338,7 @@ def test_compiled_step_keeps_the_picks(monkeypatch):
     cases = _mixed_cases()
     eager = [select_prefixes(x, ks, relevance=r, mask=m) for x, r, m, ks in cases]
     graphs = counters["stats"]["unique_graphs"]
-    monkeypatch.setattr(sel, "_COMPILED_STEP", None)
+    sel.compiled_step.cache_clear()
     monkeypatch.setattr(sel, "_greedy_step", sel.compiled_step())
     for (x, r, m, ks), want in zip(cases, eager, strict=True):
         got = select_prefixes(x, ks, relevance=r, mask=m)
@@ -336,7 +346,7 @@ def test_compiled_step_keeps_the_picks(monkeypatch):
             assert torch.equal(g.order, w.order)
             torch.testing.assert_close(g.retained_by_prefix, w.retained_by_prefix)
     assert counters["stats"]["unique_graphs"] - graphs <= 1  # no recompile across shapes
-    monkeypatch.setattr(sel, "_COMPILED_STEP", None)
+    sel.compiled_step.cache_clear()
 
 
 def test_greedy_step_op_count_matches_the_docstring():

@@ -22,7 +22,6 @@ import ray
 
 from pipeline.eval.spec import EvalSpec, check_references, configurations, job_of
 from pipeline.io.readers import read_input
-from pipeline.job.checks import check_model_path
 from pipeline.job.plan import Plan, make_plan
 from pipeline.job.runner import ensure_ray, new_run_id, release_lease
 from pipeline.spec import JobSpec, ProcessorConfig, PruningSpec
@@ -79,7 +78,6 @@ def answer_all(
     check_references(spec.input.uri, make_plan(job).passthrough, spec.eval.references_column)
     plan = make_plan(job, run_id=run_id)  # the read-only checks passed: now it takes the lease
     try:
-        check_model_path(job)
         started_ray = ensure_ray(job)
         try:
             ray.data.DataContext.get_current().enable_progress_bars = progress

@@ -58,7 +58,7 @@ from pipeline.stages.packing import SHRINK, Packer, pack
 from pipeline.stages.preprocess import PREPARED
 from pipeline.stages.shadow import fill_shadow, shadow_batch
 from pipeline.stages.timing import DeviceClock
-from resprune.items import ItemError, ItemResult, PreparedItem
+from resprune.items import ItemError, PreparedItem
 
 __all__ = ["ERROR_STREAK", "SHRINK", "Answered", "Answerer", "pack", "shadow_batch"]
 
@@ -174,7 +174,7 @@ class Answerer:
             if shadow_batch(ids, c.shadow_fraction, c.shadow_seed):
                 ok = [k for k in group if rows[todo[k]]["status"] == "ok"]
                 twins = self._answer([items[k] for k in ok], self.unpruned, 1.0)
-                fill_shadow([rows[todo[k]] for k in ok], twins, ItemResult)
+                fill_shadow([rows[todo[k]] for k in ok], twins)
 
     def _answer(self, items: list[PreparedItem], pruner: Any, keep: Any) -> list[Answered]:
         """Answer items in batches that fit the budgets, in input order."""

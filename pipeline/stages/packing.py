@@ -58,9 +58,7 @@ class Packer:
         self.image_token_id = int(vlm.model.config.image_token_id)
         tokens = spec.execution.max_batch_tokens  # vLLM sizes its own batches from memory
         auto_vllm = tokens == "auto" and spec.model.engine == "vllm"
-        self.batch_tokens = (
-            None if auto_vllm else resolve_batch_tokens(tokens, vlm.model, vlm.device)
-        )
+        self.batch_tokens = None if auto_vllm else resolve_batch_tokens(tokens, vlm.device)
         self.memory, self.budget_bytes = None, None  # auto on a GPU: batches by device bytes
         if tokens == "auto" and not auto_vllm and vlm.device.type == "cuda":
             self.memory = BatchMemory(

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from resprune.items import ItemResult
+
 
 def shadow_batch(ids: list[str], fraction: float, seed: int) -> bool:
     """Seeded membership of a model batch (by its ids) in the shadow sample."""
@@ -15,10 +17,10 @@ def shadow_batch(ids: list[str], fraction: float, seed: int) -> bool:
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") / 2**64 < fraction
 
 
-def fill_shadow(rows: list[dict[str, Any]], twins: list[Any], is_result: type) -> None:
+def fill_shadow(rows: list[dict[str, Any]], twins: list[Any]) -> None:
     """Write the unpruned twins into their rows; a partial twin (one item failed) would bias
     the ratio, so then every twin's time is failed work instead."""
-    paired = all(isinstance(t.result, is_result) for t in twins)
+    paired = all(isinstance(t.result, ItemResult) for t in twins)
     for row, twin in zip(rows, twins, strict=True):
         if not paired:
             row["failed_gpu_seconds"] += twin.seconds + twin.failed_s

@@ -30,6 +30,21 @@ class EngineDead(RuntimeError):
     fault, never an error row)."""
 
 
+_DEAD_ENGINE_TYPES = ("EngineDead", "EngineDeadError")
+
+
+def engine_dead(exc: BaseException | None) -> bool:
+    """`EngineDead` or vLLM's ``EngineDeadError`` anywhere in ``exc``'s chain (matched by
+    class name: no vLLM import)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if type(exc).__name__ in _DEAD_ENGINE_TYPES:
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 @dataclass
 class Plan:
     """One kept sequence, ready to generate from (all tensors on the VLM's device)."""

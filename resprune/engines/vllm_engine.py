@@ -33,11 +33,10 @@ from collections.abc import Sequence
 
 import torch
 
-from resprune.engines.base import EngineDead, Generation, Plan
+from resprune.engines.base import EngineDead, Generation, Plan, engine_dead
 from resprune.engines.hf import decode
 from resprune.engines.vllm_plugin import (
     ARCHITECTURES,
-    POSITION_POLICIES,
     UnsupportedVllm,
     register,
     vllm_refusal,
@@ -80,7 +79,6 @@ class VllmEngine:
             raise UnsupportedVllm(problem)
         self.vlm = vlm
         self.qwen = vlm.family == "qwen2_5_vl"
-        self.position_policies = POSITION_POLICIES[vlm.family]
         self.image_token_id = int(vlm.model.config.image_token_id)
         self.dead: str | None = None  # why the engine died, once it has
         cpu = vlm.device.type == "cpu"
@@ -157,21 +155,22 @@ class VllmEngine:
         if refused:
             return refused
         try:
-            (internal_id,) = self.llm.enqueue(self.request(plan), params, use_tqdm=False)
+            request = self.request(plan)
+        except ValueError as err:  # qwen_mrope_channels: positions its numbering cannot carry
+            return ItemError("model_error", f"positions vLLM cannot take: {err}")
+        try:
+            (internal_id,) = self.llm.enqueue(request, params, use_tqdm=False)
         except Exception as err:  # vLLM's input processing refused this row alone ...
-            if engine_died(err):  # ... unless the engine is gone
+            if engine_dead(err):  # ... unless the engine is gone
                 raise
             return ItemError("model_error", f"vLLM refused the request: {_one_line(err)}")
         # vLLM appends "-<8 random chars>" to its own ids in the outputs' request_id
         return internal_id.rsplit("-", 1)[0], internal_id
 
     def _positions(self, plan: Plan) -> ItemError | None:
-        """model_error when vLLM would number this plan otherwise than its positions say."""
+        """model_error when vLLM would number this LLaVA plan otherwise than its positions
+        say (Qwen2.5-VL's are checked as its request is built)."""
         if self.qwen:
-            try:
-                qwen_mrope_channels(plan, self.image_token_id)
-            except ValueError as err:
-                return ItemError("model_error", f"positions vLLM cannot take: {err}")
             return None
         n = len(plan.ids)
         if plan.positions.shape[0] == 1 and torch.equal(
@@ -211,17 +210,6 @@ class VllmEngine:
         with contextlib.suppress(Exception):
             self.llm.llm_engine.abort_request(internal_ids, internal=True)
         return EngineDead(self.dead)
-
-
-def engine_died(err: BaseException) -> bool:
-    """vLLM's ``EngineDeadError`` anywhere in ``err``'s chain (matched by name: no import)."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        if type(err).__name__ == "EngineDeadError":
-            return True
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return False
 
 
 def qwen_mrope_channels(plan: Plan, image_token_id: int) -> torch.Tensor:
