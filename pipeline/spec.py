@@ -461,6 +461,61 @@ class RuntimeEnvSpec(_Strict):
         return v
 
 
+class MonitoringSpec(_Strict):
+    """Where the end of a run is reported (`pipeline.monitoring`); URLs are never printed whole."""
+
+    pushgateway: str | None = Field(
+        None,
+        description="Prometheus Pushgateway URL: every run's end-of-run record (resprune_run_*) "
+        "is pushed there, grouped by job name; one that is down costs a warning line.",
+    )
+    notify: str | None = Field(
+        None,
+        description="URL receiving a JSON POST (Slack-compatible `text` plus structured fields) "
+        "when a run fails, is refused mid-way or fails its gate.",
+    )
+    progress_interval_s: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds between progress lines (done/total, items/s, ETA, errors) when "
+        "stderr is not a terminal.",
+    )
+
+    @field_validator("pushgateway", "notify")
+    @classmethod
+    def _http(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^/\s]+", v):
+            raise ValueError("must be an http:// or https:// URL")
+        return v
+
+
+class GateSpec(_Strict):
+    """The nightly gate, judged over the whole output prefix at the end of a run; a failed
+    check fails the run (exit 1) and notifies. Unset checks are not judged."""
+
+    all_ids_committed: bool = Field(
+        True, description="Every input id (after input.filter) has a committed row."
+    )
+    min_items_per_gpu_hour: float | None = Field(
+        None, gt=0, description="Floor on committed items per billed GPU hour (actors' time)."
+    )
+    min_shadow_agreement: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Floor on the shadow sample's agreement of pruned with unpruned answers "
+        "(mean token F1, or exact match; see agreement).",
+    )
+    agreement: Literal["token_f1", "exact_match"] = Field(
+        "token_f1", description="Which agreement min_shadow_agreement bounds."
+    )
+    kept_tokens_within_budget: bool = Field(
+        True,
+        description="The kept visual tokens per item stay within pruning.keep (int: <= keep; "
+        "fraction: kept/visual <= keep; energy budget: <= max), on average.",
+    )
+
+
 class JobSpec(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="Run and submission name.")
     input: InputSpec
@@ -471,6 +526,8 @@ class JobSpec(_Strict):
     cost: CostSpec = Field(default_factory=CostSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
     runtime_env: RuntimeEnvSpec = Field(default_factory=RuntimeEnvSpec)
+    monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
+    gate: GateSpec | None = Field(None, description="The nightly gate (none: not judged).")
 
     @model_validator(mode="after")
     def _engine_positions(self) -> JobSpec:

@@ -30,6 +30,7 @@ from pipeline.io.storage import redact
 from pipeline.job.console import quiet, show_progress
 from pipeline.job.plan import Plan, make_plan
 from pipeline.job.watchdog import ClusterGone, Watchdog
+from pipeline.monitoring.night import Night
 from pipeline.output import commit, summary
 from pipeline.output.commit import CommitSink
 from pipeline.spec import JobSpec, ProcessorConfig, fingerprint, fingerprint_fields
@@ -190,6 +191,26 @@ def run_job(spec: JobSpec, run_date: str, *, progress: bool | None = None) -> di
     """
     quiet(progress=show_progress(progress))
     run_id, started = new_run_id(spec, run_date), time.time()
+    night = Night(
+        spec, run_id=run_id, run_date=run_date, started=started, lines=not show_progress(progress)
+    )
+    try:
+        doc = _run(spec, run_date, run_id=run_id, started=started, progress=progress, night=night)
+    except BaseException as exc:
+        night.failed(exc)  # the end-of-run record and the notification
+        raise
+    return night.finished(doc)  # the gate, the record, a notification
+
+
+def _run(
+    spec: JobSpec,
+    run_date: str,
+    *,
+    run_id: str,
+    started: float,
+    progress: bool | None,
+    night: Night,
+) -> dict[str, Any]:
     plan = make_plan(spec, run_id=run_id)  # takes the lease
     try:
         record = summary.Recorder(spec, plan, run_id=run_id, run_date=run_date, started=started)
@@ -197,7 +218,10 @@ def run_job(spec: JobSpec, run_date: str, *, progress: bool | None = None) -> di
             return record.finish({})
         started_ray = ensure_ray(spec)
         try:
-            return _execute(spec, plan, record, run_id=run_id, run_date=run_date, progress=progress)
+            with night.running(plan):  # progress lines without a terminal
+                return _execute(
+                    spec, plan, record, run_id=run_id, run_date=run_date, progress=progress
+                )
         finally:
             if started_ray:
                 ray.shutdown()

@@ -45,6 +45,7 @@ import ray
 
 from pipeline import faults
 from pipeline.io.storage import redact
+from pipeline.monitoring import metrics
 from pipeline.output.columns import output_schema
 from pipeline.spec import JobSpec
 from pipeline.stages.failures import (
@@ -110,6 +111,7 @@ class Answerer:
         self.unpruned = build_pruner("none")
         self.packer = Packer(spec, self.vlm, self.engine)
         self.clock, self.errors = DeviceClock(self.device), ErrorStreak()
+        self.metrics = metrics.for_actor(run_id, run_date)
         if ledger is not None:
             ledger.actor_started.remote(self.key, self.started, self.vlm.describe())
 
@@ -135,6 +137,7 @@ class Answerer:
                 self._solo(rows, i, pickle.loads(blobs[i]))
         for r in rows:
             r.update(self.const, shadow=bool(r.get("shadow")) and r["status"] == "ok")
+        self.metrics.record(rows)
         if self.ledger is not None:
             self.ledger.end.remote(ids)
             self.ledger.actor_busy.remote(self.key, self.clock.busy_s, self.clock.compile_s)
