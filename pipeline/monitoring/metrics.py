@@ -3,8 +3,9 @@
 Each answer actor records its finished rows after every call (`ActorMetrics.record`); Ray's
 metrics agent on the node exports them on its Prometheus endpoint (the node's
 ``metrics_export_port``) beside Ray's own, with Ray's ``ray_`` namespace prefix, e.g.
-``ray_resprune_items_total``. Every metric carries the tags ``job`` (the spec's name) and
-``run_date``. `EXPORTED` lists the names as Prometheus sees them (the dashboard and rules in
+``ray_resprune_items_total``. Every metric carries the tags ``job_name`` (the spec's name) and
+``run_date`` (not ``job``: Prometheus sets ``job`` to the scrape job and would rename ours to
+``exported_job``). `EXPORTED` lists the names as Prometheus sees them (the dashboard and rules in
 infra/ may use only these, checked by a test). Side effects are at-least-once: a retried
 batch counts again, so the night's exact numbers are the run summary's, not these.
 """
@@ -21,7 +22,7 @@ PREFIX = "ray_"  # Ray's metrics agent exports application metrics under its nam
 SELECT_BOUNDARIES = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
 MODEL_BOUNDARIES = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
 BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
-TAGS = ("job", "run_date")
+TAGS = ("job_name", "run_date")
 
 # name -> (kind, description); kind is what Prometheus sees (histograms add _bucket/_sum/_count)
 METRICS: dict[str, tuple[str, str]] = {
@@ -74,7 +75,7 @@ class ActorMetrics:
             **describe("resprune_batch_size"), boundaries=BATCH_BOUNDARIES, tag_keys=TAGS
         )
         self.progress = Gauge(**describe("resprune_last_progress_timestamp_seconds"), tag_keys=TAGS)
-        self.tags = {"job": job, "run_date": run_date}
+        self.tags = {"job_name": job, "run_date": run_date}
         for metric in (self.items, self.tokens_in, self.tokens_kept, self.select):
             metric.set_default_tags(self.tags)
         for metric in (self.model, self.batch, self.progress):
