@@ -102,7 +102,23 @@ def main(args: argparse.Namespace) -> int:
     doc = runner.run_job(spec, run_date, progress=None)
     _report(spec.output.uri)
     print(summary.one_line(doc), flush=True)
+    print(closing_line(doc), flush=True)
     return 0 if doc["status"] == "finished" else 1
+
+
+def closing_line(doc: dict) -> str:
+    """The demo's last line: what its error rows are, or why it did nothing."""
+    if doc["items_processed"] == 0 and doc["items_skipped"] == doc["items_total"]:
+        return (
+            "demo: nothing left to do, an earlier demo committed every row (resumed; --fresh "
+            "starts over)"
+        )
+    causes = ", ".join(f"{c} {n}" for c, n in sorted(doc["errors_by_cause"].items()))
+    return (
+        f"demo: the {doc['items_error']} error rows ({causes}) are the deliberate bad inputs, "
+        "a truncated JPEG and a 1x4000 image: a bad row gets status error and a cause, and "
+        "never stops the job"
+    )
 
 
 def _prepare(out: Path, *, fresh: bool) -> None:

@@ -4,8 +4,9 @@ Whole-job problems (bad spec, unreachable storage, missing columns, bad model pa
 with one line on stderr and exit code 2, before any model is loaded. A run whose items
 fail beyond ``execution.max_error_fraction``, that leaves items unanswered (transient
 faults), or that cannot progress (a systemic fault, named in one line) exits 1, as does
-one whose model actors cannot start within ``execution.startup_timeout_s`` or whose Ray
-cluster goes away (`pipeline.job.watchdog`). Credentials never appear in output.
+one whose model actors cannot start within ``execution.startup_timeout_s``, whose Ray
+cluster goes away (`pipeline.job.watchdog`) or that fails its ``gate:`` (`pipeline.monitoring`).
+Credentials never appear in output.
 """
 
 from __future__ import annotations
@@ -16,10 +17,26 @@ import sys
 from pipeline.io.storage import redact
 from pipeline.spec import SpecError, load_spec
 
+EPILOG = """\
+exit codes:
+  0    the run finished (and passed its gate, when the spec has one)
+  1    the run failed: errors above execution.max_error_fraction, items left unanswered,
+       a systemic fault, model actors that could not start, the Ray cluster gone, or a
+       failed gate (the summary line and _runs/<run_id>.json say which)
+  2    a whole-job problem found before any model loads (bad spec, storage, columns,
+       model path)
+  130  interrupted; committed rows are kept and a rerun does the rest
 
-def add_common(parser: argparse.ArgumentParser) -> None:
-    """Arguments shared by run/validate/submit: the spec, its run date and overrides."""
-    parser.add_argument("spec", help="job spec YAML (see jobs/)")
+Ray: RAY_ADDRESS=local starts a private local Ray cluster; RAY_ADDRESS=host:port (or
+ray://...) joins that cluster; unset, a cluster `ray start` left on this machine is joined,
+else a local one is started."""
+
+
+def add_common(
+    parser: argparse.ArgumentParser, spec_help: str = "job spec YAML (see jobs/)"
+) -> None:
+    """Arguments shared by run/validate/submit/eval: the spec, its run date and overrides."""
+    parser.add_argument("spec", help=spec_help)
     parser.add_argument(
         "--run-date", default=None, help="YYYY-MM-DD for {run_date} (default: today, UTC)"
     )
@@ -34,12 +51,15 @@ def add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The common arguments plus --no-progress."""
+    """The common arguments plus --no-progress; the help states the exit codes."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
     add_common(parser)
     parser.add_argument(
         "--no-progress",
         action="store_true",
-        help="hide Ray Data progress bars (shown by default only on a terminal)",
+        help="hide Ray Data progress bars (shown by default only on a terminal; elsewhere a "
+        "progress line every monitoring.progress_interval_s)",
     )
 
 

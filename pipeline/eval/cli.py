@@ -17,7 +17,11 @@ from pipeline.spec import SpecError, load_spec
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The common arguments plus --fail-below and --progress."""
-    add_common(parser)
+    add_common(
+        parser,
+        spec_help="eval file YAML: a job spec whose input is a labelled set, with an eval: "
+        "section of configurations (e.g. jobs/eval-llava15.yaml; docs/eval.md)",
+    )
     parser.add_argument(
         "--fail-below",
         type=float,

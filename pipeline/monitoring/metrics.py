@@ -36,6 +36,7 @@ METRICS: dict[str, tuple[str, str]] = {
         "gauge",
         "Unix time the model stage last finished a call (for hang alerts).",
     ),
+    "resprune_run_in_progress": ("gauge", "1 while the job's driver executes a run, else 0."),
 }
 
 
@@ -108,6 +109,30 @@ class ActorMetrics:
             self.batch.observe(size)
             self.model.observe(seconds)
         self.progress.set(time.time())
+
+
+class RunGauge:
+    """The driver's ``resprune_run_in_progress`` (1 while executing), so a hang alert fires
+    only during a run; never fails the run."""
+
+    def __init__(self, job: str, run_date: str):
+        self.gauge: Any = None
+        try:
+            from ray.util.metrics import Gauge
+
+            name = "resprune_run_in_progress"
+            self.gauge = Gauge(name, description=METRICS[name][1], tag_keys=TAGS)
+            self.gauge.set_default_tags({"job_name": job, "run_date": run_date})
+        except Exception as exc:
+            logger.warning("live metrics off in the driver: %s", exc)
+
+    def set(self, value: int) -> None:
+        if self.gauge is None:
+            return
+        try:
+            self.gauge.set(value)
+        except Exception as exc:
+            logger.warning("could not record live metrics: %s", exc)
 
 
 class _Off:

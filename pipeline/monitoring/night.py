@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline.io.storage import filesystem, join, read_json, redact, write_json
 from pipeline.job.stderr_filter import drop_lines
-from pipeline.monitoring import gate, notify, record
+from pipeline.monitoring import gate, metrics, notify, record
 from pipeline.monitoring.progress import ProgressLines
 from pipeline.output.commit import RUNS
 from pipeline.spec import JobSpec
@@ -40,11 +40,17 @@ class Night:
 
     @contextlib.contextmanager
     def running(self, plan: Any) -> Iterator[None]:
-        """Around the execution: Ray's false-alarm advisory dropped, progress lines printed."""
+        """Around the execution: Ray's false-alarm advisory dropped, progress lines printed,
+        the live ``resprune_run_in_progress`` gauge at 1."""
         interval = self.spec.monitoring.progress_interval_s
         lines = ProgressLines(plan, self.run_id, interval_s=interval) if self.lines else None
-        with drop_lines(), lines or contextlib.nullcontext():
-            yield
+        gauge = metrics.RunGauge(self.spec.name, self.run_date)
+        gauge.set(1)
+        try:
+            with drop_lines(), lines or contextlib.nullcontext():
+                yield
+        finally:
+            gauge.set(0)
 
     def finished(self, doc: dict[str, Any]) -> dict[str, Any]:
         """A run that returned: judge the gate, push the record, notify a failure; returns

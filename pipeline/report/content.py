@@ -15,6 +15,7 @@ from typing import Any
 from pipeline.report.estimate import MIN_BATCHES
 
 UNKNOWN = "unknown"
+BILLED_GAP = 2.0  # billed above this many times the hours used gets a note saying why
 TINY = (
     "The checkpoint is one of this project's tiny random-weight test models (resprune.tiny): "
     "the answers are noise and the times describe a toy model, not a real VLM."
@@ -161,6 +162,9 @@ def _headline(r: dict[str, Any]) -> list[Block]:
         missing = ", ".join(r["runs_without_summary"])
         text = f"Rows of run(s) {missing} have no _runs/*.json summary: {NO_SUMMARY}"
         out.append(Block("note", text))
+    billed, used = r.get("gpu_hours_billed"), r.get("gpu_hours_used")
+    if billed and used and billed > BILLED_GAP * used:
+        out.append(Block("note", billed_vs_used(billed / used)))
     if r.get("gpu_hours_failed"):
         text = (
             f"GPU hours used include {num(r['gpu_hours_failed'])} h of failed attempts (batches "
@@ -182,6 +186,17 @@ def _headline(r: dict[str, Any]) -> list[Block]:
     else:
         out.append(Block("note", f"{NO_SHADOW} {flops}."))
     return [*out, *_buckets(r), Block("chart", "hours.svg")]
+
+
+def billed_vs_used(times: float) -> str:
+    """Why the billed hours are far above the hours used."""
+    return (
+        f"Billed hours are {times:.1f}x the hours used. Used counts only the device time inside "
+        "model batches; billed counts each model actor from its start to the end of the run: "
+        "loading the weights, compiling, waiting for input and the idle tail included. On a "
+        "small or short run that start-up dominates; on a full night the gap shrinks. The "
+        "saving below is computed on the hours used."
+    )
 
 
 def _measured_vs_flops(r: dict[str, Any]) -> list[Block]:
@@ -314,6 +329,10 @@ def _nights(r: dict[str, Any]) -> list[Block]:
 
 
 def _runs(r: dict[str, Any]) -> list[Block]:
+    """The runs that did something (a rerun that found every row committed is counted in a
+    line, not listed as a "finished 0 / 0" row)."""
+    idle = [x for x in r["runs"] if _did_nothing(x)]
+    runs = [x for x in r["runs"] if not _did_nothing(x)]
     columns = [
         ("run", _col("run_id", _or_unknown)),
         ("night", _col("run_date", _or_unknown)),
@@ -324,7 +343,19 @@ def _runs(r: dict[str, Any]) -> list[Block]:
         ("hours billed", _col("gpu_hours_billed")),
         ("shadow items", _col("shadow_items", str)),
     ]
-    return [Block("h2", "Runs"), _table(r["runs"], columns)]
+    out = [Block("h2", "Runs"), _table(runs, columns)]
+    if idle:
+        text = f"{len(idle)} run(s) found every row already committed and did nothing; not listed."
+        out.append(Block("p", text))
+    return out
+
+
+def _did_nothing(run: dict[str, Any]) -> bool:
+    return (
+        run.get("status") == "finished"
+        and run.get("items_processed") == 0
+        and not run.get("actor_seconds")
+    )
 
 
 def blocks(report: dict[str, Any], charts: set[str]) -> list[Block]:

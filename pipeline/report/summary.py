@@ -81,7 +81,10 @@ def _hours(seconds: float | None) -> float | None:
 
 
 def _money(runs: Sequence[Run], price: float | None, hours_of) -> float | None:
-    """Sum of hours x price over runs; None when any run with hours has no price."""
+    """Sum of hours x price over runs; None when any run with hours has no price, or when no
+    run has one (zero hours at an unknown price print as unknown, not $0.00)."""
+    if all(run.price(price) is None for run in runs):
+        return None
     total = 0.0
     for run in runs:
         hours = hours_of(run)
