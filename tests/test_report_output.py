@@ -308,3 +308,26 @@ def test_energy_budget_kept_tokens_show_as_a_distribution_and_drive_the_flops(tm
     pruned = generation_flops(shape, np.array(data["prompt_tokens"]), new).sum()
     unpruned = generation_flops(shape, np.array(data["prompt_tokens_unpruned"]), new).sum()
     assert report["flops_ratio"] == pytest.approx(unpruned / pruned)  # item by item
+
+
+def test_billed_gap_unknown_compile_cost_and_idle_runs(tmp_path) -> None:
+    """A newcomer's first report: billed far above used says why; compile cost without a
+    price is unknown (not $0.00); a rerun that did nothing is not a "finished 0 / 0" row."""
+    uri = str(tmp_path / "out")
+    runs = [
+        run_json("r1", actor_seconds=140.0, compile_seconds=0.0, usd_per_gpu_hour=None),
+        run_json("idle", actor_seconds=0.0, items_processed=0, status="finished"),
+    ]
+    runs[1]["usd_per_gpu_hour"] = None
+    write_output(uri, _small_table(), runs)  # 10 s used
+    written = write_report(uri)
+    md = _read(written["md"])
+    report = json.loads(_read(written["json"]))
+    assert report["usd_compile"] is None
+    row = _md_row(md, "of which compiling and capturing (billed overhead, not model time)")
+    assert row[3] == "unknown"
+    assert "Billed hours are 14.0x the hours used" in md
+    runs_table = md.split("## Runs", 1)[1].split("##", 1)[0]
+    assert "| r1 |" in runs_table and "idle" not in runs_table
+    assert "1 run(s) found every row already committed and did nothing" in runs_table
+    assert sorted(r["run_id"] for r in report["runs"]) == ["idle", "r1"]  # the JSON keeps both
