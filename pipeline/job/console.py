@@ -1,9 +1,10 @@
 """Console hygiene for `pipeline run` and the demo: progress bars on a terminal only, Ray's
 INFO chatter and advisories we acted on kept off the console (Ray's log files keep them).
 
-Non-goals: hiding warnings or errors about the job itself; Ray core's C++ log lines (the
-``core_worker.cc ... constructor arguments in the object store`` error is Ray Data's own
-ObjectRef constructor arguments, ray-project/ray#57733, and is not ours to silence).
+Non-goals: hiding warnings or errors about the job itself. Ray core's C++ log lines pass
+Python's logging; the one false alarm among them (``core_worker.cc ... constructor arguments
+in the object store``, Ray Data's own ObjectRef constructor arguments, ray-project/ray#53727)
+is dropped by `pipeline.job.stderr_filter` while a run executes.
 """
 
 from __future__ import annotations
