@@ -27,6 +27,7 @@ import ray
 from pipeline import faults
 from pipeline.io.readers import read_input
 from pipeline.io.storage import redact
+from pipeline.job import stderr_filter
 from pipeline.job.console import quiet, show_progress
 from pipeline.job.plan import Plan, make_plan
 from pipeline.job.watchdog import ClusterGone, Watchdog
@@ -220,7 +221,13 @@ def _run(
         try:
             with night.running(plan):  # progress lines without a terminal
                 return _execute(
-                    spec, plan, record, run_id=run_id, run_date=run_date, progress=progress
+                    spec,
+                    plan,
+                    record,
+                    run_id=run_id,
+                    run_date=run_date,
+                    progress=progress,
+                    night=night,
                 )
         finally:
             if started_ray:
@@ -248,6 +255,7 @@ def _execute(
     run_id: str,
     run_date: str,
     progress: bool | None,
+    night: Night | None = None,
 ) -> dict[str, Any]:
     """Execute the chain into the commit sink and finish the summary (also on failure)."""
     ctx = ray.data.DataContext.get_current()
@@ -264,7 +272,7 @@ def _execute(
     )
 
     def gone(error: ClusterGone, actors: dict[str, Any]) -> None:
-        end_without_cluster(record, plan, run_id, error, actors)
+        end_without_cluster(record, plan, run_id, error, actors, night)
 
     with Watchdog(spec.execution, ledger, on_gone=gone) as watch:
         try:
@@ -296,14 +304,23 @@ def _ask(method: Any, default: Any) -> Any:
 
 
 def end_without_cluster(
-    record: summary.Recorder, plan: Plan, run_id: str, error: ClusterGone, actors: dict
+    record: summary.Recorder,
+    plan: Plan,
+    run_id: str,
+    error: ClusterGone,
+    actors: dict,
+    night: Night | None = None,
 ) -> None:
     """The cluster went away: write the summary and release the lease from storage alone,
-    print the summary line and the cause, and end the process (exit 1)."""
+    print the summary line and the cause, push the record and notify (``night``), and end
+    the process (exit 1)."""
     try:
         doc = record.finish(actors, error=error)
         print(summary.one_line(doc), flush=True)
+        if night is not None:
+            night.failed(error)
     finally:
         release_lease(plan, run_id)
+        stderr_filter.restore()  # os._exit skips the filter's exit: forward its lines first
         print(f"error: run failed: ClusterGone: {redact(str(error))}", file=sys.stderr, flush=True)
         os._exit(1)

@@ -23,31 +23,57 @@ RAY_ADVISORIES = (b"has constructor arguments in the object store and max_restar
 JOIN_S = 2.0
 
 
+_ACTIVE: list[_Filter] = []
+
+
+class _Filter:
+    """fd 2 through a pipe and a pump thread; `stop` puts fd 2 back and drains the pipe."""
+
+    def __init__(self, patterns: tuple[bytes, ...]) -> None:
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        read, write = os.pipe()
+        os.dup2(write, 2)
+        os.close(write)
+        self.pump = threading.Thread(
+            target=_pump, args=(read, self.saved, patterns), name="resprune-stderr", daemon=True
+        )
+        self.pump.start()
+        self.stopped = False
+
+    def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os.dup2(self.saved, 2)  # the pipe's last writer goes: the pump reads EOF and ends
+        self.pump.join(timeout=JOIN_S)
+        if not self.pump.is_alive():  # else a child still holds the pipe: it keeps forwarding
+            os.close(self.saved)
+
+
 @contextlib.contextmanager
 def drop_lines(patterns: tuple[bytes, ...] = RAY_ADVISORIES) -> Iterator[None]:
     """While the body runs, lines on fd 2 containing any of ``patterns`` are dropped."""
     try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        read, write = os.pipe()
-        os.dup2(write, 2)
-        os.close(write)
+        active = _Filter(patterns)
     except OSError:  # no usable fd 2: nothing to filter
         yield
         return
-    pump = threading.Thread(
-        target=_pump, args=(read, saved, patterns), name="resprune-stderr", daemon=True
-    )
-    pump.start()
+    _ACTIVE.append(active)
     try:
         yield
     finally:
-        with contextlib.suppress(Exception):
-            sys.stderr.flush()
-        os.dup2(saved, 2)  # the pipe's last writer goes: the pump reads EOF and ends
-        pump.join(timeout=JOIN_S)
-        if not pump.is_alive():  # else a child still holds the pipe: the pump keeps forwarding
-            os.close(saved)
+        _ACTIVE.remove(active)
+        active.stop()
+
+
+def restore() -> None:
+    """Put fd 2 back now, every line before it forwarded (before ``os._exit``, which skips
+    the context's exit)."""
+    for active in reversed(_ACTIVE):
+        active.stop()
 
 
 def _pump(read: int, out: int, patterns: tuple[bytes, ...]) -> None:

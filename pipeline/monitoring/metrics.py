@@ -143,9 +143,11 @@ class _Off:
 
 
 def for_actor(run_id: str, run_date: str) -> ActorMetrics | _Off:
-    """The answer actor's metrics, tagged with the job (the run id's name part: run ids are
-    ``<name>-<run_date>-<time>-<suffix>``) and run date; never fails the actor."""
-    job = run_id.split(f"-{run_date}-")[0] if f"-{run_date}-" in run_id else run_id
+    """The answer actor's metrics, tagged with the job (the run id's name part: the job's run
+    ids are ``<name>-<run_date>-<time>-<suffix>``, the stage API's ``processor-<time>-<suffix>``)
+    and run date; never fails the actor."""
+    marker = f"-{run_date}-"
+    job = run_id.split(marker)[0] if marker in run_id else run_id.split("-")[0]
     try:
         return ActorMetrics(job, run_date)
     except Exception as exc:  # metrics are for the on-call; the answers matter more
