@@ -251,3 +251,35 @@ def test_dashboard_and_rules_name_only_exported_metrics() -> None:
         n for r in alerts for n in promql_names(str(r["expr"]))
     }
     assert promql_names('sum by (le) (rate(x_bucket{a="b"}[5m])) * 1e3 + y') == {"x_bucket", "y"}
+
+
+def test_a_night_refused_before_any_model_still_reports(tmp_path: Path, receiver: Receiver) -> None:
+    """A whole-job problem (here the model path) ends the run before Ray: the record says
+    success 0 with nothing done, and the notification names the cause (no summary written)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.job import runner
+    from pipeline.job.checks import ModelPathError
+
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": ["a"], "image": [b"x"]}), tmp_path / "in" / "p.parquet")
+    doc = {
+        "name": "refused",
+        "input": {"uri": str(tmp_path / "in")},
+        "model": {"path": str(tmp_path / "no-model")},
+        "output": {"uri": str(tmp_path / "out")},
+        "monitoring": {"pushgateway": receiver.url, "notify": f"{receiver.url}/hook/{SECRET}"},
+        "gate": {},
+    }
+    receiver.take()
+    with pytest.raises(ModelPathError):
+        runner.run_job(parse_spec(doc), "2026-12-02", progress=False)
+    got = {r.path: r for r in receiver.take()}
+    samples = got["/metrics/job/refused"].samples()
+    assert samples[("resprune_run_success", ())] == 0
+    assert samples[("resprune_run_items", (("status", "ok"),))] == 0
+    body = got[f"/hook/{SECRET}"].json()
+    assert body["text"].startswith(":rotating_light: resprune job refused night 2026-12-02")
+    assert "ModelPathError" in body["failure"] and "no summary written" in body["text"]
+    assert body["summary_uri"] is None
