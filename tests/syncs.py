@@ -8,8 +8,8 @@ without ``output_size``), and reading a tensor on the host (``.tolist()``, ``.nu
 ``.cpu()``, ``.to("cpu")`` / ``.to(device="cpu")``, ``resprune.host.to_host``). On the CPU
 those copies are no-ops that never reach the dispatcher, so the Tensor methods are wrapped:
 a copy of a tracked tensor counts once and returns an untracked host copy (reading it
-further, e.g. ``.cpu().tolist()``, is host work, as on a GPU). On the CPU every tensor is a host tensor, so `count_syncs`
-tracks which ones would be on the device: the model's parameters and buffers, what
+further, e.g. ``.cpu().tolist()``, is host work, as on a GPU). As every tensor is a host
+tensor on the CPU, `count_syncs` tracks which ones would be on the device: the model's parameters and buffers, what
 ``resprune.host.to_device`` copies in, and everything computed from them (by storage, so
 views and in-place writes follow). Only ops and reads touching such a tensor count. Host
 bookkeeping (numpy, CPU tensors built from the prepared items) does not stall a stream and

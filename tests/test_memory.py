@@ -9,7 +9,6 @@ from transformers import LlamaConfig
 from pipeline.spec import ExecutionSpec
 from pipeline.stages.answer import pack
 from resprune.loading import load_preprocessor, load_vlm
-from resprune.tiny import build_tiny_checkpoint
 from resprune.memory import (
     DEFAULT_CPU_BATCH_TOKENS,
     activation_bytes_per_token,
@@ -17,6 +16,7 @@ from resprune.memory import (
     kv_bytes_per_token,
     resolve_batch_tokens,
 )
+from resprune.tiny import build_tiny_checkpoint
 
 TINY = LlamaConfig(
     hidden_size=64,

@@ -415,7 +415,7 @@ def test_cuda_graph_plumbing_emulated_on_cpu(monkeypatch):
     from contextlib import nullcontext
     from types import SimpleNamespace
 
-    import torch._dynamo  # noqa: F401  (imported before torch.cuda is emulated below)
+    import torch._dynamo  # imported before torch.cuda is emulated below
 
     import resprune.select as sel
 
@@ -482,7 +482,9 @@ def test_graph_cache_one_time_work_is_counted_overhead():
         gram, mask = torch.bmm(x, x.transpose(1, 2)), torch.ones(b, n, dtype=torch.bool)
         before, numel = overhead.seconds(), cache.inputs.gram.numel()
         order, _ = cache.run(gram, mask, torch.full((b, n), 1e-3), 6)
-        assert torch.equal(order[:b, :6], _greedy_pivots(gram, mask, torch.full((b, n), 1e-3), 6)[0])
+        assert torch.equal(
+            order[:b, :6], _greedy_pivots(gram, mask, torch.full((b, n), 1e-3), 6)[0]
+        )
         spent_seen.append(overhead.seconds() > before)
         if cache.inputs.gram.numel() != numel and numel:
             assert cache.inputs.gram.numel() >= 2 * numel
