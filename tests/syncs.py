@@ -11,12 +11,12 @@ a copy of a tracked tensor counts once and returns an untracked host copy (readi
 further, e.g. ``.cpu().tolist()``, is host work, as on a GPU). As every tensor is a host
 tensor on the CPU, `count_syncs` tracks which ones would be on the device: the model's
 parameters and buffers, what ``resprune.host.to_device`` copies in, and everything computed
-from them (by storage, so views and in-place writes follow). Only ops and reads touching such a tensor count. Host
-bookkeeping (numpy, CPU tensors built from the prepared items) does not stall a stream and
-is not counted. Blind spots: ``.to(torch.device("cpu"))`` (on the CPU, the same object as
-a tracked tensor's own device), ``copy_`` into a host buffer, and a tensor made on the
-device from nothing (``torch.zeros(n, device=...)``) read before anything device-side flows
-into it.
+from them (by storage, so views and in-place writes follow). Only ops and reads touching
+such a tensor count. Host bookkeeping (numpy, CPU tensors built from the prepared items)
+does not stall a stream and is not counted. Blind spots: ``.to(torch.device("cpu"))`` (on
+the CPU, the same object as a tracked tensor's own device), ``copy_`` into a host buffer,
+and a tensor made on the device from nothing (``torch.zeros(n, device=...)``) read before
+anything device-side flows into it.
 """
 
 from __future__ import annotations
