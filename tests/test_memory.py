@@ -423,3 +423,20 @@ def test_estimate_holds_the_measured_peak(family, n, keep, device, tmp_path_fact
         shape = memory.add(shape, memory.item(item, cost=result.prompt_tokens + new, keep=keep))
     estimate = memory.bytes(shape)
     assert measured <= estimate <= MARGIN * measured, (measured, estimate, memory.parts(shape))
+
+
+def test_persistent_buffers_are_charged_at_the_largest_batch_run():
+    """The KV pool and the graphs' buffers never shrink: once a large batch ran, a small
+    one is charged the large one's (the packer tells the model every batch it packs)."""
+    from resprune.memory import BatchMemory, BatchShape
+
+    memory = BatchMemory(llava_15_7b_config(), torch.bfloat16, max_new_tokens=32)
+    item = memory.item(llava_item(), cost=156, keep=64)
+    big, small = BatchShape(), memory.add(BatchShape(), item)
+    for _ in range(32):
+        big = memory.add(big, item)
+    alone = memory.bytes(small)
+    memory.ran(big)
+    assert memory.parts(small)["kv"] == memory.parts(big)["kv"] > 0
+    assert memory.parts(small)["graphs"] == memory.parts(big)["graphs"]
+    assert memory.bytes(small) > alone
