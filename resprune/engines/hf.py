@@ -29,8 +29,8 @@ CUDA graphs recorded (one per shape: a capture, not a compile).
 
 Compile and capture are overhead, not model time: the first batch of each (batch bucket,
 cache length) shape first runs a short warm-up ``generate`` of that shape on synthetic input
-(the batch's shortest plan with zeroed features, in every row: the shape, not the batch's
-work; prefill and ``WARMUP_TOKENS - 1`` decode steps: compile, CUDA-graph record, first
+(the batch's longest plan with zeroed features, in every row: the shape, not the batch's
+content; prefill and ``WARMUP_TOKENS - 1`` decode steps: compile, CUDA-graph record, first
 replay), timed into `resprune.overhead`, which the callers subtract from the batch's time.
 Growing the KV pool frees the cache tensors every earlier capture used, so it forgets every
 warm-up: a shape seen before is warmed (re-captured) again, counted, before its next batch.
@@ -162,10 +162,10 @@ class TransformersEngine:
 
 
 def warm_up_plans(rows: Sequence[Plan]) -> list[Plan]:
-    """Synthetic input of the batch's shape: its shortest plan, features zeroed, in every row
-    (the decode's shapes are the rows and the cache length; the prompt's are not compiled)."""
-    shortest = min(rows, key=lambda p: len(p.ids))
-    synthetic = dataclasses.replace(shortest, features=torch.zeros_like(shortest.features))
+    """Synthetic input of the batch's shape: its longest plan, features zeroed, in every row
+    (the padded prompt and cache of the batch; none of its items' content)."""
+    longest = max(rows, key=lambda p: len(p.ids))
+    synthetic = dataclasses.replace(longest, features=torch.zeros_like(longest.features))
     return [synthetic] * len(rows)
 
 
