@@ -79,11 +79,6 @@ def resolve_keep(keep: int | float, n: int) -> int:
     return max(1, min(n, round(keep * n)))
 
 
-def span_energy(tokens: torch.Tensor, basis_tokens: torch.Tensor) -> float:
-    """Share of ``tokens``' energy inside span(``basis_tokens``) (float32; one device read)."""
-    return float(to_host(_span_share(tokens, basis_tokens))[0])
-
-
 def _span_share(tokens: torch.Tensor, basis_tokens: torch.Tensor) -> torch.Tensor:
     """`span_energy` as a 0-d float32 tensor on the tokens' device (no read)."""
     x = tokens.float()
@@ -295,27 +290,55 @@ class DivPrune:
 
     def prune(self, sets: list[TokenSet], ks: list[int]) -> list[Pruned]:
         """Every set's picks batched on the device (padded to the largest set, run to the
-        largest budget: each pick depends only on the ones before it); one device read."""
+        largest budget: each pick depends only on the ones before it), with the energy each
+        prefix of them retains; one device read."""
         _check(sets, ks)
         if not sets:
             return []
         order = _max_min_order(sets, max(ks))
-        shares = [
-            _span_share(s.tokens, s.tokens.index_select(0, order[b, :k]))
+        curves = [
+            _prefix_shares(s.tokens, s.tokens.index_select(0, order[b, :k]))
             for b, (s, k) in enumerate(zip(sets, ks, strict=True))
         ]
-        energies, picks = _read_shares(shares, order)
+        picks, *host = to_host(order, *curves)
         out = []
-        for k, e, row in zip(ks, energies, picks, strict=True):
+        for k, curve, row in zip(ks, host, picks, strict=True):
             chosen = torch.from_numpy(np.ascontiguousarray(row[:k]))
-            out.append(Pruned(chosen.sort().values, e, order=chosen))
+            curve_k = torch.from_numpy(curve)
+            out.append(
+                Pruned(
+                    chosen.sort().values, float(curve[-1]), order=chosen, retained_by_prefix=curve_k
+                )
+            )
         return out
 
     def prefix(self, pruned: Pruned, tokens: TokenSet, k: int) -> Pruned:
-        """``pruned`` cut to its first ``k`` picks: what ``prune`` at budget k returns."""
-        idx = _sorted_prefix(pruned, k)
-        kept = tokens.tokens[to_device(idx.numpy(), tokens.tokens.device)]
-        return Pruned(idx, span_energy(tokens.tokens, kept), order=pruned.order[:k])
+        """``pruned`` cut to its first ``k`` picks: what ``prune`` at budget k returns (its
+        retained energy came with the picks: no device work)."""
+        del tokens
+        curve = pruned.retained_by_prefix[:k]
+        return Pruned(
+            _sorted_prefix(pruned, k),
+            float(curve.numpy()[-1]),
+            order=pruned.order[:k],
+            retained_by_prefix=curve,
+        )
+
+
+def _prefix_shares(tokens: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+    """Share of ``tokens``' energy inside the span of each prefix of ``picked`` [k, D] (in
+    pick order): float32 [k] on the device. One QR: its first j columns span the first j
+    picks; a pick already in the span of the earlier ones (zero pivot) adds nothing."""
+    x = tokens.float()
+    total = (x * x).sum()
+    q, r = torch.linalg.qr(picked.float().T)  # [D, m], [m, k]; m = min(D, k)
+    pivots = r.diagonal().abs()
+    new = pivots > 1e-6 * pivots.amax().clamp_min(1e-30)
+    captured = ((x @ q) ** 2).sum(0) * new  # [m]
+    curve = captured.cumsum(0)
+    curve = torch.cat([curve, curve[-1:].expand(picked.shape[0] - curve.shape[0])])
+    share = (curve / total.clamp_min(1e-30)).clamp_max(1.0)
+    return torch.where(total > 0, share, torch.ones_like(share))
 
 
 def _max_min_order(sets: list[TokenSet], k: int) -> torch.Tensor:

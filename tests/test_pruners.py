@@ -203,3 +203,18 @@ def test_divprune_batched_equals_the_reference_for_mixed_sizes():
     got = build_pruner("divprune").prune(sets, [8, 5, 9])
     for s, k, p in zip(sets, [8, 5, 9], got, strict=True):
         assert p.indices.tolist() == _divprune_reference(s.tokens.double().numpy(), k)
+
+
+def test_divprune_prefix_energies_equal_one_qr_per_prefix():
+    """The retained energy of every prefix (what the budget search cuts to) equals the share
+    of the set's energy in the span of that prefix's tokens, computed by numpy per prefix."""
+    s = _grid_set(6, 6, d=8, seed=12)
+    pruner = build_pruner("divprune")
+    full = pruner.prune([s], [12])[0]
+    x = s.tokens.double().numpy()
+    for k in (1, 5, 8, 12):
+        basis, _ = np.linalg.qr(x[full.order[:k].numpy()].T)
+        want = ((x @ basis) ** 2).sum() / (x**2).sum()
+        cut = pruner.prefix(full, s, k)
+        assert cut.retained_energy == pytest.approx(want, abs=1e-5)
+        assert cut.indices.tolist() == pruner.prune([s], [k])[0].indices.tolist()
