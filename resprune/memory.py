@@ -10,12 +10,18 @@ rest live in one phase of it, so the peak is what persists plus the largest phas
   length and the engine rounds both up (`resprune.engines.hf`). A dynamic cache is
   n x longest, and lives in the prefill phase instead.
 * **graphs** (persists): the selector's CUDA-graph static input at its bucket
-  (`resprune.select._bucket`: [S, N, N] float32) and the captured outputs.
+  (`resprune.select._bucket`: [S, N, N] float32, up to twice that: the inputs grow twofold)
+  and the captured outputs; the compiled decode graph's pool (one decode step's transients
+  and logits per row). Only with CUDA graphs (``cuda_graphs``; none on the CPU).
+* Persistent buffers never shrink: the KV pool and the graphs' buffers are charged at least
+  at the largest batch the actor has run (`BatchMemory.ran`, told by the packer).
 * **vision** phase: per image, all images at once, the tower's hidden states (for a LLaVA
   family with a ``vision_feature_layer``, transformers keeps every CLIP layer's output:
   layers + 1 of [tokens, width] per tile), one layer's transients (q, k, v, attention
   output, MLP) and the projector's; Qwen2.5-VL's tower keeps only its last hidden state
-  (4 patches per merged token) and adds the merger. Plus the features [N, D] it returns.
+  (4 patches per merged token) and adds the merger, and its pixel tensors (copied in as
+  float32, then cast). With eager attention, the score matrices and their softmax (one
+  layer at a time). Plus the features [N, D] it returns.
 * **selection** phase (when the pruner selects): the features and their padded copy, per crop
   set (S sets of N tokens) the float32 Gram and the weight product while it is scaled, and
   four [S, k, N] float32 coefficient-sized tensors.
@@ -23,7 +29,11 @@ rest live in one phase of it, so the peak is what persists plus the largest phas
   [rows, longest prompt] x one decoder layer's transients per token ((6 hidden + 3
   intermediate) x dtype: q, k, v, attention output, residual and norm; MLP gate, up,
   activation), the attention mask [rows, prompt, cache length] and the float32 logits of
-  each row's last position.
+  each row's last position; with eager attention, one layer's scores and softmax.
+
+Checked against measurement (`tests/test_memory.py`): the peak of live tensor bytes of a real
+`answer_batch` at small geometry on the CPU (``max_memory_allocated`` on CUDA) is at most the
+estimate, and the estimate at most twice it.
 
 A batch fits when kv + graphs + its largest phase is within the actor's budget
 (`device_budget`): its share of the GPU (total x ``gpus_per_actor``, at most what is free)
