@@ -18,10 +18,15 @@ its error and the next one runs, so a crash loses nothing already measured; gc (
 CUDA caching allocator, and compiled graphs) are freed between sections. Compile and
 capture are reported per shape, never inside a timing: the engine warms up each new (batch
 bucket, cache length) shape before its first batch (`resprune.overhead`), and the selector's
-first call per shape is reported as ``capture_ms``. Eight compiled decode shapes in all (4 + 2
-+ 2), so the three families fit in about 6 minutes with compiles counted (not yet measured);
-sections stop being started at --budget-s, and a row is cut when the time left is below the
-last compile plus the last row. The last line is every section in one JSON object.
+first call per shape is reported as ``capture_ms`` (its capture and compile are counted
+overhead too, `resprune.select`). The decode is compiled with dynamic dimensions: at most
+`resprune.engines.hf.COMPILES_PER_PROCESS` (2) inductor compiles per process, one CUDA-graph
+capture per shape (8 shapes: 4 + 2 + 2), so the three families fit in about 6 minutes with
+compiles counted (not yet measured); sections stop being started at --budget-s, and a row is
+cut when the time left is below the last compile plus the last row. Each row also gives the
+memory model's estimate (`resprune.memory.BatchMemory`) beside the batch's measured peak
+above what was allocated before it. The last line is every section in one JSON object, with
+the overhead per label and the number of graphs dynamo compiled.
 
     PYTHONPATH=. python bench/gpu.py            # one H200, <= 6 min (not yet run on a GPU)
     .venv/bin/python bench/gpu.py --smoke       # tiny sizes forced onto the CPU, seconds
@@ -51,12 +56,19 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torch._dynamo.utils import counters
 from transformers import AutoModelForImageTextToText
 
 from resprune import answer_batch, overhead, select_tokens, tiny
 from resprune.engines import build_engine
 from resprune.loading import load_preprocessor
-from resprune.memory import DEFAULT_CPU_BATCH_TOKENS, batch_token_budget, kv_bytes_per_token
+from resprune.memory import (
+    DEFAULT_CPU_BATCH_TOKENS,
+    BatchMemory,
+    BatchShape,
+    batch_token_budget,
+    kv_bytes_per_token,
+)
 from resprune.models import ADAPTERS, VLM
 from resprune.pruners import build_pruner
 
@@ -229,8 +241,12 @@ def build(family: str, text: dict, vit: dict, size: int, device, dtype, attn: st
 
 
 def run(vlm: VLM, items: list, keep: int | None, new_tokens: int, engine) -> dict:
-    """One `answer_batch` call: wall seconds, its parts, prompt length, peak memory."""
+    """One `answer_batch` call: wall seconds, its parts, prompt length, peak memory (above
+    what was allocated before) and the memory model's estimate of it."""
+    base = 0
     if vlm.device.type == "cuda":
+        sync(vlm.device)
+        base = torch.cuda.memory_allocated(vlm.device)
         torch.cuda.reset_peak_memory_stats(vlm.device)
     pruner = build_pruner("resprune") if keep else None
     sync(vlm.device)
@@ -243,7 +259,7 @@ def run(vlm: VLM, items: list, keep: int | None, new_tokens: int, engine) -> dic
     bad = [o for o in out if not hasattr(o, "answer")]
     if bad:
         raise RuntimeError(f"item errors: {bad[:2]}")
-    peak = torch.cuda.max_memory_allocated(vlm.device) if vlm.device.type == "cuda" else 0
+    peak = torch.cuda.max_memory_allocated(vlm.device) - base if vlm.device.type == "cuda" else 0
     parts = {
         key: sum(getattr(o, key) for o in out) for key in ("vision_s", "select_s", "generate_s")
     }
@@ -254,7 +270,25 @@ def run(vlm: VLM, items: list, keep: int | None, new_tokens: int, engine) -> dic
         "visual": out[0].visual_tokens,
         "kept": out[0].kept_tokens,
         "peak": peak,
+        "estimate": estimate(vlm, engine, items, out, keep, new_tokens),
     }
+
+
+def estimate(vlm: VLM, engine, items: list, out: list, keep, new_tokens: int) -> int:
+    """`resprune.memory.BatchMemory`'s bytes for this batch (what the packer would charge)."""
+    memory = BatchMemory(
+        vlm.model.config,
+        vlm.model.dtype,
+        max_new_tokens=new_tokens,
+        static_cache=getattr(engine, "static", False),
+        bucketed=getattr(engine, "bucket", False),
+        cuda_graphs=vlm.device.type == "cuda",
+    )
+    shape = BatchShape()
+    for item, result in zip(items, out, strict=True):
+        cost = result.prompt_tokens + new_tokens
+        shape = memory.add(shape, memory.item(item, cost=cost, keep=keep))
+    return memory.bytes(shape)
 
 
 def measure(vlm, engine, items, keep, new_tokens, repeats, bandwidth) -> dict:
@@ -289,6 +323,7 @@ def measure(vlm, engine, items, keep, new_tokens, repeats, bandwidth) -> dict:
         "e2e_s": best["wall"],
         "items_per_s": b / best["wall"],
         "peak_gib": max(r["peak"] for r in e2e) / 2**30,
+        "estimate_gib": max(r["estimate"] for r in e2e) / 2**30,
         "compile_s": compile_s,  # this row's new decode shapes (0 when already warm)
         "warmup_s": warm["wall"] - compile_s,  # the rest of the untimed first call
     }
@@ -402,7 +437,8 @@ def format_row(name: str, r: dict) -> str:
         f" vision {r['vision_ms']:8.1f} | select {r['select_ms']:7.1f} | prefill"
         f" {r['prefill_ms']:8.1f} ms | decode {r['decode_ms_step']:6.1f} (floor"
         f" {r['decode_floor_ms']:5.1f}) ms/step | e2e {r['e2e_s']:7.3f} s |"
-        f" {r['items_per_s']:7.1f} items/s | peak {r['peak_gib']:6.1f} GiB{tag}"
+        f" {r['items_per_s']:7.1f} items/s | peak {r['peak_gib']:6.1f} GiB"
+        f" (estimate {r['estimate_gib']:6.1f}){tag}"
     )
 
 
@@ -518,6 +554,8 @@ def main() -> None:
         value = "-" if t["value"] is None else f"{t['value']:.3f}"
         print(f"target {t['target']:<40} {value:>9} (want {t['want']}): {verdict}")
     results["compile_s_total"] = overhead.seconds()
+    results["overhead_s"] = overhead.by_label()  # decode shapes, selector captures, libraries
+    results["dynamo_graphs"] = counters["stats"]["unique_graphs"]
     results["wall_s"] = time.perf_counter() - clock.start
     print(json.dumps(results, default=str), flush=True)
 

@@ -3,7 +3,9 @@
 Counts, with `tests/syncs.py`, the ops that would stall a CUDA stream in one `answer_batch`
 at batch 1 and batch 8 (tiny models of `resprune/tiny.py`, resprune keep 16, after a warm
 call; transformers' decode loop not counted): "all" counts them on every tensor, host ones
-included; "device" only on tensors that would be on the GPU. Prints one JSON line.
+included; "device" only on tensors that would be on the GPU. Then every pruner (LLaVA,
+"device"): the baselines read the device once per call, as ResPrune does. Prints one JSON
+line.
 Run: python bench/syncs.py
 """
 
@@ -22,14 +24,14 @@ import tempfile  # noqa: E402
 
 from resprune.answer import answer_batch  # noqa: E402
 from resprune.loading import load_preprocessor, load_vlm  # noqa: E402
-from resprune.pruners import build_pruner  # noqa: E402
+from resprune.pruners import PRUNERS, build_pruner  # noqa: E402
 from resprune.tiny import FAMILIES, build_tiny_checkpoint  # noqa: E402
 from tests.syncs import count_answer_batch_syncs  # noqa: E402
 from tests.vlm_helpers import QUESTIONS, images  # noqa: E402
 
 
-def count(vlm, items, everything: bool):
-    kwargs = {"pruner": build_pruner("resprune"), "keep": 16, "max_new_tokens": 3}
+def count(vlm, items, everything: bool, method: str = "resprune"):
+    kwargs = {"pruner": build_pruner(method), "keep": 16, "max_new_tokens": 3}
     answer_batch(vlm, items, **kwargs)  # warm
     return count_answer_batch_syncs(vlm, items, everything=everything, **kwargs)
 
@@ -53,6 +55,12 @@ def main() -> None:
             }
             out[f"{family}/{mode}"] = row
             print(f"{family:11s} {mode:6s} {row}", flush=True)
+        if family == "llava":
+            for method in PRUNERS:
+                one, eight = (count(vlm, items[:n], False, method) for n in (1, 8))
+                row = {"b1": one.total, "b8": eight.total, "b8_ops": dict(eight.syncs)}
+                out[f"llava/pruner={method}"] = row
+                print(f"llava       {method:10s} {row}", flush=True)
     print(json.dumps({"bench": "syncs", "results": out}))
 
 

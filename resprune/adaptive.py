@@ -1,7 +1,8 @@
 """Energy budgets: per image, the fewest picks that retain a share tau of its token energy.
 
-`EnergyKeep(energy=tau, min=lo, max=hi)`. ResPrune's greedy picks are prefix-consistent and
-come with the energy share each prefix retains (`retained_by_prefix`), so one pruner call
+`EnergyKeep(energy=tau, min=lo, max=hi)`. ResPrune's (and DivPrune's) greedy picks are
+prefix-consistent and come with the energy share each prefix retains (`retained_by_prefix`),
+so one pruner call
 serves every budget up to hi: each crop (LLaVA-NeXT's base view and tiles; the whole image
 for the other families) is selected once, to min(its tokens, hi), and keeps k_c, the shortest
 prefix whose retained share of that crop's energy reaches tau (its whole run when none does).
@@ -10,7 +11,8 @@ inside the budget as for a fixed keep). Below lo or above hi, the item is select
 a fixed ``keep = lo`` or ``keep = hi`` selects it, cut from the same call. So every item's
 picks are the fixed-k picks at its chosen k. tau = 1 keeps hi: float32 can show a share of
 1.0 before the span is complete. Each image's k depends on its own tokens only, never on its
-batch-mates. Non-goals: pruners without per-prefix energy (the baselines; `none` keeps all).
+batch-mates. Non-goals: pruners without per-prefix energy (random, uniform, pool; `none`
+keeps all).
 """
 
 from __future__ import annotations

@@ -79,6 +79,8 @@ def answer_batch(
         return []
     pruner = pruner or build_pruner("none")
     engine = engine or _default_engine(vlm)
+    for dtype in dict.fromkeys((vlm.model.dtype, torch.float32)):  # the model's, the Gram's
+        overhead.warm_libraries(vlm.device, dtype)
     with torch.inference_mode():
         t0 = _now(vlm)
         feats = vlm.adapter.encode(vlm.model, items)

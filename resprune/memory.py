@@ -10,12 +10,18 @@ rest live in one phase of it, so the peak is what persists plus the largest phas
   length and the engine rounds both up (`resprune.engines.hf`). A dynamic cache is
   n x longest, and lives in the prefill phase instead.
 * **graphs** (persists): the selector's CUDA-graph static input at its bucket
-  (`resprune.select._bucket`: [S, N, N] float32) and the captured outputs.
+  (`resprune.select._bucket`: [S, N, N] float32, up to twice that: the inputs grow twofold)
+  and the captured outputs; the compiled decode graph's pool (one decode step's transients
+  and logits per row). Only with CUDA graphs (``cuda_graphs``; none on the CPU).
+* Persistent buffers never shrink: the KV pool and the graphs' buffers are charged at least
+  at the largest batch the actor has run (`BatchMemory.ran`, told by the packer).
 * **vision** phase: per image, all images at once, the tower's hidden states (for a LLaVA
   family with a ``vision_feature_layer``, transformers keeps every CLIP layer's output:
   layers + 1 of [tokens, width] per tile), one layer's transients (q, k, v, attention
   output, MLP) and the projector's; Qwen2.5-VL's tower keeps only its last hidden state
-  (4 patches per merged token) and adds the merger. Plus the features [N, D] it returns.
+  (4 patches per merged token) and adds the merger, and its pixel tensors (copied in as
+  float32, then cast). With eager attention, the score matrices and their softmax (one
+  layer at a time). Plus the features [N, D] it returns.
 * **selection** phase (when the pruner selects): the features and their padded copy, per crop
   set (S sets of N tokens) the float32 Gram and the weight product while it is scaled, and
   four [S, k, N] float32 coefficient-sized tensors.
@@ -23,7 +29,11 @@ rest live in one phase of it, so the peak is what persists plus the largest phas
   [rows, longest prompt] x one decoder layer's transients per token ((6 hidden + 3
   intermediate) x dtype: q, k, v, attention output, residual and norm; MLP gate, up,
   activation), the attention mask [rows, prompt, cache length] and the float32 logits of
-  each row's last position.
+  each row's last position; with eager attention, one layer's scores and softmax.
+
+Checked against measurement (`tests/test_memory.py`): the peak of live tensor bytes of a real
+`answer_batch` at small geometry on the CPU (``max_memory_allocated`` on CUDA) is at most the
+estimate, and the estimate at most twice it.
 
 A batch fits when kv + graphs + its largest phase is within the actor's budget
 (`device_budget`): its share of the GPU (total x ``gpus_per_actor``, at most what is free)
@@ -112,6 +122,7 @@ class BatchMemory:
         max_new_tokens: int,
         static_cache: bool = True,
         bucketed: bool = True,
+        cuda_graphs: bool = True,
     ):
         self.config = config
         self.size = torch.empty((), dtype=dtype).element_size()
@@ -119,6 +130,10 @@ class BatchMemory:
         self.family = getattr(config, "model_type", "llava")
         self.new_tokens = max_new_tokens
         self.static, self.bucketed = static_cache, bucketed and static_cache
+        self.cuda_graphs = cuda_graphs  # the selector's and the decode's (False on the CPU)
+        self.vision_eager = _attention(config.vision_config) == "eager"
+        self.text_eager = _attention(self.text) == "eager"
+        self.persistent: dict[str, int] = {"kv": 0, "graphs": 0}  # the largest ones run
         self.kv = kv_bytes_per_token(self.text, dtype)
         self.act = activation_bytes_per_token(self.text, dtype)
 
@@ -133,7 +148,9 @@ class BatchMemory:
         visual = int((item.input_ids == self.config.image_token_id).sum())
         features = visual * self.text.hidden_size * self.size
         if self.family == "qwen2_5_vl":
+            pixels = item.pixel_values.shape[0] * item.pixel_values.shape[1]
             tower = self.qwen_tower_bytes(item.pixel_values.shape[0], visual)
+            tower += pixels * (4 + self.size)  # the pixels copied in (float32), then cast
             sets, tokens = 1, visual
         else:
             v = self.config.vision_config
@@ -157,7 +174,8 @@ class BatchMemory:
         kept = v.num_hidden_layers + 1 if layer is not None else 2  # all hidden states
         width = self.text.hidden_size
         per_token = kept * v.hidden_size + 4 * v.hidden_size + 2 * v.intermediate_size + 3 * width
-        return tiles * tokens * per_token * self.size
+        scores = 2 * v.num_attention_heads * tokens * tokens if self.vision_eager else 0
+        return tiles * (tokens * per_token + scores) * self.size
 
     def qwen_tower_bytes(self, patches: int, merged: int) -> int:
         """Qwen2.5-VL: per patch, the hidden state in and out and one layer's transients (the
@@ -165,7 +183,10 @@ class BatchMemory:
         v = self.config.vision_config
         hidden, width = v.hidden_size, self.text.hidden_size
         per_patch = (8 * hidden + 3 * v.intermediate_size) * self.size + 2 * 4 * hidden // 8
-        return patches * per_patch + merged * (2 * 4 * hidden + 2 * width) * self.size
+        # eager attention: the scores and their softmax over one window of 4 x merge^2 tokens
+        # (an upper bound for the windowed layers; the full-attention ones are per image)
+        scores = 2 * v.num_attention_heads * patches * patches if self.vision_eager else 0
+        return patches * per_patch + merged * (2 * 4 * hidden + 2 * width) * self.size + scores * 4
 
     # ---- a batch
 
@@ -191,14 +212,26 @@ class BatchMemory:
         prompt = max(1, longest - self.new_tokens)
         cache = rows * length * self.kv
         graphs, gram = self.selector_bytes(shape.sets, shape.set_tokens, shape.keep)
-        prefill = rows * prompt * (self.act + 2 * length) + rows * 2 * 4 * self.text.vocab_size
+        logits = rows * 2 * 4 * self.text.vocab_size
+        prefill = rows * prompt * (self.act + 2 * length) + logits
+        if self.text_eager:  # the scores and their softmax, one layer at a time
+            prefill += 2 * rows * self.text.num_attention_heads * prompt * length * self.size
+        if self.cuda_graphs and self.bucketed:  # the decode graph's pool: one step's transients
+            graphs += rows * (self.act + 2 * length * self.size) + logits
         return {
-            "kv": cache if self.static else 0,
-            "graphs": graphs,
+            "kv": max(cache if self.static else 0, self.persistent["kv"]),
+            "graphs": max(graphs, self.persistent["graphs"]),
             "vision": shape.tower + shape.features,
             "selection": 2 * shape.features + gram,
             "prefill": 2 * shape.features + prefill + (0 if self.static else cache),
         }
+
+    def ran(self, shape: BatchShape) -> None:
+        """Remember a batch that ran: the KV pool and the graphs' buffers stay at their
+        largest size, so every later batch is charged at least those."""
+        parts = self.parts(shape)
+        for key in self.persistent:
+            self.persistent[key] = max(self.persistent[key], parts[key])
 
     def bytes(self, shape: BatchShape) -> int:
         """The batch's peak: what persists plus its largest phase."""
@@ -212,7 +245,8 @@ class BatchMemory:
         from resprune.select import _bucket
 
         bb, nb, kb = _bucket(sets, tokens, max(1, keep))
-        graphs = 4 * (bb * nb * nb + 2 * bb * kb * nb)
+        # the static inputs grow to at least twice their size (resprune.select): up to 2x
+        graphs = 4 * (2 * bb * nb * nb + 2 * bb * kb * nb) if self.cuda_graphs else 0
         return graphs, 4 * (2 * sets * tokens * tokens + 4 * sets * keep * tokens)
 
     def largest_batch(self, budget: int, item: ItemMemory, max_items: int = 1 << 16) -> int:
@@ -231,6 +265,10 @@ class BatchMemory:
             )
             low, high = (mid, high) if self.bytes(shape) <= budget else (low, mid - 1)
         return low
+
+
+def _attention(config: Any) -> str | None:
+    return getattr(config, "_attn_implementation", None)
 
 
 def device_budget(device: torch.device, share: float = 1.0) -> int:

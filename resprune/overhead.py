@@ -6,6 +6,11 @@ but not the items': code that warms a shape up does it inside `counted`, and who
 model work subtracts what `seconds()` grew by during its window (`resprune.answer` per
 stage, `pipeline.stages.answer` per batch), then reports the overhead on its own line.
 
+Lazy library setup is one-time work too: the first matrix product, convolution and attention
+on a device create cuBLAS / cuDNN handles and workspaces (oneDNN primitives on the CPU).
+`warm_libraries` does them once per (device, dtype) on tiny synthetic tensors, counted, and
+`resprune.answer.answer_batch` calls it before it starts its clock.
+
 Process-wide: one actor process answers one batch at a time. Windows nest (an outer window
 counts its inner ones once; labels are kept per window). Non-goal: attributing overhead to items.
 """
@@ -22,6 +27,7 @@ import torch
 _total = 0.0
 _depth = 0
 _by_label: dict[str, float] = {}
+_warmed: set[tuple[str, torch.dtype]] = set()
 
 
 def seconds() -> float:
@@ -63,3 +69,19 @@ def counted(label: str, device: torch.device | None = None) -> Iterator[Span]:
 def _sync(device: torch.device | None) -> None:
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def warm_libraries(device: torch.device, dtype: torch.dtype) -> None:
+    """The lazy setup of the device's libraries for ``dtype`` (matrix products, convolution,
+    attention), once per process, on tiny synthetic tensors, counted as overhead."""
+    key = (str(device), dtype)
+    if key in _warmed:
+        return
+    _warmed.add(key)
+    functional = torch.nn.functional
+    with counted(f"library setup {device} {dtype}", device), torch.inference_mode():
+        x = torch.ones(1, 4, 8, 8, device=device, dtype=dtype)
+        x[0, 0] @ x[0, 0]  # cuBLAS handle and workspace
+        torch.bmm(x[0], x[0])
+        functional.conv2d(x, x[:, :, :2, :2], stride=2)  # cuDNN (the towers' patch embedding)
+        functional.scaled_dot_product_attention(x, x, x)

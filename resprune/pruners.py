@@ -7,6 +7,13 @@ are the run to k') also return the pick order, and their ``prefix`` cuts a resul
 smaller budget without another call (LLaVA-NeXT's budget search uses it). The
 `pool` baseline replaces tokens by window averages and reports each window's centre as its
 position. Pruners know nothing about models or prompts; adapters build the TokenSets.
+
+Host reads: every pruner reads the device at most once per ``prune`` call, whatever the
+number of sets (so eval's speed comparison is like for like): the baselines draw or lay out
+their indices on the host, compute every set's retained energy on the device, and read all
+of them back together (`resprune.host.to_host`); DivPrune runs its greedy picks batched over
+the padded sets on the device and reads the pick order with the energies. Their indices come
+back on the host, as ResPrune's do.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import numpy as np
 import torch
 
 from resprune.floor import RELEVANCE_FLOOR, check_relevance_floor
-from resprune.host import to_device
+from resprune.host import to_device, to_host
 from resprune.relevance import token_relevance
 from resprune.select import select_prefixes
 
@@ -72,14 +79,35 @@ def resolve_keep(keep: int | float, n: int) -> int:
     return max(1, min(n, round(keep * n)))
 
 
-def span_energy(tokens: torch.Tensor, basis_tokens: torch.Tensor) -> float:
-    """Share of ``tokens``' energy inside span(``basis_tokens``) (float32)."""
+def _span_share(tokens: torch.Tensor, basis_tokens: torch.Tensor) -> torch.Tensor:
+    """`span_energy` as a 0-d float32 tensor on the tokens' device (no read)."""
     x = tokens.float()
-    total = float((x * x).sum())
-    if total == 0:
-        return 1.0
+    total = (x * x).sum()
     q, _ = torch.linalg.qr(basis_tokens.float().T)  # [D, k]
-    return float(((x @ q) ** 2).sum()) / total
+    inside = ((x @ q) ** 2).sum()
+    return torch.where(total > 0, inside / total.clamp_min(1e-30), torch.ones_like(total))
+
+
+def _read_shares(shares: list[torch.Tensor], *more: torch.Tensor) -> tuple[list[float], ...]:
+    """Every set's retained share (and ``more`` tensors) read back with one device read."""
+    host = to_host(torch.stack(shares), *more)
+    return (host[0].tolist(), *host[1:])
+
+
+def _gathered(sets: list[TokenSet], indices: list[np.ndarray]) -> list[torch.Tensor]:
+    """Each set's kept tokens, the host indices copied in once for the whole batch."""
+    device = sets[0].tokens.device
+    flat = to_device(np.concatenate(indices), device).split([len(i) for i in indices])
+    return [s.tokens[i] for s, i in zip(sets, flat, strict=True)]
+
+
+def _host_pruned(sets, indices: list[np.ndarray], **extra) -> list[Pruned]:
+    """Pruned results for host ``indices`` with their retained energies (one device read)."""
+    shares = [
+        _span_share(s.tokens, kept) for s, kept in zip(sets, _gathered(sets, indices), strict=True)
+    ]
+    (energies,) = _read_shares(shares)
+    return [Pruned(torch.from_numpy(i), e, **extra) for i, e in zip(indices, energies, strict=True)]
 
 
 def _check(sets: list[TokenSet], ks: list[int]) -> None:
@@ -177,14 +205,15 @@ class RandomPrune:
 
     def prune(self, sets: list[TokenSet], ks: list[int]) -> list[Pruned]:
         _check(sets, ks)
-        out = []
-        for s, k in zip(sets, ks, strict=True):
+        if not sets:
+            return []
+        indices = []
+        for s, k in zip(sets, ks, strict=True):  # drawn on the host: no device work
             n = s.tokens.shape[0]
             digest = hashlib.sha256(f"{self.seed}:{s.key or ''}:{n}".encode()).digest()
             gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") >> 1)
-            idx = torch.randperm(n, generator=gen)[:k].sort().values.to(s.tokens.device)
-            out.append(Pruned(idx, span_energy(s.tokens, s.tokens[idx])))
-        return out
+            indices.append(torch.randperm(n, generator=gen)[:k].sort().values.numpy())
+        return _host_pruned(sets, indices)
 
 
 def _sorted_prefix(pruned: Pruned, k: int) -> torch.Tensor:
@@ -221,11 +250,10 @@ class UniformPrune:
 
     def prune(self, sets: list[TokenSet], ks: list[int]) -> list[Pruned]:
         _check(sets, ks)
-        out = []
-        for s, k in zip(sets, ks, strict=True):
-            idx = uniform_indices(*_grid(s), k).to(s.tokens.device)
-            out.append(Pruned(idx, span_energy(s.tokens, s.tokens[idx])))
-        return out
+        if not sets:
+            return []
+        indices = [uniform_indices(*_grid(s), k).numpy() for s, k in zip(sets, ks, strict=True)]
+        return _host_pruned(sets, indices)
 
 
 class PoolPrune:
@@ -236,19 +264,22 @@ class PoolPrune:
 
     def prune(self, sets: list[TokenSet], ks: list[int]) -> list[Pruned]:
         _check(sets, ks)
-        out = []
+        if not sets:
+            return []
+        indices, pooled, shares = [], [], []
         for s, k in zip(sets, ks, strict=True):
             rows, cols = _grid(s)
             gr = max(1, min(rows, math.floor(math.sqrt(k * rows / cols))))
             gc = max(1, min(cols, k // gr))
             img = s.tokens.float().T.reshape(1, -1, rows, cols)
-            pooled = torch.nn.functional.adaptive_avg_pool2d(img, (gr, gc))[0].flatten(1).T
+            windows = torch.nn.functional.adaptive_avg_pool2d(img, (gr, gc))[0].flatten(1).T
             r = ((torch.arange(gr) + 0.5) * rows / gr).long()
             c = ((torch.arange(gc) + 0.5) * cols / gc).long()
-            idx = (r[:, None] * cols + c[None, :]).flatten().to(s.tokens.device)
-            tokens = pooled.to(s.tokens.dtype)
-            out.append(Pruned(idx, span_energy(s.tokens, pooled), tokens=tokens))
-        return out
+            indices.append((r[:, None] * cols + c[None, :]).flatten())
+            pooled.append(windows.to(s.tokens.dtype))
+            shares.append(_span_share(s.tokens, windows))
+        (energies,) = _read_shares(shares)
+        return [Pruned(i, e, tokens=t) for i, e, t in zip(indices, energies, pooled, strict=True)]
 
 
 class DivPrune:
@@ -258,29 +289,79 @@ class DivPrune:
     prefix_consistent = True  # each pick depends only on the picks before it
 
     def prune(self, sets: list[TokenSet], ks: list[int]) -> list[Pruned]:
+        """Every set's picks batched on the device (padded to the largest set, run to the
+        largest budget: each pick depends only on the ones before it), with the energy each
+        prefix of them retains; one device read."""
         _check(sets, ks)
+        if not sets:
+            return []
+        order = _max_min_order(sets, max(ks))
+        curves = [
+            _prefix_shares(s.tokens, s.tokens.index_select(0, order[b, :k]))
+            for b, (s, k) in enumerate(zip(sets, ks, strict=True))
+        ]
+        picks, *host = to_host(order, *curves)
         out = []
-        for s, k in zip(sets, ks, strict=True):
-            v = torch.nn.functional.normalize(s.tokens.float(), dim=-1)
-            dist = 1 - v @ v.T  # cosine distance [N, N]
-            first = int(dist.sum(dim=1).argmax())  # the most isolated token on average
-            chosen = [first]
-            nearest = dist[first].clone()
-            nearest[first] = -1.0
-            for _ in range(k - 1):
-                nxt = int(nearest.argmax())
-                chosen.append(nxt)
-                nearest = torch.minimum(nearest, dist[nxt])
-                nearest[chosen] = -1.0
-            idx = torch.tensor(sorted(chosen), device=s.tokens.device)
-            order = torch.tensor(chosen, device=s.tokens.device)
-            out.append(Pruned(idx, span_energy(s.tokens, s.tokens[idx]), order=order))
+        for k, curve, row in zip(ks, host, picks, strict=True):
+            chosen = torch.from_numpy(np.ascontiguousarray(row[:k]))
+            curve_k = torch.from_numpy(curve)
+            out.append(
+                Pruned(
+                    chosen.sort().values, float(curve[-1]), order=chosen, retained_by_prefix=curve_k
+                )
+            )
         return out
 
     def prefix(self, pruned: Pruned, tokens: TokenSet, k: int) -> Pruned:
-        """``pruned`` cut to its first ``k`` picks: what ``prune`` at budget k returns."""
-        idx = _sorted_prefix(pruned, k)
-        return Pruned(idx, span_energy(tokens.tokens, tokens.tokens[idx]), order=pruned.order[:k])
+        """``pruned`` cut to its first ``k`` picks: what ``prune`` at budget k returns (its
+        retained energy came with the picks: no device work)."""
+        del tokens
+        curve = pruned.retained_by_prefix[:k]
+        return Pruned(
+            _sorted_prefix(pruned, k),
+            float(curve.numpy()[-1]),
+            order=pruned.order[:k],
+            retained_by_prefix=curve,
+        )
+
+
+def _prefix_shares(tokens: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+    """Share of ``tokens``' energy inside the span of each prefix of ``picked`` [k, D] (in
+    pick order): float32 [k] on the device. One QR: its first j columns span the first j
+    picks; a pick already in the span of the earlier ones (zero pivot) adds nothing."""
+    x = tokens.float()
+    total = (x * x).sum()
+    q, r = torch.linalg.qr(picked.float().T)  # [D, m], [m, k]; m = min(D, k)
+    pivots = r.diagonal().abs()
+    new = pivots > 1e-6 * pivots.amax().clamp_min(1e-30)
+    captured = ((x @ q) ** 2).sum(0) * new  # [m]
+    curve = captured.cumsum(0)
+    curve = torch.cat([curve, curve[-1:].expand(picked.shape[0] - curve.shape[0])])
+    share = (curve / total.clamp_min(1e-30)).clamp_max(1.0)
+    return torch.where(total > 0, share, torch.ones_like(share))
+
+
+def _max_min_order(sets: list[TokenSet], k: int) -> torch.Tensor:
+    """DivPrune's pick order [B, k] on the device: first the token with the largest summed
+    cosine distance to its set, then repeatedly the one farthest from every pick so far
+    (ties to the lowest index); padding never picked (k <= every set's size)."""
+    x = torch.nn.utils.rnn.pad_sequence([s.tokens.float() for s in sets], batch_first=True)
+    lengths = [s.tokens.shape[0] for s in sets]
+    valid = to_device(np.arange(x.shape[1])[None] < np.asarray(lengths)[:, None], x.device)
+    v = torch.nn.functional.normalize(x, dim=-1)
+    dist = 1 - torch.bmm(v, v.transpose(1, 2))  # cosine distance [B, N, N]
+    spread = (dist * valid[:, None, :]).sum(-1).masked_fill(~valid, -math.inf)
+    pick = spread.argmax(-1, keepdim=True)  # [B, 1]
+    order = [pick]
+    nearest = dist.gather(1, pick[:, :, None].expand(-1, 1, x.shape[1]))[:, 0]
+    blocked = (~valid).scatter(1, pick, True)
+    for _ in range(k - 1):
+        pick = nearest.masked_fill(blocked, -math.inf).argmax(-1, keepdim=True)
+        order.append(pick)
+        row = dist.gather(1, pick[:, :, None].expand(-1, 1, x.shape[1]))[:, 0]
+        nearest = torch.minimum(nearest, row)
+        blocked = blocked.scatter(1, pick, True)
+    return torch.cat(order, dim=1)
 
 
 PRUNERS = ("resprune", "none", "random", "uniform", "pool", "divprune")

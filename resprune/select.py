@@ -35,6 +35,12 @@ masked, and a longer run's prefix is the shorter run). All buckets share one mem
 one set of static input buffers, and capturing does not empty the allocator's cache. The loop
 never synchronises with the host. On the CPU the same loop runs eagerly.
 
+One-time work is billed overhead, never selection time: the step's compile, each bucket's
+capture, and growing the static inputs (which drops every graph captured on them) all run
+inside `resprune.overhead.counted`, so a re-capture is never inside timed work. The inputs grow
+to at least twice their size (few growths over a job), and up to _MAX_GRAPHS buckets stay
+captured (least recently used dropped: enough for Qwen's image sizes at a few batch sizes).
+
 This module knows nothing about models, questions or text: relevance arrives as numbers.
 """
 
@@ -49,12 +55,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from resprune import overhead
 from resprune.floor import RELEVANCE_FLOOR, check_relevance_floor
 from resprune.host import to_device, to_host
 
 SPENT_TOL = 1e-3  # residual energy share at float32 round-off (see the docstring)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-_TOKEN_BUCKET, _K_BUCKET, _MAX_GRAPHS = 64, 16, 16
+_TOKEN_BUCKET, _K_BUCKET, _MAX_GRAPHS = 64, 16, 64
 GREEDY_STEP_OPS = 26  # aten ops (views excluded) of one eager `_greedy_step`
 COMPILE_STEP = True  # on CUDA, the greedy step is `torch.compile`d (eager if that fails)
 
@@ -349,8 +356,10 @@ class _StaticInputs:
         return b * n * n <= self.gram.numel() and b * n <= self.mask.numel()
 
     def grow(self, b: int, n: int) -> None:
-        """Buffers for at least (b, n); the caller drops its graphs (and their views) first."""
-        big, small = max(b * n * n, self.gram.numel()), max(b * n, self.mask.numel())
+        """Buffers for at least (b, n) and at least twice the old ones; the caller drops its
+        graphs (and their views) first."""
+        big = max(b * n * n, 2 * self.gram.numel())
+        small = max(b * n, 2 * self.mask.numel())
         self.gram = self.mask = self.spent = None  # free the old ones before allocating
         self.gram = torch.zeros(big, device=self.device)
         self.mask = torch.zeros(small, dtype=torch.bool, device=self.device)
@@ -392,34 +401,48 @@ class _CapturedGreedy:
 
 class _GraphCache:
     """Captured buckets of one device, least recently used dropped beyond _MAX_GRAPHS, all in
-    one memory pool (`torch.cuda.graph_pool_handle`) and on one set of static inputs."""
+    one memory pool (`torch.cuda.graph_pool_handle`) and on one set of static inputs.
 
-    def __init__(self, device: torch.device):
+    ``capture`` makes a bucket's replayable run (`_CapturedGreedy` on CUDA; the tests pass an
+    eager stand-in to check the bookkeeping on the CPU)."""
+
+    def __init__(self, device: torch.device, capture: Callable[..., Callable] | None = None):
+        self.device = device
         self.inputs = _StaticInputs(device)
-        self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: OrderedDict[tuple[int, int, int], _CapturedGreedy] = OrderedDict()
+        self.pool = None if capture else torch.cuda.graph_pool_handle()
+        self.graphs: OrderedDict[tuple[int, int, int], Callable] = OrderedDict()
+        self.capture = capture or _CapturedGreedy
         self.step = compiled_step() if COMPILE_STEP else _greedy_step
+        self.captures = 0  # buckets captured (re-captures included), all counted as overhead
 
     def run(self, gram, mask, spent_below, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         bucket = _bucket(*gram.shape[:2], k)
-        if not self.inputs.fits(*bucket[:2]):
-            self.graphs.clear()  # captured on the buffers about to go
-            self.inputs.grow(*bucket[:2])
+        if bucket not in self.graphs:  # every graph kept was captured on inputs it fits
+            self._prepare(bucket)
         views = self.inputs.views(*bucket[:2])
         for static, value in zip(views, (gram, mask, spent_below), strict=True):
             static.zero_()  # the padding: invalid tokens, zero Gram entries
             static[tuple(slice(0, d) for d in value.shape)].copy_(value)
-        if bucket not in self.graphs:
-            while len(self.graphs) >= _MAX_GRAPHS:
-                self.graphs.popitem(last=False)
-            self.graphs[bucket] = self._capture(views, bucket[2])
         self.graphs.move_to_end(bucket)
         return self.graphs[bucket]()
 
-    def _capture(self, views, k: int) -> _CapturedGreedy:
+    def _prepare(self, bucket: tuple[int, int, int]) -> None:
+        """Grow the static inputs if the bucket needs it (dropping the graphs captured on the
+        old ones), then capture the bucket: all one-time work, counted as overhead."""
+        label = "select capture {}x{}x{}".format(*bucket)
+        with overhead.counted(label, self.device):
+            if not self.inputs.fits(*bucket[:2]):
+                self.graphs.clear()  # captured on the buffers about to go
+                self.inputs.grow(*bucket[:2])
+            while len(self.graphs) >= _MAX_GRAPHS:
+                self.graphs.popitem(last=False)
+            self.graphs[bucket] = self._capture(self.inputs.views(*bucket[:2]), bucket[2])
+            self.captures += 1
+
+    def _capture(self, views, k: int) -> Callable:
         """Capture with the compiled step; with the eager one where compiling fails (once)."""
         try:
-            return _CapturedGreedy(views, k, self.step, self.pool)
+            return self.capture(views, k, self.step, self.pool)
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as exc:  # no Triton, an inductor bug: eager is slower, not wrong
@@ -427,7 +450,7 @@ class _GraphCache:
                 raise
             warnings.warn(f"selector step runs eager: compiling failed: {exc!r}", stacklevel=2)
             self.step = _greedy_step
-            return _CapturedGreedy(views, k, self.step, self.pool)
+            return self.capture(views, k, self.step, self.pool)
 
 
 _GRAPHS: dict[torch.device, _GraphCache] = {}

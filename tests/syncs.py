@@ -5,13 +5,18 @@ for every kernel queued before it: reading a scalar (``.item()``, ``int(t)``, ``
 ``aten._local_scalar_dense`` / ``aten.item`` / ``aten.is_nonzero``), ``nonzero`` and what
 calls it (boolean-mask indexing, ``masked_select``, ``unique``, ``repeat_interleave``
 without ``output_size``), and reading a tensor on the host (``.tolist()``, ``.numpy()``,
-``resprune.host.to_host``). On the CPU every tensor is a host tensor, so `count_syncs`
-tracks which ones would be on the device: the model's parameters and buffers, what
-``resprune.host.to_device`` copies in, and everything computed from them (by storage, so
-views and in-place writes follow). Only ops and reads touching such a tensor count. Host
-bookkeeping (numpy, CPU tensors built from the prepared items) does not stall a stream and
-is not counted. Blind spot: a tensor made on the device from nothing (``torch.zeros(n,
-device=...)``) and read before anything device-side flows into it.
+``.cpu()``, ``.to("cpu")`` / ``.to(device="cpu")``, ``resprune.host.to_host``). On the CPU
+those copies are no-ops that never reach the dispatcher, so the Tensor methods are wrapped:
+a copy of a tracked tensor counts once and returns an untracked host copy (reading it
+further, e.g. ``.cpu().tolist()``, is host work, as on a GPU). As every tensor is a host
+tensor on the CPU, `count_syncs` tracks which ones would be on the device: the model's
+parameters and buffers, what ``resprune.host.to_device`` copies in, and everything computed
+from them (by storage, so views and in-place writes follow). Only ops and reads touching
+such a tensor count. Host bookkeeping (numpy, CPU tensors built from the prepared items)
+does not stall a stream and is not counted. Blind spots: ``.to(torch.device("cpu"))`` (on
+the CPU, the same object as a tracked tensor's own device), ``copy_`` into a host buffer,
+and a tensor made on the device from nothing (``torch.zeros(n, device=...)``) read before
+anything device-side flows into it.
 """
 
 from __future__ import annotations
@@ -51,11 +56,14 @@ class SyncCounter(TorchDispatchMode):
         self.to_device = 0
         self.paused = 0
         self.device: dict[int, torch.Tensor] = {}  # storage pointer -> a tensor holding it
+        self.host_copy = 0  # inside a device-to-host copy: its output is a host tensor
         for t in roots:
             self.mark(t)
 
     def mark(self, t: torch.Tensor) -> None:
         """Track ``t`` as a device tensor (held until the count ends: no pointer reuse)."""
+        if self.host_copy:
+            return
         if isinstance(t, torch.Tensor) and t.numel() and t.device.type != "meta":
             self.device[t.untyped_storage().data_ptr()] = t
 
@@ -100,6 +108,16 @@ class SyncCounter(TorchDispatchMode):
             self.paused -= 1
 
 
+def _to_host(args, kwargs) -> bool:
+    """Whether ``Tensor.to(*args, **kwargs)`` names the host: the string "cpu" (a
+    ``torch.device`` is not taken as one: on the CPU ``x.to(y.device)`` says "y's device")."""
+    device = kwargs.get("device")
+    for a in args:
+        if isinstance(a, str | torch.device):
+            device = a
+    return isinstance(device, str) and torch.device(device).type == "cpu"
+
+
 def _bool_index(args) -> bool:
     indices = args[1] if len(args) > 1 else ()
     return any(
@@ -115,7 +133,7 @@ def count_syncs(model: torch.nn.Module | None = None, *, everything: bool = Fals
     ``everything``: of every tensor, host ones included (an upper bound)."""
     roots = [] if model is None else [*model.parameters(), *model.buffers()]
     counter = SyncCounter(roots, everything)
-    patched = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
+    patched = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy", "cpu", "to")}
 
     def reading(name):
         method = patched[name]
@@ -123,11 +141,24 @@ def count_syncs(model: torch.nn.Module | None = None, *, everything: bool = Fals
         def read(self, *args, **kwargs):
             # .numpy() raises on a CUDA tensor: only a tracked one is a (would-be) read
             tracked = counter.on_device(self) and not (counter.everything and name == "numpy")
+            if name in ("cpu", "to"):
+                return copy_out(method, name, tracked, self, args, kwargs)
             if tracked:
                 counter.count(f"Tensor.{name}")
             return method(self, *args, **kwargs)
 
         return read
+
+    def copy_out(method, name, tracked, tensor, args, kwargs):
+        """.cpu() / .to(cpu) of a tracked tensor: one read, and an untracked host copy."""
+        if not tracked or (name == "to" and not _to_host(args, kwargs)):
+            return method(tensor, *args, **kwargs)
+        counter.count("Tensor.cpu" if name == "cpu" else "Tensor.to(cpu)")
+        counter.host_copy += 1
+        try:
+            return method(tensor, *args, **kwargs).clone()
+        finally:
+            counter.host_copy -= 1
 
     def crossing(kind, tensors):
         if kind == "to_host":

@@ -19,7 +19,7 @@ from resprune.answer import answer_batch
 from resprune.budget import ImageTokens, kept_index, kept_rows, select_within_budget
 from resprune.keep import EnergyKeep
 from resprune.models.base import Crop
-from resprune.pruners import build_pruner
+from resprune.pruners import TokenSet, build_pruner
 from resprune.select import select_prefixes
 from tests.test_budget import MIXED, CountedPruner, llava_next_like
 
@@ -132,8 +132,17 @@ def test_upper_bound_for_packing_and_the_none_pruner():
 def test_baselines_without_retained_energy_per_prefix_are_refused():
     with pytest.raises(ValueError, match="prefix-consistent"):
         select_by_energy(build_pruner("uniform"), EnergyKeep(0.9), [TEXTURED])
-    with pytest.raises(ValueError, match="retained energy per prefix"):
-        select_by_energy(build_pruner("divprune"), EnergyKeep(0.9), [TEXTURED])
+
+
+def test_divprune_carries_its_prefix_energies_into_energy_budgets():
+    """DivPrune's picks come with each prefix's retained energy: the shortest prefix that
+    reaches the energy is kept, as for ResPrune."""
+    pruner = build_pruner("divprune")
+    (picks,) = select_by_energy(pruner, EnergyKeep(0.9, 1, 100), [TEXTURED])
+    k = len(_indices(picks))
+    full = pruner.prune([TokenSet(TEXTURED.features)], [100])[0]
+    curve = full.retained_by_prefix.numpy()
+    assert curve[k - 1] >= 0.9 and (k == 1 or curve[k - 2] < 0.9)
 
 
 def test_through_answer_batch_on_a_tiny_llava(tmp_path_factory):

@@ -130,15 +130,17 @@ def test_compile_time_is_billed_overhead_not_item_time(compiling_actor):
     from pipeline.output import summary
 
     actor, batch = compiling_actor
-    before = overhead.seconds()
+    before, labels = overhead.seconds(), overhead.by_label()
     first = actor(batch).to_pylist()
-    compiled = actor.clock.compile_s
+    second = actor(batch).to_pylist()  # the unpruned shape grew the KV pool in the first
+    compiled = actor.clock.compile_s  # call: the pruned shape is re-warmed in the second
     later = [actor(batch).to_pylist() for _ in range(2)]
-    every = first + later[0] + later[1]
-    assert [r["status"] for r in every] == ["ok"] * 9 and all(r["shadow"] for r in every)
-    # two shapes (pruned, unpruned shadow), warmed up once each, in the first call only
+    every = first + second + later[0] + later[1]
+    assert [r["status"] for r in every] == ["ok"] * 12 and all(r["shadow"] for r in every)
+    # two shapes (pruned, unpruned shadow) warmed up, the library setup, nothing else
     assert len(actor.engine.warmups) == 2
-    assert compiled == pytest.approx(sum(actor.engine.warmups.values()))
+    spent = {k: v - labels.get(k, 0.0) for k, v in overhead.by_label().items()}
+    assert compiled == pytest.approx(sum(spent.values()))
     assert compiled == pytest.approx(overhead.seconds() - before) and compiled > 0
     assert actor.clock.compile_s == compiled  # the later calls compiled nothing
     # items carry model time only: it adds up to the busy time, with the compile beside it
@@ -186,3 +188,85 @@ def test_eval_warms_up_every_configuration(monkeypatch):
     calls.clear()
     actor(table)
     assert calls == [("8", 2), ("16", 2), ("32", 2)]  # later batches: no warm-up
+
+
+def default_config_on_the_cpu(engine: TransformersEngine) -> None:
+    """The engine's own default compile config (its dynamic dimensions), with dynamo's eager
+    backend instead of inductor and CUDA graphs: graph counts and guards are the same."""
+    engine.compile_config.backend, engine.compile_config.mode = "eager", None
+
+
+def test_decode_compiles_are_bounded_whatever_the_prompt_lengths(tmp_path_factory):
+    """Seven batches of different sizes and prompt lengths, unbucketed (every prompt length
+    its own cache length: the worst case): each new shape is warmed up once, but dynamo
+    compiles at most COMPILES_PER_PROCESS graphs (each an inductor compile on CUDA). Before
+    the fix (static shapes) it compiled one graph per shape."""
+    from resprune.engines.hf import COMPILES_PER_PROCESS
+    from resprune.pruners import build_pruner
+    from tests.vlm_helpers import QUESTIONS, images
+
+    vlm, pre = tiny_vlm("llava", tmp_path_factory)
+    pictures = images()
+    items = [pre.prepare(pictures[i % 3], QUESTIONS[i % 3] + " Why?" * i) for i in range(12)]
+    engine = TransformersEngine(vlm, cache="static", compile=True)
+    default_config_on_the_cpu(engine)
+    engine.bucket = False
+    torch._dynamo.reset()
+    counters.clear()
+    labels = set(overhead.by_label())
+    kwargs = {"pruner": build_pruner("resprune"), "max_new_tokens": NEW, "engine": engine}
+    for n, keep in [(1, 8), (3, 8), (2, 20), (5, 12), (7, 30), (4, 5), (12, 40)]:
+        out = answer_batch(vlm, items[:n], keep=keep, **kwargs)
+    warmed = [k for k in overhead.by_label() if k.startswith("decode ") and k not in labels]
+    assert len(warmed) == 7  # seven shapes, each warmed up
+    assert counters["stats"]["unique_graphs"] <= COMPILES_PER_PROCESS, dict(counters["stats"])
+    dynamic = TransformersEngine(vlm, cache="dynamic")
+    assert ids(out) == ids(answer_batch(vlm, items, keep=40, **kwargs | {"engine": dynamic}))
+
+
+def test_warm_up_runs_synthetic_input_of_the_batch_shape(tmp_path_factory, monkeypatch):
+    """The warm-up generates on the batch's shape (rows, padded prompt, cache length) from its
+    longest plan with zeroed features in every row, never on the batch's own content."""
+    vlm, pre = tiny_vlm("llava", tmp_path_factory)
+    engine = TransformersEngine(vlm, cache="static", compile=True, compile_config=EAGER_BACKEND)
+    calls = []
+    real = engine._generate
+
+    def recording(rows, ids_, mask, positions, max_new_tokens, length, **extra):
+        calls.append((list(rows), ids_.shape, length, overhead._depth > 0))
+        return real(rows, ids_, mask, positions, max_new_tokens, length, **extra)
+
+    monkeypatch.setattr(engine, "_generate", recording)
+    items = prepared(pre)
+    answer_batch(vlm, items, pruner=None, keep=1.0, max_new_tokens=NEW, engine=engine)
+    (warm, warm_shape, warm_length, counted), (batch, shape, length, timed) = calls
+    assert counted and not timed  # the warm-up inside an overhead window, the batch outside
+    assert len(warm) == len(batch) == 4 and warm_length == length
+    longest = max(batch, key=lambda p: len(p.ids))
+    assert warm_shape == shape == (4, len(longest.ids))
+    for plan in warm:
+        assert torch.equal(plan.ids, longest.ids) and not plan.features.any()
+    assert any(p.features.any() for p in batch)
+
+
+def test_a_kv_pool_growth_forgets_the_warm_ups_it_invalidates(tmp_path_factory):
+    """Growing the pool moves every cache tensor a captured decode used: the warm-ups seen
+    before are forgotten, so a shape seen again is re-warmed (counted) before its batch."""
+    vlm, pre = tiny_vlm("llava", tmp_path_factory)
+    engine = TransformersEngine(vlm, cache="static", compile=True, compile_config=EAGER_BACKEND)
+    items = prepared(pre)
+
+    def answer(batch):
+        answer_batch(vlm, batch, pruner=None, keep=1.0, max_new_tokens=NEW, engine=engine)
+
+    answer(items[:1])
+    (small,) = engine.warmups
+    label = f"decode {small[0]}x{small[1]}"
+    first = overhead.by_label()[label]
+    answer(items)  # 4 rows: the pool grows
+    assert engine.pool.grows == 2 and list(engine.warmups) != [small]
+    assert small not in engine.warmups
+    answer(items[:1])  # fits the grown pool, but its capture read the freed tensors
+    assert small in engine.warmups and overhead.by_label()[label] > first
+    answer(items[:1])
+    assert overhead.by_label()[label] == pytest.approx(first + engine.warmups[small])

@@ -356,3 +356,24 @@ def _png(image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_vllm_path_reads_the_device_once_per_batch(families, family):
+    """`answer_batch` through vLLM: the same stream syncs (device reads, to-host copies) for
+    one item as for three, at most the selection's and statistics' reads plus one for the
+    engine (`host_plans`); vLLM's own work runs on its tensors and is not counted."""
+    from tests.syncs import count_answer_batch_syncs
+
+    fam = families[family]
+    engine = fam["engine"]
+    kw = {
+        "pruner": build_pruner("resprune"),
+        "keep": 20,
+        "max_new_tokens": NEW_TOKENS,
+        "position_policy": POLICIES[family],
+        "engine": engine,
+    }
+    one = count_answer_batch_syncs(engine.vlm, fam["items"][:1], **kw)
+    three = count_answer_batch_syncs(engine.vlm, fam["items"], **kw)
+    assert three.syncs == one.syncs and three.total <= 3, three.syncs

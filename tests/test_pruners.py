@@ -173,3 +173,48 @@ def test_random_draws_per_image_by_key_and_nests_across_budgets():
     assert set(in_batch[2].indices.tolist()) <= set(in_batch[0].indices.tolist())
     other_seed = build_pruner("random", seed=4).prune([a], [50])[0].indices
     assert not torch.equal(other_seed, alone)
+
+
+@pytest.mark.parametrize("method", ["random", "uniform", "pool", "divprune"])
+def test_baselines_read_the_device_once_per_call(method):
+    """A baseline's call over many sets reads the device once (its energies, DivPrune's picks
+    with them), as ResPrune's does: eval compares like with like. The tokens are marked as
+    device tensors for the counter (tests/syncs.py)."""
+    from tests.syncs import count_syncs
+
+    sets = [_grid_set(6, 6, d=8, seed=20 + i) for i in range(5)]
+    for i, s in enumerate(sets):
+        s.key = f"item-{i}"
+    pruner = build_pruner(method)
+    alone = [pruner.prune([s], [7])[0] for s in sets]
+    with count_syncs() as counter:
+        for s in sets:
+            counter.mark(s.tokens)
+        batched = pruner.prune(sets, [7] * len(sets))
+    assert counter.total == 1, counter.syncs
+    for one, many in zip(alone, batched, strict=True):
+        assert torch.equal(one.indices, many.indices)
+        assert many.retained_energy == pytest.approx(one.retained_energy, abs=1e-6)
+        assert many.indices.device.type == "cpu"
+
+
+def test_divprune_batched_equals_the_reference_for_mixed_sizes():
+    sets = [_grid_set(6, 6, d=8, seed=10), _grid_set(4, 5, d=8, seed=11), _grid_set(3, 3, d=8)]
+    got = build_pruner("divprune").prune(sets, [8, 5, 9])
+    for s, k, p in zip(sets, [8, 5, 9], got, strict=True):
+        assert p.indices.tolist() == _divprune_reference(s.tokens.double().numpy(), k)
+
+
+def test_divprune_prefix_energies_equal_one_qr_per_prefix():
+    """The retained energy of every prefix (what the budget search cuts to) equals the share
+    of the set's energy in the span of that prefix's tokens, computed by numpy per prefix."""
+    s = _grid_set(6, 6, d=8, seed=12)
+    pruner = build_pruner("divprune")
+    full = pruner.prune([s], [12])[0]
+    x = s.tokens.double().numpy()
+    for k in (1, 5, 8, 12):
+        basis, _ = np.linalg.qr(x[full.order[:k].numpy()].T)
+        want = ((x @ basis) ** 2).sum() / (x**2).sum()
+        cut = pruner.prefix(full, s, k)
+        assert cut.retained_energy == pytest.approx(want, abs=1e-5)
+        assert cut.indices.tolist() == pruner.prune([s], [k])[0].indices.tolist()

@@ -415,6 +415,8 @@ def test_cuda_graph_plumbing_emulated_on_cpu(monkeypatch):
     from contextlib import nullcontext
     from types import SimpleNamespace
 
+    import torch._dynamo  # imported before torch.cuda is emulated below
+
     import resprune.select as sel
 
     stream = SimpleNamespace(wait_stream=lambda other: None)
@@ -446,6 +448,59 @@ def test_cuda_graph_plumbing_emulated_on_cpu(monkeypatch):
     assert len(cache.graphs) == 2 and list(cache.graphs) == calls[-2:]
     assert _FakeGraph.pools == [("pool",)] * 2  # two captures, one pool, then replays only
     assert cache.inputs.gram.numel() == max(b * n * n for b, n, _ in calls)
+
+
+class _EagerCapture:
+    """A bucket's "capture" on the CPU: remembers whether it ran inside an overhead window."""
+
+    counted: ClassVar[list[bool]] = []
+
+    def __init__(self, inputs, k, step, pool):
+        from resprune import overhead
+
+        self.inputs, self.k = inputs, k
+        _EagerCapture.counted.append(overhead._depth > 0)
+
+    def __call__(self):
+        return _greedy_pivots(*self.inputs, self.k)
+
+
+def test_graph_cache_one_time_work_is_counted_overhead():
+    """Every capture and every growth of the static inputs runs inside
+    `resprune.overhead.counted` (never inside timed selection); a later call of a captured
+    bucket adds no overhead; the inputs grow at least twofold, so growths stay few."""
+    import resprune.select as sel
+    from resprune import overhead
+
+    _EagerCapture.counted = []
+    cache = sel._GraphCache(torch.device("cpu"), capture=_EagerCapture)
+    gen = torch.Generator().manual_seed(3)
+    sizes = [(2, 64), (1, 64), (2, 60), (1, 64), (4, 300), (1, 64), (1, 50)]
+    spent_seen = []
+    for b, n in sizes:
+        x = torch.randn(b, n, 8, generator=gen)
+        gram, mask = torch.bmm(x, x.transpose(1, 2)), torch.ones(b, n, dtype=torch.bool)
+        before, numel = overhead.seconds(), cache.inputs.gram.numel()
+        order, _ = cache.run(gram, mask, torch.full((b, n), 1e-3), 6)
+        assert torch.equal(
+            order[:b, :6], _greedy_pivots(gram, mask, torch.full((b, n), 1e-3), 6)[0]
+        )
+        spent_seen.append(overhead.seconds() > before)
+        if cache.inputs.gram.numel() != numel and numel:
+            assert cache.inputs.gram.numel() >= 2 * numel
+    assert all(_EagerCapture.counted) and cache.captures == len(_EagerCapture.counted)
+    # new buckets (and re-captures after a growth) paid overhead; repeats did not
+    assert spent_seen == [True, True, False, False, True, True, False]
+    assert any(label.startswith("select capture ") for label in overhead.by_label())
+
+
+def test_graph_cap_holds_qwens_image_sizes():
+    """Every Qwen2.5-VL image size (4 to 16,384 merged tokens, its processor's pixel range)
+    at one batch and budget falls into at most _MAX_GRAPHS buckets: no eviction churn."""
+    import resprune.select as sel
+
+    buckets = {_bucket(8, n, 64) for n in range(4, 16385)}
+    assert len(buckets) <= sel._MAX_GRAPHS
 
 
 def test_buckets_above_128_and_for_large_n():

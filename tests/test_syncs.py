@@ -38,5 +38,16 @@ def test_the_counter_sees_a_per_item_sync(tmp_path_factory):
             float(weight[i].sum())
             (weight[i] > 0).nonzero()
             weight[i].tolist()
+            weight[i].cpu().tolist()  # one read: the copy out; then host work
+            weight[i].to("cpu")
+            weight[i].to(device="cpu", dtype=torch.float64)
+            weight[i].to(torch.float64)  # stays on the device: no read
         torch.arange(3).tolist()  # a host tensor: not a device read
-    assert counter.syncs == {"aten._local_scalar_dense": 4, "aten.nonzero": 4, "Tensor.tolist": 4}
+        torch.arange(3).cpu().to("cpu")
+    assert counter.syncs == {
+        "aten._local_scalar_dense": 4,
+        "aten.nonzero": 4,
+        "Tensor.tolist": 4,
+        "Tensor.cpu": 4,
+        "Tensor.to(cpu)": 8,
+    }

@@ -205,6 +205,7 @@ class Answerer:
             ]
         self.errors.ok()
         seconds = self.clock.stop(started) / n
+        self.packer.ran(items, pruner, keep)  # after the clock: host arithmetic
         return [Answered(r, seconds, batch_id, n) for r in results]
 
     def _retry(

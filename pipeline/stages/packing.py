@@ -100,6 +100,19 @@ class Packer:
         max_items = self.spec.execution.batch_size
         return pack(costs, budget=min(caps, default=None), max_items=max_items, grow=grow)
 
+    def ran(self, items: list[PreparedItem], pruner: Any, keep: Any) -> None:
+        """A batch of ``items`` ran: the KV pool and graph buffers it grew stay at their size,
+        so the memory model charges them to every later batch (`BatchMemory.ran`)."""
+        if self.memory is None:
+            return
+        from resprune.memory import BatchShape
+
+        costs = [self.cost(it, pruner, keep) for it in items]
+        shape = BatchShape()
+        for foot in self._footprints(items, costs, pruner, keep):
+            shape = self.memory.add(shape, foot)
+        self.memory.ran(shape)
+
     def shrink(self, items: list[PreparedItem], pruner: Any, keep: Any) -> None:
         """After an out-of-memory with these items: budgets below what they needed, kept for
         the actor's later batches (each out-of-memory takes off another SHRINK share)."""

@@ -21,15 +21,25 @@ compiled, a language model on any other attention is switched to sdpa (`fixed_sh
 the vision tower keeps its own, e.g. FA2): decode is memory-bound and a CUDA graph is what
 makes it fast, while the prefill it also moves to sdpa is short once pruned.
 
+Bounded compiles: the decode step is compiled with dynamic batch and cache-length dimensions
+(``CompileConfig(dynamic=True)``), so inductor compiles at most COMPILES_PER_PROCESS graphs
+per process whatever the prompt lengths: one for batch 1 (dynamo specialises size-1
+dimensions) and one for every other (batch bucket, cache length). The buckets still bound the
+CUDA graphs recorded (one per shape: a capture, not a compile).
+
 Compile and capture are overhead, not model time: the first batch of each (batch bucket,
-cache length) shape first runs a short warm-up ``generate`` of that shape (prefill and
-``WARMUP_TOKENS - 1`` decode steps: compile, CUDA-graph record, first replay), timed into
-`resprune.overhead`, which the callers subtract from the batch's time.
+cache length) shape first runs a short warm-up ``generate`` of that shape on synthetic input
+(the batch's longest plan with zeroed features, in every row: the shape, not the batch's
+content; prefill and ``WARMUP_TOKENS - 1`` decode steps: compile, CUDA-graph record, first
+replay), timed into `resprune.overhead`, which the callers subtract from the batch's time.
+Growing the KV pool frees the cache tensors every earlier capture used, so it forgets every
+warm-up: a shape seen before is warmed (re-captured) again, counted, before its next batch.
 A whole batch fails together: ``generate`` raising is a batch failure.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -44,7 +54,8 @@ from resprune.models.base import VLM
 
 CACHES = ("auto", "static", "dynamic")
 MIN_LENGTH_STEP = 64
-RECOMPILE_LIMIT = 64  # compiled (batch, cache length) shapes per process before eager fallback
+COMPILES_PER_PROCESS = 2  # decode graphs inductor compiles: batch 1, and every other shape
+RECOMPILE_LIMIT = 8  # dynamo's limit per code object, above COMPILES_PER_PROCESS
 WARMUP_TOKENS = 4  # a new shape's warm-up: prefill + 3 decode steps (compile, record, replay)
 FIXED_SHAPE_ATTENTION = ("sdpa", "eager")  # their decode mask spans the whole static cache
 
@@ -55,7 +66,7 @@ class TransformersEngine:
     ``cache``: ``static``, ``dynamic`` or ``auto`` (static on CUDA, dynamic elsewhere).
     ``compile``: compile the static-cache decode step (default: on CUDA). ``bucket``: round
     batch and cache length up to buckets (default: when compiling). ``compile_config``:
-    transformers' `CompileConfig` for the decode step (default: CUDA graphs, static shapes).
+    transformers' `CompileConfig` for the decode step (default: CUDA graphs, dynamic shapes).
     """
 
     name = "transformers"
@@ -76,7 +87,7 @@ class TransformersEngine:
         self.static = cache == "static" or (cache == "auto" and cuda)
         self.compile = self.static and (cuda if compile is None else compile)
         self.bucket = self.static and (self.compile if bucket is None else bucket)
-        self.compile_config = compile_config or CompileConfig(dynamic=False)
+        self.compile_config = compile_config or CompileConfig(dynamic=True)
         if self.compile and not cuda:
             self.compile_config._compile_all_devices = True  # transformers compiles on CUDA only
         if self.compile:
@@ -99,18 +110,25 @@ class TransformersEngine:
         ids, mask, positions = left_pad(self.vlm, rows)
         length = self._cache_length(ids.shape[1] + max_new_tokens)
         if self.compile and max_new_tokens > 1:
-            self._warm_up(rows, ids, mask, positions, length)
+            self._warm_up(rows, length)
         out = self._generate(rows, ids, mask, positions, max_new_tokens, length)
         return decode(self.vlm, out[: len(plans), ids.shape[1] :].cpu())
 
-    def _warm_up(self, rows, ids, mask, positions, length: int) -> None:
-        """A new shape's compile and capture, on these rows, counted as overhead."""
+    def _warm_up(self, rows: Sequence[Plan], length: int) -> None:
+        """A new (rows, cache length) shape's pool growth, compile and capture, on synthetic
+        input of that shape (`warm_up_plans`), counted as overhead."""
         key = (len(rows), length)
         if key in self.warmups:
             return
-        tokens = min(WARMUP_TOKENS, length - ids.shape[1])
         with overhead.counted(f"decode {key[0]}x{key[1]}", self.vlm.device) as span:
-            self._generate(rows, ids, mask, positions, tokens, length, min_new_tokens=tokens)
+            grown = self.pool.grows
+            self.pool.get(*key)  # grown ahead, here: the growth moves every cache tensor
+            if self.pool.grows != grown:
+                self.warmups.clear()  # every earlier capture read the freed tensors
+            synthetic = warm_up_plans(rows)
+            ids, mask, positions = left_pad(self.vlm, synthetic)
+            tokens = min(WARMUP_TOKENS, length - ids.shape[1])
+            self._generate(synthetic, ids, mask, positions, tokens, length, min_new_tokens=tokens)
         self.warmups[key] = span.seconds
 
     def _generate(
@@ -141,6 +159,14 @@ class TransformersEngine:
     def _cache_length(self, tokens: int) -> int:
         """Static-cache length for ``tokens`` (prompt + new): bucketed when bucketing."""
         return length_bucket(tokens) if self.bucket else tokens
+
+
+def warm_up_plans(rows: Sequence[Plan]) -> list[Plan]:
+    """Synthetic input of the batch's shape: its longest plan, features zeroed, in every row
+    (the padded prompt and cache of the batch; none of its items' content)."""
+    longest = max(rows, key=lambda p: len(p.ids))
+    synthetic = dataclasses.replace(longest, features=torch.zeros_like(longest.features))
+    return [synthetic] * len(rows)
 
 
 def fixed_shape_decode(model) -> dict[str, str]:

@@ -29,6 +29,7 @@ class CachePool:
         self.config, self.dtype, self.device = text_config, dtype, device
         self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.caches: OrderedDict[tuple[int, int], StaticCache] = OrderedDict()
+        self.grows = 0  # times the buffers moved (every cache tensor handed out before died)
 
     def get(self, batch: int, length: int) -> StaticCache:
         """A zeroed static cache for ``batch`` rows of up to ``length`` tokens."""
@@ -64,6 +65,7 @@ class CachePool:
         old = [b[0].numel() for b in self.buffers] if len(self.buffers) == len(need) else need
         sizes = [max(n, o) for n, o in zip(need, old, strict=True)]
         self.buffers, self.caches = [], OrderedDict()  # free the old ones before allocating
+        self.grows += 1
         for n in sizes:
             keys = torch.zeros(n, dtype=self.dtype, device=self.device)
             self.buffers.append((keys, torch.zeros_like(keys)))

@@ -13,6 +13,11 @@ request also carries each kept token's M-RoPE position and where the text after 
 resumes, and vLLM's own pruning path (`resprune.engines.vllm_qwen`) places them, so both
 policies hold; the engine checks each plan's positions are what vLLM will use.
 
+Host reads: a request is host data (ids, positions, the features vLLM copies in itself), so
+`generate` reads every plan's ids, positions and features back with one device wait
+(`host_plans`, `resprune.host.to_host`) and builds the requests from those host copies: one
+host read per batch, never per row.
+
 Per row: a prompt whose new tokens would not fit ``max_model_len`` is ``prompt_too_long``
 (as the transformers engine does with the model's context); a request vLLM refuses is
 ``model_error``. A failure of the engine itself (vLLM's ``EngineDeadError``, or anything
@@ -30,7 +35,9 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from resprune.engines.base import EngineDead, Generation, Plan, engine_dead
@@ -42,6 +49,7 @@ from resprune.engines.vllm_plugin import (
     vllm_refusal,
     vllm_version_problem,
 )
+from resprune.host import to_host
 from resprune.items import ItemError
 from resprune.models.base import VLM
 
@@ -125,8 +133,9 @@ class VllmEngine:
             raise EngineDead(self.dead)
         params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, detokenize=False)
         slots: list[tuple[str, str] | ItemError] = []
+        hosts = host_plans(plans)  # the batch's one device read
         try:
-            for plan in plans:
+            for plan in hosts:
                 slots.append(self._enqueue(plan, params, max_new_tokens))
             queued = [s for s in slots if not isinstance(s, ItemError)]
             done = self.llm.wait_for_completion(use_tqdm=False) if queued else []
@@ -135,21 +144,21 @@ class VllmEngine:
         by_id = {out.request_id: list(out.outputs[0].token_ids) for out in done}
         return [self._answer(by_id, slot) for slot in slots]
 
-    def request(self, plan: Plan) -> dict:
+    def request(self, plan: HostPlan) -> dict:
         """The vLLM prompt of a plan: one image placeholder, the kept features as embeddings
         (Qwen2.5-VL: with their M-RoPE position channels)."""
         ids = plan.ids.tolist()
         run = [j for j, t in enumerate(ids) if t == self.image_token_id]
         if run:
             ids = [*ids[: run[0]], self.image_token_id, *ids[run[-1] + 1 :]]
-        embeds = plan.features.detach().to("cpu")[None]
+        embeds = plan.features[None]
         if not self.qwen:
             return {"prompt_token_ids": ids, "multi_modal_data": {"image": embeds}}
         mrope = qwen_mrope_channels(plan, self.image_token_id)
         image = {"image_embeds": embeds, "image_mrope": mrope[None]}
         return {"prompt_token_ids": ids, "multi_modal_data": {"image": image}}
 
-    def _enqueue(self, plan: Plan, params, max_new_tokens: int) -> tuple[str, str] | ItemError:
+    def _enqueue(self, plan: HostPlan, params, max_new_tokens: int) -> tuple[str, str] | ItemError:
         """(our request id, vLLM's internal id) once vLLM has it, or this row's error."""
         refused = self._too_long(len(plan.ids), max_new_tokens) or self._positions(plan)
         if refused:
@@ -167,15 +176,13 @@ class VllmEngine:
         # vLLM appends "-<8 random chars>" to its own ids in the outputs' request_id
         return internal_id.rsplit("-", 1)[0], internal_id
 
-    def _positions(self, plan: Plan) -> ItemError | None:
+    def _positions(self, plan: HostPlan) -> ItemError | None:
         """model_error when vLLM would number this LLaVA plan otherwise than its positions
         say (Qwen2.5-VL's are checked as its request is built)."""
         if self.qwen:
             return None
         n = len(plan.ids)
-        if plan.positions.shape[0] == 1 and torch.equal(
-            plan.positions[0].cpu(), torch.arange(n, dtype=plan.positions.dtype)
-        ):
+        if plan.positions.shape[0] == 1 and np.array_equal(plan.positions[0], np.arange(n)):
             return None
         return ItemError(
             "model_error",
@@ -212,12 +219,32 @@ class VllmEngine:
         return EngineDead(self.dead)
 
 
-def qwen_mrope_channels(plan: Plan, image_token_id: int) -> torch.Tensor:
+@dataclass
+class HostPlan:
+    """A `Plan` read back to the host: what a vLLM request is built from."""
+
+    ids: np.ndarray  # [L']
+    positions: np.ndarray  # [R, L']
+    features: torch.Tensor  # [K, D] on the host, in the model's dtype
+
+
+def host_plans(plans: Sequence[Plan]) -> list[HostPlan]:
+    """Every plan's ids, positions and features on the host, read with one device wait."""
+    if not plans:
+        return []
+    arrays = iter(to_host(*[t for p in plans for t in (p.ids, p.positions, p.features)]))
+    return [
+        HostPlan(next(arrays), next(arrays), torch.from_numpy(next(arrays)).to(p.features.dtype))
+        for p in plans
+    ]
+
+
+def qwen_mrope_channels(plan: HostPlan, image_token_id: int) -> torch.Tensor:
     """The [K, 4] channels vLLM's ``recompute_mrope_positions`` turns back into ``plan``'s
     M-RoPE positions: each kept token's (t, h, w) relative to the image start, and the offset
     where the text after the image resumes. Raises ValueError when no channels can: vLLM
     numbers the text before the image 0..s-1 and the text after it contiguously."""
-    ids, pos = plan.ids.cpu(), plan.positions.cpu().long()
+    ids, pos = torch.from_numpy(plan.ids), torch.from_numpy(plan.positions).long()
     run = torch.nonzero(ids == image_token_id).flatten()
     if pos.shape[0] != 3:
         raise ValueError(f"M-RoPE positions have 3 rows, got {pos.shape[0]}")
