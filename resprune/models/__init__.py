@@ -6,9 +6,17 @@ from resprune.models.base import VLM, Adapter
 from resprune.models.llava import LlavaAdapter
 from resprune.models.llava_next import LlavaNextAdapter
 from resprune.models.qwen2_5_vl import Qwen2_5_VLAdapter
+from resprune.models.qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS: dict[str, Adapter] = {
-    a.family: a for a in (LlavaAdapter(), LlavaNextAdapter(), Qwen2_5_VLAdapter())
+    a.family: a
+    for a in (
+        LlavaAdapter(),
+        LlavaNextAdapter(),
+        Qwen2_5_VLAdapter(),
+        Qwen3VLAdapter("qwen3_vl"),
+        Qwen3VLAdapter("qwen3_vl_moe"),
+    )
 }
 FAMILIES = tuple(ADAPTERS)
 
