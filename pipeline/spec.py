@@ -176,9 +176,16 @@ class TransformersSpec(_Strict):
 
 class ModelSpec(_Strict):
     path: str = Field(description="Local folder, s3:// prefix, or hub id of the checkpoint.")
-    family: Literal["auto", "llava", "llava_next", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"] = (
-        Field("auto", description="Model family; auto reads config.json's model_type.")
-    )
+    family: Literal[
+        "auto",
+        "llava",
+        "llava_next",
+        "qwen2_5_vl",
+        "qwen3_vl",
+        "qwen3_vl_moe",
+        "gemma3",
+        "internvl",
+    ] = Field("auto", description="Model family; auto reads config.json's model_type.")
     revision: str | None = Field(
         None, description="Hub revision (pin a 40-hex commit in production)."
     )

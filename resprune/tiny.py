@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import processors
 from transformers import (
     AutoModelForImageTextToText,
     CLIPVisionConfig,
@@ -36,7 +36,9 @@ from transformers.models.llava_next.image_processing_pil_llava_next import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from resprune import tiny_gemma3
 from resprune.models.qwen_processor import IMAGE_ONLY
+from resprune.tiny_bpe import train_bpe
 
 LLAVA_TEMPLATE = (
     "{% for message in messages %}"
@@ -69,15 +71,8 @@ QWEN_SPECIALS = [
     "<|image_pad|>",
     "<|video_pad|>",
 ]
-CORPUS = [
-    "USER: What is in this image? ASSISTANT: A cat sits on a red mat near the window.",
-    "Describe this image in one sentence. A rocket launches into a blue sky.",
-    "How many people are in the photo? Two astronauts stand next to a coffee cup.",
-    "What color is the car on the left side of the street? The car is green.",
-    "system You are a helpful assistant. user assistant",
-]
 QWEN = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
-FAMILIES = ("llava", "llava_next", *QWEN)
+FAMILIES = ("llava", "llava_next", *QWEN, "gemma3")
 
 
 def build_tiny_checkpoint(
@@ -100,7 +95,10 @@ def build_tiny_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     qwen = family in QWEN
-    tokenizer = _tokenizer(QWEN_SPECIALS if qwen else LLAVA_SPECIALS, qwen=qwen)
+    if family == "gemma3":
+        tokenizer = tiny_gemma3.tokenizer()
+    else:
+        tokenizer = _tokenizer(QWEN_SPECIALS if qwen else LLAVA_SPECIALS, qwen=qwen)
     text = {
         "hidden_size": text_hidden,
         "num_hidden_layers": text_layers,
@@ -112,6 +110,8 @@ def build_tiny_checkpoint(
     vision = {"hidden_size": vision_hidden, "layers": vision_layers, "image_size": image_size}
     if qwen:
         config, processor = _qwen(family, tokenizer, text, vision)
+    elif family == "gemma3":
+        config, processor = tiny_gemma3.config_and_processor(tokenizer, text, vision)
     else:
         config, processor = _llava(family, tokenizer, text, vision)
     config.resprune_tiny_random = True  # read back by VLM.describe()
@@ -120,7 +120,7 @@ def build_tiny_checkpoint(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out)
-    if not qwen:
+    if family in ("llava", "llava_next"):
         _save_vision_keys_like_llava_hub(out)
     if qwen:
         _save_like_qwen_hub(processor, out)
@@ -130,16 +130,7 @@ def build_tiny_checkpoint(
 
 
 def _tokenizer(specials: list[str], *, qwen: bool) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE(unk_token=None if qwen else "<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS * 4, trainer)
+    tok = train_bpe(specials, unk=None if qwen else "<unk>")
     if qwen:
         return PreTrainedTokenizerFast(
             tokenizer_object=tok,

@@ -13,7 +13,9 @@ from tests.vlm_helpers import QUESTIONS, images, tiny_vlm
 PER_BATCH = 3  # the picks read, the answers read, the statistics read
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize(
+    "family", ["llava", "llava_next", "qwen2_5_vl", "qwen3_vl", "gemma3", "internvl"]
+)
 def test_no_sync_or_copy_per_item(family, tmp_path_factory):
     vlm, pre = tiny_vlm(family, tmp_path_factory)
     pictures = images()

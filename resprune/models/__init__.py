@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from resprune.models.base import VLM, Adapter
+from resprune.models.gemma3 import Gemma3Adapter
 from resprune.models.llava import LlavaAdapter
 from resprune.models.llava_next import LlavaNextAdapter
 from resprune.models.qwen2_5_vl import Qwen2_5_VLAdapter
@@ -16,6 +17,7 @@ ADAPTERS: dict[str, Adapter] = {
         Qwen2_5_VLAdapter(),
         Qwen3VLAdapter("qwen3_vl"),
         Qwen3VLAdapter("qwen3_vl_moe"),
+        Gemma3Adapter(),
     )
 }
 FAMILIES = tuple(ADAPTERS)
