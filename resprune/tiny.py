@@ -36,7 +36,7 @@ from transformers.models.llava_next.image_processing_pil_llava_next import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from resprune import tiny_gemma3
+from resprune import tiny_gemma3, tiny_internvl
 from resprune.models.qwen_processor import IMAGE_ONLY
 from resprune.tiny_bpe import train_bpe
 
@@ -72,7 +72,8 @@ QWEN_SPECIALS = [
     "<|video_pad|>",
 ]
 QWEN = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
-FAMILIES = ("llava", "llava_next", *QWEN, "gemma3")
+FAMILIES = ("llava", "llava_next", *QWEN, "gemma3", "internvl")
+OWN_BUILDERS = {"gemma3": tiny_gemma3, "internvl": tiny_internvl}  # family -> its module
 
 
 def build_tiny_checkpoint(
@@ -95,8 +96,8 @@ def build_tiny_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     qwen = family in QWEN
-    if family == "gemma3":
-        tokenizer = tiny_gemma3.tokenizer()
+    if family in OWN_BUILDERS:
+        tokenizer = OWN_BUILDERS[family].tokenizer()
     else:
         tokenizer = _tokenizer(QWEN_SPECIALS if qwen else LLAVA_SPECIALS, qwen=qwen)
     text = {
@@ -110,8 +111,9 @@ def build_tiny_checkpoint(
     vision = {"hidden_size": vision_hidden, "layers": vision_layers, "image_size": image_size}
     if qwen:
         config, processor = _qwen(family, tokenizer, text, vision)
-    elif family == "gemma3":
-        config, processor = tiny_gemma3.config_and_processor(tokenizer, text, vision)
+    elif family in OWN_BUILDERS:
+        builder = OWN_BUILDERS[family]
+        config, processor = builder.config_and_processor(tokenizer, text, vision)
     else:
         config, processor = _llava(family, tokenizer, text, vision)
     config.resprune_tiny_random = True  # read back by VLM.describe()
@@ -126,7 +128,18 @@ def build_tiny_checkpoint(
         _save_like_qwen_hub(processor, out)
     else:
         processor.save_pretrained(out)
+    if family == "internvl":
+        _name_stock_processor(out, "InternVLProcessor")
     return out
+
+
+def _name_stock_processor(out: Path, name: str) -> None:
+    """processor_config.json names the stock class, as the hub repos do (ours is a subclass
+    that AutoProcessor would not find)."""
+    path = out / "processor_config.json"
+    data = json.loads(path.read_text())
+    data["processor_class"] = name
+    path.write_text(json.dumps(data, indent=2))
 
 
 def _tokenizer(specials: list[str], *, qwen: bool) -> PreTrainedTokenizerFast:
