@@ -59,3 +59,25 @@ def test_family_other_than_the_checkpoints_is_refused(tmp_path, capsys):
     assert cli(["validate", str(job)]) == 2
     err = capsys.readouterr().err.strip()
     assert "model.family is 'qwen3_vl' but config.json's model_type is 'llava'" in err
+
+
+def test_moe_flops_count_the_active_parameters(tmp_path):
+    """Qwen3-VL-MoE: the shape the cost report reads has the MLP width one token runs
+    through, so its FLOPs per token are those of the active parameters."""
+    from pipeline.report.estimate import LlmShape
+    from resprune.loading import load_vlm
+    from resprune.tiny import build_tiny_checkpoint
+
+    vlm = load_vlm(str(build_tiny_checkpoint("qwen3_vl_moe", tmp_path, text_intermediate=96)))
+    text = vlm.model.config.text_config
+    shape = vlm.describe()
+    top_k, experts, width = text.num_experts_per_tok, text.num_experts, text.moe_intermediate_size
+    assert (shape["experts"], shape["experts_per_token"]) == (experts, top_k) == (4, 2)
+    assert shape["intermediate_size"] == top_k * width
+    mlp = 3 * text.hidden_size * width  # gate, up, down of one expert
+    dropped = (experts - top_k) * mlp * text.num_hidden_layers
+    assert shape["text_active_parameters"] == shape["text_parameters"] - dropped
+    h, layers = text.hidden_size, text.num_hidden_layers
+    kv = h * text.num_key_value_heads / text.num_attention_heads
+    want = 2.0 * layers * (2 * h * h + 2 * h * kv + 3 * h * top_k * width)
+    assert LlmShape.from_dict(shape).linear_flops_per_token() == want

@@ -117,21 +117,41 @@ class VLM:
     revision: str | None = None  # the hub revision it was loaded at
 
     def describe(self) -> dict:
-        """Model shape for FLOPs estimates and run summaries."""
-        text = self.model.config.text_config
+        """Model shape for FLOPs estimates and run summaries.
+
+        For a mixture-of-experts LLM (Qwen3-VL-MoE) ``intermediate_size`` is the MLP width a
+        token runs through (experts per token x each expert's width), so FLOPs estimates count
+        the active parameters; ``text_parameters`` counts them all (what memory holds) and
+        ``text_active_parameters`` what one token uses."""
+        text = self.model.config.get_text_config(decoder=True)
         total = sum(p.numel() for p in self.model.parameters())
         llm = [self.model.model.language_model, self.model.lm_head]
         text_params = sum(p.numel() for m in llm for p in m.parameters())
+        experts = getattr(text, "num_experts", None) or 0
+        top_k = getattr(text, "num_experts_per_tok", None) or 0
+        ff = text.intermediate_size
+        active = text_params
+        if experts and top_k:
+            ff = top_k * text.moe_intermediate_size
+            expert_params = sum(
+                p.numel()
+                for n, p in self.model.model.language_model.named_parameters()
+                if ".experts." in n
+            )
+            active = text_params - expert_params + expert_params * top_k // experts
         return {
             "name": self.name,
             "family": self.family,
             "dtype": str(self.model.dtype).removeprefix("torch."),
             "parameters": total,
             "text_parameters": text_params,
+            "text_active_parameters": active,
             "vision_parameters": total - text_params,
             "hidden_size": text.hidden_size,
             "num_layers": text.num_hidden_layers,
-            "intermediate_size": text.intermediate_size,
+            "intermediate_size": ff,
+            "experts": experts,
+            "experts_per_token": top_k,
             "num_heads": text.num_attention_heads,
             "num_kv_heads": text.num_key_value_heads,
             "vocab": text.vocab_size,
