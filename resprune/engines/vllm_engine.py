@@ -37,6 +37,7 @@ from resprune.engines.base import EngineDead, Generation, Plan, engine_dead
 from resprune.engines.hf import decode
 from resprune.engines.vllm_plugin import (
     ARCHITECTURES,
+    MROPE_FAMILIES,
     UnsupportedVllm,
     register,
     vllm_refusal,
@@ -78,7 +79,7 @@ class VllmEngine:
         if problem:
             raise UnsupportedVllm(problem)
         self.vlm = vlm
-        self.qwen = vlm.family == "qwen2_5_vl"
+        self.qwen = vlm.family in MROPE_FAMILIES
         self.image_token_id = int(vlm.model.config.image_token_id)
         self.dead: str | None = None  # why the engine died, once it has
         cpu = vlm.device.type == "cpu"
@@ -142,7 +143,10 @@ class VllmEngine:
         run = [j for j, t in enumerate(ids) if t == self.image_token_id]
         if run:
             ids = [*ids[: run[0]], self.image_token_id, *ids[run[-1] + 1 :]]
-        embeds = plan.features.detach().to("cpu")[None]
+        embeds = plan.features
+        if plan.side is not None:  # DeepStack rows follow each feature, level by level
+            embeds = torch.cat([embeds, plan.side.flatten(1)], dim=1)
+        embeds = embeds.detach().to("cpu")[None]
         if not self.qwen:
             return {"prompt_token_ids": ids, "multi_modal_data": {"image": embeds}}
         mrope = qwen_mrope_channels(plan, self.image_token_id)
