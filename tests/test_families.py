@@ -81,3 +81,15 @@ def test_moe_flops_count_the_active_parameters(tmp_path):
     kv = h * text.num_key_value_heads / text.num_attention_heads
     want = 2.0 * layers * (2 * h * h + 2 * h * kv + 3 * h * top_k * width)
     assert LlmShape.from_dict(shape).linear_flops_per_token() == want
+
+
+@pytest.mark.parametrize("family", ["internvl", "gemma3"])
+def test_vllm_for_a_family_it_cannot_take_is_refused_at_validate(tmp_path, capsys, family):
+    job = _job(tmp_path, family)
+    doc = yaml.safe_load(job.read_text())
+    doc["model"]["engine"] = "vllm"
+    job.write_text(yaml.safe_dump(doc))
+    assert cli(["validate", str(job)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"model.engine: vllm does not take {family}" in err and "\n" not in err
+    assert "use engine: transformers" in err

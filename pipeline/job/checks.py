@@ -56,7 +56,8 @@ def check_model_path(spec: JobSpec) -> None:
 
 def check_family(spec: JobSpec) -> None:
     """Raise ModelPathError with one line when config.json's model_type is not a supported
-    family, or not the one ``model.family`` names."""
+    family, not the one ``model.family`` names, or one ``engine: vllm`` does not take (under
+    the job's position policy)."""
     config = model_config(spec)
     if not config:
         raise ModelPathError(f"model.path {spec.model.path}: config.json is not a JSON object")
@@ -71,6 +72,12 @@ def check_family(spec: JobSpec) -> None:
             f"model.path {spec.model.path}: model.family is {spec.model.family!r} but "
             f"config.json's model_type is {model_type!r}"
         )
+    if spec.model.engine == "vllm":  # no vLLM import: the plugin's tables
+        from resprune.engines.vllm_plugin import vllm_refusal
+
+        refusal = vllm_refusal(model_type, spec.pruning.position_policy)
+        if refusal:
+            raise ModelPathError(f"model.path {spec.model.path}: {refusal}")
 
 
 def check_engine(spec: JobSpec) -> None:
