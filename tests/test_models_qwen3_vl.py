@@ -84,6 +84,14 @@ def test_deepstack_levels_are_pruned_by_the_kept_index(qwen3):
         assert not seen["mask"][b, : -r.prompt_tokens].any()
 
 
+@pytest.mark.parametrize("method", ["pool", "uniform"])
+def test_baselines_carry_deepstack_rows(qwen3, method):
+    """Baselines run with DeepStack (pool: its tokens take their windows' centres' rows)."""
+    vlm, items = qwen3
+    results = answer_batch(vlm, items, pruner=build_pruner(method), keep=16, max_new_tokens=2)
+    assert all(r.kept_tokens <= 16 and r.new_tokens >= 1 for r in results)
+
+
 def test_original_positions_are_the_unpruned_mrope_positions(qwen3):
     vlm, items = qwen3
     with captured_positions(vlm) as calls:
