@@ -49,8 +49,9 @@ POSITION_POLICIES = {
 MROPE_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 # families with a transformers adapter that the vLLM engine does not take, and why
 NOT_TAKEN = {
-    "internvl": "vLLM 0.32's InternVL sizes each image's run from its tiles, so it cannot take "
-    "a pruned number of image embeddings",
+    "internvl": "vLLM 0.32's InternVL takes image embeddings but wants one feature size per "
+    "engine step (its input schema) and wraps them in its own <img>...</img>; resprune has no "
+    "model class for it yet",
     "gemma3": "vLLM 0.32's Gemma 3 fixes each image at mm_tokens_per_image embeddings and "
     "builds its bidirectional image mask from that count, so it cannot take a pruned number",
 }
