@@ -130,6 +130,7 @@ def build_tiny_checkpoint(
         processor.save_pretrained(out)
     if family == "internvl":
         _name_stock_processor(out, "InternVLProcessor")
+        tiny_internvl.save_video_config(out, vision["image_size"])
     return out
 
 

@@ -4,6 +4,9 @@ InternVL's chat format (``<IMG_CONTEXT>`` expanded to ``<img>`` + tokens + ``</i
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from transformers import InternVLConfig, PreTrainedTokenizerFast
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 
@@ -73,6 +76,8 @@ def config_and_processor(tok, text: dict, vision: dict):
         },
         image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
         image_seq_length=per_tile,
+        # as InternVL3.5-8B: a tied head in a 2-layer random model only echoes the last token
+        tie_word_embeddings=False,
     )
     config.pad_token_id = tok.pad_token_id
     ip = GotOcr2ImageProcessorPil(
@@ -85,3 +90,19 @@ def config_and_processor(tok, text: dict, vision: dict):
         image_processor=ip, tokenizer=tok, image_seq_length=per_tile, chat_template=TEMPLATE
     )
     return config, processor
+
+
+def save_video_config(out: Path, size: int) -> None:
+    """video_preprocessor_config.json, as the hub repos ship it: vLLM's InternVL processor
+    loads a video processor (ours never uses one; without torchvision it is skipped)."""
+    config = {
+        "video_processor_type": "InternVLVideoProcessor",
+        "processor_class": "InternVLProcessor",
+        "size": {"height": size, "width": size},
+        "do_resize": True,
+        "do_rescale": True,
+        "do_normalize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+    }
+    (out / "video_preprocessor_config.json").write_text(json.dumps(config, indent=2))

@@ -38,6 +38,7 @@ from resprune.engines.hf import decode
 from resprune.engines.vllm_plugin import (
     ARCHITECTURES,
     MROPE_FAMILIES,
+    WRAPPED_RUN,
     UnsupportedVllm,
     register,
     vllm_refusal,
@@ -80,6 +81,7 @@ class VllmEngine:
             raise UnsupportedVllm(problem)
         self.vlm = vlm
         self.qwen = vlm.family in MROPE_FAMILIES
+        self.wrapped = vlm.family in WRAPPED_RUN
         self.image_token_id = int(vlm.model.config.image_token_id)
         self.dead: str | None = None  # why the engine died, once it has
         cpu = vlm.device.type == "cpu"
@@ -142,7 +144,8 @@ class VllmEngine:
         ids = plan.ids.tolist()
         run = [j for j, t in enumerate(ids) if t == self.image_token_id]
         if run:
-            ids = [*ids[: run[0]], self.image_token_id, *ids[run[-1] + 1 :]]
+            cut = int(self.wrapped)  # InternVL: vLLM adds <img> ... </img> itself
+            ids = [*ids[: run[0] - cut], self.image_token_id, *ids[run[-1] + 1 + cut :]]
         embeds = plan.features
         if plan.side is not None:  # DeepStack rows follow each feature, level by level
             embeds = torch.cat([embeds, plan.side.flatten(1)], dim=1)

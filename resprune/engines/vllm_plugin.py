@@ -25,6 +25,7 @@ ARCHITECTURES = {
     "qwen2_5_vl": "ResPruneQwen2_5_VLForConditionalGeneration",
     "qwen3_vl": "ResPruneQwen3VLForConditionalGeneration",
     "qwen3_vl_moe": "ResPruneQwen3VLMoeForConditionalGeneration",
+    "internvl": "ResPruneInternVLForConditionalGeneration",
 }
 _CLASSES = {
     "llava": "resprune.engines.vllm_models:PrunedLlava",
@@ -32,11 +33,12 @@ _CLASSES = {
     "qwen2_5_vl": "resprune.engines.vllm_qwen:PrunedQwen2_5_VL",
     "qwen3_vl": "resprune.engines.vllm_qwen3:PrunedQwen3_VL",
     "qwen3_vl_moe": "resprune.engines.vllm_qwen3:PrunedQwen3_VLMoe",
+    "internvl": "resprune.engines.vllm_models:PrunedInternVL",
 }
 # The position policies under which vLLM's greedy ids equal the transformers engine's:
 # vLLM numbers LLaVA positions 0..L-1 (contiguous only); for Qwen2.5-VL the request carries
 # each kept token's M-RoPE position, so both policies pass through (tests/test_engine_vllm;
-# Qwen3-VL: tests/test_engine_vllm_qwen3). InternVL and Gemma 3 are not taken (see
+# Qwen3-VL, InternVL: tests/test_engine_vllm_families). Gemma 3 is not taken (see
 # vllm_refusal).
 POSITION_POLICIES = {
     "llava": ("contiguous",),
@@ -44,14 +46,14 @@ POSITION_POLICIES = {
     "qwen2_5_vl": ("original", "contiguous"),
     "qwen3_vl": ("original", "contiguous"),
     "qwen3_vl_moe": ("original", "contiguous"),
+    "internvl": ("contiguous",),
 }
+# families whose image-token run vLLM wraps in its own delimiters: sent without ours
+WRAPPED_RUN = ("internvl",)
 # families whose requests carry their kept tokens' M-RoPE positions (vLLM's EVS path)
 MROPE_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 # families with a transformers adapter that the vLLM engine does not take, and why
 NOT_TAKEN = {
-    "internvl": "vLLM 0.32's InternVL takes image embeddings but wants one feature size per "
-    "engine step (its input schema) and wraps them in its own <img>...</img>; resprune has no "
-    "model class for it yet",
     "gemma3": "vLLM 0.32's Gemma 3 fixes each image at mm_tokens_per_image embeddings and "
     "builds its bidirectional image mask from that count, so it cannot take a pruned number",
 }

@@ -1,9 +1,11 @@
-"""Qwen3-VL through vLLM against the transformers engine: greedy ids token for token, with
-each request's kept DeepStack rows and M-RoPE positions (`resprune.engines.vllm_qwen3`).
+"""Qwen3-VL and InternVL through vLLM against the transformers engine: greedy ids token for
+token, with each Qwen3-VL request's kept DeepStack rows and M-RoPE positions
+(`resprune.engines.vllm_qwen3`), and InternVL's kept tokens of every tile
+(`resprune.engines.vllm_models.PrunedInternVL`).
 
 Runs in the vLLM environment (`make test-vllm`); skipped where vLLM is not installed. One
-engine for the module (its start costs tens of seconds on CPU); head_dim 32 (vLLM's CPU
-attention has no kernel for smaller heads).
+engine per family for the module (a start costs tens of seconds on CPU); head_dim 32 (vLLM's
+CPU attention has no kernel for smaller heads).
 """
 
 from __future__ import annotations
@@ -41,14 +43,21 @@ class Recording(TransformersEngine):
         return super().generate(plans, max_new_tokens)
 
 
+def _family(family: str, folder) -> dict:
+    path = str(build_tiny_checkpoint(family, folder, heads=2, kv_heads=1))
+    items = prepared(load_preprocessor(path))
+    engine = build_engine("vllm", load_vlm(path), max_model_len=2048)
+    return {"path": path, "ref": load_vlm(path), "items": items, "engine": engine}
+
+
 @pytest.fixture(scope="module")
 def qwen3(tmp_path_factory) -> dict:
-    path = str(
-        build_tiny_checkpoint("qwen3_vl", tmp_path_factory.mktemp("q3"), heads=2, kv_heads=1)
-    )
-    items = prepared(load_preprocessor(path))
-    engine = build_engine("vllm", load_vlm(path), max_model_len=1024)
-    return {"path": path, "ref": load_vlm(path), "items": items, "engine": engine}
+    return _family("qwen3_vl", tmp_path_factory.mktemp("q3"))
+
+
+@pytest.fixture(scope="module")
+def internvl(tmp_path_factory) -> dict:
+    return _family("internvl", tmp_path_factory.mktemp("ivl"))
 
 
 def reference(fam: dict, policy: str) -> tuple[list, list]:
@@ -84,3 +93,14 @@ def test_deepstack_rows_reach_vllm(qwen3):
     flat = [dataclasses.replace(p, side=torch.zeros_like(p.side)) for p in plans]
     got = qwen3["engine"].generate(flat, NEW_TOKENS)
     assert [g.token_ids for g in got] != expected
+
+
+def test_internvl_greedy_ids_equal_transformers_in_one_mixed_batch(internvl):
+    """12 requests of 1 to 3 tiles (the thumbnail included) and 4+ kept counts in one call;
+    vLLM wraps each kept run in its own <img> ... </img>, as our prompts had it."""
+    plans, expected = reference(internvl, "contiguous")
+    tiles = {it.pixel_values.shape[0] for it in internvl["items"]}
+    assert len(tiles) >= 2 and len({int(p.features.shape[0]) for p in plans}) >= 4
+    assert len({tuple(e) for e in expected}) >= 6  # the tiny model's answers differ
+    got = internvl["engine"].generate(plans, NEW_TOKENS)
+    assert [g.token_ids for g in got] == expected
