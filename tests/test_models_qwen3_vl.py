@@ -20,7 +20,10 @@ from tests.vlm_helpers import (
 NEW = 5
 
 
-@pytest.fixture(scope="module", params=["qwen3_vl", "qwen3_vl_moe"])
+@pytest.fixture(
+    scope="module",
+    params=["qwen3_vl", pytest.param("qwen3_vl_moe", marks=pytest.mark.slow)],  # MoE: slow CPU
+)
 def qwen3(request, tmp_path_factory):
     vlm, pre = tiny_vlm(request.param, tmp_path_factory)
     return vlm, prepared(pre)
