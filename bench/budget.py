@@ -68,7 +68,7 @@ def main() -> None:
     items = [pre.prepare(im, "What is on the table?") for im in pictures]
     results = []
     with torch.inference_mode():  # features once; selection timed per pruner and keep
-        feats = vlm.adapter.encode(vlm.model, items)
+        feats = vlm.adapter.encode(vlm.model, items).features
         for method in args.pruners:
             for keep in args.keep:
                 results.append(_measure(vlm, items, feats, method, keep, args.repeat))

@@ -176,9 +176,16 @@ class TransformersSpec(_Strict):
 
 class ModelSpec(_Strict):
     path: str = Field(description="Local folder, s3:// prefix, or hub id of the checkpoint.")
-    family: Literal["auto", "llava", "llava_next", "qwen2_5_vl"] = Field(
-        "auto", description="Model family; auto reads config.json's model_type."
-    )
+    family: Literal[
+        "auto",
+        "llava",
+        "llava_next",
+        "qwen2_5_vl",
+        "qwen3_vl",
+        "qwen3_vl_moe",
+        "gemma3",
+        "internvl",
+    ] = Field("auto", description="Model family; auto reads config.json's model_type.")
     revision: str | None = Field(
         None, description="Hub revision (pin a 40-hex commit in production)."
     )
@@ -210,16 +217,16 @@ class ModelSpec(_Strict):
     max_pixels: int | None = Field(
         QWEN_MAX_PIXELS,
         ge=28 * 28,
-        description="Qwen2.5-VL: images are resized (never refused) to at most this many pixels, "
-        "so at most max_pixels / 784 merged tokens each (default 1280 * 28 * 28: 1280 tokens); "
-        "the checkpoint's own cap (12.8 MP for Qwen2.5-VL) wins when smaller; null keeps the "
-        "checkpoint's. Other families ignore it.",
+        description="Qwen2.5-VL / Qwen3-VL: images are resized (never refused) to at most this "
+        "many pixels, so at most max_pixels / 784 merged tokens each for Qwen2.5-VL, / 1024 for "
+        "Qwen3-VL (default 1280 * 28 * 28: 1280, 980 tokens); the checkpoint's own cap wins "
+        "when smaller; null keeps the checkpoint's. Other families ignore it.",
     )
     min_pixels: int | None = Field(
         None,
         ge=1,
-        description="Qwen2.5-VL: smaller images are resized up to at least this many pixels "
-        "(null: the checkpoint's, 56 * 56 for Qwen2.5-VL). Other families ignore it.",
+        description="Qwen2.5-VL / Qwen3-VL: smaller images are resized up to at least this many "
+        "pixels (null: the checkpoint's, 56 * 56 for Qwen2.5-VL). Other families ignore it.",
     )
     attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] = Field(
         "sdpa",
@@ -294,7 +301,9 @@ class PruningSpec(_Strict):
         "original", description="Kept tokens keep their original positions, or are renumbered."
     )
     anyres: Literal["per_crop", "global"] = Field(
-        "per_crop", description="LLaVA-NeXT: budget split across crops, or one selection."
+        "per_crop",
+        description="LLaVA-NeXT, InternVL: budget split across crops (tiles and the thumbnail),"
+        " or one selection over the image.",
     )
     seed: int = Field(0, description="Seed of the random baseline.")
 

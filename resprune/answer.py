@@ -83,10 +83,10 @@ def answer_batch(
         overhead.warm_libraries(vlm.device, dtype)
     with torch.inference_mode():
         t0 = _now(vlm)
-        feats = vlm.adapter.encode(vlm.model, items)
+        encoded = vlm.adapter.encode(vlm.model, items)
         t1 = _now(vlm)
-        images, picks = _select(vlm, items, feats, pruner, keep, anyres)
-        plans = _plans(vlm, items, images, picks, position_policy)
+        images, picks = _select(vlm, items, encoded.features, pruner, keep, anyres)
+        plans = _plans(vlm, items, images, picks, position_policy, encoded.side)
         t2 = _now(vlm)
         out: list[ItemResult | ItemError | None] = [
             p if isinstance(p, ItemError) else _fits(vlm, p, max_new_tokens) for p in plans
@@ -167,13 +167,15 @@ def _text_embeddings(vlm: VLM, items: list[PreparedItem]) -> list[torch.Tensor |
     return [rows[a:b] if b > a else None for a, b in itertools.pairwise(bounds)]
 
 
-def _plans(vlm, items, images, picks, policy) -> list[_Plan | ItemError]:
+def _plans(vlm, items, images, picks, policy, side) -> list[_Plan | ItemError]:
     """Every item's kept sequence, cut on the host; then one copy of all kept ids, positions,
-    unpruned ids and feature rows to the device, and one gather of the kept features."""
+    unpruned ids, feature rows, side rows and token extras to the device, and one gather of
+    the kept features (and of their side rows, by the same kept index)."""
     cuts: list[_Cut | ItemError] = []
     sources: list[torch.Tensor] = []  # rows the kept features are gathered from
-    offset = 0
-    for item, image, mine in zip(items, images, picks, strict=True):
+    sides: list[torch.Tensor] = []  # the side rows of the items cut, in the same order
+    offset = side_offset = 0
+    for i, (item, image, mine) in enumerate(zip(items, images, picks, strict=True)):
         feat = image.features
         try:
             cut = _cut(vlm, item, image, mine, policy, offset)
@@ -183,20 +185,39 @@ def _plans(vlm, items, images, picks, policy) -> list[_Plan | ItemError]:
         cuts.append(cut)
         sources += [feat, *cut.replaced]
         offset += feat.shape[0] + sum(t.shape[0] for t in cut.replaced)
+        if side is not None:  # pool's replacement tokens take their windows' centres' rows
+            cut.side_rows = side_offset + cut.side_rows
+            sides.append(side[i])
+            side_offset += side[i].shape[0]
     done = [c for c in cuts if isinstance(c, _Cut)]
     if not done:
         return cuts  # type: ignore[return-value]
-    parts = [p for c in done for p in (c.rows, c.ids, c.positions.ravel(), c.prompt)]
-    flat = to_device(np.concatenate(parts), vlm.device).split([len(p) for p in parts])
-    source = torch.cat(sources) if len(sources) > 1 else sources[0]
-    features = source[torch.cat(flat[0::4])].to(vlm.model.dtype).split([len(c.rows) for c in done])
+    arrays = [c.arrays() for c in done]
+    sizes = [len(a) for arrs in arrays for a in arrs]
+    flat = iter(
+        to_device(np.concatenate([a for arrs in arrays for a in arrs]), vlm.device).split(sizes)
+    )
+    device = [[next(flat) for _ in arrs] for arrs in arrays]
+    features = _gather(sources, [d[0] for d in device], vlm.model.dtype)
+    kept_side = _gather(sides, [d[4] for d in device], vlm.model.dtype) if sides else None
     engine = iter(
-        Plan(ids, feat, pos.view(c.positions.shape), prompt)
-        for c, feat, ids, pos, prompt in zip(
-            done, features, flat[1::4], flat[2::4], flat[3::4], strict=True
+        Plan(
+            d[1],
+            feat,
+            d[2].view(c.positions.shape),
+            d[3],
+            kept_side[j] if kept_side is not None else None,
+            dict(zip(c.extras, d[5:], strict=True)),
         )
+        for j, (c, d, feat) in enumerate(zip(done, device, features, strict=True))
     )
     return [c if isinstance(c, ItemError) else _Plan(next(engine), c.span, c.stats) for c in cuts]
+
+
+def _gather(sources: list[torch.Tensor], rows: list[torch.Tensor], dtype) -> list[torch.Tensor]:
+    """Per item, its ``rows`` of the batch's concatenated ``sources`` (one gather)."""
+    source = torch.cat(sources) if len(sources) > 1 else sources[0]
+    return list(source[torch.cat(rows)].to(dtype).split([len(r) for r in rows]))
 
 
 @dataclass
@@ -210,6 +231,13 @@ class _Cut:
     replaced: list[torch.Tensor]  # replacement features (pool), appended to the source
     span: int
     stats: dict
+    side_rows: np.ndarray  # kept visual positions (sequence order): the side rows to gather
+    extras: dict[str, np.ndarray]  # the adapter's per-token inputs of the kept prompt
+
+    def arrays(self) -> list[np.ndarray]:
+        """Every int64 array the device needs, in `_plans`' order."""
+        fixed = [self.rows, self.ids, self.positions.ravel(), self.prompt, self.side_rows]
+        return fixed + [np.asarray(v, dtype=np.int64) for v in self.extras.values()]
 
 
 def _cut(vlm, item, image: ImageTokens, chosen: Picks, policy: str, offset: int) -> _Cut:
@@ -239,6 +267,7 @@ def _cut(vlm, item, image: ImageTokens, chosen: Picks, policy: str, offset: int)
     keep[run] = False
     keep[run[kept_all]] = True
     positions = vlm.adapter.positions(vlm.model, item, keep, policy)
+    extras = vlm.adapter.token_extras(vlm.model, item, keep)
     stats = {
         "visual_tokens": n,
         "kept_tokens": len(kept_all),
@@ -248,7 +277,7 @@ def _cut(vlm, item, image: ImageTokens, chosen: Picks, policy: str, offset: int)
         "prompt_tokens_unpruned": len(ids),
     }
     span = int(positions.max()) + 1
-    return _Cut(rows, ids[keep], positions, ids, replaced, span, stats)
+    return _Cut(rows, ids[keep], positions, ids, replaced, span, stats, kept_all, extras)
 
 
 def _device_stats(picks: list[Picks]) -> list[dict]:

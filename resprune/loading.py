@@ -24,16 +24,21 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from resprune.models import ADAPTERS, FAMILIES, VLM
-from resprune.models.qwen_processor import (
-    DEFAULT_MAX_PIXELS,
-    ImageOnlyQwen2_5_VLProcessor,
-    limit_pixels,
-)
+from resprune.models.internvl import ImageOnlyInternVLProcessor
+from resprune.models.qwen_processor import DEFAULT_MAX_PIXELS, IMAGE_ONLY, limit_pixels
 from resprune.prompts import Preprocessor
 
 ATTENTION = ("sdpa", "flash_attention_2", "eager")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MANIFEST = ".resprune-manifest.json"
+# families whose processor is built image-only when AutoProcessor needs torchvision (for its
+# video processor); the Qwen ones also take model.max_pixels / min_pixels
+QWEN_FAMILIES = {
+    "qwen2_5_vl": IMAGE_ONLY["qwen2_5_vl"],
+    "qwen3_vl": IMAGE_ONLY["qwen3_vl"],
+    "qwen3_vl_moe": IMAGE_ONLY["qwen3_vl"],
+}
+IMAGE_ONLY_FAMILIES = QWEN_FAMILIES | {"internvl": ImageOnlyInternVLProcessor}
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -120,11 +125,12 @@ def load_preprocessor(
         local, family=family, revision=revision, trust_remote_code=trust_remote_code
     )
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
-    if fam == "qwen2_5_vl":
-        processor = _qwen_processor(local, kwargs)
-        limit_pixels(processor.image_processor, max_pixels=max_pixels, min_pixels=min_pixels)
+    if fam in IMAGE_ONLY_FAMILIES:
+        processor = _image_processor(local, IMAGE_ONLY_FAMILIES[fam], kwargs)
     else:
         processor = AutoProcessor.from_pretrained(local, **kwargs)
+    if fam in QWEN_FAMILIES:
+        limit_pixels(processor.image_processor, max_pixels=max_pixels, min_pixels=min_pixels)
     if not getattr(processor, "chat_template", None):
         raise UnsupportedModelError(
             f"{path!r} has no chat template (chat_template.jinja / chat_template.json); "
@@ -134,14 +140,14 @@ def load_preprocessor(
     return Preprocessor(processor, fam, context=context, max_question_tokens=max_question_tokens)
 
 
-def _qwen_processor(local: str, kwargs: dict):
+def _image_processor(local: str, image_only: type, kwargs: dict):
     """AutoProcessor, unless it fails or silently returns a bare tokenizer (no torchvision)."""
     try:
         processor = AutoProcessor.from_pretrained(local, **kwargs)
-    except ImportError:  # the video processor needs torchvision
+    except (ImportError, OSError):  # the video processor needs torchvision (or its config)
         processor = None
     if getattr(processor, "image_processor", None) is None:
-        processor = ImageOnlyQwen2_5_VLProcessor.from_pretrained(local, **kwargs)
+        processor = image_only.from_pretrained(local, **kwargs)
     return processor
 
 

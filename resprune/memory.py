@@ -18,10 +18,13 @@ rest live in one phase of it, so the peak is what persists plus the largest phas
 * **vision** phase: per image, all images at once, the tower's hidden states (for a LLaVA
   family with a ``vision_feature_layer``, transformers keeps every CLIP layer's output:
   layers + 1 of [tokens, width] per tile), one layer's transients (q, k, v, attention
-  output, MLP) and the projector's; Qwen2.5-VL's tower keeps only its last hidden state
-  (4 patches per merged token) and adds the merger, and its pixel tensors (copied in as
+  output, MLP) and the projector's (InternVL: per tile, the thumbnail included; InternVL's
+  and Gemma 3's towers keep only their input and last hidden state); Qwen2.5-VL's and
+  Qwen3-VL's towers keep only the last hidden state (4 patches per merged token) and add the
+  merger (Qwen3-VL: one more per DeepStack level), and their pixel tensors (copied in as
   float32, then cast). With eager attention, the score matrices and their softmax (one
-  layer at a time). Plus the features [N, D] it returns.
+  layer at a time). Plus the features [N, D] it returns (Qwen3-VL: [N, 1 + levels, D] with
+  the DeepStack rows, which follow the features through selection and prefill).
 * **selection** phase (when the pruner selects): the features and their padded copy, per crop
   set (S sets of N tokens) the float32 Gram and the weight product while it is scaled, and
   four [S, k, N] float32 coefficient-sized tensors.
@@ -59,6 +62,16 @@ import torch
 
 DEFAULT_CPU_BATCH_TOKENS = 16384
 RESERVE_SHARE = 0.15
+MERGED_PATCHES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")  # families with a Qwen tower
+TILED = ("llava_next", "internvl")  # families whose pixel_values are one image's tiles
+
+
+def _side(vision_config: Any) -> int:
+    """Patches along one side of a tile (image_size and patch_size may be [h, w] pairs)."""
+    size, patch = vision_config.image_size, vision_config.patch_size
+    size = size[0] if isinstance(size, list | tuple) else size
+    patch = patch[0] if isinstance(patch, list | tuple) else patch
+    return size // patch
 
 
 def kv_bytes_per_token(text_config: Any, dtype: torch.dtype) -> int:
@@ -135,6 +148,8 @@ class BatchMemory:
         self.text_eager = _attention(self.text) == "eager"
         self.persistent: dict[str, int] = {"kv": 0, "graphs": 0}  # the largest ones run
         self.kv = kv_bytes_per_token(self.text, dtype)
+        # Qwen3-VL's DeepStack levels: side rows as wide as the features, held with them
+        self.deepstack = len(getattr(config.vision_config, "deepstack_visual_indexes", ()) or ())
         self.act = activation_bytes_per_token(self.text, dtype)
 
     # ---- one item
@@ -146,47 +161,56 @@ class BatchMemory:
         from resprune.pruners import resolve_keep
 
         visual = int((item.input_ids == self.config.image_token_id).sum())
-        features = visual * self.text.hidden_size * self.size
-        if self.family == "qwen2_5_vl":
+        features = visual * self.text.hidden_size * self.size * (1 + self.deepstack)
+        tiles = item.pixel_values.shape[0] if self.family in TILED else 1
+        if self.family in MERGED_PATCHES:
             pixels = item.pixel_values.shape[0] * item.pixel_values.shape[1]
             tower = self.qwen_tower_bytes(item.pixel_values.shape[0], visual)
             tower += pixels * (4 + self.size)  # the pixels copied in (float32), then cast
             sets, tokens = 1, visual
         else:
-            v = self.config.vision_config
-            tiles = item.pixel_values.shape[0] if self.family == "llava_next" else 1
             tower = self.clip_tower_bytes(tiles)
-            per_crop = self.family == "llava_next" and anyres == "per_crop"
-            per_tile = (v.image_size // v.patch_size) ** 2
-            sets, tokens = (tiles, min(per_tile, visual)) if per_crop else (1, visual)
+            per_crop = self.family in TILED and anyres == "per_crop"
+            sets, tokens = (tiles, min(self._tile_tokens(), visual)) if per_crop else (1, visual)
         if keep is None:
             return ItemMemory(cost, tower, features, 0, 0, 0)
         return ItemMemory(
             cost, tower, features, sets, tokens, min(tokens, resolve_keep(keep, visual))
         )
 
+    def _tile_tokens(self) -> int:
+        """Selectable tokens of one tile: LLaVA-NeXT's patch grid, InternVL's shuffled one."""
+        side = _side(self.config.vision_config)
+        if self.family == "internvl":
+            return round(side * side * self.config.downsample_ratio**2)
+        return side * side
+
     def clip_tower_bytes(self, tiles: int) -> int:
-        """LLaVA / LLaVA-NeXT, per tile: the CLIP tower's kept hidden states and one layer's
-        transients, and the projector's activations."""
+        """LLaVA / LLaVA-NeXT (CLIP), InternVL (InternViT) and Gemma 3 (SigLIP), per tile: the
+        tower's kept hidden states and one layer's transients, and the projector's
+        activations."""
         v = self.config.vision_config
-        tokens = (v.image_size // v.patch_size) ** 2 + 1  # + CLS
+        tokens = _side(v) ** 2 + (0 if self.family == "gemma3" else 1)  # + CLS
         layer = getattr(self.config, "vision_feature_layer", None)
-        kept = v.num_hidden_layers + 1 if layer is not None else 2  # all hidden states
+        all_states = layer is not None and self.family in ("llava", "llava_next")
+        kept = v.num_hidden_layers + 1 if all_states else 2  # all hidden states, or in + out
         width = self.text.hidden_size
         per_token = kept * v.hidden_size + 4 * v.hidden_size + 2 * v.intermediate_size + 3 * width
         scores = 2 * v.num_attention_heads * tokens * tokens if self.vision_eager else 0
         return tiles * (tokens * per_token + scores) * self.size
 
     def qwen_tower_bytes(self, patches: int, merged: int) -> int:
-        """Qwen2.5-VL: per patch, the hidden state in and out and one layer's transients (the
-        rotary tables in float32); the merger per merged token."""
+        """Qwen2.5-VL / Qwen3-VL: per patch, the hidden state in and out and one layer's
+        transients (the rotary tables in float32); the merger per merged token, and Qwen3-VL's
+        DeepStack mergers, one per level."""
         v = self.config.vision_config
         hidden, width = v.hidden_size, self.text.hidden_size
         per_patch = (8 * hidden + 3 * v.intermediate_size) * self.size + 2 * 4 * hidden // 8
         # eager attention: the scores and their softmax over one window of 4 x merge^2 tokens
         # (an upper bound for the windowed layers; the full-attention ones are per image)
         scores = 2 * v.num_attention_heads * patches * patches if self.vision_eager else 0
-        return patches * per_patch + merged * (2 * 4 * hidden + 2 * width) * self.size + scores * 4
+        mergers = (1 + self.deepstack) * merged * (2 * 4 * hidden + 2 * width) * self.size
+        return patches * per_patch + mergers + scores * 4
 
     # ---- a batch
 

@@ -19,6 +19,7 @@ from PIL import Image
 from resprune.items import ItemError, PreparedItem
 from resprune.relevance import extract_content_words
 
+TILES_FIRST = ("internvl",)  # families whose pixel_values are [tiles, 3, H, W], no batch dim
 SENTINEL = "\u2063QUESTION\u2063"  # invisible separator: never produced by a template
 
 
@@ -42,9 +43,17 @@ def question_ids(tokenizer, question: str, max_tokens: int) -> tuple[list[int], 
 
 
 def build_prompt(
-    processor, image: Image.Image, question: str, *, max_question_tokens: int
+    processor,
+    image: Image.Image,
+    question: str,
+    *,
+    max_question_tokens: int,
+    tiles_first: bool = False,
 ) -> Prompt:
-    """Template ``question`` with one image; the question cannot add image slots or roles."""
+    """Template ``question`` with one image; the question cannot add image slots or roles.
+
+    ``tiles_first``: the processor's ``pixel_values`` have no batch dimension (InternVL's
+    [tiles, 3, H, W]), so they are the image's as they are."""
     tokenizer = processor.tokenizer
     q_ids, truncated = question_ids(tokenizer, question, max_question_tokens)
     messages = [
@@ -58,7 +67,7 @@ def build_prompt(
     suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
     ids = np.concatenate([enc["input_ids"][0], np.asarray(q_ids + suffix_ids, dtype=np.int64)])
     image_inputs = {
-        key: _one_image(key, enc[key])
+        key: enc[key] if key == "pixel_values" and tiles_first else _one_image(key, enc[key])
         for key in ("pixel_values", "image_sizes", "image_grid_thw")
         if key in enc
     }
@@ -97,7 +106,11 @@ class Preprocessor:
             raise ItemError("bad_question", f"question cannot be tokenized: {err}") from err
         try:
             prompt = build_prompt(
-                self.processor, image, question, max_question_tokens=self.max_question_tokens
+                self.processor,
+                image,
+                question,
+                max_question_tokens=self.max_question_tokens,
+                tiles_first=self.family in TILES_FIRST,
             )
         except (TypeError, ValueError, OSError) as err:
             raise ItemError("bad_image", f"processor rejected the image: {err}") from err

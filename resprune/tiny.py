@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import processors
 from transformers import (
     AutoModelForImageTextToText,
     CLIPVisionConfig,
@@ -27,6 +27,8 @@ from transformers import (
     LlavaProcessor,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
+    Qwen3VLConfig,
+    Qwen3VLMoeConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import (
@@ -34,7 +36,9 @@ from transformers.models.llava_next.image_processing_pil_llava_next import (
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from resprune.models.qwen_processor import ImageOnlyQwen2_5_VLProcessor
+from resprune import tiny_gemma3, tiny_internvl
+from resprune.models.qwen_processor import IMAGE_ONLY
+from resprune.tiny_bpe import train_bpe
 
 LLAVA_TEMPLATE = (
     "{% for message in messages %}"
@@ -67,14 +71,9 @@ QWEN_SPECIALS = [
     "<|image_pad|>",
     "<|video_pad|>",
 ]
-CORPUS = [
-    "USER: What is in this image? ASSISTANT: A cat sits on a red mat near the window.",
-    "Describe this image in one sentence. A rocket launches into a blue sky.",
-    "How many people are in the photo? Two astronauts stand next to a coffee cup.",
-    "What color is the car on the left side of the street? The car is green.",
-    "system You are a helpful assistant. user assistant",
-]
-FAMILIES = ("llava", "llava_next", "qwen2_5_vl")
+QWEN = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+FAMILIES = ("llava", "llava_next", *QWEN, "gemma3", "internvl")
+OWN_BUILDERS = {"gemma3": tiny_gemma3, "internvl": tiny_internvl}  # family -> its module
 
 
 def build_tiny_checkpoint(
@@ -96,8 +95,11 @@ def build_tiny_checkpoint(
         raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILIES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    qwen = family == "qwen2_5_vl"
-    tokenizer = _tokenizer(QWEN_SPECIALS if qwen else LLAVA_SPECIALS, qwen=qwen)
+    qwen = family in QWEN
+    if family in OWN_BUILDERS:
+        tokenizer = OWN_BUILDERS[family].tokenizer()
+    else:
+        tokenizer = _tokenizer(QWEN_SPECIALS if qwen else LLAVA_SPECIALS, qwen=qwen)
     text = {
         "hidden_size": text_hidden,
         "num_hidden_layers": text_layers,
@@ -108,7 +110,10 @@ def build_tiny_checkpoint(
     }
     vision = {"hidden_size": vision_hidden, "layers": vision_layers, "image_size": image_size}
     if qwen:
-        config, processor = _qwen(tokenizer, text, vision)
+        config, processor = _qwen(family, tokenizer, text, vision)
+    elif family in OWN_BUILDERS:
+        builder = OWN_BUILDERS[family]
+        config, processor = builder.config_and_processor(tokenizer, text, vision)
     else:
         config, processor = _llava(family, tokenizer, text, vision)
     config.resprune_tiny_random = True  # read back by VLM.describe()
@@ -117,26 +122,29 @@ def build_tiny_checkpoint(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(out)
-    if not qwen:
+    if family in ("llava", "llava_next"):
         _save_vision_keys_like_llava_hub(out)
     if qwen:
         _save_like_qwen_hub(processor, out)
     else:
         processor.save_pretrained(out)
+    if family == "internvl":
+        _name_stock_processor(out, "InternVLProcessor")
+        tiny_internvl.save_video_config(out, vision["image_size"])
     return out
 
 
+def _name_stock_processor(out: Path, name: str) -> None:
+    """processor_config.json names the stock class, as the hub repos do (ours is a subclass
+    that AutoProcessor would not find)."""
+    path = out / "processor_config.json"
+    data = json.loads(path.read_text())
+    data["processor_class"] = name
+    path.write_text(json.dumps(data, indent=2))
+
+
 def _tokenizer(specials: list[str], *, qwen: bool) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE(unk_token=None if qwen else "<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS * 4, trainer)
+    tok = train_bpe(specials, unk=None if qwen else "<unk>")
     if qwen:
         return PreTrainedTokenizerFast(
             tokenizer_object=tok,
@@ -195,48 +203,68 @@ def _llava(family: str, tokenizer, text: dict, vision: dict):
     return config, LlavaNextProcessor(image_processor=ip, **proc_kwargs)
 
 
-def _qwen(tokenizer, text: dict, vision: dict):
+def _qwen(family: str, tokenizer, text: dict, vision: dict):
+    """Qwen2.5-VL (14 px patches, windowed attention) or Qwen3-VL (16 px patches, a learned
+    position table, DeepStack from the first vision layers; MoE: experts in every LLM MLP)."""
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     half = head_dim // 2
     section = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
     ids = tokenizer.convert_tokens_to_ids
-    config = Qwen2_5_VLConfig(
-        text_config={
-            **text,
-            "max_position_embeddings": 4096,
-            "bos_token_id": tokenizer.pad_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "rope_parameters": {"rope_type": "default", "mrope_section": section},
-        },
-        vision_config={
-            "depth": vision["layers"],
-            "hidden_size": vision["hidden_size"],
-            "intermediate_size": 2 * vision["hidden_size"],
-            "num_heads": 4,
-            "out_hidden_size": text["hidden_size"],
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "window_size": 112,
-            "fullatt_block_indexes": [vision["layers"] - 1],
-        },
+    text_config = {
+        **text,
+        "max_position_embeddings": 4096,
+        "bos_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "rope_parameters": {"rope_type": "default", "mrope_section": section},
+    }
+    vision_config = {
+        "depth": vision["layers"],
+        "hidden_size": vision["hidden_size"],
+        "intermediate_size": 2 * vision["hidden_size"],
+        "num_heads": 4,
+        "out_hidden_size": text["hidden_size"],
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
+    v3 = family != "qwen2_5_vl"
+    patch = 16 if v3 else 14
+    if v3:
+        text_config["head_dim"] = head_dim
+        text_config["rope_parameters"]["mrope_interleaved"] = True
+        # DeepStack from the first vision layers, into the first LLM layers
+        levels = min(vision["layers"], text["num_hidden_layers"])
+        vision_config |= {"deepstack_visual_indexes": list(range(levels))}
+        vision_config |= {"num_position_embeddings": 64, "patch_size": patch}
+    else:
+        vision_config |= {"patch_size": patch, "window_size": 112}
+        vision_config["fullatt_block_indexes"] = [vision["layers"] - 1]
+    if family == "qwen3_vl_moe":
+        moe = {"num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 1}
+        text_config |= moe | {"moe_intermediate_size": text["intermediate_size"] // 2}
+    config_class = {
+        "qwen2_5_vl": Qwen2_5_VLConfig,
+        "qwen3_vl": Qwen3VLConfig,
+        "qwen3_vl_moe": Qwen3VLMoeConfig,
+    }[family]
+    config = config_class(
+        text_config=text_config,
+        vision_config=vision_config,
         image_token_id=ids("<|image_pad|>"),
         video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"),
         vision_end_token_id=ids("<|vision_end|>"),
-        pad_token_id=tokenizer.pad_token_id,
     )
+    config.pad_token_id = tokenizer.pad_token_id
     size = vision["image_size"]
     ip = Qwen2VLImageProcessorPil(
-        min_pixels=56 * 56,
+        min_pixels=4 * patch * patch,
         max_pixels=size * size,
-        patch_size=14,
+        patch_size=patch,
         merge_size=2,
         temporal_patch_size=2,
     )
-    processor = ImageOnlyQwen2_5_VLProcessor(
-        image_processor=ip, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE
-    )
+    image_only = IMAGE_ONLY["qwen2_5_vl" if family == "qwen2_5_vl" else "qwen3_vl"]
+    processor = image_only(image_processor=ip, tokenizer=tokenizer, chat_template=QWEN_TEMPLATE)
     return config, processor
 
 
@@ -255,12 +283,13 @@ def _save_vision_keys_like_llava_hub(out: Path) -> None:
     save_file(renamed, path, metadata={"format": "pt"})
 
 
-def _save_like_qwen_hub(processor: ImageOnlyQwen2_5_VLProcessor, out: Path) -> None:
-    """Save as the Qwen/Qwen2.5-VL-* repos are laid out: no processor_config.json."""
+def _save_like_qwen_hub(processor, out: Path) -> None:
+    """Save as the Qwen/Qwen2.5-VL-* and Qwen3-VL-* repos are laid out: no
+    processor_config.json."""
     processor.image_processor.save_pretrained(out)
     processor.tokenizer.save_pretrained(out)
     (out / "chat_template.json").write_text(json.dumps({"chat_template": QWEN_TEMPLATE}))
     path = out / "preprocessor_config.json"
     data = json.loads(path.read_text())
-    data["processor_class"] = "Qwen2_5_VLProcessor"
+    data["processor_class"] = type(processor).__mro__[1].__name__  # the stock class
     path.write_text(json.dumps(data, indent=2))

@@ -198,7 +198,7 @@ def test_vllm_not_installed_fails_validate_deep_and_actor_start(tmp_path: Path, 
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"id": ["a"], "image": [b"x"]}), tmp_path / "in" / "p.parquet")
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "llava"}')
     doc = MINIMAL | {
         "input": {"uri": str(tmp_path / "in")},
         "model": {"path": str(tmp_path / "m"), "engine": "vllm"},

@@ -64,7 +64,7 @@ def snapshot(fs: pafs.FileSystem, root: str) -> dict[str, str]:
 def model(tmp_path: Path) -> Path:
     folder = tmp_path / "model"
     folder.mkdir()
-    (folder / "config.json").write_text("{}")
+    (folder / "config.json").write_text('{"model_type": "llava"}')
     return folder
 
 

@@ -14,6 +14,13 @@ TEMPLATE_MARKS = {
     "llava": ("USER: <image>\n", " ASSISTANT:"),
     "llava_next": ("USER: <image>\n", " ASSISTANT:"),
     "qwen2_5_vl": ("<|im_start|>user\n<|vision_start|>", "<|im_end|>\n<|im_start|>assistant\n"),
+    "qwen3_vl": ("<|im_start|>user\n<|vision_start|>", "<|im_end|>\n<|im_start|>assistant\n"),
+    "qwen3_vl_moe": ("<|im_start|>user\n<|vision_start|>", "<|im_end|>\n<|im_start|>assistant\n"),
+    "gemma3": (
+        "<bos><start_of_turn>user\n<start_of_image>",
+        "<end_of_turn>\n<start_of_turn>model\n",
+    ),
+    "internvl": ("<|im_start|>user\n<IMG_CONTEXT>\n", "<|im_end|>\n<|im_start|>assistant\n"),
 }
 
 

@@ -12,6 +12,7 @@ from resprune.items import PreparedItem
 from resprune.loading import load_preprocessor, load_vlm
 from resprune.tiny import build_tiny_checkpoint
 
+QWEN = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 SIZES = [(336, 336), (300, 451), (500, 260)]  # (height, width): different anyres grids
 QUESTIONS = ["What is the cat doing?", "How many red cars are on the street?", "Describe it."]
 
@@ -43,15 +44,19 @@ def stock_generate(vlm, items: list[PreparedItem], max_new_tokens: int) -> list[
         ids[b, length - len(it.input_ids) :] = torch.from_numpy(it.input_ids)
         mask[b, length - len(it.input_ids) :] = 1
     pixels = [torch.from_numpy(it.pixel_values) for it in items]
-    kwargs = {"pixel_values": torch.stack(pixels) if vlm.family == "llava" else torch.cat(pixels)}
+    stacked = vlm.family in ("llava", "gemma3")  # one image tensor each; the rest are packed
+    kwargs = {"pixel_values": torch.stack(pixels) if stacked else torch.cat(pixels)}
+    image = (ids == model.config.image_token_id).int()
     if vlm.family == "llava_next":
         kwargs["image_sizes"] = torch.stack([torch.from_numpy(it.image_sizes) for it in items])
-    if vlm.family == "qwen2_5_vl":
+    if vlm.family in QWEN:
         kwargs["image_grid_thw"] = torch.stack(
             [torch.from_numpy(it.image_grid_thw) for it in items]
         )
-        kwargs["mm_token_type_ids"] = (ids == model.config.image_token_id).int()
+        kwargs["mm_token_type_ids"] = image
         model.model.rope_deltas = None
+    if vlm.family == "gemma3":
+        kwargs["token_type_ids"] = image
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,

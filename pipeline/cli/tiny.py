@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-FAMILIES = ("llava", "llava_next", "qwen2_5_vl")
+FAMILIES = ("llava", "llava_next", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "gemma3", "internvl")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,14 +1,16 @@
 """Whole-job checks that need storage but no model weights: is the model path usable?
 
-A local folder or an ``s3://`` prefix must hold ``config.json``; a hub id must look like
-``org/name`` (its download is checked when the actor loads it); the job's engine must be
-installed. Non-goal: validating the weights themselves.
+A local folder or an ``s3://`` prefix must hold ``config.json`` naming a supported family
+(its ``model_type``; the one ``model.family`` asks for, unless ``auto``); a hub id must look
+like ``org/name`` (its download and family are checked when the actor loads it); the job's
+engine must be installed. Non-goal: validating the weights themselves.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from typing import get_args
 
 from pipeline.io.storage import (
     StorageError,
@@ -19,9 +21,11 @@ from pipeline.io.storage import (
     read_json,
     redact,
 )
-from pipeline.spec import JobSpec
+from pipeline.spec import JobSpec, ModelSpec
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# the families resprune.models has adapters for (a test keeps the two lists equal)
+FAMILIES = tuple(f for f in get_args(ModelSpec.model_fields["family"].annotation) if f != "auto")
 
 
 class ModelPathError(RuntimeError):
@@ -39,13 +43,41 @@ def check_model_path(spec: JobSpec) -> None:
             raise StorageError(f"model path {path}: {redact(str(exc))}") from None
         if not ok:
             raise ModelPathError(f"model.path {path}: no config.json under this prefix")
+        check_family(spec)
         return
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ModelPathError(f"model.path {path}: folder has no config.json")
+        check_family(spec)
         return
     if path.startswith((".", "/", "~")) or not _HUB_ID.match(path):
         raise ModelPathError(f"model.path {path}: no such folder, and not a hub id (org/name)")
+
+
+def check_family(spec: JobSpec) -> None:
+    """Raise ModelPathError with one line when config.json's model_type is not a supported
+    family, not the one ``model.family`` names, or one ``engine: vllm`` does not take (under
+    the job's position policy)."""
+    config = model_config(spec)
+    if not config:
+        raise ModelPathError(f"model.path {spec.model.path}: config.json is not a JSON object")
+    model_type = config.get("model_type")
+    if model_type not in FAMILIES:
+        raise ModelPathError(
+            f"model.path {spec.model.path}: unsupported model_type {model_type!r} in "
+            f"config.json; supported: {', '.join(FAMILIES)}"
+        )
+    if spec.model.family not in ("auto", model_type):
+        raise ModelPathError(
+            f"model.path {spec.model.path}: model.family is {spec.model.family!r} but "
+            f"config.json's model_type is {model_type!r}"
+        )
+    if spec.model.engine == "vllm":  # no vLLM import: the plugin's tables
+        from resprune.engines.vllm_plugin import vllm_refusal
+
+        refusal = vllm_refusal(model_type, spec.pruning.position_policy)
+        if refusal:
+            raise ModelPathError(f"model.path {spec.model.path}: {refusal}")
 
 
 def check_engine(spec: JobSpec) -> None:

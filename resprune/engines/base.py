@@ -4,19 +4,22 @@ Selection (vision tower, pruner, kept features, statistics, positions) is ours a
 `resprune.answer`; an engine only turns a batch of kept sequences into greedy answers. Each
 sequence arrives as a `Plan`: the prompt ids with the image-token run cut to the K kept
 tokens, the K kept features in sequence order (LLaVA-NeXT: kept tokens plus kept newline
-rows), the positions of the kept prompt, and the unpruned prompt ids for engines that
-rebuild the prompt themselves. An engine answers per row: a failure that belongs to one
-sequence (e.g. a request an engine refuses) is that row's `ItemError`; an exception raised
-from ``generate`` is a failure of the whole batch (the caller retries items one at a time),
-except `EngineDead`: the engine itself can answer nothing more in this process (vLLM's
-``EngineDeadError``, an engine-core failure), so the caller must not blame items but restart
-the process. Non-goals: sampling (decoding is greedy), streaming.
+rows), the positions of the kept prompt, the unpruned prompt ids for engines that
+rebuild the prompt themselves, and the family's extras: side rows that follow the kept
+features (DeepStack) and per-token inputs of the kept prompt (token types), both generic
+and handed to the model through the family's adapter. An engine answers per row: a
+failure that belongs to one sequence (e.g. a request an engine refuses) is that row's
+`ItemError`; an exception raised from ``generate`` is a failure of the whole batch (the
+caller retries items one at a time), except `EngineDead`: the engine itself can answer
+nothing more in this process (vLLM's ``EngineDeadError``, an engine-core failure), so the
+caller must not blame items but restart the process. Non-goals: sampling (decoding is
+greedy), streaming.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from resprune.items import ItemError
@@ -53,6 +56,12 @@ class Plan:
     features: torch.Tensor  # [K, D] kept features in sequence order, in the model's dtype
     positions: torch.Tensor  # long [R, L'] (R = 1, or 3 for M-RoPE) of the kept prompt
     prompt_ids: torch.Tensor  # long [L]: the unpruned prompt (full image-token run)
+    # [K, S, D_s] side rows of the kept features, in the same order (Qwen3-VL: DeepStack
+    # levels), or None; the adapter's encoder_output hands them to the model
+    side: torch.Tensor | None = None
+    # per-token inputs of the kept prompt besides ids, by the model's keyword (long [L'] each,
+    # e.g. Gemma 3's token_type_ids): the adapter's token_extras
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """The transformers engine (reference and default): one left-padded greedy ``generate``.
 
-The kept features go in as ``mm_encoder_outputs``, so the model's own merge places them in
-the cut image-token run; explicit ``position_ids`` carry the kept tokens' positions (for
-M-RoPE, row 0 is the 1-D text position transformers builds the causal mask from).
+The kept features go in as ``mm_encoder_outputs`` (in the object the family's adapter builds,
+with their side rows, e.g. DeepStack levels), so the model's own merge places them in the
+cut image-token run; explicit ``position_ids`` carry the kept tokens' positions (for M-RoPE,
+row 0 is the 1-D text position transformers builds the causal mask from); the plan's
+per-token extras (e.g. ``token_type_ids``) go in by name, left-padded with 0.
 
 KV cache: ``dynamic`` (transformers' default, grows by concatenation) or ``static``
 (preallocated, from a `CachePool`: fixed addresses per shape, memory of the largest shape).
@@ -44,7 +46,6 @@ from collections.abc import Sequence
 
 import torch
 from transformers import CompileConfig
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from resprune import overhead
 from resprune.engines.base import Generation, Plan
@@ -144,7 +145,9 @@ class TransformersEngine:
                 kwargs["compile_config"] = self.compile_config
             else:
                 kwargs["disable_compile"] = True
-        features = BaseModelOutputWithPooling(pooler_output=[p.features for p in rows])
+        sides = [p.side for p in rows] if rows[0].side is not None else None
+        features = self.vlm.adapter.encoder_output(model, [p.features for p in rows], sides)
+        kwargs |= pad_extras(rows, ids.shape[1])
         return model.generate(
             input_ids=ids,
             attention_mask=mask,
@@ -223,6 +226,17 @@ def left_pad(vlm: VLM, plans: Sequence[Plan]) -> tuple[torch.Tensor, ...]:
     # M-RoPE: row 0 is the 1-D text position transformers uses to build the causal mask.
     text = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
     return ids, mask, torch.cat([text[None], pos])
+
+
+def pad_extras(plans: Sequence[Plan], length: int) -> dict[str, torch.Tensor]:
+    """The plans' per-token extras (`Plan.extras`), left-padded with 0 to ``length``."""
+    padded = {}
+    for key, first in plans[0].extras.items():
+        out = torch.zeros(len(plans), length, dtype=first.dtype, device=first.device)
+        for i, p in enumerate(plans):
+            out[i, length - len(p.extras[key]) :] = p.extras[key]
+        padded[key] = out
+    return padded
 
 
 def pad_id(vlm: VLM) -> int:

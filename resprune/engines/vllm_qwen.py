@@ -62,8 +62,9 @@ def _kept_fields(hf_inputs: Mapping[str, torch.Tensor]) -> Mapping[str, MultiMod
     }
 
 
-class PrunedQwenDataParser(Qwen2VLMultiModalDataParser):
-    """Parses ``{"image_embeds", "image_mrope"}`` dicts; the kept count sizes the run."""
+class KeptImageParsing:
+    """Data-parser mixin: parses ``{"image_embeds", "image_mrope"}`` dicts (the kept count
+    sizes the run); anything else goes to the family's own parser."""
 
     embedding_fields: ClassVar = {
         **Qwen2VLMultiModalDataParser.embedding_fields,
@@ -91,6 +92,10 @@ class PrunedQwenDataParser(Qwen2VLMultiModalDataParser):
         return super()._parse_image_data(data)
 
 
+class PrunedQwenDataParser(KeptImageParsing, Qwen2VLMultiModalDataParser):
+    """Qwen2.5-VL's parser with kept-embeddings images."""
+
+
 class PrunedQwenProcessingInfo(Qwen2_5_VLProcessingInfo):
     def get_data_parser(self):
         return PrunedQwenDataParser(
@@ -101,8 +106,9 @@ class PrunedQwenProcessingInfo(Qwen2_5_VLProcessingInfo):
         )
 
 
-class PrunedQwenProcessor(Qwen2_5_VLMultiModalProcessor):
-    """Sizes a kept-embeddings image's placeholder run to its K kept tokens."""
+class KeptRun:
+    """Processor mixin: sizes a kept-embeddings image's placeholder run to its K kept tokens
+    (the family's own run, from the full grid, for pixel inputs)."""
 
     def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs):
         if MROPE in hf_inputs:  # our embeddings pass through the processor untouched
@@ -129,6 +135,10 @@ class PrunedQwenProcessor(Qwen2_5_VLMultiModalProcessor):
         return updates
 
 
+class PrunedQwenProcessor(KeptRun, Qwen2_5_VLMultiModalProcessor):
+    """Qwen2.5-VL's processor with kept-embeddings images."""
+
+
 @MULTIMODAL_REGISTRY.register_processor(
     PrunedQwenProcessor,
     info=PrunedQwenProcessingInfo,
@@ -138,23 +148,7 @@ class PrunedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
     """Qwen2.5-VL taking kept image embeddings with their own M-RoPE positions."""
 
     def embed_multimodal(self, **kwargs: object):
-        mrope = kwargs.get(MROPE)
-        if mrope is None:
-            return super().embed_multimodal(**kwargs)
-        if not self.is_multimodal_pruning_enabled:
-            raise RuntimeError(
-                "kept Qwen2.5-VL embeddings need vLLM's multimodal pruning path "
-                "(video_pruning_rate > 0 and no videos); build the engine with resprune's "
-                "VllmEngine, which sets it"
-            )
-        if kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None:
-            raise ValueError("kept image embeddings cannot share a batch with pixel inputs")
-        embeds = _items(kwargs[EMBEDS])
-        positions = _items(mrope)
-        return tuple(
-            torch.cat([e.to(torch.float32), p.to(e.device, torch.float32)], dim=1)
-            for e, p in zip(embeds, positions, strict=True)
-        )
+        return kept_embeddings(self, kwargs) or super().embed_multimodal(**kwargs)
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]):
         """Plain-text numbering for prompts with kept embeddings: exact up to the image; the
@@ -163,6 +157,28 @@ class PrunedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
             return super().get_mrope_input_positions(input_tokens, mm_features)
         n = len(input_tokens)
         return torch.arange(n, dtype=torch.long).expand(3, n).clone(), 0
+
+
+def kept_embeddings(model, kwargs: dict) -> tuple[torch.Tensor, ...] | None:
+    """Each kept image's embeddings with its 4 position channels (float32), or None when the
+    batch has no kept embeddings (vLLM's own pixel path then)."""
+    mrope = kwargs.get(MROPE)
+    if mrope is None:
+        return None
+    if not model.is_multimodal_pruning_enabled:
+        raise RuntimeError(
+            "kept Qwen embeddings need vLLM's multimodal pruning path "
+            "(video_pruning_rate > 0 and no videos); build the engine with resprune's "
+            "VllmEngine, which sets it"
+        )
+    if kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None:
+        raise ValueError("kept image embeddings cannot share a batch with pixel inputs")
+    embeds = _items(kwargs[EMBEDS])
+    positions = _items(mrope)
+    return tuple(
+        torch.cat([e.to(torch.float32), p.to(e.device, torch.float32)], dim=1)
+        for e, p in zip(embeds, positions, strict=True)
+    )
 
 
 def _items(value: object) -> Sequence[torch.Tensor]:

@@ -10,20 +10,20 @@ import torch
 
 from resprune.host import to_device
 from resprune.items import PreparedItem
-from resprune.models.base import Crop, Layout, square_grid, text_positions
+from resprune.models.base import AdapterDefaults, Crop, Encoded, Layout, square_grid, text_positions
 
 
-class LlavaAdapter:
+class LlavaAdapter(AdapterDefaults):
     """Hooks for `LlavaForConditionalGeneration`."""
 
     family = "llava"
 
-    def encode(self, model, items: list[PreparedItem]) -> list[torch.Tensor]:
+    def encode(self, model, items: list[PreparedItem]) -> Encoded:
         """Projector outputs [576, D] per item (one batched vision-tower call)."""
         pixels = np.stack([it.pixel_values for it in items])
         pixels = to_device(pixels, model.device).to(model.dtype)
         out = model.model.get_image_features(pixel_values=pixels, return_dict=True)
-        return list(out.pooler_output)
+        return Encoded(list(out.pooler_output))
 
     def layout(self, model, item: PreparedItem, n: int) -> Layout:
         """One crop: the whole image, a square row-major grid."""

@@ -25,18 +25,18 @@ from transformers.models.llava_next.modeling_llava_next import get_anyres_image_
 
 from resprune.host import to_device
 from resprune.items import PreparedItem
-from resprune.models.base import Crop, Layout, text_positions
+from resprune.models.base import AdapterDefaults, Crop, Encoded, Layout, text_positions
 
 NEWLINE = -1.0
 BASE = -2.0
 
 
-class LlavaNextAdapter:
+class LlavaNextAdapter(AdapterDefaults):
     """Hooks for `LlavaNextForConditionalGeneration`."""
 
     family = "llava_next"
 
-    def encode(self, model, items: list[PreparedItem]) -> list[torch.Tensor]:
+    def encode(self, model, items: list[PreparedItem]) -> Encoded:
         """Packed projector outputs per item (base + high-res grid + newlines), batched."""
         pixels = np.concatenate([it.pixel_values for it in items])
         out = model.model.get_image_features(
@@ -46,7 +46,7 @@ class LlavaNextAdapter:
             image_sizes=[it.image_sizes.tolist() for it in items],
             return_dict=True,
         )
-        return list(out.pooler_output)
+        return Encoded(list(out.pooler_output))
 
     def layout(self, model, item: PreparedItem, n: int) -> Layout:
         """Crops (base view, then each high-res tile) and the newline closing each row."""

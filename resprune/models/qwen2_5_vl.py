@@ -18,15 +18,15 @@ from transformers.utils.generic import get_max_seqlen, is_flash_attention_reques
 
 from resprune.host import to_device
 from resprune.items import PreparedItem
-from resprune.models.base import Crop, Layout, text_positions
+from resprune.models.base import AdapterDefaults, Crop, Encoded, Layout, text_positions
 
 
-class Qwen2_5_VLAdapter:
+class Qwen2_5_VLAdapter(AdapterDefaults):
     """Hooks for `Qwen2_5_VLForConditionalGeneration`."""
 
     family = "qwen2_5_vl"
 
-    def encode(self, model, items: list[PreparedItem]) -> list[torch.Tensor]:
+    def encode(self, model, items: list[PreparedItem]) -> Encoded:
         """Merged projector outputs [t*h*w/4, D] per item (one batched vision call)."""
         pixels = np.concatenate([it.pixel_values for it in items])
         grids = torch.from_numpy(np.stack([it.image_grid_thw for it in items]))
@@ -36,7 +36,7 @@ class Qwen2_5_VLAdapter:
             return_dict=True,
             **vision_layout(model, grids),
         )
-        return list(out.pooler_output)
+        return Encoded(list(out.pooler_output))
 
     def layout(self, model, item: PreparedItem, n: int) -> Layout:
         """One crop: the merged (h/2, w/2) grid, row-major (one frame)."""

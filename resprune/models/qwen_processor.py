@@ -1,12 +1,13 @@
-"""An image-only Qwen2.5-VL processor, usable without torchvision.
+"""Image-only Qwen2.5-VL and Qwen3-VL processors, usable without torchvision.
 
-transformers 5's `Qwen2_5_VLProcessor` insists on a video processor, whose class is a
-torchvision dummy here; this subclass drops it (ENVIRONMENT.md §2). Non-goal: video.
+transformers 5's `Qwen2_5_VLProcessor` and `Qwen3VLProcessor` insist on a video processor,
+whose class is a torchvision dummy here; these subclasses drop it (ENVIRONMENT.md §2).
+Non-goal: video.
 """
 
 from __future__ import annotations
 
-from transformers import Qwen2_5_VLProcessor
+from transformers import Qwen2_5_VLProcessor, Qwen3VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
 
@@ -20,6 +21,26 @@ class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
         self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
+
+class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+    """`Qwen3VLProcessor` with only an image processor and a tokenizer (it returns
+    ``mm_token_type_ids``, which our host-side positions do not need)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        names = {
+            "image": "<|image_pad|>",
+            "video": "<|video_pad|>",
+            "vision_start": "<|vision_start|>",
+            "vision_end": "<|vision_end|>",
+        }
+        for name, default in names.items():
+            token = getattr(tokenizer, f"{name}_token", None) or default
+            setattr(self, f"{name}_token", token)
+            setattr(self, f"{name}_token_id", tokenizer.convert_tokens_to_ids(token))
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+IMAGE_ONLY = {"qwen2_5_vl": ImageOnlyQwen2_5_VLProcessor, "qwen3_vl": ImageOnlyQwen3VLProcessor}
 
 DEFAULT_MAX_PIXELS = 1280 * 28 * 28  # 1,003,520 px: at most 1280 merged tokens per image
 

@@ -1,0 +1,105 @@
+"""Qwen3-VL adapter (dense ``qwen3_vl`` and MoE ``qwen3_vl_moe``): merged 2x2 patch tokens,
+3-D M-RoPE positions, and DeepStack.
+
+As for Qwen2.5-VL, pruning acts on the merged tokens that enter the LLM (one row-major
+(h/2, w/2) grid per image), and ``original`` positions are the unpruned sequence's M-RoPE
+positions (the same rule: `resprune.models.qwen2_5_vl.mrope_positions`), indexed.
+DeepStack: the vision tower also returns one merged feature row per token from each of
+several vision layers, added to the first LLM layers' hidden states at the visual positions.
+They are the adapter's side rows (`Encoded.side`, [N, levels, D]), so the kept tokens keep
+exactly their own rows in every level and the dropped tokens' rows go with them; the model
+marks only the kept positions (its placeholder mask is the cut image-token run). The pool
+baseline's replacement tokens take their windows' centres' DeepStack rows.
+The MoE checkpoint differs only in the LLM's MLP. Non-goal: video.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import vision_utils
+from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+from transformers.utils.generic import is_flash_attention_requested
+
+from resprune.host import to_device
+from resprune.items import PreparedItem
+from resprune.models.base import AdapterDefaults, Crop, Encoded, Layout, text_positions
+from resprune.models.qwen2_5_vl import mrope_positions
+
+
+class Qwen3VLAdapter(AdapterDefaults):
+    """Hooks for `Qwen3VLForConditionalGeneration` and `Qwen3VLMoeForConditionalGeneration`."""
+
+    def __init__(self, family: str = "qwen3_vl"):
+        self.family = family
+
+    def encode(self, model, items: list[PreparedItem]) -> Encoded:
+        """Merged projector outputs [t*h*w/4, D] per item and their DeepStack rows
+        [t*h*w/4, levels, D] (one batched vision call)."""
+        pixels = np.concatenate([it.pixel_values for it in items])
+        grids = torch.from_numpy(np.stack([it.image_grid_thw for it in items]))
+        out = model.model.get_image_features(
+            pixel_values=to_device(pixels, model.device).to(model.dtype),
+            image_grid_thw=grids,  # on the host: only the precomputed layout below reads it
+            return_dict=True,
+            **vision_layout(model, grids),
+        )
+        side = [torch.stack(levels, 1) for levels in zip(*out.deepstack_features, strict=True)]
+        return Encoded(list(out.pooler_output), side)
+
+    def layout(self, model, item: PreparedItem, n: int) -> Layout:
+        """One crop: the merged (h/2, w/2) grid, row-major (one frame)."""
+        t, h, w = (int(v) for v in item.image_grid_thw)
+        merge = model.config.vision_config.spatial_merge_size
+        grid = (t * h // merge, w // merge)
+        return Layout([Crop(torch.arange(n), grid if grid[0] * grid[1] == n else None)])
+
+    def positions(self, model, item: PreparedItem, keep: np.ndarray, policy: str) -> np.ndarray:
+        """3-D M-RoPE positions [3, L'] of the kept tokens."""
+        if policy != "original":
+            return np.repeat(text_positions(keep, policy), 3, axis=0)
+        return mrope_positions(model, item)[:, keep]
+
+    def encoder_output(
+        self, model, features: list[torch.Tensor], side: list[torch.Tensor] | None
+    ) -> BaseModelOutputWithDeepstackFeatures:
+        """The kept features with their DeepStack rows, one tuple of per-item rows per level
+        (what ``get_image_features`` returns)."""
+        levels = side[0].shape[1] if side else 0
+        deepstack = [tuple(s[:, level] for s in side) for level in range(levels)]
+        return BaseModelOutputWithDeepstackFeatures(
+            pooler_output=features, deepstack_features=deepstack
+        )
+
+
+def vision_layout(model, grids: torch.Tensor) -> dict:
+    """The vision tower's data-dependent inputs, computed on the host from the grids with
+    transformers' own `transformers.vision_utils` (the tower would otherwise compute them
+    from the grids on the device, reading them back): rotary positions, the learned position
+    table's interpolation taps and weights, and the packed sequence boundaries (on the host
+    for SDPA / eager, on the device for FlashAttention's varlen kernels)."""
+    visual = model.model.visual
+    config = visual.config
+    merge = visual.spatial_merge_size
+    positions = vision_utils.get_vision_position_ids(grids, merge)
+    taps, weights = vision_utils.get_vision_interpolation_indices_and_weights(
+        grids,
+        num_grid_per_side=visual.num_grid_per_side,
+        mode=visual.interpolation_mode,
+        align_corners=visual.interpolation_align_corners,
+        spatial_merge_size=merge,
+    )
+    cu_seqlens, max_seqlen = vision_utils.get_vision_attention_seqlens(grids, config)
+    longs = [positions.flatten(), taps.flatten()]
+    flash = is_flash_attention_requested(config)
+    if flash:
+        longs.append(cu_seqlens.long())
+    flat = to_device(torch.cat(longs).numpy(), model.device).split([len(t) for t in longs])
+    layout = {
+        "position_ids": flat[0].view(positions.shape),
+        "interp_indices": flat[1].view(taps.shape),
+        "interp_weights": to_device(weights.numpy(), model.device),
+        "cu_seqlens": flat[2].int() if flash else cu_seqlens,
+        "max_seqlen": max_seqlen,
+    }
+    return layout
