@@ -30,6 +30,7 @@ _SUMMED = (
     "gpu_seconds",
     "shadow_items",
     "shadow_gpu_seconds",
+    "shadow_failed_batches",
     "new_tokens",
 )
 
@@ -136,6 +137,7 @@ class Recorder:
             "gpu_seconds": t["gpu_seconds"],
             "shadow_items": t["shadow_items"],
             "shadow_gpu_seconds": t["shadow_gpu_seconds"],
+            "shadow_failed_batches": t["shadow_failed_batches"],
             "new_tokens": t["new_tokens"],
             "files_written": files,
             "files_recovered": self.plan.recovered_files,
