@@ -14,6 +14,7 @@ from pipeline.io.storage import StorageError, filesystem, redact
 from pipeline.job.plan import make_plan
 from pipeline.output import commit
 from pipeline.output.columns import output_schema
+from pipeline.output.summary import held_seconds
 from pipeline.spec import fingerprint, parse_spec
 from pipeline.stages.answer import pack
 from pipeline.stages.shadow import PRUNED_FIRST, TWIN_FIRST, ShadowSample, size_bucket
@@ -89,6 +90,23 @@ def test_shadow_sample_is_systematic_per_bucket_and_alternates_the_pass_order() 
     replay = ShadowSample(0.25)  # deterministic: the same batches give the same draws
     assert [k for k, n in enumerate(sizes) if replay.draw(n)] == drawn
     assert not any(ShadowSample(0.0).draw(8) for _ in range(10))
+
+
+def test_a_dead_actor_process_is_billed_until_its_last_report() -> None:
+    """Ray restarted actor "x" (its second process reports the same actor id): the first
+    process is billed from its start to its last report, the others to the run's end."""
+    actors = {
+        "k1": {"started": 100.0, "last": 160.0, "actor_id": "x"},  # died after 160
+        "k2": {"started": 190.0, "last": 250.0, "actor_id": "x"},  # its restart, alive
+        "k3": {"started": 100.0, "last": 120.0, "actor_id": "y"},  # idle, alive
+        "k4": {"started": 110.0, "shape": None},  # an older actor report: no id
+    }
+    assert held_seconds(actors, finished=300.0) == pytest.approx(60 + 110 + 200 + 190)
+    died_before_reporting = {
+        "a": {"started": 0.0, "actor_id": "z"},
+        "b": {"started": 50.0, "actor_id": "z"},
+    }
+    assert held_seconds(died_before_reporting, finished=100.0) == pytest.approx(0 + 50)
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.01])

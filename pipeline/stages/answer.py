@@ -116,7 +116,8 @@ class Answerer:
         self.shadow = ShadowSample(spec.cost.shadow_fraction)
         self.clock, self.errors = DeviceClock(self.device), ErrorStreak()
         if ledger is not None:
-            ledger.actor_started.remote(self.key, self.started, self.vlm.describe())
+            actor_id = ray.get_runtime_context().get_actor_id()
+            ledger.actor_started.remote(self.key, self.started, self.vlm.describe(), actor_id)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         try:
