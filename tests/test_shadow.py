@@ -26,7 +26,7 @@ from pipeline.spec import parse_spec
 from pipeline.stages import timing
 from pipeline.stages.answer import Answerer
 from pipeline.stages.preprocess import Preprocess
-from resprune.items import ItemResult
+from resprune.items import ItemError, ItemResult
 
 PRUNED_S = (0.5, 1.0)  # per batch, per item: a batch of n pruned items takes 0.5 + 1.0 n s
 UNPRUNED_S = (1.5, 3.0)  # three times as long, whatever the batch: the known ratio is 3
@@ -38,6 +38,7 @@ class FakeDevice:
     def __init__(self) -> None:
         self.now, self.calls = 0.0, []
         self.fail_unpruned: BaseException | None = None
+        self.unpruned_error_for: str | None = None  # this item's unpruned answer fails alone
 
     def perf_counter(self) -> float:
         return self.now
@@ -49,19 +50,27 @@ class FakeDevice:
         self.now += base + each * len(items)
         if unpruned and self.fail_unpruned is not None:
             raise self.fail_unpruned
-        return [
-            ItemResult(
-                answer=f"{'u' if unpruned else 'p'} {it.item_id}",
-                visual_tokens=576,
-                kept_tokens=576 if unpruned else 64,
-                kept_indices=[],
-                retained_energy=1.0,
-                prompt_tokens=len(it.input_ids) if unpruned else 84,
-                prompt_tokens_unpruned=len(it.input_ids),
-                new_tokens=4,
-            )
-            for it in items
-        ]
+        if unpruned and self.unpruned_error_for:
+            return [
+                ItemError("prompt_too_long", "too long unpruned")
+                if it.item_id == self.unpruned_error_for
+                else self._result(it, unpruned)
+                for it in items
+            ]
+        return [self._result(it, unpruned) for it in items]
+
+    @staticmethod
+    def _result(it, unpruned: bool) -> ItemResult:
+        return ItemResult(
+            answer=f"{'u' if unpruned else 'p'} {it.item_id}",
+            visual_tokens=576,
+            kept_tokens=576 if unpruned else 64,
+            kept_indices=[],
+            retained_energy=1.0,
+            prompt_tokens=len(it.input_ids) if unpruned else 84,
+            prompt_tokens_unpruned=len(it.input_ids),
+            new_tokens=4,
+        )
 
 
 @pytest.fixture
@@ -221,3 +230,14 @@ def test_a_failing_twin_is_recorded_and_production_is_untouched(
             k: [len(ids) for kind, ids in device.calls if kind == k] for k in ("pruned", "unpruned")
         }
         assert sizes["pruned"] == [4] and sum(sizes["unpruned"]) == 4 and len(sizes["unpruned"]) > 1
+
+
+def test_a_partial_twin_is_a_failed_shadow_batch(tiny_llava, prepared_rows, device) -> None:
+    """One item fails unpruned only (its prompt is too long without pruning): the pair would
+    be partial, so the whole twin is a failed shadow batch; the pruned answers stand."""
+    actor = _actor(tiny_llava, 1.0)
+    device.unpruned_error_for = "i01"
+    rows = actor(prepared_rows.slice(0, 4)).to_pylist()
+    assert [r["status"] for r in rows] == ["ok"] * 4
+    assert all("unpruned prompt_too_long" in r["shadow_error"] for r in rows)
+    assert all(r["shadow_answer"] is None for r in rows)
