@@ -8,8 +8,9 @@
 Each round runs P, U and Q in a rotating order (so a slow spell of the machine does not land
 on one way only), on the real pipeline (local Ray, one CPU model actor) with an LLM-dominated
 random LLaVA-1.5 geometry from `resprune.tiny`. Hours are the reports' "GPU hours used" (model
-time of the answered items plus failed attempts). Prints one line per run, the two ratios per
-round and over all rounds (sums), then one JSON line.
+time of the answered items plus failed attempts). Prints one line per run (with the machine's
+1-minute load average: on a shared machine the runs' times move with it), the two ratios per
+round, over all rounds (sums) and their per-round medians, then one JSON line.
 Usage: python bench/cost_truth.py [--items 32] [--rounds 3] [--batch-size 8] [--new-tokens 16]
 """
 
@@ -25,7 +26,9 @@ sys.path[:] = [str(ROOT), *(p for p in sys.path if Path(p or ".").resolve() != R
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import shutil  # noqa: E402
+import statistics  # noqa: E402
 import time  # noqa: E402
 
 import pyarrow as pa  # noqa: E402
@@ -85,6 +88,7 @@ def run(way: str, model: Path, inputs: Path, args: argparse.Namespace) -> dict:
             "cost": {"shadow_fraction": fraction, "gpu_type": "cpu"},
         }
     )
+    load = os.getloadavg()[0]
     doc = runner.run_job(spec, "2026-12-07", progress=False)
     if doc["items_ok"] != args.items:
         raise RuntimeError(f"run {way} lost items: {doc['items_ok']} of {args.items} ok")
@@ -96,6 +100,7 @@ def run(way: str, model: Path, inputs: Path, args: argparse.Namespace) -> dict:
         "shadow_batches": report["shadow_batches"],
         "time_ratio": report["time_ratio"],
         "model_s": doc["model_seconds"],
+        "load": (load + os.getloadavg()[0]) / 2,
     }
 
 
@@ -126,16 +131,17 @@ def main() -> None:
     for r in range(args.rounds):
         order = "PUQ"[r % 3 :] + "PUQ"[: r % 3]
         got = {way: run(way, model, inputs, args) for way in order}
-        est, truth = _ratio(got["P"]["unpruned_est_h"], got["U"]["used_h"]), None
-        truth = _ratio(got["P"]["used_h"], got["Q"]["used_h"])
-        rounds.append({"order": order, **got, "est_over_truth": est, "pruned_p_over_q": truth})
+        est = _ratio(got["P"]["unpruned_est_h"], got["U"]["used_h"])
+        pq_ratio = _ratio(got["P"]["used_h"], got["Q"]["used_h"])
+        rounds.append({"order": order, **got, "est_over_truth": est, "pruned_p_over_q": pq_ratio})
         for way in order:
             g = got[way]
             print(
                 f"round {r} {way}: used {3600 * g['used_h']:.2f} s, unpruned est "
-                f"{3600 * (g['unpruned_est_h'] or 0):.2f} s, shadow batches {g['shadow_batches']}"
+                f"{3600 * (g['unpruned_est_h'] or 0):.2f} s, shadow batches "
+                f"{g['shadow_batches']}, load {g['load']:.1f}"
             )
-        print(f"round {r} ({order}): estimate / U = {est:.3f}, P pruned / Q = {truth:.3f}")
+        print(f"round {r} ({order}): estimate / U = {est:.3f}, P pruned / Q = {pq_ratio:.3f}")
     total = {w: sum(x[w]["used_h"] for x in rounds) for w in WAYS}
     est_total = sum(x["P"]["unpruned_est_h"] for x in rounds)
     result = {
@@ -148,14 +154,19 @@ def main() -> None:
         "pruned_with_shadow_over_without": total["P"] / total["Q"],
         "per_round_estimate_over_truth": [x["est_over_truth"] for x in rounds],
         "per_round_pruned_with_over_without": [x["pruned_p_over_q"] for x in rounds],
+        "median_estimate_over_truth": statistics.median(x["est_over_truth"] for x in rounds),
+        "median_pruned_with_over_without": statistics.median(x["pruned_p_over_q"] for x in rounds),
         "truth_ratio_u_over_q": total["U"] / total["Q"],
+        "load": [[round(x[w]["load"], 1) for w in x["order"]] for x in rounds],
         "report_time_ratio": [x["P"]["time_ratio"] for x in rounds],
         "seconds": time.time() - t0,
     }
     print(
         f"all rounds: estimate / U = {result['estimate_over_truth']:.3f}, "
         f"P pruned / Q = {result['pruned_with_shadow_over_without']:.3f}, "
-        f"U / Q = {result['truth_ratio_u_over_q']:.2f}"
+        f"U / Q = {result['truth_ratio_u_over_q']:.2f}; per-round medians: "
+        f"{result['median_estimate_over_truth']:.3f}, "
+        f"{result['median_pruned_with_over_without']:.3f}"
     )
     print(json.dumps(result, sort_keys=True))
 
