@@ -39,6 +39,7 @@ class FakeDevice:
         self.now, self.calls = 0.0, []
         self.fail_unpruned: BaseException | None = None
         self.unpruned_error_for: str | None = None  # this item's unpruned answer fails alone
+        self.pruned_oom_above: int | None = None  # pruned batches above this size run out
 
     def perf_counter(self) -> float:
         return self.now
@@ -50,6 +51,8 @@ class FakeDevice:
         self.now += base + each * len(items)
         if unpruned and self.fail_unpruned is not None:
             raise self.fail_unpruned
+        if not unpruned and len(items) > (self.pruned_oom_above or len(items)):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (pruned)")
         if unpruned and self.unpruned_error_for:
             return [
                 ItemError("prompt_too_long", "too long unpruned")
@@ -241,3 +244,15 @@ def test_a_partial_twin_is_a_failed_shadow_batch(tiny_llava, prepared_rows, devi
     assert [r["status"] for r in rows] == ["ok"] * 4
     assert all("unpruned prompt_too_long" in r["shadow_error"] for r in rows)
     assert all(r["shadow_answer"] is None for r in rows)
+
+
+def test_a_pruned_batch_split_by_an_oom_gets_no_twin(tiny_llava, prepared_rows, device) -> None:
+    """Production's out-of-memory splits the pruned batch: no like-for-like twin exists, so
+    none is run (the first draw is pruned first); the shadow's budgets stay as they were."""
+    actor = _actor(tiny_llava, 1.0)
+    device.pruned_oom_above = 2
+    rows = actor(prepared_rows.slice(0, 4)).to_pylist()
+    assert [r["status"] for r in rows] == ["ok"] * 4 and not any(r["shadow"] for r in rows)
+    kinds = [kind for kind, _ in device.calls]
+    assert set(kinds) == {"pruned"} and len(kinds) > 2  # 4 (out of memory), then smaller
+    assert actor.packer.oom_tokens is not None and actor.shadow_packer.oom_tokens is None

@@ -181,7 +181,8 @@ class Answerer:
             for row, item, res in zip(mine, batch, done, strict=True):
                 row["relevance_extractor"] = item.relevance_extractor
                 _fill(row, res)
-            if order is not None and _one_batch(done):  # a split batch has no like-for-like twin
+            paired = _one_batch(done) and any(r["status"] == "ok" for r in mine)
+            if order is not None and paired:  # a split batch has no like-for-like twin
                 fill_shadow(mine, twin or self._twin(batch))
 
     def _twin(self, items: list[PreparedItem]) -> Twin:
