@@ -16,8 +16,10 @@ fault (`pipeline.faults`: a CUDA error, out of memory with one item, ``ERROR_STR
 in a row raising) is never written as an answer: the actor exits so Ray restarts it and
 retries the batch, within ``execution.max_task_retries``. The shadow sample
 (`shadow`: systematic per actor and batch-size bucket) answers a drawn model batch again
-unpruned on the same actor, as one batch of the same items, before or after its pruned pass
-(alternating), timed by the same clock with compile and capture left out of both. A twin is a
+unpruned on the same actor, as one batch of the same items (split only where the shadow's
+budgets would not hold them unpruned), before or after its pruned pass (alternating), timed
+by the same clock with compile and capture left out of both; a pruned batch that a failure
+split has no twin. A twin is a
 measurement: whatever it raises (out of memory included) is recorded on its rows
 (``shadow_error``), never raised, never counted in the error streak, and an out-of-memory
 shrinks only the shadow's own budgets (its own `Packer`), never production's. The actor
