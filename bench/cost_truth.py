@@ -11,7 +11,9 @@ random LLaVA-1.5 geometry from `resprune.tiny`. Hours are the reports' "GPU hour
 time of the answered items plus failed attempts). Prints one line per run (with the machine's
 1-minute load average: on a shared machine the runs' times move with it), the two ratios per
 round, over all rounds (sums) and their per-round medians, then one JSON line.
-Usage: python bench/cost_truth.py [--items 32] [--rounds 3] [--batch-size 8] [--new-tokens 16]
+Usage (a heavy run: one at a time on a shared machine):
+  flock /tmp/ray-heavy.lock python bench/cost_truth.py [--items 32] [--rounds 3] [--batch-size 8]
+      [--new-tokens 16]
 """
 
 from __future__ import annotations
