@@ -437,9 +437,12 @@ class CostSpec(_Strict):
         0.01,
         ge=0,
         le=1,
-        description="Seeded share of model batches also answered unpruned (whole batches).",
+        description="Share of model batches also answered unpruned (whole batches): per model "
+        "actor and batch-size bucket the first batch, then every ceil(1/fraction)-th.",
     )
-    shadow_seed: int = Field(0, description="Seed of the shadow sample.")
+    shadow_seed: int = Field(
+        0, description="Unused since the shadow sample is systematic; kept so older specs validate."
+    )
 
 
 class RuntimeEnvSpec(_Strict):

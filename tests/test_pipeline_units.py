@@ -14,8 +14,10 @@ from pipeline.io.storage import StorageError, filesystem, redact
 from pipeline.job.plan import make_plan
 from pipeline.output import commit
 from pipeline.output.columns import output_schema
+from pipeline.output.summary import held_seconds
 from pipeline.spec import fingerprint, parse_spec
-from pipeline.stages.answer import pack, shadow_batch
+from pipeline.stages.answer import pack
+from pipeline.stages.shadow import PRUNED_FIRST, TWIN_FIRST, ShadowSample, size_bucket
 
 FS = pafs.LocalFileSystem()
 
@@ -78,13 +80,41 @@ def test_pack_respects_budget_and_cap() -> None:
     assert pack([100, 1], budget=50, max_items=4) == [[0], [1]]  # oversize items go alone
 
 
-def test_shadow_batches_are_seeded_and_near_the_fraction() -> None:
-    batches = [[f"id-{i}-{j}" for j in range(4)] for i in range(4000)]
-    picked = [b for b in batches if shadow_batch(b, 0.1, 0)]
-    assert 300 < len(picked) < 500
-    assert all(shadow_batch(b[::-1], 0.1, 0) for b in picked)  # by membership, not order
-    assert picked != [b for b in batches if shadow_batch(b, 0.1, 1)]  # the seed matters
-    assert not any(shadow_batch(b, 0.0, 0) for b in batches)
+def test_shadow_sample_is_systematic_per_bucket_and_alternates_the_pass_order() -> None:
+    sample = ShadowSample(0.25)  # every 4th batch of a bucket, its first one included
+    sizes = [8] * 9 + [3] * 5
+    drawn = [k for k, n in enumerate(sizes) if sample.draw(n)]
+    assert drawn == [0, 4, 8, 9, 13]  # bucket 8-15: batches 0, 4, 8; bucket 2-3: its 1st, 5th
+    orders = ShadowSample(1.0)
+    assert [orders.draw(8) for _ in range(4)] == [PRUNED_FIRST, TWIN_FIRST] * 2
+    replay = ShadowSample(0.25)  # deterministic: the same batches give the same draws
+    assert [k for k, n in enumerate(sizes) if replay.draw(n)] == drawn
+    assert not any(ShadowSample(0.0).draw(8) for _ in range(10))
+
+
+def test_a_dead_actor_process_is_billed_until_its_last_report() -> None:
+    """Ray restarted actor "x" (its second process reports the same actor id): the first
+    process is billed from its start to its last report, the others to the run's end."""
+    actors = {
+        "k1": {"started": 100.0, "last": 160.0, "actor_id": "x"},  # died after 160
+        "k2": {"started": 190.0, "last": 250.0, "actor_id": "x"},  # its restart, alive
+        "k3": {"started": 100.0, "last": 120.0, "actor_id": "y"},  # idle, alive
+        "k4": {"started": 110.0, "shape": None},  # an older actor report: no id
+    }
+    assert held_seconds(actors, finished=300.0) == pytest.approx(60 + 110 + 200 + 190)
+    died_before_reporting = {
+        "a": {"started": 0.0, "actor_id": "z"},
+        "b": {"started": 50.0, "actor_id": "z"},
+    }
+    assert held_seconds(died_before_reporting, finished=100.0) == pytest.approx(0 + 50)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.01])
+def test_a_small_night_is_always_measured(fraction: float) -> None:
+    """Four batches and a fraction above zero: at least one twin (the first batch)."""
+    sample = ShadowSample(fraction)
+    assert sum(sample.draw(8) is not None for _ in range(4)) == (2 if fraction == 0.5 else 1)
+    assert [size_bucket(n) for n in (1, 2, 3, 4, 7, 8, 15, 16)] == [1, 2, 2, 4, 4, 8, 8, 16]
 
 
 def test_redact_and_uri_credentials(monkeypatch: pytest.MonkeyPatch) -> None:

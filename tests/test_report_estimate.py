@@ -15,8 +15,10 @@ from pipeline.report.estimate import (
     generation_flops,
     normalize_answer,
     percentile_ci,
+    ratio_interval,
     size_bucket,
     stratified_unpruned,
+    t975,
     time_ratio,
     token_f1,
 )
@@ -200,3 +202,24 @@ def test_run_stats_add_up() -> None:
     assert (total.items_ok, total.items_error, total.gpu_seconds) == (5, 1, 4.0)
     assert total.flops_pruned is None  # unknown stays unknown
     assert (a + a).flops_unpruned == 4.0
+
+
+def test_ratio_interval_is_a_student_t_interval_that_widens_as_the_sample_shrinks() -> None:
+    """Against scipy's t quantile and the ratio estimator's linearised standard error, by hand."""
+    from scipy import stats
+
+    assert max(abs(t975(d) - stats.t.ppf(0.975, d)) for d in range(1, 500)) < 5e-3
+    p, u = np.array([1.0, 2.0, 4.0]), np.array([3.2, 5.8, 12.1])
+    r = u.sum() / p.sum()
+    se = np.sqrt(np.sum((u - r * p) ** 2) / (3 * 2)) / p.mean()
+    lo, hi = ratio_interval(p, u)
+    assert (lo, hi) == pytest.approx(
+        (r - stats.t.ppf(0.975, 2) * se, r + stats.t.ppf(0.975, 2) * se), rel=1e-3
+    )
+    assert ratio_interval(p[:1], u[:1]) is None  # one batch: nothing known of the spread
+    widths = []
+    for n in (2, 4, 16, 256):
+        sample = _sample(n, seed=n)
+        a, b = ratio_interval(sample.pruned_s, sample.unpruned_s)
+        widths.append(b - a)
+    assert widths == sorted(widths, reverse=True)

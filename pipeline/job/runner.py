@@ -96,13 +96,24 @@ class Ledger:
     def placed(self) -> int:
         return len(self.placed_keys)
 
-    def actor_started(self, key: str, started: float, shape: dict[str, Any]) -> None:
-        self.actors[key] = {"started": started, "busy_s": 0.0, "compile_s": 0.0, "shape": shape}
+    def actor_started(
+        self, key: str, started: float, shape: dict[str, Any], actor_id: str | None = None
+    ) -> None:
+        """A model actor's process loaded its model (``actor_id``: its Ray actor, which a
+        restart keeps, so the summary knows which process died)."""
+        self.actors[key] = {
+            "started": started,
+            "busy_s": 0.0,
+            "compile_s": 0.0,
+            "shape": shape,
+            "actor_id": actor_id,
+            "last": time.time(),
+        }
 
     def actor_busy(self, key: str, busy_s: float, compile_s: float = 0.0) -> None:
         """The actor's model seconds and its compile and capture seconds so far."""
         actor = self.actors.setdefault(key, {"started": time.time(), "shape": None})
-        actor.update(busy_s=busy_s, compile_s=compile_s)
+        actor.update(busy_s=busy_s, compile_s=compile_s, last=time.time())
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         return self.actors

@@ -57,7 +57,7 @@ OUTPUT_COLUMNS: list[tuple[str, pa.DataType, str]] = [
         "failed_gpu_seconds",
         _F64,
         "The item's share of device time spent on attempts that failed (a batch that raised and "
-        "was split, an error item's batch share, an unpruned shadow pass that failed).",
+        "was split, an error item's batch share); a shadow twin's time is never here.",
     ),
     ("preprocess_s", _F64, "CPU seconds to fetch, decode and run the processor."),
     ("vision_s", _F64, "Vision encoder + projector seconds (per item share)."),
@@ -69,14 +69,20 @@ OUTPUT_COLUMNS: list[tuple[str, pa.DataType, str]] = [
     (
         "shadow",
         pa.bool_(),
-        "Item's model batch is in the seeded shadow sample and was answered again unpruned.",
+        "Item's model batch is in the shadow sample and was answered again unpruned (its twin).",
     ),
-    ("shadow_answer", _STR, "Unpruned answer; null unless shadow."),
+    ("shadow_answer", _STR, "Unpruned answer; null unless shadow (or when the twin failed)."),
     (
         "shadow_gpu_seconds",
         _F64,
-        "Device seconds of the unpruned answer (its share of the unpruned twin batches); null "
-        "unless shadow.",
+        "Device seconds of the unpruned answer (its share of the unpruned twin), a failed twin's "
+        "too; null unless shadow.",
+    ),
+    (
+        "shadow_error",
+        _STR,
+        "Why the item's unpruned twin failed (a failed shadow batch, left out of the time "
+        "ratio); null unless it did.",
     ),
     ("shadow_new_tokens", _I32, "Generated tokens of the unpruned answer; null unless shadow."),
     ("shadow_prompt_tokens", _I32, "Prompt length of the unpruned answer; null unless shadow."),

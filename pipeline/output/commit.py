@@ -92,15 +92,18 @@ def table_stats(table: pa.Table) -> dict[str, Any]:
     """Summable per-file statistics (the marker's payload)."""
     rows = table.to_pydict()
     causes = Counter(c for c in rows["error_cause"] if c)
-    shadow_s = [s for s in rows["shadow_gpu_seconds"] if s is not None]
+    paired = [a is not None for a in rows["shadow_answer"]]
+    errors = rows.get("shadow_error", [None] * table.num_rows)  # files of older versions lack it
+    failed = {b for b, e in zip(rows["batch_id"], errors, strict=True) if e}
     return {
         "rows": table.num_rows,
         "items_ok": sum(s == "ok" for s in rows["status"]),
         "items_error": sum(s == "error" for s in rows["status"]),
         "errors_by_cause": dict(causes),
         "gpu_seconds": sum(s or 0.0 for s in rows["gpu_seconds"]),
-        "shadow_items": len(shadow_s),
-        "shadow_gpu_seconds": sum(shadow_s),
+        "shadow_items": sum(paired),
+        "shadow_gpu_seconds": sum(s or 0.0 for s in rows["shadow_gpu_seconds"]),
+        "shadow_failed_batches": len(failed),
         "new_tokens": sum(n or 0 for n in rows["new_tokens"]),
         "relevance_extractors": dict(Counter(e for e in rows["relevance_extractor"] if e)),
     }

@@ -2,7 +2,9 @@
 
 Counts and GPU-seconds are sums over the commit markers this run wrote (unique committed
 rows, never in-actor counters, which retries can double). ``actor_seconds`` is the model
-actors' held time: from each actor's start to the end of the execution (what is billed);
+actors' held time (what is billed): from each actor process's start to the end of the
+execution, or, for a process that died (Ray restarted its actor: a later process reports the
+same actor id), to its last report;
 ``model_seconds`` is the part of it spent inside the model, and ``compile_seconds`` the part
 spent compiling and capturing each new shape (billed overhead: in ``actor_seconds``, never in
 ``model_seconds`` or any item's ``gpu_seconds``). ``execution.max_error_fraction``
@@ -30,6 +32,7 @@ _SUMMED = (
     "gpu_seconds",
     "shadow_items",
     "shadow_gpu_seconds",
+    "shadow_failed_batches",
     "new_tokens",
 )
 
@@ -136,6 +139,7 @@ class Recorder:
             "gpu_seconds": t["gpu_seconds"],
             "shadow_items": t["shadow_items"],
             "shadow_gpu_seconds": t["shadow_gpu_seconds"],
+            "shadow_failed_batches": t["shadow_failed_batches"],
             "new_tokens": t["new_tokens"],
             "files_written": files,
             "files_recovered": self.plan.recovered_files,
@@ -146,7 +150,7 @@ class Recorder:
         shapes = [a["shape"] for a in actors.values() if a.get("shape")]
         return {
             "actors": len(actors),
-            "actor_seconds": sum(finished - a["started"] for a in actors.values()),
+            "actor_seconds": held_seconds(actors, finished),
             "model_seconds": sum(a.get("busy_s", 0.0) for a in actors.values()),
             "compile_seconds": sum(a.get("compile_s", 0.0) for a in actors.values()),
             "model_shape": shapes[0] if shapes else None,
@@ -194,6 +198,26 @@ class Recorder:
             "judged": judged,
             "exceeded": judged and fraction > ex.max_error_fraction,
         }
+
+
+def held_seconds(actors: dict[str, dict[str, Any]], finished: float) -> float:
+    """Billed seconds of the model actors' processes: each from its start to ``finished``,
+    or, when a later process of the same Ray actor started (a restart: this one died), to its
+    last report (start, or end of its last call), never past that successor's start."""
+    total = 0.0
+    for a in actors.values():
+        end = finished
+        later = [
+            b["started"]
+            for b in actors.values()
+            if a.get("actor_id")
+            and b.get("actor_id") == a["actor_id"]
+            and b["started"] > a["started"]
+        ]
+        if later:
+            end = min(a.get("last", a["started"]), min(later))
+        total += max(0.0, end - a["started"])
+    return total
 
 
 def one_line(doc: dict[str, Any]) -> str:

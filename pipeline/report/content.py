@@ -36,17 +36,22 @@ METHOD = (
     "Compiling and capturing (each new batch and cache-length shape's compile and CUDA-graph "
     "capture, paid once per actor on a warm-up of that shape) is billed overhead: it is in "
     "the billed hours, never in the hours used or in either side of the shadow ratio.",
-    "Shadow sample: a seeded share of the model batches (cost.shadow_fraction) is answered again "
-    "without pruning, right after its pruned pass on the same actor and packed by the same "
-    "rules, so the ratio is measured in the main pass's own batch regime.",
+    "Shadow sample: per model actor and batch-size bucket, the first model batch and then every "
+    "ceil(1 / cost.shadow_fraction)-th is answered again without pruning on the same actor: "
+    "its twin, the same items as one batch (split only where an unpruned job's budgets would "
+    "split it), before or after the pruned pass (alternating, so warm-state effects land on "
+    "both sides), timed by the same clock with compile and capture left out of both.",
+    "A twin that fails (out of memory included) is a failed shadow batch: counted, left out of "
+    "the ratio, never a failure of the run or a change to its batches.",
     "Time ratio = sum of unpruned / sum of pruned GPU seconds over the shadow batches, per GPU "
     "type and batch-size bucket (1, 2-3, 4-7, ...); each bucket's GPU hours are scaled by its "
     f"own ratio when it has at least {MIN_BATCHES} shadow batches, else by the pooled ratio.",
     "Failed attempts (a batch that raised and was retried item by item, an error item's share "
-    "of its batch, an unpruned shadow pass that failed) count as GPU hours used, and once, "
-    "unscaled, in the estimate without pruning.",
+    "of its batch) count as GPU hours used, and once, unscaled, in the estimate without pruning.",
     "95% CI: percentile bootstrap (2000 seeded draws) that resamples runs, then whole shadow "
-    "batches within them: items of one batch share one time and are never resampled apart.",
+    "batches within them (items of one batch share one time and are never resampled apart), "
+    "widened to at least the Student-t interval of the time ratio over the n shadow batches "
+    "(n - 1 degrees of freedom: very wide with a handful of batches; none with one).",
     "FLOPs cross-check: decoder matmuls + causal attention for the prompt (pruned vs unpruned "
     "prompt tokens) + decode steps + LM head, applied to the generate stage's share of GPU time; "
     "each item counts its own prompt, so an energy budget's per-item kept tokens are used.",
@@ -168,24 +173,43 @@ def _headline(r: dict[str, Any]) -> list[Block]:
     if r.get("gpu_hours_failed"):
         text = (
             f"GPU hours used include {num(r['gpu_hours_failed'])} h of failed attempts (batches "
-            "that raised and were retried item by item, error items' share of their batch, "
-            "unpruned shadow passes that failed); the estimate without pruning counts them once."
+            "that raised and were retried item by item, error items' share of their batch); "
+            "the estimate without pruning counts them once."
         )
         out.append(Block("note", text))
     counted, rows = r.get("items_processed_by_runs"), r["items_ok"] + r["items_error"]
     if counted is not None and counted != rows:
         text = f"The run summaries count {counted} processed items; the results hold {rows} rows."
         out.append(Block("note", text))
+    return [*out, *_shadow_lines(r), *_buckets(r), Block("chart", "hours.svg")]
+
+
+def _shadow_lines(r: dict[str, Any]) -> list[Block]:
+    """The measured ratio and how much the shadow sample knows (n batches, failed twins)."""
     flops = f"FLOPs ratio {ratio(r['flops_ratio'])} ({r['flops_scaling'] or 'shape unknown'})"
+    out = []
     if r["shadow_items"]:
         measured = f"Time ratio unpruned/pruned: {ratio(r['time_ratio'])}"
-        n = f"{r['shadow_items']} shadow item(s) in {r['shadow_batches']} batch(es)"
-        few = " (a 95% CI needs at least 2 batches)" if r["shadow_batches"] < 2 else ""
+        batches = r["shadow_batches"]
+        n = f"{r['shadow_items']} shadow item(s) in {batches} batch(es)"
+        few = (
+            " (n = 1 batch: one pair says nothing of the spread, so there is no 95% CI)"
+            if batches < 2
+            else f" (n = {batches} batches: a Student-t interval, wide)"
+            if batches < 10
+            else ""
+        )
         out.append(Block("p", f"{measured} over {n}{few}; {flops}."))
         out += _measured_vs_flops(r)
     else:
         out.append(Block("note", f"{NO_SHADOW} {flops}."))
-    return [*out, *_buckets(r), Block("chart", "hours.svg")]
+    if r.get("shadow_batches_failed"):
+        text = (
+            f"{r['shadow_batches_failed']} shadow batch(es) failed (the unpruned twin raised, "
+            "e.g. out of memory): recorded on their rows (shadow_error), left out of the ratio."
+        )
+        out.append(Block("note", text))
+    return out
 
 
 def billed_vs_used(times: float) -> str:

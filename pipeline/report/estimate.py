@@ -2,7 +2,8 @@
 
 - Measured time ratio on the shadow sample (sum of unpruned GPU seconds over sum of pruned
   GPU seconds, same batches, same actor), one per batch-size bucket applied to that bucket's
-  GPU seconds, with a seeded percentile bootstrap over whole batches (and runs).
+  GPU seconds, with a seeded percentile bootstrap over whole batches (and runs), widened to
+  at least a Student-t interval of the ratio (few batches: wide; one batch: none).
 - A FLOPs model of the LLM (prefill with causal attention, decode, LM head) from the run's
   `model_shape`, as a cross-check: it assumes time proportional to FLOPs, which overstates
   savings where decode is memory-bound.
@@ -26,6 +27,40 @@ N_BOOT = 2000
 MIN_BATCHES = 3  # shadow batches a batch-size bucket needs to use its own ratio
 _BOOT_CELLS = 4_000_000  # resample indices drawn per chunk (bounds memory)
 _NON_WORD = re.compile(r"[^\w\s]|_")
+
+
+# Student t, 97.5th percentile, 1..30 degrees of freedom
+_T975 = tuple(
+    float(t)
+    for t in (
+        "12.706 4.303 3.182 2.776 2.571 2.447 2.365 2.306 2.262 2.228 2.201 2.179 2.160 2.145 "
+        "2.131 2.120 2.110 2.101 2.093 2.086 2.080 2.074 2.069 2.064 2.060 2.056 2.052 2.048 "
+        "2.045 2.042"
+    ).split()
+)
+_Z975 = 1.959964
+
+
+def t975(df: int) -> float:
+    """The Student-t 97.5th percentile (a table to 30, a Cornish-Fisher term above)."""
+    if df <= len(_T975):
+        return _T975[df - 1]
+    return _Z975 + (_Z975**3 + _Z975) / (4 * df)
+
+
+def ratio_interval(pruned_s: np.ndarray, unpruned_s: np.ndarray) -> tuple[float, float] | None:
+    """95 % Student-t interval of the ratio estimator sum(u) / sum(p) over n batches
+    (linearised: residuals u_i - R p_i, n - 1 degrees of freedom), clipped at 0; None below two
+    batches. It widens as the sample shrinks (t = 12.7 at two batches), where a bootstrap of
+    a handful of batches is far too narrow."""
+    p, u = np.asarray(pruned_s, float), np.asarray(unpruned_s, float)
+    n = len(p)
+    if n < 2 or p.sum() <= 0:
+        return None
+    r = u.sum() / p.sum()
+    se = np.sqrt(np.sum((u - r * p) ** 2) / (n * (n - 1))) / p.mean()
+    half = t975(n - 1) * float(se)
+    return max(0.0, r - half), r + half
 
 
 def time_ratio(pruned_s: np.ndarray, unpruned_s: np.ndarray) -> float | None:

@@ -30,6 +30,7 @@ STRING_COLUMNS = (
     "pruner",
     "keep",
     "shadow_answer",
+    "shadow_error",
     "batch_id",
     "run_id",
     "run_date",

@@ -74,6 +74,7 @@ class RunStats:
     flops_pruned: float | None = 0.0
     flops_unpruned: float | None = 0.0
     shadow: Shadow = field(default_factory=Shadow)
+    shadow_failed_batches: int = 0  # twins that failed (recorded, left out of the ratio)
 
     def __add__(self, other: RunStats) -> RunStats:
         merged = {}
@@ -106,6 +107,7 @@ class RunStats:
             ),
             errors_by_cause=Counter(causes),
             shadow=_shadow(cols, ok),
+            shadow_failed_batches=_failed_twins(cols),
         )
         _add_tokens(stats, cols, ok)
         _add_flops(stats, cols, ok, shape or LlmShape())
@@ -171,6 +173,14 @@ def _shadow(cols: dict[str, np.ndarray], ok: np.ndarray) -> Shadow:
     }
     arrays = {k: cols[c][use] for k, c in pick.items()}
     return Shadow(**arrays, batches=_batches({k: v[use] for k, v in cols.items()}))
+
+
+def _failed_twins(cols: dict[str, np.ndarray]) -> int:
+    """Shadow batches whose unpruned twin failed (by batch id; a row without one alone)."""
+    failed = np.array([e is not None for e in cols["shadow_error"]], bool)
+    pairs = zip(cols["batch_id"][failed], cols["id"][failed], strict=True)
+    keys = {f"b:{b}" if b else f"i:{i}" for b, i in pairs}
+    return len(keys)
 
 
 def _batches(cols: dict[str, np.ndarray]) -> ShadowBatches:

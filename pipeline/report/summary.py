@@ -4,7 +4,9 @@ Pure: runs' summable stats in, a JSON-ready dict out. Per GPU type and batch-siz
 time ratio measured on that type's shadow batches of that size scales the GPU hours of that
 size (`estimate.stratified_unpruned`); failed attempts count as used, once, both with and
 without pruning. Scopes (a night, the whole prefix) add the types, and their bootstrap draws
-(whole batches within resampled runs) add draw by draw for the interval.
+(whole batches within resampled runs) add draw by draw for the interval, which is widened to
+at least the types' Student-t intervals of their ratios (`estimate.ratio_interval`), so a
+small sample says how little it knows.
 Money uses `--price` when given, else each run's own `usd_per_gpu_hour`; any unknown price
 makes the amount unknown (None). Non-goals: reading files, formatting, charts.
 """
@@ -24,6 +26,7 @@ from pipeline.report.estimate import (
     agreement,
     flops_scaled_seconds,
     percentile_ci,
+    ratio_interval,
     stratified_unpruned,
     time_ratio,
     token_f1,
@@ -131,6 +134,7 @@ class _TypeEstimate:
     ratio: float | None
     boots: np.ndarray | None
     buckets: list[dict[str, Any]]
+    t_bounds: tuple[float, float] | None = None  # the ratio's Student-t interval, effective
 
     @classmethod
     def of(cls, group: Sequence[Run], price: float | None, seed: int) -> _TypeEstimate:
@@ -139,13 +143,19 @@ class _TypeEstimate:
         used_s = stats.used_seconds
         priced = _money(group, price, lambda r: r.stats.used_seconds / 3600)
         if used_s == 0:  # nothing ran on this type: it adds nothing, known or not
-            return cls(0.0, priced, 1.0, np.ones(N_BOOT), [])
+            return cls(0.0, priced, 1.0, np.ones(N_BOOT), [], (1.0, 1.0))
         est = stratified_unpruned(stats.bucket_seconds, stats.shadow.batches, seed=seed)
         if est.estimate_s is None:
             return cls(used_s / 3600, priced, None, None, est.buckets)
         failed = stats.failed_seconds  # a failure costs the same with or without pruning
         boots = None if est.boots_s is None else (est.boots_s + failed) / used_s
-        return cls(used_s / 3600, priced, (est.estimate_s + failed) / used_s, boots, est.buckets)
+        ratio = (est.estimate_s + failed) / used_s
+        shadow = stats.shadow.batches
+        pooled, t = time_ratio(shadow.pruned_s, shadow.unpruned_s), None
+        bounds = ratio_interval(shadow.pruned_s, shadow.unpruned_s)
+        if bounds is not None and pooled:  # the same relative width on the measured part
+            t = tuple((est.estimate_s * b / pooled + failed) / used_s for b in bounds)
+        return cls(used_s / 3600, priced, ratio, boots, est.buckets, t)  # type: ignore[arg-type]
 
     def unpruned_h(self, ratio: float | np.ndarray | None) -> float | np.ndarray | None:
         """GPU hours without pruning for a ratio (or an array of bootstrap ratios)."""
@@ -154,6 +164,20 @@ class _TypeEstimate:
     def usd_saved(self, ratio: float | np.ndarray | None) -> float | np.ndarray | None:
         """Dollars saved for a ratio (or array); None when a price is unknown."""
         return None if ratio is None or self.priced_h is None else self.priced_h * (ratio - 1)
+
+
+def _hull(ci: list[float] | None, bounds: list[Any] | None) -> list[float] | None:
+    """The bootstrap interval widened to include ``bounds`` (None: no interval at all)."""
+    if ci is None or bounds is None or None in bounds:
+        return None
+    return [min(ci[0], bounds[0]), max(ci[1], bounds[1])]
+
+
+def _t_side(ests: Sequence[_TypeEstimate], side: int, of: str) -> Any:
+    """One side of the types' Student-t intervals, summed (hours or USD); None if unknown."""
+    if any(e.t_bounds is None for e in ests):
+        return None
+    return _total([getattr(e, of)(e.t_bounds[side]) for e in ests])
 
 
 def _total(values: Sequence[Any]) -> Any:
@@ -172,7 +196,10 @@ def _type_row(gpu_type: str, group: Sequence[Run], est: _TypeEstimate, price: fl
         "shadow_batches": len(stats.shadow.batches),
         "time_ratio": est.ratio,
         "gpu_hours_unpruned_est": est.unpruned_h(est.ratio),
-        "gpu_hours_unpruned_ci": percentile_ci(est.unpruned_h(est.boots)),
+        "gpu_hours_unpruned_ci": _hull(
+            percentile_ci(est.unpruned_h(est.boots)),
+            None if est.t_bounds is None else [est.unpruned_h(b) for b in est.t_bounds],
+        ),
         "gpu_hours_saved": None if est.ratio is None else est.used_h * (est.ratio - 1),
         "usd_saved": est.usd_saved(est.ratio),
     }
@@ -187,6 +214,8 @@ def _estimate(runs: Sequence[Run], price: float | None, seed: int) -> dict[str, 
         "usd_saved": _total([e.usd_saved(e.ratio) for e in ests]),
         "boot_h": _total([e.unpruned_h(e.boots) for e in ests]),
         "boot_usd": _total([e.usd_saved(e.boots) for e in ests]),
+        "t_h": [_t_side(ests, s, "unpruned_h") for s in (0, 1)],
+        "t_usd": [_t_side(ests, s, "usd_saved") for s in (0, 1)],
         "per_type": [_type_row(t, g, e, price) for (t, g), e in zip(groups, ests, strict=True)],
         "buckets": [
             {"gpu_type": t, **b} for (t, _), e in zip(groups, ests, strict=True) for b in e.buckets
@@ -218,6 +247,7 @@ def scope_summary(runs: Sequence[Run], *, price: float | None, seed: int = 0) ->
     used = stats.used_seconds / 3600
     est = _estimate(runs, price, seed)
     boot_h = est["boot_h"]
+    unpruned_ci = _hull(percentile_ci(boot_h), est["t_h"])
     flops_h, flops_ratio, flops_note = _flops_hours(runs)
     shadow = stats.shadow
     return {
@@ -228,18 +258,19 @@ def scope_summary(runs: Sequence[Run], *, price: float | None, seed: int = 0) ->
         "gpu_hours_billed": _billed(runs),
         "gpu_hours_compile": _compile(runs),
         "gpu_hours_unpruned_est": est["unpruned"],
-        "gpu_hours_unpruned_ci": percentile_ci(boot_h),
+        "gpu_hours_unpruned_ci": unpruned_ci,
         "gpu_hours_saved": None if est["unpruned"] is None else est["unpruned"] - used,
-        "gpu_hours_saved_ci": None if boot_h is None else percentile_ci(boot_h - used),
+        "gpu_hours_saved_ci": None if unpruned_ci is None else [b - used for b in unpruned_ci],
         "usd_used": _money(runs, price, lambda r: r.stats.used_seconds / 3600),
         "usd_billed": _money(runs, price, lambda r: _billed([r])),
         "usd_compile": _money(runs, price, lambda r: _compile([r])),
         "usd_saved": est["usd_saved"] if est["unpruned"] is not None else None,
-        "usd_saved_ci": percentile_ci(est["boot_usd"])
+        "usd_saved_ci": _hull(percentile_ci(est["boot_usd"]), est["t_usd"])
         if isinstance(est["boot_usd"], np.ndarray)
         else None,
         "shadow_items": len(shadow),
         "shadow_batches": len(shadow.batches),
+        "shadow_batches_failed": stats.shadow_failed_batches,
         "shadow_gpu_hours": float(shadow.batches.unpruned_s.sum()) / 3600,
         "time_ratio": time_ratio(shadow.batches.pruned_s, shadow.batches.unpruned_s),
         "ratio_by_batch_size": est["buckets"],

@@ -14,14 +14,19 @@ item cannot sink its batch. A failed attempt's time is billed as overhead on its
 attempt that answered it, so their sum is the time of the successful batches. A systemic
 fault (`pipeline.faults`: a CUDA error, out of memory with one item, ``ERROR_STREAK`` items
 in a row raising) is never written as an answer: the actor exits so Ray restarts it and
-retries the batch, within ``execution.max_task_retries``. The shadow sample is drawn by
-batch: a seeded share of the model batches is answered again unpruned, packed under the same
-size cap and budgets, right after its pruned pass on the same actor, so the time ratio
-compares the main pass's own batches with their unpruned twins (same regime: batch 1 is
-memory-bound, full batches are not). The actor reports its start, model shape and busy time
-to the run's ledger (side effects are at-least-once; the run's GPU-seconds come from
-committed rows instead). A batch whose earlier attempt killed the actor process is answered
-one item at a time, and an item that killed it while answered alone is quarantined
+retries the batch, within ``execution.max_task_retries``. The shadow sample
+(`shadow`: systematic per actor and batch-size bucket) answers a drawn model batch again
+unpruned on the same actor, as one batch of the same items (split only where the shadow's
+budgets would not hold them unpruned), before or after its pruned pass (alternating), timed
+by the same clock with compile and capture left out of both; a pruned batch that a failure
+split has no twin. A twin is a
+measurement: whatever it raises (out of memory included) is recorded on its rows
+(``shadow_error``), never raised, never counted in the error streak, and an out-of-memory
+shrinks only the shadow's own budgets (its own `Packer`), never production's. The actor
+reports its start, model shape and busy time to the run's ledger after every call (side
+effects are at-least-once; the run's GPU-seconds come from committed rows instead). A batch
+whose earlier attempt killed the actor process is answered
+one item at a time (no twin), and an item that killed it while answered alone is quarantined
 (``crashed_worker``) instead of retried: a poison item costs at most three attempts
 (``execution.max_task_retries`` >= 2). Compile and capture time (`resprune.overhead`: the
 first batch of each shape warms that shape up first, pruned and shadow alike) is left out of
@@ -57,11 +62,11 @@ from pipeline.stages.failures import (
 )
 from pipeline.stages.packing import SHRINK, Packer, pack
 from pipeline.stages.preprocess import PREPARED
-from pipeline.stages.shadow import fill_shadow, shadow_batch
+from pipeline.stages.shadow import TWIN_FIRST, ShadowSample, Twin, fill_shadow
 from pipeline.stages.timing import DeviceClock
 from resprune.items import ItemError, PreparedItem
 
-__all__ = ["ERROR_STREAK", "SHRINK", "Answered", "Answerer", "pack", "shadow_batch"]
+__all__ = ["ERROR_STREAK", "SHRINK", "Answered", "Answerer", "pack"]
 
 
 @dataclass(frozen=True)
@@ -110,10 +115,13 @@ class Answerer:
         )
         self.unpruned = build_pruner("none")
         self.packer = Packer(spec, self.vlm, self.engine)
+        self.shadow_packer = Packer(spec, self.vlm, self.engine, role="shadow twins")
+        self.shadow = ShadowSample(spec.cost.shadow_fraction)
         self.clock, self.errors = DeviceClock(self.device), ErrorStreak()
         self.metrics = metrics.for_actor(run_id, run_date)
         if ledger is not None:
-            ledger.actor_started.remote(self.key, self.started, self.vlm.describe())
+            actor_id = ray.get_runtime_context().get_actor_id()
+            ledger.actor_started.remote(self.key, self.started, self.vlm.describe(), actor_id)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         try:
@@ -155,7 +163,7 @@ class Answerer:
         """Answer one item with the ledger told, so a crash here marks this item alone."""
         item_id = rows[i]["id"]
         ray.get(self.ledger.begin_solo.remote(item_id))
-        self._answer_rows(rows, [i], [item])
+        self._answer_rows(rows, [i], [item], shadow=False)  # a twin must not be the crash
         ray.get(self.ledger.end_solo.remote(item_id))
 
     def _begin(self, ids: list[str]) -> tuple[bool, list[str]]:
@@ -163,21 +171,55 @@ class Answerer:
             return False, []
         return ray.get(self.ledger.begin_batch.remote(ids))
 
-    def _answer_rows(self, rows: list[dict], todo: list[int], items: list[PreparedItem]) -> None:
-        """Answer ``items`` (the rows at ``todo``) pruned, then the shadow batches unpruned."""
-        done = self._answer(items, self.pruner, self.spec.pruning.keep_value)
-        batches: dict[str, list[int]] = {}
-        for k, (i, item, res) in enumerate(zip(todo, items, done, strict=True)):
-            rows[i]["relevance_extractor"] = item.relevance_extractor
-            _fill(rows[i], res)
-            batches.setdefault(res.batch_id, []).append(k)
-        c = self.spec.cost
-        for group in batches.values():
-            ids = [rows[todo[k]]["id"] for k in group]
-            if shadow_batch(ids, c.shadow_fraction, c.shadow_seed):
-                ok = [k for k in group if rows[todo[k]]["status"] == "ok"]
-                twins = self._answer([items[k] for k in ok], self.unpruned, 1.0)
-                fill_shadow([rows[todo[k]] for k in ok], twins)
+    def _answer_rows(
+        self, rows: list[dict], todo: list[int], items: list[PreparedItem], shadow: bool = True
+    ) -> None:
+        """Answer ``items`` (the rows at ``todo``) pruned, in batches that fit the budgets; a
+        batch drawn into the shadow sample is answered again unpruned, before or after its
+        pruned pass (alternating)."""
+        keep = self.spec.pruning.keep_value
+        for group in self.packer.batches(items, self.pruner, keep):
+            batch, mine = [items[k] for k in group], [rows[todo[k]] for k in group]
+            order = self.shadow.draw(len(batch)) if shadow else None
+            twin = self._twin(batch) if order == TWIN_FIRST else None
+            done = self._run(batch, self.pruner, keep)
+            for row, item, res in zip(mine, batch, done, strict=True):
+                row["relevance_extractor"] = item.relevance_extractor
+                _fill(row, res)
+            paired = _one_batch(done) and any(r["status"] == "ok" for r in mine)
+            if order is not None and paired:  # a split batch has no like-for-like twin
+                fill_shadow(mine, twin or self._twin(batch))
+
+    def _twin(self, items: list[PreparedItem]) -> Twin:
+        """The unpruned twin of a pruned batch, timed by the same clock. Never raises: whatever
+        fails is the twin's error; an out-of-memory shrinks the shadow's own budgets only."""
+        from resprune.answer import answer_batch
+
+        twin = Twin([0.0] * len(items), [None] * len(items))
+        for group in self.shadow_packer.batches(items, self.unpruned, 1.0):
+            batch = [items[i] for i in group]
+            started = self.clock.start()
+            try:
+                out = answer_batch(self.vlm, batch, **self._answer_kwargs(self.unpruned, 1.0))
+            except Exception as exc:  # a measurement never fails the night
+                spent = sum(twin.seconds) + self._stop_quietly(started)
+                if faults.is_oom(exc):
+                    free_device_memory()
+                    self.shadow_packer.shrink(batch, self.unpruned, 1.0)
+                cause = redact(f"{type(exc).__name__}: {exc}".splitlines()[0])
+                return Twin([spent / len(items)] * len(items), error=cause)
+            each = self.clock.stop(started) / len(batch)
+            for i, result in zip(group, out, strict=True):
+                twin.results[i], twin.seconds[i] = result, each
+        return twin
+
+    def _stop_quietly(self, started: tuple[float, float]) -> float:
+        """The clock's stop after a failed twin; 0.0 when the device cannot even synchronise
+        (production's next batch meets that fault on its own path)."""
+        try:
+            return self.clock.stop(started)
+        except Exception:
+            return 0.0
 
     def _answer(self, items: list[PreparedItem], pruner: Any, keep: Any) -> list[Answered]:
         """Answer items in batches that fit the budgets, in input order."""
@@ -267,6 +309,11 @@ def _load(spec: JobSpec, share: Answerer | None) -> tuple[str, Any, Any]:
             raise ValueError(refusal)
     options = getattr(m, m.engine).model_dump()  # the engine's own settings block
     return device, vlm, engine(vlm, **options)
+
+
+def _one_batch(done: list[Answered]) -> bool:
+    """The pruned items were answered together in one batch (not split by a failure)."""
+    return len({a.batch_id for a in done}) == 1 and done[0].batch_size == len(done)
 
 
 def _fill(row: dict[str, Any], res: Answered) -> None:

@@ -49,12 +49,14 @@ def pack(
 
 
 class Packer:
-    """One actor's batch budgets; an out-of-memory lowers them for its later batches."""
+    """One actor's batch budgets; an out-of-memory lowers them for its later batches. The
+    shadow twins have a packer of their own (``role``), so their out-of-memory never lowers
+    production's budgets."""
 
-    def __init__(self, spec: JobSpec, vlm: Any, engine: Any):
+    def __init__(self, spec: JobSpec, vlm: Any, engine: Any, role: str = "model batches"):
         from resprune.memory import BatchMemory, device_budget, resolve_batch_tokens
 
-        self.spec = spec
+        self.spec, self.role = spec, role
         self.image_token_id = int(vlm.model.config.image_token_id)
         tokens = spec.execution.max_batch_tokens  # vLLM sizes its own batches from memory
         auto_vllm = tokens == "auto" and spec.model.engine == "vllm"
@@ -127,7 +129,8 @@ class Packer:
                 shape = self.memory.add(shape, foot)
             self.budget_bytes = int(SHRINK * min(self.budget_bytes, self.memory.bytes(shape)))
             line += f"; batches now within {self.budget_bytes / 2**30:.2f} GiB"
-        print(f"model actor: {line} and {self.oom_tokens} LLM tokens", file=sys.stderr, flush=True)
+        line += f" and {self.oom_tokens} LLM tokens"
+        print(f"model actor: {line} ({self.role})", file=sys.stderr, flush=True)
 
     def _footprints(self, items, costs, pruner, keep) -> list[Any]:
         selects = pruner.name == "resprune"  # the one pruner that holds a Gram per batch
