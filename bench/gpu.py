@@ -221,7 +221,9 @@ def build(family: str, text: dict, vit: dict, size: int, device, dtype, attn: st
     vision = {"hidden_size": vit["hidden"], "layers": vit["layers"], "image_size": size}
     text = {**text, "vocab_size": len(tok)}
     qwen = family == "qwen2_5_vl"
-    config, _ = tiny._qwen(tok, text, vision) if qwen else tiny._llava(family, tok, text, vision)
+    config, _ = (
+        tiny._qwen(family, tok, text, vision) if qwen else tiny._llava(family, tok, text, vision)
+    )
     vc = config.vision_config
     vc.intermediate_size = vit["intermediate"]
     if qwen:

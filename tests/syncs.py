@@ -46,6 +46,15 @@ SYNC_OPS = {
 _MASK_INDEXED = {"aten.index", "aten.index_put", "aten.index_put_", "aten._index_put_impl_"}
 
 
+def _storage_pointer(t: torch.Tensor) -> int | None:
+    """Where ``t``'s storage lives; None for tensors without one (vmap's batched tensors, as
+    in transformers' mask functions: never a host read of their own)."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (NotImplementedError, RuntimeError):
+        return None
+
+
 class SyncCounter(TorchDispatchMode):
     """Counts stalling ops and reads by name (``syncs``) and copies in (``to_device``)."""
 
@@ -65,13 +74,15 @@ class SyncCounter(TorchDispatchMode):
         if self.host_copy:
             return
         if isinstance(t, torch.Tensor) and t.numel() and t.device.type != "meta":
-            self.device[t.untyped_storage().data_ptr()] = t
+            pointer = _storage_pointer(t)
+            if pointer is not None:
+                self.device[pointer] = t
 
     def on_device(self, t) -> bool:
         return (
             isinstance(t, torch.Tensor)
             and (self.everything or t.numel() > 0)
-            and (self.everything or t.untyped_storage().data_ptr() in self.device)
+            and (self.everything or _storage_pointer(t) in self.device)
         )
 
     def count(self, name: str) -> None:

@@ -173,6 +173,7 @@ def test_a_dead_engine_exits_the_actor_at_once_and_writes_no_rows(
         | {
             "model": {"path": str(tiny_llava), "max_new_tokens": 2},
             "execution": {"gpus_per_actor": 0, "batch_size": 2},
+            "cost": {"shadow_fraction": 0.0},  # no twin: every engine call is a pruned batch
         }
     )
     batch = Preprocess(spec, [])(pa.Table.from_pylist(rows))

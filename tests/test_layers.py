@@ -12,11 +12,12 @@ ROOT = Path(__file__).resolve().parents[1] / "pipeline"
 # Lowest first; a module may import its own layer and those below it.
 LAYERS = [
     ("pipeline.spec", "pipeline.faults", "pipeline.filters"),
-    ("pipeline.io",),
+    ("pipeline.io", "pipeline.report"),  # the report reads committed output, imports spec only
     ("pipeline.output",),
+    ("pipeline.monitoring",),  # metrics for the stages; the night's record, gate and notice
     ("pipeline.stages",),
     ("pipeline.job",),
-    ("pipeline.cli", "pipeline.report", "pipeline.eval", "pipeline.k8s"),
+    ("pipeline.cli", "pipeline.eval", "pipeline.k8s"),
 ]
 
 

@@ -209,7 +209,7 @@ def test_progress_line() -> None:
 
 
 def test_stderr_filter_drops_only_the_advisory(capfd: pytest.CaptureFixture) -> None:
-    from pipeline.job.stderr_filter import drop_lines
+    from pipeline.monitoring.stderr_filter import drop_lines
 
     advisory = (
         b"[2026-12-01 03:00:00,000 E 1 1] core_worker.cc:2146: Actor with class name: 'M' "

@@ -19,8 +19,9 @@ pytestmark = pytest.mark.usefixtures("ray_session")
 
 def test_config_has_every_section_the_stages_read() -> None:
     """The job runs through the processor: its config must carry every section but where
-    the data lives (name, output, runtime_env)."""
-    job_only = {"name", "output", "runtime_env"}
+    the data lives (name, output, runtime_env) and what judges a whole night (monitoring,
+    gate: the end-of-run record, notification and gate belong to `pipeline run`)."""
+    job_only = {"name", "output", "runtime_env", "monitoring", "gate"}
     assert set(JobSpec.model_fields) - job_only == set(ProcessorConfig.model_fields)
 
 

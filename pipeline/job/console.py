@@ -4,7 +4,7 @@ INFO chatter and advisories we acted on kept off the console (Ray's log files ke
 Non-goals: hiding warnings or errors about the job itself. Ray core's C++ log lines pass
 Python's logging; the one false alarm among them (``core_worker.cc ... constructor arguments
 in the object store``, Ray Data's own ObjectRef constructor arguments, ray-project/ray#53727)
-is dropped by `pipeline.job.stderr_filter` while a run executes.
+is dropped by `pipeline.monitoring.stderr_filter` while a run executes.
 """
 
 from __future__ import annotations

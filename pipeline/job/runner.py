@@ -27,7 +27,7 @@ import ray
 from pipeline import faults
 from pipeline.io.readers import read_input
 from pipeline.io.storage import redact
-from pipeline.job import stderr_filter
+from pipeline.monitoring import stderr_filter
 from pipeline.job.console import quiet, show_progress
 from pipeline.job.plan import Plan, make_plan
 from pipeline.job.watchdog import ClusterGone, Watchdog

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from pipeline.io.storage import filesystem, join, read_json, redact, write_json
-from pipeline.job.stderr_filter import drop_lines
+from pipeline.monitoring.stderr_filter import drop_lines
 from pipeline.monitoring import gate, metrics, notify, record
 from pipeline.monitoring.progress import ProgressLines
 from pipeline.output.commit import RUNS
