@@ -27,10 +27,10 @@ import ray
 from pipeline import faults
 from pipeline.io.readers import read_input
 from pipeline.io.storage import redact
-from pipeline.monitoring import stderr_filter
 from pipeline.job.console import quiet, show_progress
 from pipeline.job.plan import Plan, make_plan
 from pipeline.job.watchdog import ClusterGone, Watchdog
+from pipeline.monitoring import stderr_filter
 from pipeline.monitoring.night import Night
 from pipeline.output import commit, summary
 from pipeline.output.commit import CommitSink

@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from pipeline.io.storage import filesystem, join, read_json, redact, write_json
-from pipeline.monitoring.stderr_filter import drop_lines
 from pipeline.monitoring import gate, metrics, notify, record
 from pipeline.monitoring.progress import ProgressLines
+from pipeline.monitoring.stderr_filter import drop_lines
 from pipeline.output.commit import RUNS
 from pipeline.spec import JobSpec
 
