@@ -12,9 +12,10 @@ packed under them. Any other sub-batch that raises falls back to one item at a t
 item cannot sink its batch. A failed attempt's time is billed as overhead on its items
 (``failed_gpu_seconds``), never as model time: ``gpu_seconds`` is each item's share of the
 attempt that answered it, so their sum is the time of the successful batches. A systemic
-fault (`pipeline.faults`: a CUDA error, out of memory with one item, ``ERROR_STREAK`` items
-in a row raising) is never written as an answer: the actor exits so Ray restarts it and
-retries the batch, within ``execution.max_task_retries``. The shadow sample is drawn by
+fault (`pipeline.faults`: a CUDA error, out of memory with one item, the model failing
+``WINDOW_ERRORS`` of its last ``WINDOW_ITEMS`` items) is never written as an answer: the actor
+exits so Ray restarts it and retries the batch, within ``execution.max_task_retries`` such
+exits per run. The shadow sample is drawn by
 batch: a seeded share of the model batches is answered again unpruned, packed under the same
 size cap and budgets, right after its pruned pass on the same actor, so the time ratio
 compares the main pass's own batches with their unpruned twins (same regime: batch 1 is
@@ -22,14 +23,15 @@ memory-bound, full batches are not). The actor reports its start, model shape an
 to the run's ledger (side effects are at-least-once; the run's GPU-seconds come from
 committed rows instead). A batch whose earlier attempt killed the actor process is answered
 one item at a time, and an item that killed it while answered alone is quarantined
-(``crashed_worker``) instead of retried: a poison item costs at most three attempts
-(``execution.max_task_retries`` >= 2). Compile and capture time (`resprune.overhead`: the
-first batch of each shape warms that shape up first, pruned and shadow alike) is left out of
-the items' GPU seconds and the busy time; the actor reports it as ``compile_s``, which the run
-summary and the cost report show as billed overhead. Non-goal: batching across Ray calls.
+(``crashed_worker``) instead of retried: a poison item costs at most three attempts. A death
+whose node the cluster has lost is nobody's fault: that batch is answered again whole. Compile
+and capture time (`resprune.overhead`: the first batch of each shape warms that shape up first,
+pruned and shadow alike) is left out of the items' GPU seconds and the busy time; the actor
+reports it as ``compile_s``, which the run summary and the cost report show as billed overhead.
+Non-goal: batching across Ray calls.
 
 The parts live beside it: `packing` (budgets and batches), `shadow` (the shadow sample),
-`failures` (error streak, quarantine, exits) and `timing` (the device clock).
+`failures` (error window, quarantine, exits) and `timing` (the device clock).
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ from pipeline.io.storage import redact
 from pipeline.output.columns import output_schema
 from pipeline.spec import JobSpec
 from pipeline.stages.failures import (
-    ERROR_STREAK,
-    ErrorStreak,
+    WINDOW_ERRORS,
+    ErrorWindow,
     exit_actor,
     free_device_memory,
     quarantine,
@@ -60,7 +62,7 @@ from pipeline.stages.shadow import fill_shadow, shadow_batch
 from pipeline.stages.timing import DeviceClock
 from resprune.items import ItemError, PreparedItem
 
-__all__ = ["ERROR_STREAK", "SHRINK", "Answered", "Answerer", "pack", "shadow_batch"]
+__all__ = ["SHRINK", "WINDOW_ERRORS", "Answered", "Answerer", "pack", "shadow_batch"]
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,8 @@ class Answerer:
         )
         self.unpruned = build_pruner("none")
         self.packer = Packer(spec, self.vlm, self.engine)
-        self.clock, self.errors = DeviceClock(self.device), ErrorStreak()
+        self.clock, self.errors = DeviceClock(self.device), ErrorWindow()
+        self.node = ray.get_runtime_context().get_node_id() if ledger is not None else None
         if ledger is not None:
             ledger.actor_started.remote(self.key, self.started, self.vlm.describe())
 
@@ -151,14 +154,14 @@ class Answerer:
     def _solo(self, rows: list[dict], i: int, item: PreparedItem) -> None:
         """Answer one item with the ledger told, so a crash here marks this item alone."""
         item_id = rows[i]["id"]
-        ray.get(self.ledger.begin_solo.remote(item_id))
+        ray.get(self.ledger.begin_solo.remote(item_id, self.node))
         self._answer_rows(rows, [i], [item])
         ray.get(self.ledger.end_solo.remote(item_id))
 
     def _begin(self, ids: list[str]) -> tuple[bool, list[str]]:
         if self.ledger is None:
             return False, []
-        return ray.get(self.ledger.begin_batch.remote(ids))
+        return ray.get(self.ledger.begin_batch.remote(ids, self.node))
 
     def _answer_rows(self, rows: list[dict], todo: list[int], items: list[PreparedItem]) -> None:
         """Answer ``items`` (the rows at ``todo``) pruned, then the shadow batches unpruned."""
@@ -200,7 +203,8 @@ class Answerer:
                 replace(a, failed_s=a.failed_s + lost)
                 for a in self._retry(items, exc, pruner, keep, batch_id)
             ]
-        self.errors.ok()
+        if pruner is self.pruner:  # the production pass's results judge the model
+            self.errors.observe(results)
         seconds = self.clock.stop(started) / n
         return [Answered(r, seconds, batch_id, n) for r in results]
 
