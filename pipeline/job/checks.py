@@ -1,8 +1,10 @@
-"""Whole-job checks that need storage but no model weights: is the model path usable?
+"""Whole-job checks that need storage but no model weights: is the model path usable, and
+is the output prefix outside the input?
 
 A local folder or an ``s3://`` prefix must hold ``config.json``; a hub id must look like
 ``org/name`` (its download is checked when the actor loads it); the job's engine must be
-installed. Non-goal: validating the weights themselves.
+installed. An output prefix equal to or inside the input prefix is refused before any write
+(the next run would read the results as input). Non-goal: validating the weights themselves.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pipeline.io.storage import (
     StorageError,
     exists,
     filesystem,
+    filesystem_path,
     is_remote,
     join,
     read_json,
@@ -46,6 +49,24 @@ def check_model_path(spec: JobSpec) -> None:
         return
     if path.startswith((".", "/", "~")) or not _HUB_ID.match(path):
         raise ModelPathError(f"model.path {path}: no such folder, and not a hub id (org/name)")
+
+
+def check_output_outside_input(spec: JobSpec) -> None:
+    """Raise StorageError (one line) when output.uri is input.uri or inside it."""
+    inp, out = spec.input.uri, spec.output.uri
+    if is_remote(inp) != is_remote(out):
+        return
+    base = filesystem_path(inp)
+    if any(c in base for c in "*?["):  # a glob: the folder before its first pattern
+        base = base[: min(base.find(c) for c in "*?[" if c in base)].rsplit("/", 1)[0]
+    root = filesystem_path(out)
+    if not is_remote(inp):
+        base, root = os.path.realpath(base), os.path.realpath(root)
+    if root == base or root.startswith(base.rstrip("/") + "/"):
+        raise StorageError(
+            f"output.uri {redact(out)} is inside input.uri {redact(inp)}: the next run would "
+            "read the results as input; write them outside the input prefix"
+        )
 
 
 def check_engine(spec: JobSpec) -> None:

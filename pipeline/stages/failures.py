@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import sys
 from collections import deque
-from collections.abc import Iterable
 from typing import Any, NoReturn
 
 import ray
@@ -29,9 +28,16 @@ class ErrorWindow:
     def __init__(self) -> None:
         self.recent: deque[str | None] = deque(maxlen=WINDOW_ITEMS)
 
-    def observe(self, results: Iterable[Any]) -> None:
-        """Record a batch's results (ItemError or answers); raise SystemicFault when one
-        model cause reaches `WINDOW_ERRORS` in the window."""
+    def observe(self, results: list[Any]) -> None:
+        """Record a batch's results (ItemError or answers); raise SystemicFault when every
+        item of a batch of several has one model cause (an engine refusing every request),
+        or when one model cause reaches `WINDOW_ERRORS` in the window."""
+        causes = {r.cause if isinstance(r, ItemError) else None for r in results}
+        if len(results) > 1 and len(causes) == 1 and causes <= set(MODEL_CAUSES):
+            raise faults.SystemicFault(
+                f"the model failed every item of a batch of {len(results)} "
+                f"({results[0].cause}): {results[0].message}"
+            )
         for result in results:
             error = result if isinstance(result, ItemError) else None
             cause = error.cause if error is not None and error.cause in MODEL_CAUSES else None
