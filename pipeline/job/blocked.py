@@ -72,14 +72,20 @@ def job_actors() -> Counter:
     )
 
 
-def blocked_line(ex: ExecutionSpec, address: str, waited: float) -> str:
-    """Which stage waits for which resource, what is free, on how many live nodes."""
+def blocked_line(ex: ExecutionSpec, address: str, waited: float, in_flight: int = 0) -> str:
+    """Which stage waits for which resource, what is free, on how many live nodes;
+    ``in_flight``: items in model batches that have not returned (the ledger's count)."""
     try:
         free, totals, nodes = ray.available_resources(), live_totals(), live_nodes()
         actors = job_actors()
     except Exception as exc:
         return f"the cluster at {address} cannot be read ({type(exc).__name__}), {waited:.0f} s"
     parts = []
+    if in_flight:
+        parts.append(
+            f"the model stage holds {in_flight} item(s) in batches that have not returned "
+            "(a model call that hangs, or an actor lost with its node)"
+        )
     waiting = sum(actors[s] for s in WAITING)
     if waiting:
         parts.append(f"{waiting} actor(s) wait to be placed or restarted")

@@ -98,9 +98,10 @@ class Ledger:
     def placed(self) -> int:
         return len(self.placed_keys)
 
-    def progress(self) -> int:
-        """Progress events so far (the watchdog's stall clock restarts on each)."""
-        return self.moves
+    def progress(self) -> tuple[int, int]:
+        """(progress events so far, items in model batches begun and not ended): the
+        watchdog's stall clock restarts on each event."""
+        return self.moves, len(self.batch_starts)
 
     def actor_started(self, key: str, started: float, shape: dict[str, Any]) -> None:
         self.moves += 1

@@ -213,6 +213,7 @@ class _Moving:
         self.watch = watch
         self.progress = _Ask(watch.ledger.progress)
         self.moves: int | None = None
+        self.in_flight = 0  # items in model batches that have not returned
         self.moved = self.next_nodes = self.next_line = 0.0
 
     def restart(self, now: float) -> None:
@@ -227,10 +228,12 @@ class _Moving:
         if now >= self.next_nodes:
             self.next_nodes = now + NODES_S
             self._nodes(now)
-        moves = self.progress.answer(None)
-        if moves is not None and moves != self.moves:
-            self.moves = moves
-            self.restart(now)
+        answer = self.progress.answer(None)
+        if answer is not None:
+            moves, self.in_flight = answer
+            if moves != self.moves:
+                self.moves = moves
+                self.restart(now)
         idle = now - self.moved
         if w.lost is not None and self.moved < w.lost[1]:  # nothing moved since the loss
             since = now - w.lost[1]
@@ -278,7 +281,7 @@ class _Moving:
 
     def _blocked(self, waited: float) -> str:
         w = self.watch
-        return blocked.blocked_line(w.execution, w.address, waited)
+        return blocked.blocked_line(w.execution, w.address, waited, self.in_flight)
 
     def _stalled(self, idle: float) -> str:
         return f"stalled: no model batch has begun or ended for {idle:.0f} s: " + self._blocked(
@@ -291,7 +294,7 @@ class _Moving:
         return (
             f"lost node {node} and no capacity came back within "
             f"execution.startup_timeout_s={ex.startup_timeout_s:g}: "
-            f"{blocked.blocked_line(ex, w.address, since)}; committed rows are kept: rerun the "
+            f"{self._blocked(since)}; committed rows are kept: rerun the "
             f"same command once the cluster has {blocked.needs(ex)} free for a model actor "
             "(a replacement node)"
         )
