@@ -88,38 +88,45 @@ def job(model: Path, tmp_path: Path, **execution) -> dict:
     }
 
 
-def _lose_gpu_node_after_a_commit(
-    cluster: Cluster, out: Path, *, replace_after_s: float | None
-) -> threading.Thread:
-    """Once some rows are committed: kill the GPU node (ungracefully), and add a replacement
-    ``replace_after_s`` later (never, if None)."""
+def _after_a_commit(out: Path) -> None:
+    """Wait until some rows are committed (the run is under way)."""
+    deadline = time.monotonic() + 300
+    while not list((out / commit.MANIFEST).glob("part-*.json")):
+        assert time.monotonic() < deadline, "no commit within 300 s"
+        time.sleep(0.2)
 
-    def lose() -> None:
-        while not list((out / commit.MANIFEST).glob("part-*.json")):
-            time.sleep(0.2)
-        (gpu_node,) = cluster.worker_nodes
-        cluster.remove_node(gpu_node, allow_graceful=False)
-        if replace_after_s is not None:
-            time.sleep(replace_after_s)
-            cluster.add_node(num_cpus=0, num_gpus=1)
 
-    thread = threading.Thread(target=lose, daemon=True)
-    thread.start()
-    return thread
+def _lose_gpu_node(cluster: Cluster) -> None:
+    (gpu_node,) = cluster.worker_nodes
+    cluster.remove_node(gpu_node, allow_graceful=False)  # as a preempted spot node
 
 
 @pytest.mark.timeout(600)
 def test_losing_the_model_actors_node_with_a_replacement_finishes_every_id_once(
     cluster: Cluster, model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
+    """The run in a thread (Ray adds nodes from the main thread only): the GPU node is killed
+    once rows are committed, a replacement joins 5 s later (an autoscaler's answer)."""
     write_rows(str(tmp_path / "in"), ["What is this?"] * 24)
     (FAULTS / "slow").write_text("0.5")  # a run long enough to lose the node in
-    spec = parse_spec(job(model, tmp_path))
-    loss = _lose_gpu_node_after_a_commit(cluster, tmp_path / "out", replace_after_s=5)
-    doc = runner.run_job(spec, DATE, progress=False)
-    loss.join(timeout=5)
-    assert not loss.is_alive()  # the node was lost mid-run, and replaced
-    assert doc["status"] == "finished", doc
+    spec = parse_spec(job(model, tmp_path, startup_timeout_s=120))
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["doc"] = runner.run_job(spec, DATE, progress=False)
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    _after_a_commit(tmp_path / "out")
+    _lose_gpu_node(cluster)
+    time.sleep(5)
+    cluster.add_node(num_cpus=0, num_gpus=1)
+    thread.join(timeout=400)
+    assert "doc" in box, box
+    assert box["doc"]["status"] == "finished", box["doc"]
     rows = exactly_once(results(str(tmp_path / "out")), 24)
     assert {r["status"] for r in rows.values()} == {"ok"}  # no crashed_worker, no error
     err = capsys.readouterr().err
@@ -136,7 +143,10 @@ def test_no_replacement_ends_in_one_line_and_the_rerun_right_after_completes(
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job(model, tmp_path, startup_timeout_s=8)))
     argv = ["run", str(path), "--no-progress", "--run-date", DATE]
-    loss = _lose_gpu_node_after_a_commit(cluster, tmp_path / "out", replace_after_s=None)
+    loss = threading.Thread(
+        target=lambda: (_after_a_commit(tmp_path / "out"), _lose_gpu_node(cluster)), daemon=True
+    )
+    loss.start()
     started = time.monotonic()
     assert cli(argv) == 1
     assert time.monotonic() - started < 180
