@@ -381,8 +381,9 @@ class ExecutionSpec(_Strict):
         ge=0,
         description="Restarts of the model actor after systemic faults (a CUDA error, a dead "
         "or refusing engine, out of memory with one item) per run; then the run fails with one "
-        "line. A lost node or a killed process is retried without this bound; a poison item is "
-        "quarantined (status crashed_worker) after three attempts.",
+        "line. In a run, a lost node or a killed process is retried without this bound and a "
+        "poison item is quarantined (status crashed_worker) after three attempts; the stage "
+        "API (no run ledger) bounds Ray's retries of a batch whose actor died by it instead.",
     )
     max_error_fraction: float = Field(
         0.05,

@@ -175,6 +175,7 @@ def _config(config: ProcessorConfig | JobSpec | dict | str | Path) -> ProcessorC
 
 def _answer_stage(ds: ray.data.Dataset, cfg: ProcessorConfig, kwargs: dict) -> ray.data.Dataset:
     ex = cfg.execution
+    retries = -1 if kwargs.get("ledger") is not None else ex.max_task_retries
     return ds.map_batches(
         Answerer,
         fn_constructor_kwargs=kwargs,
@@ -184,13 +185,15 @@ def _answer_stage(ds: ray.data.Dataset, cfg: ProcessorConfig, kwargs: dict) -> r
         num_cpus=ex.cpus_per_actor,
         compute=actor_pool(ex.actors),
         udf_modifying_row_count=False,
-        # Ray Data's own defaults, spelled out: an actor whose node is lost restarts on a
-        # surviving or replacement node and its batches wait for it, however long node death
-        # takes to detect. The run bounds the rest itself: a poison item is quarantined after
-        # three attempts, systemic exits by execution.max_task_retries (`stages.failures`),
-        # and a wait for capacity by the watchdog. Ray 2.60 has no named parameter for these.
-        max_restarts=-1,
-        max_task_retries=-1,
+        # With the job's ledger, Ray Data's own defaults, spelled out: an actor whose node is
+        # lost restarts on a surviving or replacement node and its batches wait for it,
+        # however long node death takes to detect. The run bounds the rest itself: a poison
+        # item is quarantined after three attempts, systemic exits by max_task_retries
+        # (`stages.failures`), a wait for capacity by the watchdog. Without a ledger (the
+        # stage API) nothing else would bound them: Ray's retries are (RELIABILITY.md §1.8).
+        # Ray 2.60 has no named parameter for these.
+        max_restarts=retries,
+        max_task_retries=retries,
     )
 
 
