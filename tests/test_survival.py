@@ -86,7 +86,7 @@ def test_the_ledger_blames_no_item_for_a_lost_node(monkeypatch: pytest.MonkeyPat
     assert book.begin_batch(["a", "b"], "gpu-2") == (True, ["a"])
     book.end(["a", "b"])
     assert book.begin_batch(["a", "b"], "gpu-2") == (False, [])
-    assert book.progress() == (5, 2)  # 4 batches begun, 1 ended; a and b in flight
+    assert book.progress() == (5, 2, 0)  # 4 batches begun, 1 ended; a and b in flight
 
 
 def test_the_ledger_bounds_systemic_exits_per_run() -> None:

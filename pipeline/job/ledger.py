@@ -98,10 +98,10 @@ class Ledger:
     def placed(self) -> int:
         return len(self.placed_keys)
 
-    def progress(self) -> tuple[int, int]:
-        """(progress events so far, items in model batches begun and not ended): the
-        watchdog's stall clock restarts on each event."""
-        return self.moves, len(self.batch_starts)
+    def progress(self) -> tuple[int, int, int]:
+        """(progress events so far, items in model batches begun and not ended, model actors
+        that loaded their model): the watchdog's stall clock restarts on each event."""
+        return self.moves, len(self.batch_starts), len(self.actors)
 
     def actor_started(self, key: str, started: float, shape: dict[str, Any]) -> None:
         self.moves += 1

@@ -213,7 +213,7 @@ class _Moving:
         self.watch = watch
         self.progress = _Ask(watch.ledger.progress)
         self.moves: int | None = None
-        self.in_flight = 0  # items in model batches that have not returned
+        self.in_flight = self.loaded = 0  # items in batches not returned; actors loaded
         self.moved = self.next_nodes = self.next_line = 0.0
 
     def restart(self, now: float) -> None:
@@ -230,7 +230,7 @@ class _Moving:
             self._nodes(now)
         answer = self.progress.answer(None)
         if answer is not None:
-            moves, self.in_flight = answer
+            moves, self.in_flight, self.loaded = answer
             if moves != self.moves:
                 self.moves = moves
                 self.restart(now)
@@ -284,8 +284,9 @@ class _Moving:
         return blocked.blocked_line(w.execution, w.address, waited, self.in_flight)
 
     def _stalled(self, idle: float) -> str:
-        return f"stalled: no model batch has begun or ended for {idle:.0f} s: " + self._blocked(
-            idle
+        loading = "" if self.loaded else "no model actor has loaded its model yet; "
+        return f"stalled: no model batch has begun or ended for {idle:.0f} s: {loading}" + (
+            self._blocked(idle)
         )
 
     def _lost_line(self, since: float) -> str:
