@@ -151,7 +151,10 @@ def test_no_replacement_ends_in_one_line_and_the_rerun_right_after_completes(
     started = time.monotonic()
     assert cli(argv) == 1
     assert time.monotonic() - started < 180
-    last = capsys.readouterr().err.strip().splitlines()[-1]
+    captured = capsys.readouterr()
+    line = captured.out.strip().splitlines()[-1]
+    assert line.startswith(f"nodes {DATE} failed: ") and "(summary _runs/" in line, line
+    last = captured.err.strip().splitlines()[-1]
     assert last.startswith("error: run failed: NodeLost: lost node "), last
     assert ", 1 GPU) and no capacity came back" in last
     assert "no capacity came back within execution.startup_timeout_s=8" in last

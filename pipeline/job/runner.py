@@ -192,7 +192,9 @@ def _execute(
             elif isinstance(exc, Exception):
                 cause = _ask(ledger.systemic_cause, None)
                 error = faults.SystemicFault(cause) if cause else exc
-            record.finish(_ask(ledger.snapshot, watch.snapshot), error=error)
+            doc = record.finish(_ask(ledger.snapshot, watch.snapshot), error=error)
+            if watch.failure is not None:  # the watchdog ended it: the summary line, then why
+                print(summary.one_line(doc), flush=True)
             if error is exc:
                 raise
             raise error from exc
