@@ -142,7 +142,7 @@ def test_no_replacement_ends_in_one_line_and_the_rerun_right_after_completes(
     write_rows(str(tmp_path / "in"), ["What is this?"] * 24)
     (FAULTS / "slow").write_text("0.5")
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job(model, tmp_path, startup_timeout_s=8)))
+    path.write_text(yaml.safe_dump(job(model, tmp_path, startup_timeout_s=45)))
     argv = ["run", str(path), "--no-progress", "--run-date", DATE]
     loss = threading.Thread(
         target=lambda: (_after_a_commit(tmp_path / "out"), _lose_gpu_node(cluster)), daemon=True
@@ -157,7 +157,7 @@ def test_no_replacement_ends_in_one_line_and_the_rerun_right_after_completes(
     last = captured.err.strip().splitlines()[-1]
     assert last.startswith("error: run failed: NodeLost: lost node "), last
     assert ", 1 GPU) and no capacity came back" in last
-    assert "no capacity came back within execution.startup_timeout_s=8" in last
+    assert "no capacity came back within execution.startup_timeout_s=45" in last
     assert "rerun the same command once the cluster has 1 GPU free" in last
     out = tmp_path / "out"
     (summary,) = [json.loads(p.read_text()) for p in (out / commit.RUNS).glob("*.json")]
@@ -183,16 +183,17 @@ def test_a_stalled_run_names_what_blocks_it_and_ends_at_its_stall_timeout(
     write_rows(str(tmp_path / "in"), ["What is this?"] * 4)
     (FAULTS / "slow").write_text("3600")
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job(model, tmp_path, stall_timeout_s=12)))
+    path.write_text(yaml.safe_dump(job(model, tmp_path, stall_timeout_s=45)))
     started = time.monotonic()
     assert cli(["run", str(path), "--no-progress", "--run-date", DATE]) == 1
-    assert time.monotonic() - started < 240
+    assert time.monotonic() - started < 300
     err = capsys.readouterr().err.strip().splitlines()
     stalled = [line for line in err if line.startswith("run: stalled: no model batch has ")]
     assert stalled, err
-    assert "the model stage holds 2 item(s) in batches that have not returned" in stalled[0]
+    held = "the model stage holds 2 item(s) in batches that have not returned"
+    assert any(held in line for line in stalled), stalled  # once the hung batch began
     assert err[-1].startswith("error: run failed: StallTimeout: stalled: no model batch has ")
-    assert err[-1].endswith("(execution.stall_timeout_s=12)")
+    assert held in err[-1] and err[-1].endswith("(execution.stall_timeout_s=45)")
     out = tmp_path / "out"
     (summary,) = [json.loads(p.read_text()) for p in (out / commit.RUNS).glob("*.json")]
     assert summary["status"] == "failed" and summary["failure"].startswith("StallTimeout: ")

@@ -86,9 +86,10 @@ def blocked_line(ex: ExecutionSpec, address: str, waited: float, in_flight: int 
             f"the model stage holds {in_flight} item(s) in batches that have not returned "
             "(a model call that hangs, or an actor lost with its node)"
         )
-    waiting = sum(actors[s] for s in WAITING)
+    waiting = {s.lower(): actors[s] for s in WAITING if actors[s]}
     if waiting:
-        parts.append(f"{waiting} actor(s) wait to be placed or restarted")
+        states = ", ".join(f"{n} {s}" for s, n in waiting.items())
+        parts.append(f"actors of this job wait to be placed or restarted ({states})")
     short = [
         f"{free.get(k, 0.0):g} of {totals.get(k, 0.0):g} {k} free"
         for k, v in (("GPU", ex.gpus_per_actor), ("CPU", ex.cpus_per_actor))
