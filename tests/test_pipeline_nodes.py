@@ -50,18 +50,23 @@ def cluster():
     head = {"num_cpus": 3, "num_gpus": 0, "include_dashboard": False, "_system_config": HEALTH}
     c = Cluster(initialize_head=True, head_node_args=head)
     c.add_node(num_cpus=0, num_gpus=1)
-    env = {
-        "worker_process_setup_hook": "tests.poison.install",
-        "env_vars": {"PYTHONPATH": str(ROOT), "RESPRUNE_FAULTS": str(FAULTS)},
-    }
-    ray.init(address=c.address, runtime_env=env)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    _connect(c)
     try:
         yield c
     finally:
         ray.shutdown()
         c.shutdown()
         (FAULTS / "slow").unlink(missing_ok=True)
+
+
+def _connect(c: Cluster) -> None:
+    """The driver joins the cluster (a new Ray job), with the fault hooks in its workers."""
+    env = {
+        "worker_process_setup_hook": "tests.poison.install",
+        "env_vars": {"PYTHONPATH": str(ROOT), "RESPRUNE_FAULTS": str(FAULTS)},
+    }
+    ray.init(address=c.address, runtime_env=env)
+    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +172,11 @@ def test_no_replacement_ends_in_one_line_and_the_rerun_right_after_completes(
     first = results(str(out))
     assert 0 < len(first) < 24 and {r["status"] for r in first} == {"ok"}
     loss.join(timeout=5)
-    cluster.add_node(num_cpus=0, num_gpus=1)  # the replacement, and the rerun at once
+    # The rerun is a new process, as a user's: a new Ray job (the failed run's own actors,
+    # still restarting in this test process's job, go with it), then the replacement node.
+    ray.shutdown()
+    _connect(cluster)
+    cluster.add_node(num_cpus=0, num_gpus=1)
     (FAULTS / "slow").unlink()
     assert cli(argv) == 0
     rows = exactly_once(results(str(out)), 24)
