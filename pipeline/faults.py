@@ -8,11 +8,13 @@
   (`retry`); a row still failing is marked `DEFERRED` and never committed, so the run ends
   unfinished (exit 1) and a rerun does it again.
 * **systemic** faults poison the model process (CUDA errors that leave the context unusable,
-  a generation engine that died: vLLM's ``EngineDeadError`` or an engine-core failure, raised
-  as `resprune.engines.EngineDead`; out of memory with one item, the model raising for every
-  item): the actor exits at once so Ray restarts it (bounded by
-  ``execution.max_task_retries``); a run that cannot progress fails with one line naming
-  the cause and leaves its unanswered rows for the rerun. They are never error rows.
+  a generation engine that died or refuses every request of a batch: vLLM's
+  ``EngineDeadError`` or an engine-core failure, raised as `resprune.engines.EngineDead`; out
+  of device or host memory with one item; the model failing too many recent items): the actor
+  exits at once so Ray restarts it (bounded by ``execution.max_task_retries`` per run); a run
+  that cannot progress fails with one line naming the cause and leaves its unanswered rows
+  for the rerun. They are never error rows. Neither is a lost node: its model actor restarts
+  elsewhere and its batches are answered again (`pipeline.job.watchdog`).
 
 Non-goals: retrying whole runs (a rerun of the same spec resumes) and classifying by
 exception class alone (pyarrow raises ``OSError`` for both missing keys and 503s).
@@ -96,7 +98,10 @@ class SystemicFault(RuntimeError):
 
 
 def is_oom(exc: BaseException) -> bool:
-    """Out of device (or host allocator) memory."""
+    """Out of device memory, or of host memory (Python's ``MemoryError``, often with no
+    message at all): a fault of the job's sizing, never of an item."""
+    if isinstance(exc, MemoryError):
+        return True
     name = type(exc).__name__
     return name == "OutOfMemoryError" or any(t in str(exc) for t in _OOM_TEXT)
 

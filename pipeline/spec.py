@@ -388,8 +388,11 @@ class ExecutionSpec(_Strict):
     max_task_retries: int = Field(
         2,
         ge=0,
-        description="Retries of a model batch whose actor died; >= 2 lets a poison item be "
-        "quarantined (status crashed_worker) instead of failing the run.",
+        description="Restarts of the model actor after systemic faults (a CUDA error, a dead "
+        "or refusing engine, out of memory with one item) per run; then the run fails with one "
+        "line. In a run, a lost node or a killed process is retried without this bound and a "
+        "poison item is quarantined (status crashed_worker) after three attempts; the stage "
+        "API (no run ledger) bounds Ray's retries of a batch whose actor died by it instead.",
     )
     max_error_fraction: float = Field(
         0.05,
@@ -406,7 +409,15 @@ class ExecutionSpec(_Strict):
         gt=0,
         description="The run fails (exit 1, one line) when no model actor has started after this "
         "many seconds; meanwhile it says once a minute what the actors wait for. Long enough by "
-        "default for an autoscaler to add a GPU node.",
+        "default for an autoscaler to add a GPU node. The same wait applies after a node is "
+        "lost mid-run, for capacity to come back.",
+    )
+    stall_timeout_s: float = Field(
+        1800,
+        gt=0,
+        description="The run fails (exit 1, one line naming what is blocked) when no model "
+        "batch has begun or ended for this many seconds after start-up; after a few minutes "
+        "of it (a third of this at most) it says once a minute what is blocked.",
     )
 
     @field_validator("actors")

@@ -8,12 +8,19 @@ It wraps `resprune.answer.answer_batch`:
 * a question containing `KILL_ONCE` kills it once, while ``$RESPRUNE_FAULTS/kill-once``
   exists (the first process to remove the file dies);
 * while ``$RESPRUNE_FAULTS/cuda-after`` exists and holds N, each process answers N batches
-  and then raises a CUDA-style error on every call (a poisoned context).
+  and then raises a CUDA-style error on every call (a poisoned context);
+* while ``$RESPRUNE_FAULTS/slow`` exists and holds S, each batch takes S seconds more (a
+  run long enough to lose a node in);
+* while ``$RESPRUNE_FAULTS/refuse`` exists, every item comes back refused as vLLM's enqueue
+  refuses it (a plugin or version mismatch);
+* ``$RESPRUNE_FAULTS/host-oom-once``: the first batch to remove it raises a bare
+  ``MemoryError`` (the host's allocator).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 MARK = "POISON"
@@ -25,9 +32,20 @@ def _flag(name: str) -> Path:
     return Path(os.environ.get("RESPRUNE_FAULTS", "/nonexistent")) / name
 
 
+def _take(name: str) -> bool:
+    """Remove the flag file; True for the one process that did."""
+    try:
+        _flag(name).unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def install() -> None:
     """Wrap `resprune.answer.answer_batch` with the faults above."""
     import resprune.answer as answer
+    from resprune.engines.vllm_engine import REFUSED
+    from resprune.items import ItemError
 
     original = answer.answer_batch
     calls = [0]
@@ -42,6 +60,12 @@ def install() -> None:
                 os._exit(1)
             except FileNotFoundError:
                 pass
+        if _flag("slow").exists():
+            time.sleep(float(_flag("slow").read_text()))
+        if _flag("refuse").exists():
+            return [ItemError("model_error", f"{REFUSED}: plugin mismatch") for _ in items]
+        if _take("host-oom-once"):
+            raise MemoryError()
         if _flag("cuda-after").exists():
             calls[0] += 1
             if calls[0] > int(_flag("cuda-after").read_text()):

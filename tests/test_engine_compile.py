@@ -126,7 +126,7 @@ def compiling_actor(tiny_llava: Path):
 def test_compile_time_is_billed_overhead_not_item_time(compiling_actor):
     """The first batch of each shape (pruned and its unpruned shadow twin) pays a compile;
     it lands in the actor's compile seconds and the run summary, not in any item."""
-    from pipeline.job.runner import Ledger
+    from pipeline.job.ledger import Ledger
     from pipeline.output import summary
 
     actor, batch = compiling_actor

@@ -58,6 +58,8 @@ def _chained(cause: BaseException) -> BaseException:
         (RuntimeError("CUDA error: an illegal memory access was encountered"), 1, SYSTEMIC),
         (OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), 1, SYSTEMIC),
         (OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), 8, ITEM),
+        (MemoryError(), 1, SYSTEMIC),  # the host ran out: the job's sizing, never the item's
+        (MemoryError("std::bad_alloc"), 8, ITEM),  # a batch of several is split instead
         (ValueError("shapes do not match"), 1, ITEM),
         (EngineDead("the vLLM engine failed: KeyError: 'x'"), 8, SYSTEMIC),
         (_chained(EngineDeadError("EngineCore encountered an issue")), 1, SYSTEMIC),
@@ -146,12 +148,14 @@ def test_run_status_judges_the_error_fraction_once_enough_items_are_done(
 def test_the_model_stage_turns_systemic_faults_into_an_actor_exit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A CUDA error, out of memory with one item, or the model raising for ERROR_STREAK items
-    in a row raise SystemicFault (the actor then exits) instead of becoming error rows."""
+    """A CUDA error, out of memory (device or host) with one item, or the model raising for
+    WINDOW_ERRORS of its recent items raise SystemicFault (the actor then exits) instead of
+    becoming error rows."""
     import pyarrow as pa
 
     import resprune.answer
-    from pipeline.stages.answer import ERROR_STREAK, Answerer
+    from pipeline.stages.answer import WINDOW_ERRORS, Answerer
+    from pipeline.stages.failures import ErrorWindow
     from resprune.loading import load_preprocessor
     from resprune.tiny import build_tiny_checkpoint
     from tests.vlm_helpers import prepared
@@ -179,14 +183,15 @@ def test_the_model_stage_turns_systemic_faults_into_an_actor_exit(
     cases = [
         RuntimeError("CUDA error: an illegal memory access was encountered"),
         OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB"),  # smaller, then alone
+        MemoryError(),  # the host's allocator: the same, never the item's fault
     ]
     for exc in cases:
         raised[:] = [exc]
-        with pytest.raises(faults.SystemicFault, match=str(exc)[:20]):
+        with pytest.raises(faults.SystemicFault, match=type(exc).__name__):
             answerer._run(real, answerer.pruner, keep)
     raised[:] = [ValueError("shape mismatch")]
-    answerer.errors.count = 0
-    out = answerer._run(items, answerer.pruner, keep)  # item faults, below the streak
+    answerer.errors = ErrorWindow()
+    out = answerer._run(items, answerer.pruner, keep)  # item faults, below the window's bound
     assert [a.result.cause for a in out] == ["model_error"] * 4
-    with pytest.raises(faults.SystemicFault, match=f"{ERROR_STREAK} items in a row"):
-        answerer._run([object()] * ERROR_STREAK, answerer.pruner, keep)
+    with pytest.raises(faults.SystemicFault, match=f"failed {WINDOW_ERRORS} of the last"):
+        answerer._run([object()] * 4, answerer.pruner, keep)

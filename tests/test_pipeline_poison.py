@@ -148,7 +148,7 @@ def test_cuda_error_after_n_calls_fails_the_run_and_the_rerun_completes(
         (FAULTS / "cuda-after").unlink()
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: run failed: SystemicFault") and CUDA_ERROR in err, err
-    assert "exited 3 time(s)" in err  # the first life and max_task_retries=2 restarts
+    assert "hit it 3 time(s)" in err  # the first life and max_task_retries=2 restarts
     first = results(str(tmp_path / "out"))
     assert len(first) < 4 and {r["status"] for r in first} <= {"ok"}  # no error rows
     assert cli(["run", str(path), "--no-progress", "--run-date", DATE]) == 0
@@ -264,3 +264,43 @@ def test_killed_commits_and_a_late_orphan_write_then_resume(
     rows = exactly_once(results(out), 8)
     assert [rows[i]["answer"] for i in ("r0", "r1")] == ["from the killed run"] * 2
     assert {rows[i]["run_id"] for i in ("r2", "r3", "r4", "r5")} == {doc["run_id"]}
+
+
+@pytest.mark.timeout(900)
+def test_an_engine_refusing_every_request_fails_the_run_and_writes_no_error_rows(
+    tmp_path: Path, model: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Every request refused (a plugin mismatch): never committed as the items' errors; the
+    actor restarts within execution.max_task_retries, the run fails with one line, and the
+    rerun (engine fixed) answers every id once."""
+    write_rows(str(tmp_path / "in"), ["What is this?"] * 4)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job(model, str(tmp_path / "in"), str(tmp_path / "out"))))
+    (FAULTS / "refuse").write_text("")
+    try:
+        assert cli(["run", str(path), "--no-progress", "--run-date", DATE]) == 1
+    finally:
+        (FAULTS / "refuse").unlink()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: run failed: SystemicFault: systemic fault, the model actor hit")
+    assert "every item of a batch of 2 (model_error): vLLM refused the request" in err, err
+    assert results(str(tmp_path / "out")) == []  # no error row, no answer
+    assert cli(["run", str(path), "--no-progress", "--run-date", DATE]) == 0
+    rows = exactly_once(results(str(tmp_path / "out")), 4)
+    assert {r["status"] for r in rows.values()} == {"ok"}
+
+
+@pytest.mark.timeout(600)
+def test_a_host_memory_error_with_one_item_restarts_the_actor_not_an_error_row(
+    tmp_path: Path, model: Path
+) -> None:
+    """A bare MemoryError while answering one item is out of memory, the job's sizing: the
+    actor restarts and the item is answered (it used to be committed as model_error)."""
+    write_rows(str(tmp_path / "in"), ["What is this?"] * 3)
+    spec = parse_spec(job(model, str(tmp_path / "in"), str(tmp_path / "out"), batch_size=1))
+    (FAULTS / "host-oom-once").write_text("")
+    doc = runner.run_job(spec, DATE, progress=False)
+    assert not (FAULTS / "host-oom-once").exists()  # the MemoryError was raised
+    rows = exactly_once(results(str(tmp_path / "out")), 3)
+    assert {r["status"] for r in rows.values()} == {"ok"}, rows
+    assert doc["status"] == "finished" and doc["errors_by_cause"] == {}

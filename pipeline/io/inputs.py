@@ -193,13 +193,21 @@ def check_ids(per_file: dict[str, list[str]], column: str) -> None:
 
 
 def check_columns(path: str, schema: pa.Schema, spec: ColumnsSpec) -> None:
-    """The spec's columns exist with usable types; pass-through ones do not clash."""
+    """The spec's columns exist with usable types (a question column the spec names too);
+    pass-through ones do not clash."""
     image_col = spec.image_column or spec.image_uri_column
     needed = [spec.id_column, image_col, *spec.passthrough_columns]
     needed += _filter_columns(spec) if isinstance(spec, InputSpec) else []
     missing = [c for c in needed if c not in schema.names]
     if missing:
         raise StorageError(f"{path}: missing column(s) {missing}; it has {schema.names}")
+    named = "question_column" in spec.model_fields_set and spec.question_column
+    if named and spec.question_column not in schema.names:
+        raise StorageError(
+            f"{path}: input.question_column {spec.question_column!r} is not a column (it has "
+            f"{schema.names}); name one that is, or set it to null to ask every row "
+            "model.default_question"
+        )
     expected = {
         spec.id_column: _is_id,
         spec.question_column: _is_text,

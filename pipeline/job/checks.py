@@ -1,9 +1,12 @@
-"""Whole-job checks that need storage but no model weights: is the model path usable?
+"""Whole-job checks that need storage but no model weights: is the model path usable, and
+is the output prefix outside the input?
 
 A local folder or an ``s3://`` prefix must hold ``config.json`` naming a supported family
 (its ``model_type``; the one ``model.family`` asks for, unless ``auto``); a hub id must look
 like ``org/name`` (its download and family are checked when the actor loads it); the job's
-engine must be installed. Non-goal: validating the weights themselves.
+engine must be installed. An output prefix equal to or inside the input prefix is refused
+before any write (the next run would read the results as input). Non-goal: validating the
+weights themselves.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pipeline.io.storage import (
     StorageError,
     exists,
     filesystem,
+    filesystem_path,
     is_remote,
     join,
     read_json,
@@ -78,6 +82,24 @@ def check_family(spec: JobSpec) -> None:
         refusal = vllm_refusal(model_type, spec.pruning.position_policy)
         if refusal:
             raise ModelPathError(f"model.path {spec.model.path}: {refusal}")
+
+
+def check_output_outside_input(spec: JobSpec) -> None:
+    """Raise StorageError (one line) when output.uri is input.uri or inside it."""
+    inp, out = spec.input.uri, spec.output.uri
+    if is_remote(inp) != is_remote(out):
+        return
+    base = filesystem_path(inp)
+    if any(c in base for c in "*?["):  # a glob: the folder before its first pattern
+        base = base[: min(base.find(c) for c in "*?[" if c in base)].rsplit("/", 1)[0]
+    root = filesystem_path(out)
+    if not is_remote(inp):
+        base, root = os.path.realpath(base), os.path.realpath(root)
+    if root == base or root.startswith(base.rstrip("/") + "/"):
+        raise StorageError(
+            f"output.uri {redact(out)} is inside input.uri {redact(inp)}: the next run would "
+            "read the results as input; write them outside the input prefix"
+        )
 
 
 def check_engine(spec: JobSpec) -> None:

@@ -1,7 +1,8 @@
 """Plan a run: list input shards, check them, and subtract what the output already holds.
 
 Runs on the driver before Ray or any model is touched, so whole-job problems (unreachable
-storage, no input files, missing columns, duplicate or null ids, a bad model path, output of
+storage, no input files, missing columns (a named question column included), output inside
+the input, duplicate or null ids, a bad model path, output of
 another config, no write access) fail fast with one line, and all but the last before the
 output prefix is touched. Reads only each file's footer and id column. Shards whose ids are all
 committed are dropped from the read; partly committed shards get a row filter. The input's
@@ -19,7 +20,7 @@ import pyarrow.fs as pafs
 from pipeline import faults
 from pipeline.io import inputs
 from pipeline.io.storage import StorageError, filesystem, join, redact
-from pipeline.job.checks import check_model_path
+from pipeline.job.checks import check_model_path, check_output_outside_input
 from pipeline.output import commit, prefix
 from pipeline.output.columns import check_passthrough_names
 from pipeline.spec import InputSpec, JobSpec, fingerprint, fingerprint_fields
@@ -90,6 +91,7 @@ def read_facts(spec: JobSpec) -> Facts:
     unmarked files and the fingerprint. Writes nothing."""
     in_fs, in_path = filesystem(spec.input.uri, spec.storage)
     out_fs, out_root = filesystem(spec.output.uri, spec.storage)
+    check_output_outside_input(spec)
     check_passthrough_names(spec.input)
     listing = faults.retry(
         lambda: inputs.list_input(in_fs, in_path, spec.input), what=f"read {spec.input.uri}"

@@ -4,7 +4,8 @@
 where concurrency, GPUs and batch sizes are set).
 `run_job` is the driver: it plans (fails fast on whole-job problems before any model is
 loaded), connects to Ray or starts a local cluster, executes the chain into `CommitSink`
-under `pipeline.job.watchdog` (actors that cannot start, a cluster that goes away), writes
+under `pipeline.job.watchdog` (actors that cannot start, nodes lost, a run that stops
+moving, a cluster that goes away), writes
 ``_runs/<run_id>.json`` and releases the output prefix's lease, however the run ends.
 Non-goals: scheduling, retries of the whole job (a rerun of the same spec resumes; see
 pipeline.output.commit).
@@ -28,6 +29,7 @@ from pipeline import faults
 from pipeline.io.readers import read_input
 from pipeline.io.storage import redact
 from pipeline.job.console import quiet, show_progress
+from pipeline.job.ledger import start_ledger
 from pipeline.job.plan import Plan, make_plan
 from pipeline.job.watchdog import ClusterGone, Watchdog
 from pipeline.monitoring import stderr_filter
@@ -35,88 +37,9 @@ from pipeline.monitoring.night import Night
 from pipeline.output import commit, summary
 from pipeline.output.commit import CommitSink
 from pipeline.spec import JobSpec, ProcessorConfig, fingerprint, fingerprint_fields
-from pipeline.stages.processor import build_processor
+from pipeline.stages.processor import build_processor, fit_to_cluster
 
 logger = logging.getLogger(__name__)
-
-
-@ray.remote(num_cpus=0)
-class Ledger:
-    """Driver-side record of model actors (start, shape, busy and compile seconds) and of
-    batches in flight.
-
-    It outlives the actors, so a retried batch learns that an earlier attempt killed its
-    process, and which item was being answered alone when it did (poison quarantine).
-    """
-
-    def __init__(self) -> None:
-        self.actors: dict[str, dict[str, Any]] = {}
-        self.batch_starts: dict[str, int] = {}  # ids whose batch started and never ended
-        self.solo_starts: dict[str, int] = {}  # ids answered alone that never ended
-        self.systemic: list[str] = []  # causes of actor exits on systemic faults
-        self.placed_keys: set[str] = set()  # model actors whose constructor has begun
-
-    def begin_batch(self, ids: list[str]) -> tuple[bool, list[str]]:
-        """Start a model batch: (did an earlier attempt of it die?, ids that died alone)."""
-        died = any(i in self.batch_starts for i in ids)
-        for i in ids:
-            self.batch_starts[i] = self.batch_starts.get(i, 0) + 1
-        return died, [i for i in ids if i in self.solo_starts]
-
-    def begin_solo(self, item_id: str) -> None:
-        self.solo_starts[item_id] = self.solo_starts.get(item_id, 0) + 1
-
-    def end_solo(self, item_id: str) -> None:
-        self.solo_starts.pop(item_id, None)
-
-    def end(self, ids: list[str]) -> None:
-        for i in ids:
-            self.batch_starts.pop(i, None)
-            self.solo_starts.pop(i, None)
-
-    def systemic_exit(self, ids: list[str], cause: str) -> None:
-        """An actor exits on a systemic fault: its batch is no poison suspect; keep the cause."""
-        self.end(ids)
-        self.systemic.append(cause)
-
-    def systemic_cause(self) -> str | None:
-        """One line naming the systemic fault(s) of this run, or None."""
-        if not self.systemic:
-            return None
-        return (
-            f"systemic fault, the model actor exited {len(self.systemic)} time(s) and the "
-            f"run could not progress: {self.systemic[-1]}; unanswered rows are left for "
-            "a rerun"
-        )
-
-    def actor_placed(self, key: str) -> None:
-        """A model actor got its resources: its constructor has begun (before the weights)."""
-        self.placed_keys.add(key)
-
-    def placed(self) -> int:
-        return len(self.placed_keys)
-
-    def actor_started(
-        self, key: str, started: float, shape: dict[str, Any], actor_id: str | None = None
-    ) -> None:
-        """A model actor's process loaded its model (``actor_id``: its Ray actor, which a
-        restart keeps, so the summary knows which process died)."""
-        self.actors[key] = {
-            "started": started,
-            "busy_s": 0.0,
-            "compile_s": 0.0,
-            "shape": shape,
-            "actor_id": actor_id,
-            "last": time.time(),
-        }
-
-    def actor_busy(self, key: str, busy_s: float, compile_s: float = 0.0) -> None:
-        """The actor's model seconds and its compile and capture seconds so far."""
-        actor = self.actors.setdefault(key, {"started": time.time(), "shape": None})
-        actor.update(busy_s=busy_s, compile_s=compile_s, last=time.time())
-
-    def snapshot(self) -> dict[str, dict[str, Any]]:
-        return self.actors
 
 
 def _drop_ids(batch: pa.Table, *, column: str, ids: list[str]) -> pa.Table:
@@ -198,8 +121,10 @@ def run_job(spec: JobSpec, run_date: str, *, progress: bool | None = None) -> di
     they would print as dozens of snapshot lines). The run releases the output prefix's
     lease however it ends. While it executes, `pipeline.job.watchdog` watches the cluster: model
     actors that cannot start end the run after ``execution.startup_timeout_s``
-    (`StartupTimeout`); a cluster that goes away ends the process (exit 1) once the summary
-    is written and the lease released (Ray itself would end it a minute later).
+    (`StartupTimeout`), as does a lost node when no capacity comes back (`NodeLost`); a run
+    that stops moving ends after ``execution.stall_timeout_s`` (`StallTimeout`); a cluster
+    that goes away ends the process (exit 1) once the summary is written and the lease
+    released (Ray itself would end it a minute later).
     """
     quiet(progress=show_progress(progress))
     run_id, started = new_run_id(spec, run_date), time.time()
@@ -271,7 +196,7 @@ def _execute(
     """Execute the chain into the commit sink and finish the summary (also on failure)."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = show_progress(progress)
-    ledger = Ledger.remote()
+    ledger = start_ledger(spec.execution.max_task_retries)
     sink = CommitSink(
         spec.output.uri,
         spec.storage,
@@ -285,7 +210,9 @@ def _execute(
     def gone(error: ClusterGone, actors: dict[str, Any]) -> None:
         end_without_cluster(record, plan, run_id, error, actors, night)
 
-    with Watchdog(spec.execution, ledger, on_gone=gone) as watch:
+    config = ProcessorConfig.from_job(spec, dataset_folder=plan.dataset_folder)
+    layout = fit_to_cluster(config).execution  # what the actors reserve, for the watch's lines
+    with Watchdog(layout, ledger, on_gone=gone) as watch:
         try:
             dataset = build_dataset(spec, plan, run_id=run_id, run_date=run_date, ledger=ledger)
             dataset.write_datasink(sink)
@@ -297,7 +224,9 @@ def _execute(
             elif isinstance(exc, Exception):
                 cause = _ask(ledger.systemic_cause, None)
                 error = faults.SystemicFault(cause) if cause else exc
-            record.finish(_ask(ledger.snapshot, watch.snapshot), error=error)
+            doc = record.finish(_ask(ledger.snapshot, watch.snapshot), error=error)
+            if watch.failure is not None:  # the watchdog ended it: the summary line, then why
+                print(summary.one_line(doc), flush=True)
             if error is exc:
                 raise
             raise error from exc

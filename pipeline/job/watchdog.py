@@ -1,5 +1,5 @@
-"""The driver's watch over its Ray cluster while a run executes: actors that cannot start, a
-cluster that goes away.
+"""The driver's watch over its Ray cluster while a run executes: actors that cannot start,
+nodes lost and joined, a run that stops moving, a cluster that goes away.
 
 A thread beside the execution, polling every `POLL_S`:
 
@@ -10,6 +10,17 @@ A thread beside the execution, polling every `POLL_S`:
   ``execution.startup_timeout_s`` it fails the run with that line: the execution is
   interrupted in its own thread (Ray Data then stops its operators and actors) and the
   caller gets `StartupTimeout`.
+* **Nodes.** Every `NODES_S` it compares the live nodes (``ray.nodes()``, ``Alive``) with the
+  last look: a node lost or joined is one line, and the layout is checked again against the
+  live CPUs. A lost node's model actor restarts on a surviving or replacement node (Ray Data's
+  pools restart without bound) and its batches are answered again. When nothing has moved
+  since the loss for ``execution.startup_timeout_s`` (no capacity came back), the run fails
+  with `NodeLost`: one line naming the node and what to do.
+* **Stalls.** The ledger counts progress (model actors placed or loaded, batches begun or
+  ended). Once nothing has moved for a few minutes (a third of ``execution.stall_timeout_s``
+  at most) it prints one line a minute naming what is blocked (which actors wait, for which
+  resources, what is free on which live nodes), and after ``execution.stall_timeout_s`` the
+  run fails with `StallTimeout` and that line.
 * **The cluster going away.** When the cluster's GCS refuses connections for `GONE_AFTER_S`
   (a GCS restart under fault tolerance takes less), ``on_gone`` is called with `ClusterGone`
   from this thread. The execution cannot be stopped cleanly then (its calls into Ray block,
@@ -17,8 +28,8 @@ A thread beside the execution, polling every `POLL_S`:
   what is left from storage alone and end the process (`pipeline.job.runner` writes the run
   summary, releases the lease, prints its lines and exits 1).
 
-Non-goals: waiting for CPU-stage actors, and actors that die later (Ray restarts them; the
-systemic-fault rules apply).
+Non-goals: changing the layout of a running execution (Ray Data fixes it at the start; the
+line says what to change for the rerun).
 """
 
 from __future__ import annotations
@@ -34,16 +45,27 @@ from typing import Any, TextIO
 
 import ray
 
+from pipeline.job import blocked
 from pipeline.spec import ExecutionSpec
 
 POLL_S = 2.0
-WAIT_LINE_S = 60.0  # one "waiting for" line per this many seconds
+WAIT_LINE_S = 60.0  # one "waiting for" / "blocked" line per this many seconds
+STALL_NOTICE_S = 180.0  # nothing moved this long (or a third of the stall timeout): say why
+NODES_S = 5.0  # how often the live nodes are compared
 GONE_AFTER_S = 15.0  # GCS unreachable this long: the cluster is gone (Ray's core gives 60 s)
 SNAPSHOT_S = 10.0  # refresh of the actors' record kept for a summary without the cluster
 
 
 class StartupTimeout(RuntimeError):
     """No model actor could start within ``execution.startup_timeout_s``."""
+
+
+class NodeLost(RuntimeError):
+    """A node was lost and no capacity came back within ``execution.startup_timeout_s``."""
+
+
+class StallTimeout(RuntimeError):
+    """Nothing moved for ``execution.stall_timeout_s``."""
 
 
 class ClusterGone(RuntimeError):
@@ -63,9 +85,11 @@ class Watchdog:
     ):
         self.execution, self.ledger, self.on_gone = execution, ledger, on_gone
         self.out = out
-        self.failure: StartupTimeout | None = None
+        self.failure: RuntimeError | None = None
         self.address = _gcs_address()
         self.snapshot: dict[str, Any] = {}  # the ledger's actors, refreshed every SNAPSHOT_S
+        self.nodes = blocked.live_nodes()
+        self.lost: tuple[str, float] | None = None  # the last lost node and when
         self._stop = threading.Event()
         self._target = threading.current_thread()
         self._thread = threading.Thread(target=self._watch, name="resprune-watchdog", daemon=True)
@@ -89,14 +113,13 @@ class Watchdog:
             time.sleep(POLL_S / 2)
 
     def _watch(self) -> None:
-        placed = False
-        snapshot, placed_count = _Ask(self.ledger.snapshot), _Ask(self.ledger.placed)
-        next_line = WAIT_LINE_S
+        snapshot = _Ask(self.ledger.snapshot)
+        startup = _Startup(self)
+        moving = _Moving(self)
         gone_since: float | None = None
         next_snapshot = 0.0
         while not self._stop.wait(POLL_S):
             now = time.monotonic()
-            waited = now - self._started
             if not _reachable(self.address):
                 gone_since = gone_since if gone_since is not None else now
                 if now - gone_since >= GONE_AFTER_S:
@@ -107,27 +130,18 @@ class Watchdog:
             if now >= next_snapshot:
                 self.snapshot = snapshot.answer(self.snapshot)
                 next_snapshot = now + SNAPSHOT_S
-            placed = placed or placed_count.answer(0) > 0
-            if placed:
+            if not startup.placed:
+                if not startup.check(now):
+                    return
+                moving.restart(now)
                 continue
-            timeout = self.execution.startup_timeout_s
-            if waited >= timeout:
-                try:  # a late answer must not fail a run whose actor did start
-                    placed = ray.get(self.ledger.placed.remote(), timeout=30) > 0
-                except Exception:
-                    placed = False
-                if placed:
-                    continue
-                self._timeout(time.monotonic() - self._started)
+            if not moving.check(now):
                 return
-            if waited >= next_line:
-                self._say(f"run: {self.waiting_line(waited)}")
-                next_line += WAIT_LINE_S
 
     def waiting_line(self, waited: float) -> str:
         """What the model actors wait for, from the cluster's free and total resources."""
         try:
-            free, total = ray.available_resources(), ray.cluster_resources()
+            free, total = ray.available_resources(), blocked.live_totals()
         except Exception as exc:  # the line must not fail: say what is known
             free, total = {}, {}
             note = f" (resources unreadable: {type(exc).__name__})"
@@ -135,12 +149,9 @@ class Watchdog:
             note = ""
         return pending_line(self.execution, free, total, self.address, waited) + note
 
-    def _timeout(self, waited: float) -> None:
-        ex = self.execution
-        self.failure = StartupTimeout(
-            f"no model actor started within execution.startup_timeout_s={ex.startup_timeout_s:g}"
-            f": {self.waiting_line(waited)}"
-        )
+    def fail(self, failure: RuntimeError) -> None:
+        """End the run with ``failure``: the execution is interrupted in its thread."""
+        self.failure = failure
         _interrupt(self._target)
 
     def _gone(self, unreachable_s: float) -> None:
@@ -153,8 +164,141 @@ class Watchdog:
             self.snapshot,
         )
 
-    def _say(self, line: str) -> None:
+    def say(self, line: str) -> None:
         print(line, file=self.out or sys.stderr, flush=True)
+
+
+class _Startup:
+    """Until the first model actor is placed: a waiting line a minute, then StartupTimeout."""
+
+    def __init__(self, watch: Watchdog):
+        self.watch, self.placed = watch, False
+        self.count = _Ask(watch.ledger.placed)
+        self.next_line = WAIT_LINE_S
+
+    def check(self, now: float) -> bool:
+        """False once the run was failed."""
+        w = self.watch
+        waited = now - w._started
+        self.placed = self.count.answer(0) > 0
+        if self.placed:
+            return True
+        timeout = w.execution.startup_timeout_s
+        if waited >= timeout:
+            try:  # a late answer must not fail a run whose actor did start
+                self.placed = ray.get(w.ledger.placed.remote(), timeout=30) > 0
+            except Exception:
+                self.placed = False
+            if self.placed:
+                return True
+            ex = w.execution
+            w.fail(
+                StartupTimeout(
+                    "no model actor started within "
+                    f"execution.startup_timeout_s={ex.startup_timeout_s:g}: "
+                    f"{w.waiting_line(time.monotonic() - w._started)}"
+                )
+            )
+            return False
+        if waited >= self.next_line:
+            w.say(f"run: {w.waiting_line(waited)}")
+            self.next_line += WAIT_LINE_S
+        return True
+
+
+class _Moving:
+    """After start-up: nodes lost and joined, and the stall clock on the ledger's progress."""
+
+    def __init__(self, watch: Watchdog):
+        self.watch = watch
+        self.progress = _Ask(watch.ledger.progress)
+        self.moves: int | None = None
+        self.in_flight = self.loaded = 0  # items in batches not returned; actors loaded
+        self.moved = self.next_nodes = self.next_line = 0.0
+
+    def restart(self, now: float) -> None:
+        self.moved, self.next_line = now, now + self.notice_after()
+
+    def notice_after(self) -> float:
+        return min(STALL_NOTICE_S, self.watch.execution.stall_timeout_s / 3)
+
+    def check(self, now: float) -> bool:
+        """False once the run was failed."""
+        w, ex = self.watch, self.watch.execution
+        if now >= self.next_nodes:
+            self.next_nodes = now + NODES_S
+            self._nodes(now)
+        answer = self.progress.answer(None)
+        if answer is not None:
+            moves, self.in_flight, self.loaded = answer
+            if moves != self.moves:
+                self.moves = moves
+                self.restart(now)
+        idle = now - self.moved
+        if w.lost is not None and self.moved < w.lost[1]:  # nothing moved since the loss
+            since = now - w.lost[1]
+            if since >= ex.startup_timeout_s:
+                w.fail(NodeLost(self._lost_line(since)))
+                return False
+            if now >= self.next_line:
+                w.say(f"run: waiting for capacity: {self._blocked(since)}")
+                self.next_line = now + WAIT_LINE_S
+            return True
+        if idle >= ex.stall_timeout_s:
+            w.fail(
+                StallTimeout(
+                    f"{self._stalled(idle)} (execution.stall_timeout_s={ex.stall_timeout_s:g})"
+                )
+            )
+            return False
+        if now >= self.next_line:
+            w.say(f"run: {self._stalled(idle)}")
+            self.next_line = now + min(WAIT_LINE_S, self.notice_after())
+        return True
+
+    def _nodes(self, now: float) -> None:
+        w = self.watch
+        try:
+            nodes = blocked.live_nodes()
+        except Exception:
+            return
+        lost = [w.nodes[n] for n in w.nodes.keys() - nodes.keys()]
+        joined = [nodes[n] for n in nodes.keys() - w.nodes.keys()]
+        w.nodes = nodes
+        for node in lost:
+            w.lost = (node, now)
+            w.say(
+                f"run: lost node {node} mid-run; its model actors restart on surviving or "
+                "replacement nodes and its batches are answered again (waiting up to "
+                f"execution.startup_timeout_s={w.execution.startup_timeout_s:g} for capacity)"
+            )
+        for node in joined:
+            w.say(f"run: node {node} joined")
+        if lost or joined:
+            short = blocked.layout_problem(w.execution, blocked.live_totals())
+            if short:
+                w.say(f"run: {short}")
+
+    def _blocked(self, waited: float) -> str:
+        w = self.watch
+        return blocked.blocked_line(w.execution, w.address, waited, self.in_flight)
+
+    def _stalled(self, idle: float) -> str:
+        loading = "" if self.loaded else "no model actor has loaded its model yet; "
+        return f"stalled: no model batch has begun or ended for {idle:.0f} s: {loading}" + (
+            self._blocked(idle)
+        )
+
+    def _lost_line(self, since: float) -> str:
+        w, ex = self.watch, self.watch.execution
+        node = w.lost[0] if w.lost else "?"
+        return (
+            f"lost node {node} and no capacity came back within "
+            f"execution.startup_timeout_s={ex.startup_timeout_s:g}: "
+            f"{self._blocked(since)}; committed rows are kept: rerun the "
+            f"same command once the cluster has {blocked.needs(ex)} free for a model actor "
+            "(a replacement node)"
+        )
 
 
 def pending_line(

@@ -12,29 +12,31 @@ packed under them. Any other sub-batch that raises falls back to one item at a t
 item cannot sink its batch. A failed attempt's time is billed as overhead on its items
 (``failed_gpu_seconds``), never as model time: ``gpu_seconds`` is each item's share of the
 attempt that answered it, so their sum is the time of the successful batches. A systemic
-fault (`pipeline.faults`: a CUDA error, out of memory with one item, ``ERROR_STREAK`` items
-in a row raising) is never written as an answer: the actor exits so Ray restarts it and
-retries the batch, within ``execution.max_task_retries``. The shadow sample
+fault (`pipeline.faults`: a CUDA error, out of memory with one item, the model failing
+``WINDOW_ERRORS`` of its last ``WINDOW_ITEMS`` items) is never written as an answer: the actor
+exits so Ray restarts it and retries the batch, within ``execution.max_task_retries`` such
+exits per run. The shadow sample
 (`shadow`: systematic per actor and batch-size bucket) answers a drawn model batch again
 unpruned on the same actor, as one batch of the same items (split only where the shadow's
 budgets would not hold them unpruned), before or after its pruned pass (alternating), timed
 by the same clock with compile and capture left out of both; a pruned batch that a failure
 split has no twin. A twin is a
 measurement: whatever it raises (out of memory included) is recorded on its rows
-(``shadow_error``), never raised, never counted in the error streak, and an out-of-memory
+(``shadow_error``), never raised, never counted in the error window, and an out-of-memory
 shrinks only the shadow's own budgets (its own `Packer`), never production's. The actor
 reports its start, model shape and busy time to the run's ledger after every call (side
 effects are at-least-once; the run's GPU-seconds come from committed rows instead). A batch
 whose earlier attempt killed the actor process is answered
 one item at a time (no twin), and an item that killed it while answered alone is quarantined
-(``crashed_worker``) instead of retried: a poison item costs at most three attempts
-(``execution.max_task_retries`` >= 2). Compile and capture time (`resprune.overhead`: the
+(``crashed_worker``) instead of retried: a poison item costs at most three attempts. A death
+whose node the cluster has lost is nobody's fault: that batch is answered again whole.
+Compile and capture time (`resprune.overhead`: the
 first batch of each shape warms that shape up first, pruned and shadow alike) is left out of
 the items' GPU seconds and the busy time; the actor reports it as ``compile_s``, which the run
 summary and the cost report show as billed overhead. Non-goal: batching across Ray calls.
 
 The parts live beside it: `packing` (budgets and batches), `shadow` (the shadow sample),
-`failures` (error streak, quarantine, exits) and `timing` (the device clock).
+`failures` (error window, quarantine, exits) and `timing` (the device clock).
 """
 
 from __future__ import annotations
@@ -54,8 +56,8 @@ from pipeline.monitoring import metrics
 from pipeline.output.columns import output_schema
 from pipeline.spec import JobSpec
 from pipeline.stages.failures import (
-    ERROR_STREAK,
-    ErrorStreak,
+    WINDOW_ERRORS,
+    ErrorWindow,
     exit_actor,
     free_device_memory,
     quarantine,
@@ -66,7 +68,7 @@ from pipeline.stages.shadow import TWIN_FIRST, ShadowSample, Twin, fill_shadow
 from pipeline.stages.timing import DeviceClock
 from resprune.items import ItemError, PreparedItem
 
-__all__ = ["ERROR_STREAK", "SHRINK", "Answered", "Answerer", "pack"]
+__all__ = ["SHRINK", "WINDOW_ERRORS", "Answered", "Answerer", "pack"]
 
 
 @dataclass(frozen=True)
@@ -117,8 +119,9 @@ class Answerer:
         self.packer = Packer(spec, self.vlm, self.engine)
         self.shadow_packer = Packer(spec, self.vlm, self.engine, role="shadow twins")
         self.shadow = ShadowSample(spec.cost.shadow_fraction)
-        self.clock, self.errors = DeviceClock(self.device), ErrorStreak()
+        self.clock, self.errors = DeviceClock(self.device), ErrorWindow()
         self.metrics = metrics.for_actor(run_id, run_date)
+        self.node = ray.get_runtime_context().get_node_id() if ledger is not None else None
         if ledger is not None:
             actor_id = ray.get_runtime_context().get_actor_id()
             ledger.actor_started.remote(self.key, self.started, self.vlm.describe(), actor_id)
@@ -162,14 +165,14 @@ class Answerer:
     def _solo(self, rows: list[dict], i: int, item: PreparedItem) -> None:
         """Answer one item with the ledger told, so a crash here marks this item alone."""
         item_id = rows[i]["id"]
-        ray.get(self.ledger.begin_solo.remote(item_id))
+        ray.get(self.ledger.begin_solo.remote(item_id, self.node))
         self._answer_rows(rows, [i], [item], shadow=False)  # a twin must not be the crash
         ray.get(self.ledger.end_solo.remote(item_id))
 
     def _begin(self, ids: list[str]) -> tuple[bool, list[str]]:
         if self.ledger is None:
             return False, []
-        return ray.get(self.ledger.begin_batch.remote(ids))
+        return ray.get(self.ledger.begin_batch.remote(ids, self.node))
 
     def _answer_rows(
         self, rows: list[dict], todo: list[int], items: list[PreparedItem], shadow: bool = True
@@ -245,7 +248,8 @@ class Answerer:
                 replace(a, failed_s=a.failed_s + lost)
                 for a in self._retry(items, exc, pruner, keep, batch_id)
             ]
-        self.errors.ok()
+        if pruner is self.pruner:  # the production pass's results judge the model
+            self.errors.observe(results)
         seconds = self.clock.stop(started) / n
         self.packer.ran(items, pruner, keep)  # after the clock: host arithmetic
         return [Answered(r, seconds, batch_id, n) for r in results]

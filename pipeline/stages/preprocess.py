@@ -46,10 +46,11 @@ PRE_SCHEMA = pa.schema(
 
 
 def _unexpected(row: dict[str, Any], exc: Exception) -> None:
-    """A transient fault defers the row (never committed; the rerun retries it); anything
-    else is this item's fault, named by its exception."""
+    """A transient fault or the host running out of memory (the job's sizing, not the
+    item) defers the row (never committed; the rerun retries it); anything else is this
+    item's fault, named by its exception."""
     message = redact(f"{type(exc).__name__}: {exc}")
-    if faults.classify(exc) == faults.TRANSIENT:
+    if faults.classify(exc) == faults.TRANSIENT or faults.is_oom(exc):
         row.update(status=faults.DEFERRED, error_cause=faults.TRANSIENT, error=message)
     else:
         row.update(status="error", error_cause="preprocess_error", error=message)

@@ -175,6 +175,7 @@ def _config(config: ProcessorConfig | JobSpec | dict | str | Path) -> ProcessorC
 
 def _answer_stage(ds: ray.data.Dataset, cfg: ProcessorConfig, kwargs: dict) -> ray.data.Dataset:
     ex = cfg.execution
+    retries = -1 if kwargs.get("ledger") is not None else ex.max_task_retries
     return ds.map_batches(
         Answerer,
         fn_constructor_kwargs=kwargs,
@@ -184,10 +185,15 @@ def _answer_stage(ds: ray.data.Dataset, cfg: ProcessorConfig, kwargs: dict) -> r
         num_cpus=ex.cpus_per_actor,
         compute=actor_pool(ex.actors),
         udf_modifying_row_count=False,
-        # Bound retries so a batch that kills its actor fails the run instead of looping
-        # forever (RELIABILITY.md §1.8); Ray 2.60 has no named parameter for these yet.
-        max_restarts=ex.max_task_retries,
-        max_task_retries=ex.max_task_retries,
+        # With the job's ledger, Ray Data's own defaults, spelled out: an actor whose node is
+        # lost restarts on a surviving or replacement node and its batches wait for it,
+        # however long node death takes to detect. The run bounds the rest itself: a poison
+        # item is quarantined after three attempts, systemic exits by max_task_retries
+        # (`stages.failures`), a wait for capacity by the watchdog. Without a ledger (the
+        # stage API) nothing else would bound them: Ray's retries are (RELIABILITY.md §1.8).
+        # Ray 2.60 has no named parameter for these.
+        max_restarts=retries,
+        max_task_retries=retries,
     )
 
 
@@ -198,14 +204,14 @@ def actor_pool(size: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
 
 
 def fit_to_cluster(cfg: ProcessorConfig) -> ProcessorConfig:
-    """The layout sized to the connected cluster: model actors left at the default
+    """The layout sized to the connected cluster's live nodes: model actors left at the default
     ``execution.cpus_per_actor`` reserve no CPU when the cluster has too few for them plus
     one preprocessing actor and one read/write task (else Ray Data waits forever, "3/2 CPU").
     An explicit setting that does not fit is kept, with one warning (a cluster may grow)."""
     ex = cfg.execution
     if not ray.is_initialized():
         return cfg
-    total = ray.cluster_resources().get("CPU", 0)
+    total = live_resources().get("CPU", 0)
     lowest = (ex.actors if isinstance(ex.actors, int) else ex.actors[0]) * ex.cpus_per_actor
     needed = lowest + 2  # one preprocessing actor, one read/write task
     if total >= needed:
@@ -228,6 +234,17 @@ def fit_to_cluster(cfg: ProcessorConfig) -> ProcessorConfig:
     return cfg
 
 
+def live_resources() -> dict[str, float]:
+    """Total resources of the nodes alive now: a node that just died may still count in
+    ``ray.cluster_resources()`` for seconds, and a layout sized from it stalls."""
+    total: dict[str, float] = {}
+    for node in ray.nodes():
+        if node.get("Alive"):
+            for key, value in node.get("Resources", {}).items():
+                total[key] = total.get(key, 0.0) + value
+    return total
+
+
 def _more_cpus_hint(needed: int) -> str:
     """What to change: ray.init's CPUs only when this process started Ray itself."""
     node = getattr(ray._private.worker, "_global_node", None)
@@ -247,5 +264,5 @@ def spare_cpus(cfg: ProcessorConfig | JobSpec) -> int:
     """CPU actors for preprocessing: what the model actors leave, minus one for read/write."""
     ex = cfg.execution
     actors = ex.actors if isinstance(ex.actors, int) else ex.actors[1]
-    total = ray.cluster_resources().get("CPU", 1) if ray.is_initialized() else 1
+    total = live_resources().get("CPU", 1) if ray.is_initialized() else 1
     return max(1, int(total - actors * ex.cpus_per_actor - 1))

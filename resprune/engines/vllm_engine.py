@@ -20,7 +20,8 @@ host read per batch, never per row.
 
 Per row: a prompt whose new tokens would not fit ``max_model_len`` is ``prompt_too_long``
 (as the transformers engine does with the model's context); a request vLLM refuses is
-``model_error``. A failure of the engine itself (vLLM's ``EngineDeadError``, or anything
+``model_error``; vLLM refusing every request of a batch of several is the engine's fault.
+A failure of the engine itself (vLLM's ``EngineDeadError``, or anything
 raised while the engine steps: with the in-process engine core on CPU that is the core's
 own failure) raises `EngineDead`: the engine is dead for this process, the caller restarts
 it, no row is blamed. Before vLLM loads, the transformers copy's decoder layers and head are
@@ -59,6 +60,7 @@ CPU_KV_CACHE_BYTES = 512 << 20  # vLLM on CPU sizes its cache from RAM unless to
 # Any rate > 0 opens vLLM's multimodal pruning path (MultiModalConfig.
 # is_multimodal_pruning_enabled); videos are refused, so it never prunes a video.
 PRUNING_GATE_RATE = 0.5
+REFUSED = "vLLM refused the request"  # a row vLLM's input processing would not take
 
 
 class UnsupportedByVllm(ValueError):
@@ -141,7 +143,10 @@ class VllmEngine:
             for plan in hosts:
                 slots.append(self._enqueue(plan, params, max_new_tokens))
             queued = [s for s in slots if not isinstance(s, ItemError)]
+            self._refused_all(slots)
             done = self.llm.wait_for_completion(use_tqdm=False) if queued else []
+        except EngineDead:
+            raise
         except Exception as err:
             raise self._die(err, [s[1] for s in slots if not isinstance(s, ItemError)]) from err
         by_id = {out.request_id: list(out.outputs[0].token_ids) for out in done}
@@ -176,9 +181,23 @@ class VllmEngine:
         except Exception as err:  # vLLM's input processing refused this row alone ...
             if engine_dead(err):  # ... unless the engine is gone
                 raise
-            return ItemError("model_error", f"vLLM refused the request: {_one_line(err)}")
+            return ItemError("model_error", f"{REFUSED}: {_one_line(err)}")
         # vLLM appends "-<8 random chars>" to its own ids in the outputs' request_id
         return internal_id.rsplit("-", 1)[0], internal_id
+
+    def _refused_all(self, slots: list[tuple[str, str] | ItemError]) -> None:
+        """Raise `EngineDead` when vLLM refused every request of a batch of several: a
+        plugin or version mismatch, not the items (they would be committed as final errors
+        that no rerun retries). A lone refusal stays the item's ``model_error``, and the
+        model stage judges a pattern of them (`pipeline.stages.failures.ErrorWindow`)."""
+        refused = [s for s in slots if isinstance(s, ItemError) and s.message.startswith(REFUSED)]
+        if len(slots) < 2 or len(refused) < len(slots):
+            return
+        self.dead = (
+            f"the vLLM engine refused every request of a batch of {len(slots)} (a fault of "
+            f"the engine or its plugin, not of the items): {refused[0].message}"
+        )
+        raise EngineDead(self.dead)
 
     def _positions(self, plan: HostPlan) -> ItemError | None:
         """model_error when vLLM would number this LLaVA plan otherwise than its positions
