@@ -4,6 +4,6 @@
 then writes: lease, recovery, dedupe), `runner` (reader -> `build_processor` -> commit sink)
 and `console` (progress and quiet logging while a run executes).
 
-May import: every layer below it (`pipeline.spec`, `faults`, `filters`, `io`, `output`,
-`stages`) and this package; never `pipeline.cli`.
+May import: every layer below it (`pipeline.spec`, `faults`, `filters`, `io`, `report`,
+`output`, `monitoring`, `stages`) and this package; never `pipeline.cli`.
 """

@@ -5,5 +5,5 @@ vision encoder, pruner, batched generation, per-item statistics) and `processor`
 (`build_processor`: reader rows -> preprocess -> answer, the public stage API).
 
 May import: `pipeline.spec`, `pipeline.faults`, `pipeline.filters`, `pipeline.io`,
-`pipeline.output`, `resprune`, and this package.
+`pipeline.output`, `pipeline.monitoring` (its metrics), `resprune`, and this package.
 """
