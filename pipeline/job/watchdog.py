@@ -131,7 +131,8 @@ class Watchdog:
                 self.snapshot = snapshot.answer(self.snapshot)
                 next_snapshot = now + SNAPSHOT_S
             if not startup.placed:
-                if not startup.check(now):
+                moving.watch_nodes(now)  # a node lost before the ledger says "placed" too
+                if not startup.check(now, moving):
                     return
                 moving.restart(now)
                 continue
@@ -176,8 +177,8 @@ class _Startup:
         self.count = _Ask(watch.ledger.placed)
         self.next_line = WAIT_LINE_S
 
-    def check(self, now: float) -> bool:
-        """False once the run was failed."""
+    def check(self, now: float, moving: _Moving) -> bool:
+        """False once the run was failed (`NodeLost` when a node was lost meanwhile)."""
         w = self.watch
         waited = now - w._started
         self.placed = self.count.answer(0) > 0
@@ -191,6 +192,9 @@ class _Startup:
                 self.placed = False
             if self.placed:
                 return True
+            if w.lost is not None:
+                w.fail(NodeLost(moving.lost_line(time.monotonic() - w.lost[1])))
+                return False
             ex = w.execution
             w.fail(
                 StartupTimeout(
@@ -225,9 +229,7 @@ class _Moving:
     def check(self, now: float) -> bool:
         """False once the run was failed."""
         w, ex = self.watch, self.watch.execution
-        if now >= self.next_nodes:
-            self.next_nodes = now + NODES_S
-            self._nodes(now)
+        self.watch_nodes(now)
         answer = self.progress.answer(None)
         if answer is not None:
             moves, self.in_flight, self.loaded = answer
@@ -238,7 +240,7 @@ class _Moving:
         if w.lost is not None and self.moved < w.lost[1]:  # nothing moved since the loss
             since = now - w.lost[1]
             if since >= ex.startup_timeout_s:
-                w.fail(NodeLost(self._lost_line(since)))
+                w.fail(NodeLost(self.lost_line(since)))
                 return False
             if now >= self.next_line:
                 w.say(f"run: waiting for capacity: {self._blocked(since)}")
@@ -255,6 +257,12 @@ class _Moving:
             w.say(f"run: {self._stalled(idle)}")
             self.next_line = now + min(WAIT_LINE_S, self.notice_after())
         return True
+
+    def watch_nodes(self, now: float) -> None:
+        """Compare the live nodes every `NODES_S`: one line per node lost or joined."""
+        if now >= self.next_nodes:
+            self.next_nodes = now + NODES_S
+            self._nodes(now)
 
     def _nodes(self, now: float) -> None:
         w = self.watch
@@ -289,7 +297,7 @@ class _Moving:
             self._blocked(idle)
         )
 
-    def _lost_line(self, since: float) -> str:
+    def lost_line(self, since: float) -> str:
         w, ex = self.watch, self.watch.execution
         node = w.lost[0] if w.lost else "?"
         return (
