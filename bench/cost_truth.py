@@ -33,35 +33,14 @@ import shutil  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
+from bench.pipeline import MODEL, write_rows  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "cost_truth"
-ASSETS = ROOT / "pipeline" / "assets" / "images"
-MODEL = {"text_hidden": 512, "text_layers": 6, "text_intermediate": 1376, "heads": 8, "kv_heads": 4}
 WAYS = {  # name: (pruning method, keep, shadow fraction)
     "P": ("resprune", 64, 1.0),
     "U": ("none", 1.0, 0.0),
     "Q": ("resprune", 64, 0.0),
 }
-
-
-def write_input(n: int) -> Path:
-    """n rows cycling over the bundled images, in 2 shards."""
-    folder = OUT / f"input-{n}"
-    if folder.is_dir():
-        return folder
-    folder.mkdir(parents=True)
-    images = sorted(ASSETS.glob("*.jpg"))
-    rows = [
-        {"id": f"c{i:05d}", "image": images[i % len(images)].read_bytes(), "question": None}
-        for i in range(n)
-    ]
-    half = -(-n // 2)
-    for s in range(2):
-        part = pa.Table.from_pylist(rows[s * half : (s + 1) * half])
-        pq.write_table(part, folder / f"s{s}.parquet")
-    return folder
 
 
 def run(way: str, model: Path, inputs: Path, args: argparse.Namespace) -> dict:
@@ -126,7 +105,9 @@ def main() -> None:
     model = OUT / "model"
     if not (model / "config.json").is_file():
         build_tiny_checkpoint("llava", model, **MODEL)
-    inputs = write_input(args.items)
+    inputs = write_rows(
+        OUT / f"input-{args.items}", args.items, shards=2, prefix="c", question=None
+    )
     ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False)
     run("Q", model, inputs, args)  # warm-up (imports, page cache), discarded
     rounds = []

@@ -37,23 +37,28 @@ MODEL = {"text_hidden": 512, "text_layers": 6, "text_intermediate": 1376, "heads
 def write_input(n: int) -> Path:
     """n rows cycling over the bundled images, in 4 shards."""
     folder = OUT / f"input-{n}"
+    return write_rows(folder, n, shards=4, prefix="b", question="What is in this picture?")
+
+
+def write_rows(folder: Path, n: int, *, shards: int, prefix: str, question: str | None) -> Path:
+    """``n`` rows (ids ``{prefix}00000``, ...) cycling over the bundled images, split into
+    ``shards`` Parquet files in ``folder``; an existing folder is reused as it is."""
     if folder.is_dir():
         return folder
     folder.mkdir(parents=True)
     images = sorted(ASSETS.glob("*.jpg"))
     rows = [
         {
-            "id": f"b{i:05d}",
+            "id": f"{prefix}{i:05d}",
             "image": images[i % len(images)].read_bytes(),
-            "question": "What is in this picture?",
+            "question": question,
         }
         for i in range(n)
     ]
-    step = -(-n // 4)
-    for s in range(4):
-        pq.write_table(
-            pa.Table.from_pylist(rows[s * step : (s + 1) * step]), folder / f"s{s}.parquet"
-        )
+    step = -(-n // shards)
+    for s in range(shards):
+        part = pa.Table.from_pylist(rows[s * step : (s + 1) * step])
+        pq.write_table(part, folder / f"s{s}.parquet")
     return folder
 
 

@@ -13,21 +13,24 @@ import dataclasses
 import pytest
 import torch
 from torch._dynamo.utils import counters
-from transformers import CompileConfig
 
 from resprune.answer import answer_batch
 from resprune.engines.hf import TransformersEngine, batch_bucket, length_bucket
 from resprune.pruners import build_pruner
 from tests.test_engines import Recording
-from tests.vlm_helpers import captured_positions, prepared, stock_generate, tiny_vlm
+from tests.vlm_helpers import (
+    captured_positions,
+    compiled_decode_answers,
+    stock_generate,
+    tiny_vlm_items,
+)
 
 NEW = 6
 
 
 @pytest.fixture(scope="module", params=["llava", "llava_next", "qwen2_5_vl"])
 def family(request, tmp_path_factory):
-    vlm, pre = tiny_vlm(request.param, tmp_path_factory)
-    return vlm, prepared(pre)
+    return tiny_vlm_items(request.param, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -124,11 +127,7 @@ def test_cache_pool_shares_memory_and_keeps_addresses(family, mixed_plans):
 def test_compiled_decode_equals_stock_generate(family):
     """The compiled decode step (dynamo; eager backend, as CPUs have no CUDA graphs)."""
     vlm, items = family
-    config = CompileConfig(backend="eager", mode=None, dynamic=False)
-    engine = TransformersEngine(vlm, cache="static", compile=True, compile_config=config)
-    results = answer_batch(vlm, items, pruner=None, keep=1.0, max_new_tokens=NEW, engine=engine)
-    assert [r.answer_ids for r in results] == stock_generate(vlm, items, NEW)
-    assert hasattr(vlm.model, "_compiled_call")  # transformers took the compiled decode path
+    engine, results = compiled_decode_answers(vlm, items, NEW)
     graphs = counters["stats"]["unique_graphs"]
     assert graphs >= 1 and not counters["graph_break"]  # one whole graph per decode step
     flipped = items[::-1]  # another batch of the same shape: no recompile, rows follow

@@ -31,18 +31,15 @@ from pipeline.job.checks import ModelPathError, check_engine
 from pipeline.spec import parse_spec
 from resprune.answer import answer_batch
 from resprune.engines import EngineDead, build_engine, vllm_plugin
-from resprune.engines.hf import TransformersEngine
 from resprune.engines.vllm_plugin import UnsupportedVllm
-from resprune.items import ItemError, ItemResult
-from resprune.loading import load_preprocessor, load_vlm
+from resprune.items import ItemError
+from resprune.loading import load_preprocessor
 from resprune.pruners import build_pruner
-from resprune.tiny import build_tiny_checkpoint
-from tests.vlm_helpers import images, prepared
+from tests.vllm_helpers import NEW_TOKENS, reference, vllm_family
+from tests.vlm_helpers import images
 
 pytestmark = pytest.mark.vllm
-HEADS = {"heads": 2, "kv_heads": 1}  # head_dim 32
 MAX_MODEL_LEN = 1024
-NEW_TOKENS = 8
 KEEPS = {
     "llava": [8, 20, 0.5, 1.0],
     "llava_next": [16, 64, 0.25, 1.0],
@@ -52,46 +49,13 @@ KEEPS = {
 POLICIES = {"llava": "contiguous", "llava_next": "contiguous", "qwen2_5_vl": "original"}
 
 
-class Recording(TransformersEngine):
-    """The reference engine, keeping every plan it was given."""
-
-    def __init__(self, vlm):
-        super().__init__(vlm)
-        self.plans = []
-
-    def generate(self, plans, max_new_tokens):
-        self.plans.extend(plans)
-        return super().generate(plans, max_new_tokens)
-
-
 @pytest.fixture(scope="session")
 def families(tmp_path_factory) -> dict:
     """Per family: the checkpoint, the reference VLM, prepared items, the vLLM engine."""
     out = {}
     for family in KEEPS:
-        path = str(build_tiny_checkpoint(family, tmp_path_factory.mktemp(family), **HEADS))
-        items = prepared(load_preprocessor(path))
-        engine = build_engine("vllm", load_vlm(path), max_model_len=MAX_MODEL_LEN)
-        out[family] = {"path": path, "ref": load_vlm(path), "items": items, "engine": engine}
+        out[family] = vllm_family(family, tmp_path_factory.mktemp(family), MAX_MODEL_LEN)
     return out
-
-
-def reference(fam: dict, keeps: list, policy: str = "contiguous") -> tuple[list, list]:
-    """Plans and transformers' greedy ids for every item at every keep."""
-    engine, ids = Recording(fam["ref"]), []
-    for keep in keeps:
-        results = answer_batch(
-            fam["ref"],
-            fam["items"],
-            pruner=build_pruner("resprune"),
-            keep=keep,
-            max_new_tokens=NEW_TOKENS,
-            position_policy=policy,
-            engine=engine,
-        )
-        assert all(isinstance(r, ItemResult) for r in results), results
-        ids += [r.answer_ids for r in results]
-    return engine.plans, ids
 
 
 @pytest.mark.parametrize(

@@ -12,10 +12,9 @@ from tests.vlm_helpers import (
     assert_pruned_counts,
     captured_positions,
     original_1d_positions,
-    prepared,
     real_rows,
     stock_generate,
-    tiny_vlm,
+    tiny_vlm_items,
 )
 
 NEW = 6
@@ -23,8 +22,7 @@ NEW = 6
 
 @pytest.fixture(scope="module")
 def gemma(tmp_path_factory):
-    vlm, pre = tiny_vlm("gemma3", tmp_path_factory)
-    return vlm, prepared(pre)
+    return tiny_vlm_items("gemma3", tmp_path_factory)
 
 
 @pytest.mark.parametrize("n", [1, 3])

@@ -14,10 +14,9 @@ from tests.vlm_helpers import (
     assert_pruned_counts,
     captured_positions,
     original_1d_positions,
-    prepared,
     real_rows,
     stock_generate,
-    tiny_vlm,
+    tiny_vlm_items,
 )
 
 NEW = 5
@@ -25,8 +24,7 @@ NEW = 5
 
 @pytest.fixture(scope="module")
 def internvl(tmp_path_factory):
-    vlm, pre = tiny_vlm("internvl", tmp_path_factory)
-    return vlm, prepared(pre)
+    return tiny_vlm_items("internvl", tmp_path_factory)
 
 
 def test_prompt_and_tiles_are_internvls(internvl):

@@ -11,10 +11,9 @@ from tests.vlm_helpers import (
     assert_pruned_counts,
     captured_positions,
     original_1d_positions,
-    prepared,
     real_rows,
     stock_generate,
-    tiny_vlm,
+    tiny_vlm_items,
 )
 
 NEW = 6
@@ -23,8 +22,7 @@ BASE = 576  # (336 / 14) ** 2 tokens of the base view
 
 @pytest.fixture(scope="module")
 def next_model(tmp_path_factory):
-    vlm, pre = tiny_vlm("llava_next", tmp_path_factory)
-    return vlm, prepared(pre)
+    return tiny_vlm_items("llava_next", tmp_path_factory)
 
 
 def newline_positions(vlm, item) -> list[int]:

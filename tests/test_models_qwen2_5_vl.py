@@ -10,10 +10,9 @@ from resprune.pruners import build_pruner
 from tests.vlm_helpers import (
     assert_pruned_counts,
     captured_positions,
-    prepared,
     real_rows,
     stock_generate,
-    tiny_vlm,
+    tiny_vlm_items,
 )
 
 NEW = 6
@@ -21,8 +20,7 @@ NEW = 6
 
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
-    vlm, pre = tiny_vlm("qwen2_5_vl", tmp_path_factory)
-    return vlm, prepared(pre)
+    return tiny_vlm_items("qwen2_5_vl", tmp_path_factory)
 
 
 def expected_mrope(item, result, image_token_id: int) -> torch.Tensor:

@@ -11,10 +11,9 @@ from resprune.pruners import build_pruner, resolve_keep
 from tests.vlm_helpers import (
     assert_pruned_counts,
     captured_positions,
-    prepared,
     real_rows,
     stock_generate,
-    tiny_vlm,
+    tiny_vlm_items,
 )
 
 NEW = 5
@@ -25,8 +24,7 @@ NEW = 5
     params=["qwen3_vl", pytest.param("qwen3_vl_moe", marks=pytest.mark.slow)],  # MoE: slow CPU
 )
 def qwen3(request, tmp_path_factory):
-    vlm, pre = tiny_vlm(request.param, tmp_path_factory)
-    return vlm, prepared(pre)
+    return tiny_vlm_items(request.param, tmp_path_factory)
 
 
 @pytest.mark.parametrize("n", [1, 3])

@@ -7,9 +7,13 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from PIL import Image
+from transformers import CompileConfig
 
-from resprune.items import PreparedItem
+from resprune.answer import answer_batch
+from resprune.engines.hf import TransformersEngine
+from resprune.items import ItemResult, PreparedItem
 from resprune.loading import load_preprocessor, load_vlm
+from resprune.models.base import VLM
 from resprune.tiny import build_tiny_checkpoint
 
 QWEN = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
@@ -32,6 +36,12 @@ def images(seed: int = 0) -> list[Image.Image]:
 def prepared(pre, n: int = 3) -> list[PreparedItem]:
     """The first ``n`` (image, question) pairs, prepared."""
     return [pre.prepare(im, q) for im, q in zip(images()[:n], QUESTIONS[:n], strict=True)]
+
+
+def tiny_vlm_items(family: str, tmp_path_factory) -> tuple[VLM, list[PreparedItem]]:
+    """A tiny ``family`` model and its first three prepared items (a module fixture's value)."""
+    vlm, pre = tiny_vlm(family, tmp_path_factory)
+    return vlm, prepared(pre)
 
 
 def stock_generate(vlm, items: list[PreparedItem], max_new_tokens: int) -> list[list[int]]:
@@ -116,3 +126,19 @@ def original_1d_positions(item: PreparedItem, result, image_token_id: int) -> to
     n = result.visual_tokens
     kept = torch.tensor(result.kept_indices)
     return torch.cat([torch.arange(start), start + kept, torch.arange(start + n, len(ids))])
+
+
+def compiled_decode_answers(
+    vlm, items: list[PreparedItem], max_new_tokens: int
+) -> tuple[TransformersEngine, list[ItemResult]]:
+    """Keep-all answers through the static cache's compiled decode step (dynamo; eager
+    backend, as CPUs have no CUDA graphs), checked equal to stock `generate` and to have taken
+    transformers' compiled path; the engine and the results, for further checks."""
+    config = CompileConfig(backend="eager", mode=None, dynamic=False)
+    engine = TransformersEngine(vlm, cache="static", compile=True, compile_config=config)
+    results = answer_batch(
+        vlm, items, pruner=None, keep=1.0, max_new_tokens=max_new_tokens, engine=engine
+    )
+    assert [r.answer_ids for r in results] == stock_generate(vlm, items, max_new_tokens)
+    assert hasattr(vlm.model, "_compiled_call")  # transformers took the compiled decode path
+    return engine, results

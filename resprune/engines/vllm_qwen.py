@@ -139,15 +139,12 @@ class PrunedQwenProcessor(KeptRun, Qwen2_5_VLMultiModalProcessor):
     """Qwen2.5-VL's processor with kept-embeddings images."""
 
 
-@MULTIMODAL_REGISTRY.register_processor(
-    PrunedQwenProcessor,
-    info=PrunedQwenProcessingInfo,
-    dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
-)
-class PrunedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
-    """Qwen2.5-VL taking kept image embeddings with their own M-RoPE positions."""
+class KeptModel:
+    """Model mixin: kept embeddings with 4 position channels, plain-text provisional
+    positions (the runner's ``recompute_mrope_positions`` fixes them)."""
 
     def embed_multimodal(self, **kwargs: object):
+        """The batch's kept embeddings, or vLLM's own pixel path when it has none."""
         return kept_embeddings(self, kwargs) or super().embed_multimodal(**kwargs)
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]):
@@ -157,6 +154,15 @@ class PrunedQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
             return super().get_mrope_input_positions(input_tokens, mm_features)
         n = len(input_tokens)
         return torch.arange(n, dtype=torch.long).expand(3, n).clone(), 0
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    PrunedQwenProcessor,
+    info=PrunedQwenProcessingInfo,
+    dummy_inputs=Qwen2_5_VLDummyInputsBuilder,
+)
+class PrunedQwen2_5_VL(KeptModel, Qwen2_5_VLForConditionalGeneration):
+    """Qwen2.5-VL taking kept image embeddings with their own M-RoPE positions."""
 
 
 def kept_embeddings(model, kwargs: dict) -> tuple[torch.Tensor, ...] | None:

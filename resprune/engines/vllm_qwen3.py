@@ -19,9 +19,6 @@ Non-goals: videos, several images per prompt, pixel inputs with pruning.
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from vllm.model_executor.models.qwen3_vl import (
     Qwen3VLDummyInputsBuilder,
@@ -36,7 +33,7 @@ from vllm.model_executor.models.qwen3_vl_moe import (
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from resprune.engines.vllm_qwen import MROPE, KeptImageParsing, KeptRun, kept_embeddings
+from resprune.engines.vllm_qwen import KeptImageParsing, KeptModel, KeptRun
 
 
 class PrunedQwen3DataParser(KeptImageParsing, Qwen3VLMultiModalDataParser):
@@ -66,20 +63,9 @@ class PrunedQwen3Processor(KeptRun, Qwen3VLMultiModalProcessor):
     """Qwen3-VL's processor with kept-embeddings images."""
 
 
-class KeptQwen3:
-    """Model mixin: kept embeddings (DeepStack rows included) with 4 position channels,
-    plain-text provisional positions, Qwen2.5-VL's recompute."""
-
-    def embed_multimodal(self, **kwargs: object):
-        return kept_embeddings(self, kwargs) or super().embed_multimodal(**kwargs)
-
-    def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]):
-        """Plain-text numbering for prompts with kept embeddings: exact up to the image; the
-        runner's ``recompute_mrope_positions`` rewrites the image and what follows it."""
-        if not any(f.data is not None and MROPE in f.data for f in mm_features):
-            return super().get_mrope_input_positions(input_tokens, mm_features)
-        n = len(input_tokens)
-        return torch.arange(n, dtype=torch.long).expand(3, n).clone(), 0
+class KeptQwen3(KeptModel):
+    """Model mixin: `KeptModel` (DeepStack rows ride in the kept embeddings) with
+    Qwen2.5-VL's recompute."""
 
     recompute_mrope_positions = Qwen2_5_VLForConditionalGeneration.recompute_mrope_positions
 

@@ -100,6 +100,17 @@ class AdapterDefaults:
         return BaseModelOutputWithPooling(pooler_output=features)
 
 
+class ConcatEncoderOutput:
+    """Mixin for families whose model scatters the kept features as one tensor, not a list
+    (Gemma 3, InternVL); list it before `AdapterDefaults` in the bases."""
+
+    def encoder_output(
+        self, model, features: list[torch.Tensor], side: list[torch.Tensor] | None
+    ) -> BaseModelOutputWithPooling:
+        """The kept features as one [sum K, D] tensor."""
+        return BaseModelOutputWithPooling(pooler_output=torch.cat(features))
+
+
 @dataclass
 class VLM:
     """A loaded vision-language model with its family adapter and tokenizer."""

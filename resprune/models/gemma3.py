@@ -13,48 +13,20 @@ model reads them only in prefill). Non-goal: pan-and-scan crops.
 from __future__ import annotations
 
 import numpy as np
-import torch
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from resprune.host import to_device
 from resprune.items import PreparedItem
-from resprune.models.base import (
-    AdapterDefaults,
-    Crop,
-    Encoded,
-    Layout,
-    square_grid,
-    text_positions,
-)
+from resprune.models.base import ConcatEncoderOutput
+from resprune.models.llava import LlavaAdapter
 
 
-class Gemma3Adapter(AdapterDefaults):
-    """Hooks for `Gemma3ForConditionalGeneration`."""
+class Gemma3Adapter(ConcatEncoderOutput, LlavaAdapter):
+    """Hooks for `Gemma3ForConditionalGeneration`: LLaVA's encode (the pooled projector outputs
+    [mm_tokens_per_image, D] per item), one square crop and 1-D positions, plus the image
+    tokens' ``token_type_ids`` and the kept features handed back as one tensor."""
 
     family = "gemma3"
-
-    def encode(self, model, items: list[PreparedItem]) -> Encoded:
-        """Pooled projector outputs [mm_tokens_per_image, D] per item (one batched call)."""
-        pixels = np.stack([it.pixel_values for it in items])
-        pixels = to_device(pixels, model.device).to(model.dtype)
-        out = model.model.get_image_features(pixel_values=pixels, return_dict=True)
-        return Encoded(list(out.pooler_output))
-
-    def layout(self, model, item: PreparedItem, n: int) -> Layout:
-        """One crop: the pooled square grid, row-major."""
-        return Layout([Crop(torch.arange(n), square_grid(n))])
-
-    def positions(self, model, item: PreparedItem, keep: np.ndarray, policy: str) -> np.ndarray:
-        """1-D positions: the original ones (gaps where tokens were dropped) or contiguous."""
-        return text_positions(keep, policy)
 
     def token_extras(self, model, item: PreparedItem, keep: np.ndarray) -> dict[str, np.ndarray]:
         """``token_type_ids``: 1 for the kept image tokens, 0 for text."""
         kept = item.input_ids[keep]
         return {"token_type_ids": (kept == model.config.image_token_id).astype(np.int64)}
-
-    def encoder_output(
-        self, model, features: list[torch.Tensor], side: list[torch.Tensor] | None
-    ) -> BaseModelOutputWithPooling:
-        """The kept features as one [sum K, D] tensor (Gemma 3 scatters a tensor, not a list)."""
-        return BaseModelOutputWithPooling(pooler_output=torch.cat(features))

@@ -17,13 +17,13 @@ import re
 import numpy as np
 import torch
 from transformers import InternVLProcessor
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.processing_utils import ProcessorMixin
 
 from resprune.host import to_device
 from resprune.items import PreparedItem
 from resprune.models.base import (
     AdapterDefaults,
+    ConcatEncoderOutput,
     Crop,
     Encoded,
     Layout,
@@ -32,8 +32,8 @@ from resprune.models.base import (
 )
 
 
-class InternVLAdapter(AdapterDefaults):
-    """Hooks for `InternVLForConditionalGeneration`."""
+class InternVLAdapter(ConcatEncoderOutput, AdapterDefaults):
+    """Hooks for `InternVLForConditionalGeneration` (the kept features go back as one tensor)."""
 
     family = "internvl"
 
@@ -63,12 +63,6 @@ class InternVLAdapter(AdapterDefaults):
     def positions(self, model, item: PreparedItem, keep: np.ndarray, policy: str) -> np.ndarray:
         """1-D positions: the original ones (gaps where tokens were dropped) or contiguous."""
         return text_positions(keep, policy)
-
-    def encoder_output(
-        self, model, features: list[torch.Tensor], side: list[torch.Tensor] | None
-    ) -> BaseModelOutputWithPooling:
-        """The kept features as one [sum K, D] tensor (InternVL scatters a tensor)."""
-        return BaseModelOutputWithPooling(pooler_output=torch.cat(features))
 
 
 class ImageOnlyInternVLProcessor(InternVLProcessor):

@@ -23,12 +23,13 @@ from transformers.utils.generic import is_flash_attention_requested
 
 from resprune.host import to_device
 from resprune.items import PreparedItem
-from resprune.models.base import AdapterDefaults, Crop, Encoded, Layout, text_positions
-from resprune.models.qwen2_5_vl import mrope_positions
+from resprune.models.base import Encoded
+from resprune.models.qwen2_5_vl import Qwen2_5_VLAdapter
 
 
-class Qwen3VLAdapter(AdapterDefaults):
-    """Hooks for `Qwen3VLForConditionalGeneration` and `Qwen3VLMoeForConditionalGeneration`."""
+class Qwen3VLAdapter(Qwen2_5_VLAdapter):
+    """Hooks for `Qwen3VLForConditionalGeneration` and `Qwen3VLMoeForConditionalGeneration`:
+    Qwen2.5-VL's merged-grid layout and M-RoPE positions, plus the DeepStack side rows."""
 
     def __init__(self, family: str = "qwen3_vl"):
         self.family = family
@@ -46,19 +47,6 @@ class Qwen3VLAdapter(AdapterDefaults):
         )
         side = [torch.stack(levels, 1) for levels in zip(*out.deepstack_features, strict=True)]
         return Encoded(list(out.pooler_output), side)
-
-    def layout(self, model, item: PreparedItem, n: int) -> Layout:
-        """One crop: the merged (h/2, w/2) grid, row-major (one frame)."""
-        t, h, w = (int(v) for v in item.image_grid_thw)
-        merge = model.config.vision_config.spatial_merge_size
-        grid = (t * h // merge, w // merge)
-        return Layout([Crop(torch.arange(n), grid if grid[0] * grid[1] == n else None)])
-
-    def positions(self, model, item: PreparedItem, keep: np.ndarray, policy: str) -> np.ndarray:
-        """3-D M-RoPE positions [3, L'] of the kept tokens."""
-        if policy != "original":
-            return np.repeat(text_positions(keep, policy), 3, axis=0)
-        return mrope_positions(model, item)[:, keep]
 
     def encoder_output(
         self, model, features: list[torch.Tensor], side: list[torch.Tensor] | None
