@@ -28,15 +28,22 @@ class Qwen2_5_VLAdapter(AdapterDefaults):
 
     def encode(self, model, items: list[PreparedItem]) -> Encoded:
         """Merged projector outputs [t*h*w/4, D] per item (one batched vision call)."""
+        return Encoded(list(self.vision_output(model, items).pooler_output))
+
+    def vision_output(self, model, items: list[PreparedItem]):
+        """The vision tower's output for the batch (one call, its layout from the host)."""
         pixels = np.concatenate([it.pixel_values for it in items])
         grids = torch.from_numpy(np.stack([it.image_grid_thw for it in items]))
-        out = model.model.get_image_features(
+        return model.model.get_image_features(
             pixel_values=to_device(pixels, model.device).to(model.dtype),
             image_grid_thw=grids,  # on the host: only the precomputed layout below reads it
             return_dict=True,
-            **vision_layout(model, grids),
+            **self.vision_layout(model, grids),
         )
-        return Encoded(list(out.pooler_output))
+
+    def vision_layout(self, model, grids: torch.Tensor) -> dict:
+        """The tower's precomputed position and attention inputs (`vision_layout`)."""
+        return vision_layout(model, grids)
 
     def layout(self, model, item: PreparedItem, n: int) -> Layout:
         """One crop: the merged (h/2, w/2) grid, row-major (one frame)."""

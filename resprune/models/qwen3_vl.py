@@ -15,7 +15,6 @@ The MoE checkpoint differs only in the LLM's MLP. Non-goal: video.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from transformers import vision_utils
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
@@ -37,16 +36,13 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     def encode(self, model, items: list[PreparedItem]) -> Encoded:
         """Merged projector outputs [t*h*w/4, D] per item and their DeepStack rows
         [t*h*w/4, levels, D] (one batched vision call)."""
-        pixels = np.concatenate([it.pixel_values for it in items])
-        grids = torch.from_numpy(np.stack([it.image_grid_thw for it in items]))
-        out = model.model.get_image_features(
-            pixel_values=to_device(pixels, model.device).to(model.dtype),
-            image_grid_thw=grids,  # on the host: only the precomputed layout below reads it
-            return_dict=True,
-            **vision_layout(model, grids),
-        )
+        out = self.vision_output(model, items)
         side = [torch.stack(levels, 1) for levels in zip(*out.deepstack_features, strict=True)]
         return Encoded(list(out.pooler_output), side)
+
+    def vision_layout(self, model, grids: torch.Tensor) -> dict:
+        """Qwen3-VL's precomputed tower inputs (its learned position table's interpolation)."""
+        return vision_layout(model, grids)
 
     def encoder_output(
         self, model, features: list[torch.Tensor], side: list[torch.Tensor] | None
