@@ -32,25 +32,51 @@ _COMPARE: dict[type, Callable] = {
 _FUNCTIONS = {"is_null": pc.Expression.is_null, "is_valid": pc.Expression.is_valid}
 
 
+MAX_DEPTH = 64  # nesting levels a filter may have (a deeper one is refused, not recursed)
+
+
 class FilterError(ValueError):
     """A filter outside the grammar; the message names the part that is not allowed."""
 
 
 def parse_filter(text: str) -> pc.Expression:
     """The pyarrow expression of a filter text; raises FilterError."""
+    tree = _parse(text)
     try:
-        tree = ast.parse(text.strip(), mode="eval")
-    except SyntaxError as exc:
-        raise FilterError(f"not a filter expression: {text!r} ({exc.msg})") from None
-    expr = _build(tree.body)
+        expr = _build(tree.body)
+    except (TypeError, pa.ArrowException) as exc:  # e.g. a comparison pyarrow cannot build
+        raise FilterError(f"not a valid condition: {text!r} ({exc})") from None
     if not isinstance(expr, pc.Expression):
         raise FilterError(f"{text!r} is a constant, not a condition on columns")
     return expr
 
 
+def _parse(text: str) -> ast.Expression:
+    """The syntax tree of a filter, at most `MAX_DEPTH` levels deep; raises FilterError."""
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except SyntaxError as exc:
+        raise FilterError(f"not a filter expression: {text!r} ({exc.msg})") from None
+    except (RecursionError, MemoryError):  # the parser's own depth limit
+        raise FilterError(f"input.filter nests too deeply (over {MAX_DEPTH} levels)") from None
+    if _depth(tree.body) > MAX_DEPTH:
+        raise FilterError(f"input.filter nests too deeply (over {MAX_DEPTH} levels)")
+    return tree
+
+
+def _depth(root: ast.AST) -> int:
+    """Nesting depth of a syntax tree, walked without recursion."""
+    deepest, stack = 0, [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return deepest
+
+
 def filter_columns(text: str) -> list[str]:
     """The columns a filter reads, in order of appearance."""
-    tree = ast.parse(text.strip(), mode="eval")
+    tree = _parse(text)
     functions = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
     names: list[str] = []
     for node in ast.walk(tree):
@@ -98,7 +124,7 @@ def _build(node: ast.AST) -> object:
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not | ast.Invert):
         return ~_condition(node.operand)
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-        return -_literal(node.operand)
+        return -_number(node.operand)
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitAnd | ast.BitOr):
         join = operator.and_ if isinstance(node.op, ast.BitAnd) else operator.or_
         return join(_condition(node.left), _condition(node.right))
@@ -144,6 +170,11 @@ def _compare_one(left: ast.AST, op: ast.cmpop, right: ast.AST) -> pc.Expression:
     a, b = _build(left), _build(right)
     if not isinstance(a, pc.Expression) and not isinstance(b, pc.Expression):
         raise FilterError(f"a comparison needs a column: {ast.unparse(left)!r}")
+    if any(isinstance(v, list) or v is None for v in (a, b)):
+        raise FilterError(
+            "compare with a single value ('in' takes a list, 'is None' tests for null): "
+            f"{ast.unparse(left)!r} against {ast.unparse(right)!r}"
+        )
     if not isinstance(a, pc.Expression):
         a = pc.scalar(a)
     return _COMPARE[type(op)](a, b)
@@ -167,4 +198,11 @@ def _literal(node: ast.AST) -> object:
     out = _build(node)
     if isinstance(out, pc.Expression | list):
         raise FilterError(f"expected a literal value, got {ast.unparse(node)!r}")
+    return out
+
+
+def _number(node: ast.AST) -> int | float:
+    out = _literal(node)
+    if isinstance(out, bool) or not isinstance(out, int | float):
+        raise FilterError(f"'-' needs a number, got {ast.unparse(node)!r}")
     return out

@@ -13,7 +13,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -623,6 +623,9 @@ class ProcessorConfig(_Strict):
         return cls.model_validate(parts)
 
 
+AnyJob = TypeVar("AnyJob", bound=JobSpec)
+
+
 def fingerprint(spec: JobSpec) -> str:
     """Hash of the settings that change answers (input columns, model, pruning).
 
@@ -660,6 +663,24 @@ def _fingerprinted(spec: JobSpec) -> dict[str, Any]:
     if spec.pruning.uses_text:
         parts["relevance_extractor"] = active_extractor()
     return parts
+
+
+def anchor_local_paths(spec: AnyJob) -> AnyJob:
+    """A copy of ``spec`` whose local paths (input, output, image root, model folder) are
+    absolute, resolved against this process's working directory: Ray workers, on a cluster
+    this driver joined, run in folders of their own."""
+    fixed = spec.model_copy(deep=True)
+    fixed.input.uri = _absolute(spec.input.uri)
+    fixed.output.uri = _absolute(spec.output.uri)
+    if spec.input.image_root:
+        fixed.input.image_root = _absolute(spec.input.image_root)
+    fixed.model.path = canonical_model_path(spec.model.path)
+    return fixed
+
+
+def _absolute(uri: str) -> str:
+    """A local path made absolute; a URI (``s3://``, ``file://``) as written."""
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
 
 
 def canonical_model_path(path: str) -> str:

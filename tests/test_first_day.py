@@ -91,6 +91,13 @@ def test_filter_expressions_select_what_python_would(text: str, keep) -> None:
         "status ==",
         "lambda: 1",
         "open('f')",
+        "x == -'a'",
+        "x == -True",
+        "not " * 3000 + "x == 1",
+        "(x == 1 and " * 70 + "x == 1" + ")" * 70,
+        "x in [1, 'a']",
+        "x < [1]",
+        "x == None",
     ],
 )
 def test_filter_refuses_anything_outside_the_grammar(text: str) -> None:

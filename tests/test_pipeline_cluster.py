@@ -1,5 +1,6 @@
 """The cluster `run` joined goes away mid-run: one line, the run summary, the lease released,
-and the rerun (on a private local cluster, RAY_ADDRESS=local) finishes each id once.
+and the rerun (on a private local cluster, RAY_ADDRESS=local) finishes each id once. The job's
+paths are relative to the driver's working directory, which the cluster's workers do not share.
 
 Slow: a real `ray start --head` on loopback with its own ports and temp dir (stopped by pid,
 never `ray stop`), and `python -m pipeline run` as a subprocess, as a user would run it.
@@ -56,12 +57,12 @@ def test_the_cluster_going_away_mid_run_ends_with_one_line_and_the_summary(
     (tmp_path / "in").mkdir()
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in" / "part.parquet")
     out = tmp_path / "out" / f"run_date={DATE}"
-    doc = {
+    doc = {  # relative paths: the driver resolves them, the workers run elsewhere
         "name": "gone",
-        "input": {"uri": str(tmp_path / "in")},
-        "model": {"path": str(model), "max_new_tokens": 6},
+        "input": {"uri": "in"},
+        "model": {"path": f"./{model.name}", "max_new_tokens": 6},
         "execution": {"batch_size": 2, "gpus_per_actor": 0, "preprocess_concurrency": 1},
-        "output": {"uri": str(out), "min_rows_per_file": 2},
+        "output": {"uri": str(out.relative_to(tmp_path)), "min_rows_per_file": 2},
         "cost": {"shadow_fraction": 0.0},
     }
     job = tmp_path / "job.yaml"
@@ -69,7 +70,7 @@ def test_the_cluster_going_away_mid_run_ends_with_one_line_and_the_summary(
     argv = [sys.executable, "-m", "pipeline", "run", str(job), "--no-progress", "--run-date", DATE]
     run = subprocess.Popen(
         argv,
-        cwd=ROOT,
+        cwd=tmp_path,
         env=ENV | {"RAY_ADDRESS": address},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -97,7 +98,7 @@ def test_the_cluster_going_away_mid_run_ends_with_one_line_and_the_summary(
     assert lease["run_id"] is None and lease["released_by"] == summary["run_id"]
 
     rerun = subprocess.run(
-        argv, cwd=ROOT, env=ENV | {"RAY_ADDRESS": "local"}, capture_output=True, text=True
+        argv, cwd=tmp_path, env=ENV | {"RAY_ADDRESS": "local"}, capture_output=True, text=True
     )
     assert rerun.returncode == 0, rerun.stderr
     ids = pads.dataset(str(out), format="parquet", partitioning=None).to_table(columns=["id"])

@@ -24,7 +24,7 @@ exit codes:
        a systemic fault, model actors that could not start, the Ray cluster gone, or a
        failed gate (the summary line and _runs/<run_id>.json say which)
   2    a whole-job problem found before any model loads (bad spec, storage, columns,
-       model path)
+       model path, a RAY_ADDRESS that does not answer)
   130  interrupted; committed rows are kept and a rerun does the rest
 
 Ray: RAY_ADDRESS=local starts a private local Ray cluster; RAY_ADDRESS=host:port (or
@@ -67,6 +67,7 @@ def main(args: argparse.Namespace) -> int:
     """Run the job and print the one-line summary."""
     from pipeline.io.storage import StorageError
     from pipeline.job.checks import ModelPathError
+    from pipeline.job.connect import ClusterUnreachable
 
     try:
         spec, run_date = load_spec(args.spec, run_date=args.run_date, overrides=args.overrides)
@@ -74,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
         from pipeline.output import summary
 
         doc = runner.run_job(spec, run_date, progress=False if args.no_progress else None)
-    except (SpecError, StorageError, ModelPathError) as exc:
+    except (SpecError, StorageError, ModelPathError, ClusterUnreachable) as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # the summary is written and the lease released by then

@@ -37,6 +37,7 @@ def main(args: argparse.Namespace) -> int:
     from pipeline.eval.spec import EvalSpec
     from pipeline.io.storage import StorageError
     from pipeline.job.checks import ModelPathError
+    from pipeline.job.connect import ClusterUnreachable
 
     try:
         spec, run_date = load_spec(
@@ -45,7 +46,7 @@ def main(args: argparse.Namespace) -> int:
         from pipeline.eval.evaluate import evaluate
 
         summary = evaluate(spec, run_date, threshold=args.fail_below, progress=args.progress)
-    except (SpecError, StorageError, ModelPathError) as exc:
+    except (SpecError, StorageError, ModelPathError, ClusterUnreachable) as exc:
         print(f"error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except Exception as exc:  # the CLI edge: one line

@@ -22,9 +22,10 @@ import ray
 
 from pipeline.eval.spec import EvalSpec, check_references, configurations, job_of
 from pipeline.io.readers import read_input
+from pipeline.job.connect import ensure_ray
 from pipeline.job.plan import Plan, make_plan
-from pipeline.job.runner import ensure_ray, new_run_id, release_lease
-from pipeline.spec import JobSpec, ProcessorConfig, PruningSpec
+from pipeline.job.runner import new_run_id, release_lease
+from pipeline.spec import JobSpec, ProcessorConfig, PruningSpec, anchor_local_paths
 from pipeline.stages.answer import Answerer
 from pipeline.stages.preprocess import Preprocess
 from pipeline.stages.processor import actor_pool, fit_to_cluster, spare_cpus
@@ -73,6 +74,7 @@ def answer_all(
     """Every item under every configuration (the job's output columns plus ``config``), and
     the input images of up to ``eval.overlay_items`` items answered under all of them (on
     different images where the set has them)."""
+    spec = anchor_local_paths(spec)  # before anything ships to workers
     job = job_of(spec)
     run_id = new_run_id(job, run_date)
     check_references(spec.input.uri, make_plan(job).passthrough, spec.eval.references_column)

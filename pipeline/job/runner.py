@@ -28,6 +28,7 @@ import ray
 from pipeline import faults
 from pipeline.io.readers import read_input
 from pipeline.io.storage import redact
+from pipeline.job.connect import ensure_ray
 from pipeline.job.console import quiet, show_progress
 from pipeline.job.ledger import start_ledger
 from pipeline.job.plan import Plan, make_plan
@@ -36,7 +37,13 @@ from pipeline.monitoring import stderr_filter
 from pipeline.monitoring.night import Night
 from pipeline.output import commit, summary
 from pipeline.output.commit import CommitSink
-from pipeline.spec import JobSpec, ProcessorConfig, fingerprint, fingerprint_fields
+from pipeline.spec import (
+    JobSpec,
+    ProcessorConfig,
+    anchor_local_paths,
+    fingerprint,
+    fingerprint_fields,
+)
 from pipeline.stages.processor import build_processor, fit_to_cluster
 
 logger = logging.getLogger(__name__)
@@ -61,53 +68,6 @@ def build_dataset(
     return processor(ds)
 
 
-def ensure_ray(spec: JobSpec) -> bool:
-    """Connect to the current cluster (RAY_ADDRESS or a local `ray start`), else start one.
-
-    ``RAY_ADDRESS=local`` always starts a private local cluster. Joining a `ray start` cluster
-    found on this machine (``RAY_ADDRESS`` unset) is said in one line, since its resources
-    may be taken. Returns True when this call started a local cluster (the caller shuts it
-    down).
-    """
-    if ray.is_initialized():
-        return False
-    address = os.environ.get("RAY_ADDRESS", "")
-    if address != "local":
-        try:
-            ray.init(address=address or "auto", log_to_driver=True)
-        except ConnectionError:
-            if address:
-                raise
-        else:
-            if not address:
-                print(
-                    f"run: joined the Ray cluster at {ray.get_runtime_context().gcs_address} "
-                    "that `ray start` left on this machine (RAY_ADDRESS=local starts a private "
-                    "one instead)",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            return False
-    import torch
-
-    gpus = torch.cuda.device_count()
-    if spec.execution.gpus_per_actor > gpus:
-        raise RuntimeError(
-            f"execution.gpus_per_actor={spec.execution.gpus_per_actor} but this machine has "
-            f"{gpus} GPU(s); set --set execution.gpus_per_actor=0 to run the model on CPU"
-        )
-    cpus = max(4, os.cpu_count() or 1)  # at least 4 slots: reading, CPU and model stages overlap
-    # worker start-up may use the slots we declare (Ray's default is the physical core count,
-    # and it warns on every run of a small machine otherwise)
-    ray.init(
-        num_cpus=cpus,
-        num_gpus=gpus,
-        include_dashboard=False,
-        _system_config={"worker_maximum_startup_concurrency": cpus},
-    )
-    return True
-
-
 def new_run_id(spec: JobSpec, run_date: str) -> str:
     """A unique id per attempt: name, run date, UTC start time, random suffix."""
     now = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -127,6 +87,7 @@ def run_job(spec: JobSpec, run_date: str, *, progress: bool | None = None) -> di
     released (Ray itself would end it a minute later).
     """
     quiet(progress=show_progress(progress))
+    spec = anchor_local_paths(spec)  # before anything ships to workers
     run_id, started = new_run_id(spec, run_date), time.time()
     night = Night(
         spec, run_id=run_id, run_date=run_date, started=started, lines=not show_progress(progress)
@@ -153,7 +114,11 @@ def _run(
         record = summary.Recorder(spec, plan, run_id=run_id, run_date=run_date, started=started)
         if plan.items_pending == 0:
             return record.finish({})
-        started_ray = ensure_ray(spec)
+        try:
+            started_ray = ensure_ray(spec)
+        except BaseException as exc:  # e.g. an unreachable cluster: the summary says so
+            record.finish({}, error=exc)
+            raise
         try:
             with night.running(plan):  # progress lines without a terminal
                 return _execute(

@@ -196,6 +196,7 @@ class Recorder:
             "fraction": fraction,
             "limit": ex.max_error_fraction,
             "judged": judged,
+            "min_items": ex.error_fraction_min_items,
             "exceeded": judged and fraction > ex.max_error_fraction,
         }
 
@@ -230,4 +231,15 @@ def one_line(doc: dict[str, Any]) -> str:
         f"(compile {doc.get('compile_seconds', 0.0):.1f}s) -> "
         f"{doc['output_uri']} (summary _runs/{doc['run_id']}.json)"
         + (f"; failed: {doc['failure']}" if doc.get("failure") else "")
+        + _unjudged(doc.get("error_fraction"))
+    )
+
+
+def _unjudged(judged: dict[str, Any] | None) -> str:
+    """A note when errors were committed but too few items to judge the error limit."""
+    if not judged or judged["judged"] or not judged["errors"]:
+        return ""
+    return (
+        f"; error limit not applied: {judged['errors']} error(s) in {judged['items']} item(s), "
+        f"fewer than execution.error_fraction_min_items={judged['min_items']}"
     )

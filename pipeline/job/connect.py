@@ -1,0 +1,141 @@
+"""Which Ray cluster a run uses: the one ``RAY_ADDRESS`` names, one a `ray start` left on
+this machine, or a private local one this process starts.
+
+An address is tried before Ray is handed it: Ray's own connect retries an address that does
+not answer for minutes, a line a few seconds, while a cluster file that `ray start` left
+behind (its cluster since stopped) is common on shared machines. So a named address that does
+not accept a connection within `CONNECT_S` is refused in one line (`ClusterUnreachable`, a
+whole-job problem: nothing is loaded or written), and a stale left-behind address is passed
+over for a private cluster, said in one line. Non-goal: waiting for a cluster that is still
+starting (the scheduler starts the run once its cluster is up).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+
+import ray
+
+from pipeline.spec import JobSpec
+
+CONNECT_S = 10.0  # how long an address may take to accept a TCP connection
+RETRY_S = 1.0
+
+
+class ClusterUnreachable(RuntimeError):
+    """The Ray cluster ``RAY_ADDRESS`` names does not answer."""
+
+
+def ensure_ray(spec: JobSpec) -> bool:
+    """Connect to the current cluster (RAY_ADDRESS or a local `ray start`), else start one.
+
+    ``RAY_ADDRESS=local`` always starts a private local cluster. Joining a `ray start` cluster
+    found on this machine (``RAY_ADDRESS`` unset) is said in one line, since its resources
+    may be taken. Returns True when this call started a local cluster (the caller shuts it
+    down).
+    """
+    if ray.is_initialized():
+        return False
+    address = cluster_address(os.environ.get("RAY_ADDRESS", ""))
+    if address is not None:
+        ray.init(address=address, log_to_driver=True)
+        if not os.environ.get("RAY_ADDRESS"):
+            _say(
+                f"run: joined the Ray cluster at {address} that `ray start` left on this "
+                "machine (RAY_ADDRESS=local starts a private one instead)"
+            )
+        return False
+    _start_local(spec)
+    return True
+
+
+def cluster_address(named: str) -> str | None:
+    """The address to join (checked to answer), or None to start a private cluster.
+
+    Raises `ClusterUnreachable` when ``named`` (``RAY_ADDRESS``: ``host:port``,
+    ``ray://host:port`` or ``auto``) does not answer or finds no cluster.
+    """
+    if named == "local":
+        return None
+    if named.startswith("ray://"):
+        _check(named, named.removeprefix("ray://"))
+        return named
+    found = _bootstrap_address(named)
+    if found is None:
+        return None
+    if named:
+        _check(named, found)
+        return found
+    if _answers(found, CONNECT_S / 2):
+        return found
+    _say(
+        f"run: the Ray cluster at {found} that `ray start` left on this machine does not "
+        "answer (stopped since); starting a private local one (RAY_ADDRESS=local skips this "
+        "check)"
+    )
+    return None
+
+
+def _bootstrap_address(named: str) -> str | None:
+    """``named`` as written, or for ``auto``/unset the cluster Ray itself would find (the
+    address file `ray start` writes); None when unset and there is none."""
+    from ray._private import services
+
+    if named and named != "auto":
+        return named
+    try:
+        return services.get_ray_address_from_environment(named or None, None)
+    except ConnectionError as exc:  # "auto" and no cluster on this machine
+        raise ClusterUnreachable(f"RAY_ADDRESS={named}: {exc}") from None
+
+
+def _check(named: str, host_port: str) -> None:
+    if not _answers(host_port, CONNECT_S):
+        raise ClusterUnreachable(
+            f"RAY_ADDRESS={named}: no Ray cluster answers at {host_port} (no connection "
+            f"within {CONNECT_S:g} s); start the cluster, correct RAY_ADDRESS, or set "
+            "RAY_ADDRESS=local for a private one"
+        )
+
+
+def _answers(host_port: str, within: float) -> bool:
+    """Whether ``host:port`` accepts a TCP connection within ``within`` seconds."""
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        return True  # not a host:port: Ray's own connect says what is wrong
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=RETRY_S):
+                return True
+        except OSError:
+            if time.monotonic() + RETRY_S >= deadline:
+                return False
+            time.sleep(RETRY_S)
+
+
+def _start_local(spec: JobSpec) -> None:
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if spec.execution.gpus_per_actor > gpus:
+        raise RuntimeError(
+            f"execution.gpus_per_actor={spec.execution.gpus_per_actor} but this machine has "
+            f"{gpus} GPU(s); set --set execution.gpus_per_actor=0 to run the model on CPU"
+        )
+    cpus = max(4, os.cpu_count() or 1)  # at least 4 slots: reading, CPU and model stages overlap
+    # worker start-up may use the slots we declare (Ray's default is the physical core count,
+    # and it warns on every run of a small machine otherwise)
+    ray.init(
+        num_cpus=cpus,
+        num_gpus=gpus,
+        include_dashboard=False,
+        _system_config={"worker_maximum_startup_concurrency": cpus},
+    )
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
