@@ -140,11 +140,6 @@ def test_losing_the_model_actors_node_with_a_replacement_finishes_every_id_once(
     assert any(line.startswith("run: node ") and "joined" in line for line in err.splitlines())
 
 
-@pytest.mark.skip(
-    reason="flaky (issue 27 left open): on a loaded 2-core machine the first run once ended in "
-    "StartupTimeout (the ledger did not answer within 30 s) and once waited for the stall "
-    "timeout instead of NodeLost; the node-loss detection after start-up needs a fix"
-)
 @pytest.mark.timeout(600)
 def test_no_replacement_ends_in_one_line_and_the_rerun_right_after_completes(
     cluster: Cluster, model: Path, tmp_path: Path, capsys: pytest.CaptureFixture
@@ -152,7 +147,8 @@ def test_no_replacement_ends_in_one_line_and_the_rerun_right_after_completes(
     write_rows(str(tmp_path / "in"), ["What is this?"] * 24)
     (FAULTS / "slow").write_text("0.5")
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job(model, tmp_path, startup_timeout_s=45)))
+    # long enough for two worker processes to start on a loaded 2-core machine
+    path.write_text(yaml.safe_dump(job(model, tmp_path, startup_timeout_s=90)))
     argv = ["run", str(path), "--no-progress", "--run-date", DATE]
     loss = threading.Thread(
         target=lambda: (_after_a_commit(tmp_path / "out"), _lose_gpu_node(cluster)), daemon=True
@@ -160,14 +156,14 @@ def test_no_replacement_ends_in_one_line_and_the_rerun_right_after_completes(
     loss.start()
     started = time.monotonic()
     assert cli(argv) == 1
-    assert time.monotonic() - started < 180
+    assert time.monotonic() - started < 360
     captured = capsys.readouterr()
     line = captured.out.strip().splitlines()[-1]
     assert line.startswith(f"nodes {DATE} failed: ") and "(summary _runs/" in line, line
     last = captured.err.strip().splitlines()[-1]
     assert last.startswith("error: run failed: NodeLost: lost node "), last
     assert ", 1 GPU) and no capacity came back" in last
-    assert "no capacity came back within execution.startup_timeout_s=45" in last
+    assert "no capacity came back within execution.startup_timeout_s=90" in last
     assert "rerun the same command once the cluster has 1 GPU free" in last
     out = tmp_path / "out"
     (summary,) = [json.loads(p.read_text()) for p in (out / commit.RUNS).glob("*.json")]

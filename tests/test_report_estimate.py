@@ -223,3 +223,38 @@ def test_ratio_interval_is_a_student_t_interval_that_widens_as_the_sample_shrink
         a, b = ratio_interval(sample.pruned_s, sample.unpruned_s)
         widths.append(b - a)
     assert widths == sorted(widths, reverse=True)
+
+
+@pytest.mark.parametrize("head_dim", [16, 32])  # 32: queries twice the hidden size (Gemma 3)
+def test_flops_per_token_count_every_decoder_weight(head_dim: int) -> None:
+    """Against the weights of a real decoder (Gemma 3's text model, whose query width is
+    heads x head_dim, not its hidden size): 2 FLOPs per linear weight per token."""
+    import torch
+    from transformers import Gemma3TextConfig, Gemma3TextModel
+
+    config = Gemma3TextConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=head_dim,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        vocab_size=100,
+    )
+    weights = sum(
+        m.weight.numel()
+        for m in Gemma3TextModel(config).layers.modules()
+        if isinstance(m, torch.nn.Linear)
+    )
+    shape = LlmShape.from_dict(
+        {
+            "hidden_size": 64,
+            "num_layers": 2,
+            "intermediate_size": 128,
+            "num_heads": 4,
+            "num_kv_heads": 2,
+            "head_dim": head_dim,
+        }
+    )
+    assert shape.linear_flops_per_token() == 2.0 * weights
+    assert shape.attention_width() == 2 * 4 * head_dim

@@ -207,3 +207,57 @@ def test_layout_problem_names_what_the_live_nodes_lack() -> None:
     assert blocked.needs(ExecutionSpec(gpus_per_actor=0, cpus_per_actor=0)) == (
         "no reserved resources"
     )
+
+
+class _Scripted:
+    """A ledger question whose answers come as scripted: (answer, when it was asked)."""
+
+    def __init__(self, method: object) -> None:
+        self.script: list[tuple[tuple[int, int, int], float]] = []
+        self.asked = 0.0
+
+    def answer(self, default: object) -> object:
+        if not self.script:
+            return default
+        value, self.asked = self.script.pop(0)
+        return value
+
+
+def test_a_lost_node_is_waited_out_by_moves_after_it_not_by_answers_already_on_their_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The GPU node is lost at t=20: an answer asked at t=18 that carries a batch begun
+    before the loss must not end the wait (the run would then wait for the stall timeout);
+    with no move counted after the loss the run ends in NodeLost at startup_timeout_s, and a
+    move after it (an actor placed on a replacement) ends the wait."""
+    from pipeline.job import watchdog
+
+    nodes = {"head": "10.0.0.1 (node head, 3 CPU)", "gpu": "10.0.0.2 (node gpu, 1 GPU)"}
+    monkeypatch.setattr(blocked, "live_nodes", lambda: dict(nodes))
+    monkeypatch.setattr(blocked, "blocked_line", lambda *a, **k: "blocked")
+    monkeypatch.setattr(watchdog, "_Ask", _Scripted)
+    monkeypatch.setattr(watchdog, "_interrupt", lambda thread: None)
+    said: list[str] = []
+    monkeypatch.setattr(watchdog.Watchdog, "say", lambda self, line: said.append(line))
+    ex = ExecutionSpec(startup_timeout_s=45, stall_timeout_s=1800)
+    fake = SimpleNamespace(progress=None, snapshot=None, placed=None)
+    for recovers in (False, True):
+        watch = watchdog.Watchdog(ex, fake, on_gone=lambda *a: None)
+        moving = watchdog._Moving(watch)
+        moving.restart(0.0)
+        moving.progress.script = [((5, 2, 1), 9.0)]
+        assert moving.check(10.0)
+        del nodes["gpu"]
+        moving.progress.script = [((6, 2, 1), 18.0), ((6, 2, 1), 21.0), ((6, 2, 1), 28.0)]
+        assert moving.check(20.0) and watch.lost is not None  # the loss, and a stale answer
+        assert moving.check(22.0) and moving.check(30.0) and watch.lost is not None
+        if recovers:
+            moving.progress.script = [((7, 2, 1), 31.0)]  # the actor placed on a replacement
+            assert moving.check(32.0) and watch.lost is None
+            assert moving.check(66.0) and watch.failure is None  # the stall clock runs again
+        else:
+            assert not moving.check(66.0)
+            assert isinstance(watch.failure, watchdog.NodeLost)
+            assert str(watch.failure).startswith("lost node 10.0.0.2 (node gpu, 1 GPU) and no ")
+        assert said[0].startswith("run: lost node 10.0.0.2 (node gpu, 1 GPU) mid-run; ")
+        nodes["gpu"], said[:] = "10.0.0.2 (node gpu, 1 GPU)", []

@@ -89,7 +89,7 @@ class Watchdog:
         self.address = _gcs_address()
         self.snapshot: dict[str, Any] = {}  # the ledger's actors, refreshed every SNAPSHOT_S
         self.nodes = blocked.live_nodes()
-        self.lost: tuple[str, float] | None = None  # the last lost node and when
+        self.lost: tuple[str, float] | None = None  # a lost node and when, until a move after it
         self._stop = threading.Event()
         self._target = threading.current_thread()
         self._thread = threading.Thread(target=self._watch, name="resprune-watchdog", daemon=True)
@@ -217,6 +217,7 @@ class _Moving:
         self.watch = watch
         self.progress = _Ask(watch.ledger.progress)
         self.moves: int | None = None
+        self.at_loss: int | None = None  # the ledger's move count first read after the loss
         self.in_flight = self.loaded = 0  # items in batches not returned; actors loaded
         self.moved = self.next_nodes = self.next_line = 0.0
 
@@ -236,8 +237,8 @@ class _Moving:
             if moves != self.moves:
                 self.moves = moves
                 self.restart(now)
-        idle = now - self.moved
-        if w.lost is not None and self.moved < w.lost[1]:  # nothing moved since the loss
+            self._after_loss(moves)
+        if w.lost is not None:  # nothing has moved since the loss
             since = now - w.lost[1]
             if since >= ex.startup_timeout_s:
                 w.fail(NodeLost(self.lost_line(since)))
@@ -246,6 +247,7 @@ class _Moving:
                 w.say(f"run: waiting for capacity: {self._blocked(since)}")
                 self.next_line = now + WAIT_LINE_S
             return True
+        idle = now - self.moved
         if idle >= ex.stall_timeout_s:
             w.fail(
                 StallTimeout(
@@ -257,6 +259,17 @@ class _Moving:
             w.say(f"run: {self._stalled(idle)}")
             self.next_line = now + min(WAIT_LINE_S, self.notice_after())
         return True
+
+    def _after_loss(self, moves: int) -> None:
+        """A loss is over once the ledger counts a move after it. Only answers to questions
+        asked after the loss count: one already on its way may hold moves from before it."""
+        w = self.watch
+        if w.lost is None or self.progress.asked < w.lost[1]:
+            return
+        if self.at_loss is None:
+            self.at_loss = moves
+        elif moves > self.at_loss:
+            w.lost, self.at_loss = None, None
 
     def watch_nodes(self, now: float) -> None:
         """Compare the live nodes every `NODES_S`: one line per node lost or joined."""
@@ -274,7 +287,8 @@ class _Moving:
         joined = [nodes[n] for n in nodes.keys() - w.nodes.keys()]
         w.nodes = nodes
         for node in lost:
-            w.lost = (node, now)
+            w.lost, self.at_loss = (node, now), None
+            self.next_line = min(self.next_line, now + WAIT_LINE_S)
             w.say(
                 f"run: lost node {node} mid-run; its model actors restart on surviving or "
                 "replacement nodes and its batches are answered again (waiting up to "
@@ -339,15 +353,16 @@ class _Ask:
 
     def __init__(self, method: Any):
         self.method, self.ref = method, None
+        self.sent = self.asked = 0.0  # when the pending question / the last answered one was asked
 
     def answer(self, default: Any) -> Any:
         try:
             if self.ref is None:
-                self.ref = self.method.remote()
+                self.ref, self.sent = self.method.remote(), time.monotonic()
             ready, _ = ray.wait([self.ref], timeout=0)
             if not ready:
                 return default
-            ref, self.ref = self.ref, None
+            ref, self.ref, self.asked = self.ref, None, self.sent
             return ray.get(ref)
         except Exception:
             self.ref = None

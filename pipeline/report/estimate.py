@@ -218,6 +218,7 @@ class LlmShape:
     intermediate_size: int | None = None
     num_heads: int | None = None
     num_kv_heads: int | None = None
+    head_dim: int | None = None
     vocab_size: int | None = None
     parameters: int | None = None
 
@@ -243,21 +244,22 @@ class LlmShape:
         """FLOPs of the decoder's matmuls for one token (2 per multiply-add), LM head excluded."""
         h, layers, ff = self.hidden_size, self.num_layers, self.intermediate_size
         if h and layers and ff:
-            kv = (
-                h * self.num_kv_heads / self.num_heads
-                if self.num_heads and self.num_kv_heads
-                else h
-            )
-            return 2.0 * layers * (2 * h * h + 2 * h * kv + 3 * h * ff)  # q,o + k,v + gated MLP
+            q = self.query_width() or h
+            heads, kv_heads = self.num_heads, self.num_kv_heads
+            kv = q * kv_heads / heads if heads and kv_heads else q
+            return 2.0 * layers * (2 * h * q + 2 * h * kv + 3 * h * ff)  # q,o + k,v + gated MLP
         return 2.0 * self.parameters if self.parameters else None
 
+    def query_width(self) -> int | None:
+        """Heads x head_dim (Gemma 3's differs from its hidden size), else the hidden size."""
+        if self.num_heads and self.head_dim:
+            return self.num_heads * self.head_dim
+        return self.hidden_size
+
     def attention_width(self) -> float | None:
-        """layers x hidden: the per-position cost unit of attention scores and values."""
-        return (
-            float(self.num_layers * self.hidden_size)
-            if self.num_layers and self.hidden_size
-            else None
-        )
+        """layers x query width: the per-position cost unit of attention scores and values."""
+        q = self.query_width()
+        return float(self.num_layers * q) if self.num_layers and q else None
 
 
 def generation_flops(shape: LlmShape, prompt: np.ndarray, new: np.ndarray) -> np.ndarray | None:

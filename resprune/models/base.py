@@ -165,6 +165,9 @@ class VLM:
             "experts_per_token": top_k,
             "num_heads": text.num_attention_heads,
             "num_kv_heads": text.num_key_value_heads,
+            # Gemma 3's query width (heads x head_dim) is not its hidden size
+            "head_dim": getattr(text, "head_dim", None)
+            or text.hidden_size // text.num_attention_heads,
             "vocab": text.vocab_size,
             "context": text.max_position_embeddings,
             # set by resprune.tiny: the weights are random, the answers noise
