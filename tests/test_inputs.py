@@ -325,3 +325,22 @@ def test_plain_validate_checks_column_types_from_metadata(
     assert cli(["validate", str(tmp_path / "later.yaml")]) == 0
     assert "nothing at" in capsys.readouterr().out
     assert not (tmp_path / "out").exists()
+
+
+def test_parquet_is_read_by_tasks_without_a_footer_actor_pool(tmp_path: Path) -> None:
+    """Ray Data's V2 Parquet path starts 32 FooterReader actors per read, each needing a free
+    CPU to be placed; the job's reader takes the listed files through read tasks only."""
+    import ray
+
+    from pipeline.io.readers import read_parquet_files
+
+    table = pa.table({"id": ["a", "b", "c"], "image": [b"1", b"2", b"3"], "extra": [1, 2, 3]})
+    pq.write_table(table, tmp_path / "part-0.parquet")
+    ctx = ray.data.DataContext.get_current()
+    before = ctx.use_datasource_v2
+    ds = read_parquet_files([str(tmp_path / "part-0.parquet")], pafs.LocalFileSystem(), ["id"])
+    assert sorted(r["id"] for r in ds.take_all()) == ["a", "b", "c"]
+    assert ds.schema().names == ["id"]
+    assert ctx.use_datasource_v2 == before  # the caller's setting is left as it was
+    names = {a["ActorClassName"] for a in ray._private.state.actors().values()}
+    assert "FooterReader" not in names

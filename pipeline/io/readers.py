@@ -1,9 +1,10 @@
 """Read the plan's pending input files as a lazy Ray Dataset of the job's rows.
 
-Each format goes through a Ray Data reader: ``read_parquet`` (no hive-partition columns are
-invented from paths), a `FileBasedDatasource` over pyarrow's Arrow IPC stream reader for
-``datasets`` ``save_to_disk`` folders, and ``read_webdataset`` (members kept as bytes, then
-shaped into rows by `pipeline.io.webdataset.to_rows`). Only the columns the job needs are kept.
+Each format goes through a Ray Data reader: ``read_parquet`` (its V1 path, see
+`read_parquet_files`; no hive-partition columns are invented from paths), a
+`FileBasedDatasource` over pyarrow's Arrow IPC stream reader for ``datasets`` ``save_to_disk``
+folders, and ``read_webdataset`` (members kept as bytes, then shaped into rows by
+`pipeline.io.webdataset.to_rows`). Only the columns the job needs are kept.
 Integer ids become their decimal strings here, so everything after the reader (resume,
 filters, the output) sees text. Non-goals: checks and ids (the plan did them), decoding
 (the CPU stage does it).
@@ -62,7 +63,7 @@ def read_input(spec: InputSpec, plan: PendingInput) -> ray.data.Dataset:
     if plan.input_format == "datasets":
         ds = ray.data.read_datasource(ArrowStreamDatasource(files, columns=read, filesystem=fs))
     else:
-        ds = ray.data.read_parquet(files, filesystem=fs, columns=read, partitioning=None)
+        ds = read_parquet_files(files, fs, read)
     if spec.filter:
         ds = ds.map_batches(
             _keep_rows, fn_kwargs={"text": spec.filter, "columns": cols}, batch_format="pyarrow"
@@ -70,6 +71,25 @@ def read_input(spec: InputSpec, plan: PendingInput) -> ray.data.Dataset:
     if plan.integer_ids:
         ds = ds.map_batches(text_ids, batch_format="pyarrow", fn_kwargs={"column": spec.id_column})
     return ds
+
+
+def read_parquet_files(
+    files: list[str], fs: pafs.FileSystem, columns: list[str]
+) -> ray.data.Dataset:
+    """``read_parquet`` of the listed files through Ray Data's V1 path (read tasks only).
+
+    The V2 path (Ray 2.60's default) provisions a pool of 32 ``FooterReader`` actors per read,
+    each a worker process that needs a free CPU to be placed: on a small cluster whose CPUs the
+    job's actors reserve the listing waits for one, and on 2 cores the pool cost ~5 s of a
+    3-item run. The plan already listed the files, so nothing of V2's listing is needed. The
+    caller's ``DataContext`` setting is restored.
+    """
+    ctx = ray.data.DataContext.get_current()
+    was, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(files, filesystem=fs, columns=columns, partitioning=None)
+    finally:
+        ctx.use_datasource_v2 = was
 
 
 def _keep_rows(batch: pa.Table, *, text: str, columns: list[str]) -> pa.Table:
