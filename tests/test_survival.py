@@ -1,10 +1,11 @@
 """The run's own rules for surviving faults of the job, without Ray: the error window, the
 ledger's judgement of lost nodes and its bound on systemic exits, a vLLM engine refusing every
-request, host memory, and the newcomer refusals (a named question column that is not there,
-an output prefix inside the input)."""
+request, host memory, the layout sized from nodes that answer, and the newcomer refusals (a
+named question column that is not there, an output prefix inside the input)."""
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,6 +13,7 @@ from types import SimpleNamespace
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 import yaml
 
@@ -21,7 +23,8 @@ from pipeline.io.inputs import check_columns
 from pipeline.io.storage import StorageError
 from pipeline.job import blocked, ledger
 from pipeline.job.checks import check_output_outside_input
-from pipeline.spec import ExecutionSpec, parse_spec
+from pipeline.spec import ExecutionSpec, ProcessorConfig, parse_spec
+from pipeline.stages import capacity, processor
 from pipeline.stages.failures import WINDOW_ERRORS, WINDOW_ITEMS, ErrorWindow
 from resprune.engines.base import EngineDead, Plan
 from resprune.items import ItemError
@@ -207,6 +210,52 @@ def test_layout_problem_names_what_the_live_nodes_lack() -> None:
     assert blocked.needs(ExecutionSpec(gpus_per_actor=0, cpus_per_actor=0)) == (
         "no reserved resources"
     )
+
+
+def _node(port: int, cpus: float, gpus: float = 0.0, alive: bool = True) -> dict:
+    res = {"CPU": cpus} | ({"GPU": gpus} if gpus else {})
+    return {
+        "Alive": alive,
+        "NodeManagerAddress": "127.0.0.1",
+        "NodeManagerPort": port,
+        "Resources": res,
+    }
+
+
+def test_live_resources_leave_out_a_node_the_gcs_still_lists_but_that_does_not_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A GPU node killed seconds ago is still Alive in the GCS (until its health checks
+    fail); a layout sized from it reserves CPUs that are gone and a rerun stalls."""
+    with socket.socket() as listening, socket.socket() as closed:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        up, down = listening.getsockname()[1], closed.getsockname()[1]
+        nodes = [_node(up, 1), _node(down, 1, gpus=1), _node(up, 8, gpus=8, alive=False)]
+        monkeypatch.setattr(ray, "nodes", lambda: nodes)
+        assert capacity.live_resources() == {"CPU": 1.0}
+        nodes[0]["NodeManagerPort"] = down  # no raylet answers: the GCS's view, not nothing
+        assert capacity.live_resources() == {"CPU": 2.0, "GPU": 1.0}
+
+
+def test_a_default_layout_reserves_no_model_cpu_on_a_cluster_short_of_cpus(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One live CPU (the GPU node lost, its replacement still coming): the model actor must
+    not take the CPU the read task needs once the replacement joins; the run warns."""
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(processor, "live_resources", lambda: {"CPU": 1.0})
+    cfg = ProcessorConfig.model_validate({"model": {"path": "m"}})
+    assert processor.fit_to_cluster(cfg).execution.cpus_per_actor == 0
+    assert "may stall until the cluster grows" in caplog.text
+    explicit = {"model": {"path": "m"}, "execution": {"cpus_per_actor": 1}}
+    assert (
+        processor.fit_to_cluster(ProcessorConfig.model_validate(explicit)).execution.cpus_per_actor
+        == 1
+    )
+    monkeypatch.setattr(processor, "live_resources", lambda: {"CPU": 3.0})
+    assert processor.fit_to_cluster(cfg).execution.cpus_per_actor == 1  # fits: kept
 
 
 class _Scripted:

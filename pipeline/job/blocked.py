@@ -1,10 +1,12 @@
 """What the cluster shows about a run that does not move: live nodes, free resources, actors
 waiting to be placed, and what the model stage needs (one line for the watchdog).
 
-Read from Ray itself: ``ray.nodes()`` (only nodes ``Alive`` count), ``ray.available_resources()``
-and the actor table of this job (``ray.util.state`` needs the dashboard, which a local run does
-not start, so the GCS's own table is read). Every reader here may fail on a cluster in
-trouble; the callers catch and say so. Non-goal: Ray Data's operator internals.
+Read from Ray itself: ``ray.nodes()`` (only nodes ``Alive`` count; their resources from
+`pipeline.stages.capacity`, which also drops nodes whose raylet no longer answers),
+``ray.available_resources()`` and the actor table of this job (``ray.util.state`` needs the
+dashboard, which a local run does not start, so the GCS's own table is read). Every reader
+here may fail on a cluster in trouble; the callers catch and say so. Non-goal: Ray Data's
+operator internals.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections import Counter
 import ray
 
 from pipeline.spec import ExecutionSpec
+from pipeline.stages.capacity import live_resources
 
 WAITING = ("PENDING_CREATION", "DEPENDENCIES_UNREADY", "RESTARTING")
 
@@ -30,13 +33,6 @@ def live_nodes() -> dict[str, str]:
                 f"{held or 'no CPU or GPU'})"
             )
     return out
-
-
-def live_totals() -> dict[str, float]:
-    """Resources of the live nodes (the dead ones may linger in ``cluster_resources``)."""
-    from pipeline.stages.processor import live_resources
-
-    return live_resources()
 
 
 def needs(ex: ExecutionSpec) -> str:
@@ -76,7 +72,7 @@ def blocked_line(ex: ExecutionSpec, address: str, waited: float, in_flight: int 
     """Which stage waits for which resource, what is free, on how many live nodes;
     ``in_flight``: items in model batches that have not returned (the ledger's count)."""
     try:
-        free, totals, nodes = ray.available_resources(), live_totals(), live_nodes()
+        free, totals, nodes = ray.available_resources(), live_resources(), live_nodes()
         actors = job_actors()
     except Exception as exc:
         return f"the cluster at {address} cannot be read ({type(exc).__name__}), {waited:.0f} s"

@@ -47,6 +47,7 @@ import ray
 
 from pipeline.job import blocked
 from pipeline.spec import ExecutionSpec
+from pipeline.stages.capacity import live_resources
 
 POLL_S = 2.0
 WAIT_LINE_S = 60.0  # one "waiting for" / "blocked" line per this many seconds
@@ -142,7 +143,7 @@ class Watchdog:
     def waiting_line(self, waited: float) -> str:
         """What the model actors wait for, from the cluster's free and total resources."""
         try:
-            free, total = ray.available_resources(), blocked.live_totals()
+            free, total = ray.available_resources(), live_resources()
         except Exception as exc:  # the line must not fail: say what is known
             free, total = {}, {}
             note = f" (resources unreadable: {type(exc).__name__})"
@@ -297,7 +298,7 @@ class _Moving:
         for node in joined:
             w.say(f"run: node {node} joined")
         if lost or joined:
-            short = blocked.layout_problem(w.execution, blocked.live_totals())
+            short = blocked.layout_problem(w.execution, live_resources())
             if short:
                 w.say(f"run: {short}")
 

@@ -42,6 +42,7 @@ from pipeline.io.inputs import check_columns, passthrough_schema
 from pipeline.output.columns import check_passthrough_names
 from pipeline.spec import JobSpec, ProcessorConfig
 from pipeline.stages.answer import Answerer
+from pipeline.stages.capacity import live_resources
 from pipeline.stages.preprocess import Preprocess
 
 logger = logging.getLogger(__name__)
@@ -204,45 +205,36 @@ def actor_pool(size: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
 
 
 def fit_to_cluster(cfg: ProcessorConfig) -> ProcessorConfig:
-    """The layout sized to the connected cluster's live nodes: model actors left at the default
-    ``execution.cpus_per_actor`` reserve no CPU when the cluster has too few for them plus
-    one preprocessing actor and one read/write task (else Ray Data waits forever, "3/2 CPU").
-    An explicit setting that does not fit is kept, with one warning (a cluster may grow)."""
+    """The layout sized to the connected cluster's live nodes (`capacity.live_resources`):
+    model actors left at the default ``execution.cpus_per_actor`` reserve no CPU when the
+    cluster has too few for them plus one preprocessing actor and one read/write task (else Ray
+    Data waits forever, "3/2 CPU"). A layout that still does not fit (an explicit setting, or
+    fewer than 2 CPUs) is kept, with one warning: the cluster may grow."""
     ex = cfg.execution
     if not ray.is_initialized():
         return cfg
     total = live_resources().get("CPU", 0)
-    lowest = (ex.actors if isinstance(ex.actors, int) else ex.actors[0]) * ex.cpus_per_actor
-    needed = lowest + 2  # one preprocessing actor, one read/write task
-    if total >= needed:
+    actors = ex.actors if isinstance(ex.actors, int) else ex.actors[0]
+    if total >= actors * ex.cpus_per_actor + 2:  # one preprocessing actor, one read/write task
         return cfg
-    if "cpus_per_actor" not in ex.model_fields_set and total >= 2:
+    if "cpus_per_actor" not in ex.model_fields_set and ex.cpus_per_actor > 0:
         logger.info(
             "the Ray cluster has %s CPU(s): model actors reserve none (execution.cpus_per_actor "
-            "0 instead of the default 1), leaving 2 for preprocessing and reading",
+            "0 instead of the default 1), leaving them for preprocessing and reading",
             total,
         )
-        execution = ex.model_copy(update={"cpus_per_actor": 0.0})
-        return cfg.model_copy(update={"execution": execution})
+        ex = ex.model_copy(update={"cpus_per_actor": 0.0})
+        cfg = cfg.model_copy(update={"execution": ex})
+        if total >= 2:
+            return cfg
     logger.warning(
         "the Ray cluster has %s CPU(s); the model actors reserve %s, preprocessing and reading "
         "need 2 more, so the run may stall until the cluster grows: %s",
         total,
-        lowest,
-        _more_cpus_hint(int(needed)),
+        actors * ex.cpus_per_actor,
+        _more_cpus_hint(int(actors * ex.cpus_per_actor + 2)),
     )
     return cfg
-
-
-def live_resources() -> dict[str, float]:
-    """Total resources of the nodes alive now: a node that just died may still count in
-    ``ray.cluster_resources()`` for seconds, and a layout sized from it stalls."""
-    total: dict[str, float] = {}
-    for node in ray.nodes():
-        if node.get("Alive"):
-            for key, value in node.get("Resources", {}).items():
-                total[key] = total.get(key, 0.0) + value
-    return total
 
 
 def _more_cpus_hint(needed: int) -> str:
