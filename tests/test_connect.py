@@ -1,5 +1,6 @@
 """Which cluster a run joins: a named address that does not answer is refused in one line
-(exit 2, the summary written, the lease released) within seconds, a stale address a
+(exit 2, the summary written, the lease released) within seconds, so is one whose cluster
+wants a token this process lacks, a stale address a
 `ray start` left behind is passed over for a private cluster, and local paths are made
 absolute on the driver before anything ships to workers. Also the summary line's note when
 the error limit was not applied (too few items)."""
@@ -9,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +33,7 @@ DATE = "2026-12-07"
 def quick(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(connect, "CONNECT_S", 1.0)
     monkeypatch.setattr(connect, "RETRY_S", 0.25)
+    monkeypatch.setattr(connect, "TOKEN_CHECK_S", 0.5)
 
 
 def test_a_named_address_that_does_not_answer_is_refused_quickly(quick) -> None:
@@ -96,6 +100,43 @@ def test_an_unreachable_cluster_ends_the_run_with_its_summary_and_no_lease(
     assert doc["status"] == "failed" and doc["failure"].startswith("ClusterUnreachable: ")
     lease = json.loads((tmp_path / "out" / commit.MANIFEST / commit.LEASE).read_text())
     assert lease["run_id"] is None
+
+
+def test_token_mode_without_a_token_is_refused_in_one_line_before_ray_aborts(
+    tiny_llava: Path, tmp_path: Path
+) -> None:
+    """RAY_AUTH_MODE=token and no token anywhere (a new shell on another machine): Ray's
+    core aborts the process with a C++ stack trace; the run says what to set, exit 2."""
+    (tmp_path / "in").mkdir()
+    rows = [{"id": "a", "image": b"x", "question": "What?"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in" / "part.parquet")
+    doc = {
+        "name": "t",
+        "input": {"uri": str(tmp_path / "in")},
+        "model": {"path": str(tiny_llava)},
+        "output": {"uri": str(tmp_path / "out")},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
+    with socket.socket() as server:  # something answers at the address
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")}
+        env |= {"RAY_AUTH_MODE": "token", "HOME": str(tmp_path), "RAY_ADDRESS": address}
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipeline", "run", str(tmp_path / "job.yaml"), "--no-progress"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip().splitlines()
+    assert err == [
+        f"error: the Ray cluster at {address} requires token authentication: set "
+        "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to its token (or RAY_AUTH_TOKEN_PATH to a file "
+        "holding it; `ray get-auth-token` on the head prints it) and run again"
+    ]
 
 
 def test_local_paths_are_made_absolute_on_the_driver(

@@ -102,7 +102,13 @@ def two_cpu_head(monkeypatch: pytest.MonkeyPatch):
     yield from _head(monkeypatch, cpus=2)
 
 
-def _head(monkeypatch: pytest.MonkeyPatch, *, cpus: int):
+@pytest.fixture
+def token_gcs(monkeypatch: pytest.MonkeyPatch):
+    """A head with token auth and no dashboard: the GCS address a `run` joins."""
+    yield from _head(monkeypatch, cpus=1, dashboard=False)
+
+
+def _head(monkeypatch: pytest.MonkeyPatch, *, cpus: int, dashboard: bool = True):
     token_dir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     token_file = token_dir / "auth_token"
@@ -114,9 +120,9 @@ def _head(monkeypatch: pytest.MonkeyPatch, *, cpus: int):
         "RAY_USAGE_STATS_ENABLED": "0",
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     }
-    cluster = start_cluster(cpus=cpus, env=env)
+    cluster = start_cluster(cpus=cpus, env=env, dashboard=dashboard)
     try:
-        yield cluster.dashboard_url
+        yield cluster.dashboard_url if dashboard else cluster.gcs_address
     finally:
         cluster.kill()
 
@@ -157,6 +163,40 @@ def test_submit_to_a_real_cluster(ray_head: str, tmp_path: Path, capsys) -> None
     assert len([j for j in jobs if j.submission_id == "submit-test-2026-11-24"]) == 1
     listing = json.dumps([j.dict() for j in jobs], default=str)
     assert SECRET_KEY not in listing and os.environ["RAY_AUTH_TOKEN"] not in listing
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_run_joining_a_token_cluster_without_its_token_is_refused_in_one_line(
+    token_gcs: str, tmp_path: Path
+) -> None:
+    """A new shell (no RAY_AUTH_* set, the token file only on the head's machine) joins a
+    `ray start` cluster with token auth: one line saying what to set, exit 2, in seconds
+    (Ray's own connect retries for 20 s, a warning a second, then a bare ConnectionError)."""
+    import time
+
+    job = tmp_path / "job.yaml"
+    doc = {
+        "name": "token",
+        "input": {"uri": str(tmp_path / "in")},
+        "model": {"path": "llava-hf/llava-1.5-7b-hf"},
+        "output": {"uri": str(tmp_path / "out")},
+    }
+    job.write_text(yaml.safe_dump(doc))
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"id": ["a"], "image": [b"x"]}), tmp_path / "in" / "part.parquet")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env |= {"HOME": str(tmp_path), "RAY_ADDRESS": token_gcs}
+    started = time.monotonic()
+    proc = _pipeline("run", str(job), "--no-progress", env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert time.monotonic() - started < 60
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        f"error: the Ray cluster at {token_gcs} requires token authentication: set "
+        "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN"
+    ), proc.stderr
+    assert "Traceback" not in proc.stderr and "ConnectionError" not in proc.stderr
 
 
 def _pipeline(*argv: str, env: dict[str, str]) -> subprocess.CompletedProcess:

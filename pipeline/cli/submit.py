@@ -26,6 +26,7 @@ from typing import Any
 
 from pipeline.cli.run import add_common
 from pipeline.io.storage import redact
+from pipeline.job.connect import token_hint
 from pipeline.spec import JobSpec, SpecError, load_spec
 
 _QUIET = logging.getLogger("pipeline.cli.submit.ignore_files")
@@ -201,20 +202,11 @@ def main(args: argparse.Namespace) -> int:
     try:
         return _submit_and_follow(args, spec, run_date, address, env)
     except AuthenticationError:
-        print(f"error: {token_hint(address)}", file=sys.stderr)
+        print(f"error: {token_hint(address, then='submit again')}", file=sys.stderr)
         return 2
     except NoJobAgent as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-
-
-def token_hint(address: str) -> str:
-    """The one line for a cluster that wants a token (Ray's token auth) and got none."""
-    return (
-        f"the Ray cluster at {address} requires token authentication: set RAY_AUTH_TOKEN "
-        "to its token (or RAY_AUTH_TOKEN_PATH to a file holding it; `ray get-auth-token` on "
-        "the head prints it) and submit again"
-    )
 
 
 def _submit_and_follow(

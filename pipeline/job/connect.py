@@ -5,8 +5,10 @@ An address is tried before Ray is handed it: Ray's own connect retries an addres
 not answer for minutes, a line a few seconds, while a cluster file that `ray start` left
 behind (its cluster since stopped) is common on shared machines. So a named address that does
 not accept a connection within `CONNECT_S` is refused in one line (`ClusterUnreachable`, a
-whole-job problem: nothing is loaded or written), and a stale left-behind address is passed
-over for a private cluster, said in one line. Non-goal: waiting for a cluster that is still
+whole-job problem: nothing is loaded or written), a cluster that wants a token this process
+does not have (Ray's token auth) is refused in one line too (`ClusterRefused`) instead of
+Ray's 20 s of retries, and a stale left-behind address is passed over for a private cluster,
+said in one line. Non-goal: waiting for a cluster that is still
 starting (the scheduler starts the run once its cluster is up).
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
 import time
 
 import ray
@@ -23,10 +26,15 @@ from pipeline.spec import JobSpec
 
 CONNECT_S = 10.0  # how long an address may take to accept a TCP connection
 RETRY_S = 1.0
+TOKEN_CHECK_S = 5.0  # how long the GCS may take to accept or refuse this process's token
 
 
 class ClusterUnreachable(RuntimeError):
     """The Ray cluster ``RAY_ADDRESS`` names does not answer."""
+
+
+class ClusterRefused(ClusterUnreachable):
+    """The Ray cluster answers but wants a token this process does not have."""
 
 
 def ensure_ray(spec: JobSpec) -> bool:
@@ -68,8 +76,10 @@ def cluster_address(named: str) -> str | None:
         return None
     if named:
         _check(named, found)
+        _check_token(found)
         return found
     if _answers(found, CONNECT_S / 2):
+        _check_token(found)
         return found
     _say(
         f"run: the Ray cluster at {found} that `ray start` left on this machine does not "
@@ -99,6 +109,45 @@ def _check(named: str, host_port: str) -> None:
             f"within {CONNECT_S:g} s); start the cluster, correct RAY_ADDRESS, or set "
             "RAY_ADDRESS=local for a private one"
         )
+
+
+def _check_token(host_port: str) -> None:
+    """Ask the cluster's GCS for its id (what `ray start --address` does first): a cluster
+    with token auth refuses at once when this process has no token or a wrong one, and
+    ``RAY_AUTH_MODE=token`` without any token is refused before Ray's core aborts on it. An
+    address that answers but is no GCS (a dashboard port) is left to Ray's own connect after
+    `TOKEN_CHECK_S`."""
+    refused: list[bool] = []
+    asking = threading.Thread(target=_ask_gcs, args=(host_port, refused), daemon=True)
+    asking.start()
+    asking.join(TOKEN_CHECK_S)
+    if refused:
+        raise ClusterRefused(token_hint(host_port, then="run again"))
+
+
+def _ask_gcs(host_port: str, refused: list[bool]) -> None:
+    from ray.exceptions import AuthenticationError
+
+    try:
+        from ray._raylet import AuthenticationTokenLoader, GcsClient
+    except ImportError:  # Ray's internals moved: its own connect will say what is wrong
+        return
+    try:
+        AuthenticationTokenLoader.instance().has_token()
+        GcsClient(address=host_port)
+    except AuthenticationError:
+        refused.append(True)
+    except Exception:  # anything else: Ray's own connect says what is wrong
+        return
+
+
+def token_hint(address: str, *, then: str) -> str:
+    """The one line for a cluster that wants a token (Ray's token auth) and got none."""
+    return (
+        f"the Ray cluster at {address} requires token authentication: set RAY_AUTH_MODE=token "
+        "and RAY_AUTH_TOKEN to its token (or RAY_AUTH_TOKEN_PATH to a file holding it; `ray "
+        f"get-auth-token` on the head prints it) and {then}"
+    )
 
 
 def _answers(host_port: str, within: float) -> bool:
