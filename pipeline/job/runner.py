@@ -176,7 +176,7 @@ def _execute(
         end_without_cluster(record, plan, run_id, error, actors, night)
 
     config = ProcessorConfig.from_job(spec, dataset_folder=plan.dataset_folder)
-    layout = fit_to_cluster(config).execution  # what the actors reserve, for the watch's lines
+    layout = fit_to_cluster(config, quiet=True).execution  # for the watch's lines (said once)
     with Watchdog(layout, ledger, on_gone=gone) as watch:
         try:
             dataset = build_dataset(spec, plan, run_id=run_id, run_date=run_date, ledger=ledger)

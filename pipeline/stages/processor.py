@@ -204,12 +204,13 @@ def actor_pool(size: int | tuple[int, int]) -> ray.data.ActorPoolStrategy:
     return ray.data.ActorPoolStrategy(min_size=lo, max_size=hi)
 
 
-def fit_to_cluster(cfg: ProcessorConfig) -> ProcessorConfig:
+def fit_to_cluster(cfg: ProcessorConfig, *, quiet: bool = False) -> ProcessorConfig:
     """The layout sized to the connected cluster's live nodes (`capacity.live_resources`):
     model actors left at the default ``execution.cpus_per_actor`` reserve no CPU when the
     cluster has too few for them plus one preprocessing actor and one read/write task (else Ray
     Data waits forever, "3/2 CPU"). A layout that still does not fit (an explicit setting, or
-    fewer than 2 CPUs) is kept, with one warning: the cluster may grow."""
+    fewer than 2 CPUs) is kept, with one warning: the cluster may grow. ``quiet`` logs
+    at debug level only (a second look at the same layout)."""
     ex = cfg.execution
     if not ray.is_initialized():
         return cfg
@@ -218,8 +219,8 @@ def fit_to_cluster(cfg: ProcessorConfig) -> ProcessorConfig:
     if total >= actors * ex.cpus_per_actor + 2:  # one preprocessing actor, one read/write task
         return cfg
     if "cpus_per_actor" not in ex.model_fields_set and ex.cpus_per_actor > 0:
-        logger.info(
-            "the Ray cluster has %s CPU(s): model actors reserve none (execution.cpus_per_actor "
+        (logger.debug if quiet else logger.info)(
+            "the Ray cluster has %g CPU(s): model actors reserve none (execution.cpus_per_actor "
             "0 instead of the default 1), leaving them for preprocessing and reading",
             total,
         )
@@ -227,8 +228,8 @@ def fit_to_cluster(cfg: ProcessorConfig) -> ProcessorConfig:
         cfg = cfg.model_copy(update={"execution": ex})
         if total >= 2:
             return cfg
-    logger.warning(
-        "the Ray cluster has %s CPU(s); the model actors reserve %s, preprocessing and reading "
+    (logger.debug if quiet else logger.warning)(
+        "the Ray cluster has %g CPU(s); the model actors reserve %g, preprocessing and reading "
         "need 2 more, so the run may stall until the cluster grows: %s",
         total,
         actors * ex.cpus_per_actor,
