@@ -310,3 +310,29 @@ def test_a_lost_node_is_waited_out_by_moves_after_it_not_by_answers_already_on_t
             assert str(watch.failure).startswith("lost node 10.0.0.2 (node gpu, 1 GPU) and no ")
         assert said[0].startswith("run: lost node 10.0.0.2 (node gpu, 1 GPU) mid-run; ")
         nodes["gpu"], said[:] = "10.0.0.2 (node gpu, 1 GPU)", []
+
+
+INTERRUPTED = """
+import signal, threading, time
+from pipeline.job import watchdog
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell's `&`, nohup or a scheduler leave it
+main = threading.main_thread()
+threading.Timer(0.3, watchdog._interrupt, args=(main,)).start()
+deadline = time.monotonic() + 20
+try:
+    while time.monotonic() < deadline:  # Ray Data's wait for the next output block
+        time.sleep(0.01)
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+def test_the_watchdog_ends_a_run_whose_process_ignores_sigint() -> None:
+    """A run started in the background (SIGINT ignored) still ends at its startup, stall or
+    node-loss timeout: the interrupt is not a simulated SIGINT, which such a process drops."""
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-c", INTERRUPTED], capture_output=True, text=True, timeout=60
+    )
+    assert proc.stdout.strip() == "interrupted", proc.stderr[-2000:]

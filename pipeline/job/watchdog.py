@@ -34,7 +34,6 @@ line says what to change for the rerun).
 
 from __future__ import annotations
 
-import _thread
 import ctypes
 import socket
 import sys
@@ -390,10 +389,12 @@ def _reachable(address: str) -> bool:
 
 
 def _interrupt(thread: threading.Thread) -> None:
-    """Raise KeyboardInterrupt in ``thread`` (the execution's): Ray Data stops on it."""
-    if thread is threading.main_thread():
-        _thread.interrupt_main()
-        return
+    """Raise KeyboardInterrupt in ``thread`` (the execution's): Ray Data stops on it.
+
+    An asynchronous exception, delivered at the thread's next bytecode (Ray Data's wait loops
+    sleep 10 ms), for the main thread too: ``_thread.interrupt_main`` only runs the SIGINT
+    handler, and a run started in the background by a non-interactive shell (``&``, nohup, a
+    scheduler's script) has SIGINT ignored, so it did nothing and the run hung."""
     ctypes.pythonapi.PyThreadState_SetAsyncExc(
         ctypes.c_ulong(thread.ident or 0), ctypes.py_object(KeyboardInterrupt)
     )
