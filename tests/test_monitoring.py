@@ -215,8 +215,16 @@ def test_stderr_filter_drops_only_the_advisory(capfd: pytest.CaptureFixture) -> 
         b"[2026-12-01 03:00:00,000 E 1 1] core_worker.cc:2146: Actor with class name: 'M' "
         b"has constructor arguments in the object store and max_restarts > 0. If ...\n"
     )
+    lost = (
+        b"(raylet) Task MapWorker(MapBatches(Answerer)).submit failed. There are infinite "
+        b"retries remaining, so the task will be retried. Error: The actor is temporarily "
+        b"unavailable: RpcError [repeated 3x across cluster]\n"
+        b"(raylet) The node with node id: 6e13 and address: 10.0.0.7 has been marked dead "
+        b"because the detector has missed too many heartbeats from it. (1) raylet crashes\n"
+        b"\t(2) raylet has lagging heartbeats due to slow network or busy workload.\n"
+    )
     with drop_lines():
-        os.write(2, b"kept before\n" + advisory + b"kept after\n")
+        os.write(2, b"kept before\n" + advisory + lost + b"kept after\n")
         os.write(2, b"\rbar 50%")  # a progress bar's partial line goes through at once
     os.write(2, advisory)  # outside the block nothing is filtered
     err = capfd.readouterr().err

@@ -5,7 +5,9 @@ max_restarts > 0`` (ray-project/ray#53727) for every Ray Data actor pool whose a
 restart: Ray Data always passes its own ``ray.put`` references (the data context and the map
 transformer) as constructor arguments, and the model stage sets ``max_restarts`` to bound
 retries. The references are held by the operator for the whole execution, so a restart finds
-them: the line is a false alarm for us, printed in red on every run. It comes from C++, past
+them: the line is a false alarm for us, printed in red on every run. A lost node's retry
+notices and obituary are dropped too: the watchdog's ``run: lost node ...`` line says it once,
+with what the run does. Ray's lines come from C++ or its log monitor, past
 Python's logging, so `drop_lines` filters file descriptor 2 itself: a pipe and a thread that
 forwards every other byte. Ray's log files keep the line. Partial lines (progress bars' ``\\r``
 updates) are forwarded at once unless they look like the start of a Ray core log line.
@@ -19,7 +21,14 @@ import sys
 import threading
 from collections.abc import Iterator
 
-RAY_ADVISORIES = (b"has constructor arguments in the object store and max_restarts > 0",)
+RAY_ADVISORIES = (
+    b"has constructor arguments in the object store and max_restarts > 0",
+    # a lost node: the watchdog's one line names it and what the run does; Ray's retry
+    # notices (one per task, "repeated Nx") and its three-line obituary say it again
+    b"There are infinite retries remaining, so the task will be retried",
+    b"has been marked dead because the detector has missed too many heartbeats",
+    b"raylet has lagging heartbeats due to slow network or busy workload",
+)
 JOIN_S = 2.0
 
 
