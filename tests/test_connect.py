@@ -74,6 +74,20 @@ def test_a_stale_cluster_file_starts_a_private_cluster_in_one_line(
     ]
 
 
+def _one_row_job(tmp_path: Path, model: Path) -> None:
+    """``tmp_path/job.yaml``: one input row in ``tmp_path/in``, output to ``tmp_path/out``."""
+    (tmp_path / "in").mkdir()
+    rows = [{"id": "a", "image": b"x", "question": "What?"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in" / "part.parquet")
+    doc = {
+        "name": "t",
+        "input": {"uri": str(tmp_path / "in")},
+        "model": {"path": str(model)},
+        "output": {"uri": str(tmp_path / "out")},
+    }
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
+
+
 def test_an_unreachable_cluster_ends_the_run_with_its_summary_and_no_lease(
     quick,
     tiny_llava: Path,
@@ -81,16 +95,7 @@ def test_an_unreachable_cluster_ends_the_run_with_its_summary_and_no_lease(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture,
 ) -> None:
-    (tmp_path / "in").mkdir()
-    rows = [{"id": "a", "image": b"x", "question": "What?"}]
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in" / "part.parquet")
-    doc = {
-        "name": "t",
-        "input": {"uri": str(tmp_path / "in")},
-        "model": {"path": str(tiny_llava)},
-        "output": {"uri": str(tmp_path / "out")},
-    }
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
+    _one_row_job(tmp_path, tiny_llava)
     dead = f"127.0.0.1:{free_port()}"
     monkeypatch.setenv("RAY_ADDRESS", dead)
     assert cli(["run", str(tmp_path / "job.yaml"), "--no-progress", "--run-date", DATE]) == 2
@@ -107,16 +112,7 @@ def test_token_mode_without_a_token_is_refused_in_one_line_before_ray_aborts(
 ) -> None:
     """RAY_AUTH_MODE=token and no token anywhere (a new shell on another machine): Ray's
     core aborts the process with a C++ stack trace; the run says what to set, exit 2."""
-    (tmp_path / "in").mkdir()
-    rows = [{"id": "a", "image": b"x", "question": "What?"}]
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in" / "part.parquet")
-    doc = {
-        "name": "t",
-        "input": {"uri": str(tmp_path / "in")},
-        "model": {"path": str(tiny_llava)},
-        "output": {"uri": str(tmp_path / "out")},
-    }
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
+    _one_row_job(tmp_path, tiny_llava)
     with socket.socket() as server:  # something answers at the address
         server.bind(("127.0.0.1", 0))
         server.listen()
