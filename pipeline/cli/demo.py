@@ -123,11 +123,11 @@ def closing_line(doc: dict) -> str:
 
 def _prepare(out: Path, *, fresh: bool) -> None:
     """Build the tiny model and the input once; --fresh drops earlier results."""
-    from resprune.tiny import build_tiny_checkpoint
-
     if fresh:
         shutil.rmtree(out / "results", ignore_errors=True)
     if not (out / "model" / "config.json").is_file():
+        from resprune.tiny import build_tiny_checkpoint  # torch and transformers: seconds
+
         print(f"demo: building a tiny random-weight LLaVA in {out / 'model'}", flush=True)
         # wide enough that keep 64 is a real choice (D > k) and the LLM dominates the cost
         build_tiny_checkpoint(
