@@ -26,7 +26,6 @@ from typing import Any
 
 from pipeline.cli.run import add_common
 from pipeline.io.storage import redact
-from pipeline.job.connect import token_hint
 from pipeline.spec import JobSpec, SpecError, load_spec
 
 _QUIET = logging.getLogger("pipeline.cli.submit.ignore_files")
@@ -202,6 +201,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         return _submit_and_follow(args, spec, run_date, address, env)
     except AuthenticationError:
+        from pipeline.job.connect import token_hint  # imports ray: not before a token is set
+
         print(f"error: {token_hint(address, then='submit again')}", file=sys.stderr)
         return 2
     except NoJobAgent as exc:
