@@ -15,7 +15,6 @@ starting (the scheduler starts the run once its cluster is up).
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import threading
 import time
@@ -23,6 +22,7 @@ import time
 import ray
 
 from pipeline.spec import JobSpec
+from pipeline.stages.capacity import address_accepts
 
 CONNECT_S = 10.0  # how long an address may take to accept a TCP connection
 RETRY_S = 1.0
@@ -152,18 +152,12 @@ def token_hint(address: str, *, then: str) -> str:
 
 def _answers(host_port: str, within: float) -> bool:
     """Whether ``host:port`` accepts a TCP connection within ``within`` seconds."""
-    host, _, port = host_port.rpartition(":")
-    if not host or not port.isdigit():
-        return True  # not a host:port: Ray's own connect says what is wrong
     deadline = time.monotonic() + within
-    while True:
-        try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=RETRY_S):
-                return True
-        except OSError:
-            if time.monotonic() + RETRY_S >= deadline:
-                return False
-            time.sleep(RETRY_S)
+    while not address_accepts(host_port, RETRY_S):
+        if time.monotonic() + RETRY_S >= deadline:
+            return False
+        time.sleep(RETRY_S)
+    return True
 
 
 def _start_local(spec: JobSpec) -> None:

@@ -35,7 +35,6 @@ line says what to change for the rerun).
 from __future__ import annotations
 
 import ctypes
-import socket
 import sys
 import threading
 import time
@@ -46,7 +45,7 @@ import ray
 
 from pipeline.job import blocked
 from pipeline.spec import ExecutionSpec
-from pipeline.stages.capacity import live_resources
+from pipeline.stages.capacity import address_accepts, live_resources
 
 POLL_S = 2.0
 WAIT_LINE_S = 60.0  # one "waiting for" / "blocked" line per this many seconds
@@ -108,7 +107,7 @@ class Watchdog:
         to declare it gone (``on_gone`` ends the process) or to see it back."""
         deadline = time.monotonic() + GONE_AFTER_S + 4 * POLL_S
         while self._thread.is_alive() and time.monotonic() < deadline:
-            if _reachable(self.address):
+            if address_accepts(self.address, POLL_S):
                 return
             time.sleep(POLL_S / 2)
 
@@ -120,7 +119,7 @@ class Watchdog:
         next_snapshot = 0.0
         while not self._stop.wait(POLL_S):
             now = time.monotonic()
-            if not _reachable(self.address):
+            if not address_accepts(self.address, POLL_S):
                 gone_since = gone_since if gone_since is not None else now
                 if now - gone_since >= GONE_AFTER_S:
                     self._gone(now - gone_since)
@@ -374,18 +373,6 @@ def _gcs_address() -> str:
         return str(ray.get_runtime_context().gcs_address)
     except Exception:
         return "?"
-
-
-def _reachable(address: str) -> bool:
-    """Whether the GCS accepts a TCP connection (an unknown address counts as reachable)."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        return True
-    try:
-        with socket.create_connection((host, int(port)), timeout=POLL_S):
-            return True
-    except OSError:
-        return False
 
 
 def _interrupt(thread: threading.Thread) -> None:

@@ -35,10 +35,20 @@ def live_resources() -> dict[str, float]:
 def raylet_answers(node: dict[str, Any]) -> bool:
     """Whether the node's raylet accepts a connection (True when its address is not known)."""
     host, port = node.get("NodeManagerAddress"), node.get("NodeManagerPort")
-    if not host or not port:
-        return True
+    return not host or not port or accepts(host, int(port), PROBE_S)
+
+
+def address_accepts(address: str, timeout: float) -> bool:
+    """Whether ``host:port`` accepts a TCP connection within ``timeout`` seconds; True when
+    ``address`` is no ``host:port`` (Ray's own connect says what is wrong with it)."""
+    host, _, port = address.rpartition(":")
+    return not host or not port.isdigit() or accepts(host, int(port), timeout)
+
+
+def accepts(host: str, port: int, timeout: float) -> bool:
+    """Whether ``host`` (a name, IPv4 or bracketed IPv6) accepts a TCP connection on ``port``."""
     try:
-        with socket.create_connection((host, int(port)), timeout=PROBE_S):
+        with socket.create_connection((host.strip("[]"), port), timeout=timeout):
             return True
     except OSError:
         return False

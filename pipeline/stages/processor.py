@@ -228,12 +228,13 @@ def fit_to_cluster(cfg: ProcessorConfig, *, quiet: bool = False) -> ProcessorCon
         cfg = cfg.model_copy(update={"execution": ex})
         if total >= 2:
             return cfg
+    reserved = actors * ex.cpus_per_actor
     (logger.debug if quiet else logger.warning)(
         "the Ray cluster has %g CPU(s); the model actors reserve %g, preprocessing and reading "
         "need 2 more, so the run may stall until the cluster grows: %s",
         total,
-        actors * ex.cpus_per_actor,
-        _more_cpus_hint(int(actors * ex.cpus_per_actor + 2)),
+        reserved,
+        _more_cpus_hint(int(reserved + 2)),
     )
     return cfg
 
